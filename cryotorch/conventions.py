@@ -1,0 +1,158 @@
+"""Every geometric and Fourier convention of cryotorch, written once.
+
+Euler angles
+    RELION's ZYZ convention. ``(rot, tilt, psi)`` in degrees at the I/O boundary build the
+    matrix ``A = Rz(psi) @ Ry(tilt) @ Rz(rot)`` (RELION's ``Euler_angles2matrix``), which maps
+    reference (volume) coordinates to image coordinates. A projection samples the volume's
+    Fourier transform on the plane spanned by the first two rows of ``A``: the image frequency
+    ``(kx, ky)`` is the volume frequency ``kx * A[0] + ky * A[1]``.
+Coordinates
+    Volumes are indexed ``[z, y, x]`` and images ``[y, x]``; coordinate vectors are ordered
+    ``(x, y, z)``. The real-space centre (the rotation origin) of a volume is the voxel
+    ``N // 2`` along each axis and that of an image the pixel ``(N + 1) // 2``: the same for
+    the even boxes RELION refines, and for odd boxes what ``relion_project`` writes (its
+    projections of a 65³ map are centred on pixel 33 of 65; tested against that data).
+Shifts
+    RELION stores the particle origin ``rlnOriginX/YAngst`` (Å, RELION 3.1+) or
+    ``rlnOriginX/Y`` (pixels, RELION 3.0). The experimental image is the projection translated
+    by ``-origin``: ``image(x) = projection(x + origin)``. Shifts inside cryotorch are in Å
+    on tables and in pixels in tensor ops.
+Fourier transforms
+    One internal layout: the "centred rfft". Real-space arrays are rolled so that their centre
+    (above) sits at index 0 before ``rfftn``; the result is ``fftshift``-ed over every dimension but the last,
+    so that DC sits at index ``N // 2`` of each full dimension and at index 0 of the half
+    (last) dimension. Frequencies are in cycles per box (integer grid units).
+CTF
+    RELION's formula and sign (see :mod:`cryotorch.ops.ctf`): ``CTF = -sin(chi)`` with the
+    amplitude-contrast phase folded into ``chi``. Particles are "protein white" after RELION's
+    extraction with inverted contrast, so an image is ``CTF * projection`` with that sign.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "euler_deg_to_matrix",
+    "matrix_to_euler_deg",
+    "fft_frequencies_2d",
+    "rfft2_centered",
+    "irfft2_centered",
+    "rfft3_centered",
+    "irfft3_centered",
+    "image_center_px",
+    "image_shift_from_origin",
+]
+
+
+def euler_deg_to_matrix(euler_deg: torch.Tensor) -> torch.Tensor:
+    """RELION rotation matrices from ZYZ Euler angles.
+
+    Parameters
+    ----------
+    euler_deg
+        ``(..., 3)`` angles ``(rot, tilt, psi)`` in degrees.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., 3, 3)`` matrices ``A`` mapping reference to image coordinates.
+    """
+    rad = torch.deg2rad(euler_deg)
+    ca, cb, cg = torch.cos(rad).unbind(-1)
+    sa, sb, sg = torch.sin(rad).unbind(-1)
+    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
+    rows = [
+        torch.stack([cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb], dim=-1),
+        torch.stack([-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb], dim=-1),
+        torch.stack([sc, ss, cb], dim=-1),
+    ]
+    return torch.stack(rows, dim=-2)  # (..., 3, 3)
+
+
+def matrix_to_euler_deg(matrix: torch.Tensor) -> torch.Tensor:
+    """ZYZ Euler angles from RELION rotation matrices (inverse of :func:`euler_deg_to_matrix`).
+
+    Parameters
+    ----------
+    matrix
+        ``(..., 3, 3)`` rotation matrices.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., 3)`` angles ``(rot, tilt, psi)`` in degrees; rot and psi in ``(-180, 180]``,
+        tilt in ``[0, 180]``. At tilt 0 or 180 all of the in-plane angle goes to psi.
+    """
+    a = matrix
+    abs_sb = torch.sqrt(a[..., 0, 2] ** 2 + a[..., 1, 2] ** 2)
+    regular = abs_sb > 16 * torch.finfo(a.dtype).eps
+    gamma = torch.atan2(a[..., 1, 2], -a[..., 0, 2])
+    alpha = torch.atan2(a[..., 2, 1], a[..., 2, 0])
+    beta = torch.atan2(abs_sb, a[..., 2, 2])  # abs_sb >= 0 puts tilt in [0, pi]
+    up = a[..., 2, 2] > 0
+    gamma_degenerate = torch.where(
+        up, torch.atan2(-a[..., 1, 0], a[..., 0, 0]), torch.atan2(a[..., 1, 0], -a[..., 0, 0])
+    )
+    alpha = torch.where(regular, alpha, torch.zeros_like(alpha))
+    beta = torch.where(regular, beta, torch.where(up, torch.zeros_like(beta), torch.full_like(beta, math.pi)))
+    gamma = torch.where(regular, gamma, gamma_degenerate)
+    return torch.rad2deg(torch.stack([alpha, beta, gamma], dim=-1))
+
+
+def image_shift_from_origin(origin: torch.Tensor) -> torch.Tensor:
+    """Translation that turns a centred projection into the experimental image.
+
+    RELION's origin is where the particle centre must be moved *from*; the image is the
+    projection translated by ``-origin`` (any unit, returned in the same unit).
+    """
+    return -origin
+
+
+def fft_frequencies_2d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Integer frequencies of the centred-rfft layout of a square image.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(box_size, box_size // 2 + 1, 2)`` float32 ``(kx, ky)`` in cycles per box.
+    """
+    ky = torch.arange(box_size, device=device, dtype=torch.float32) - box_size // 2
+    kx = torch.arange(box_size // 2 + 1, device=device, dtype=torch.float32)
+    grid_y, grid_x = torch.meshgrid(ky, kx, indexing="ij")
+    return torch.stack([grid_x, grid_y], dim=-1)
+
+
+def image_center_px(box_size: int) -> int:
+    """Index of the real-space centre pixel of an image of ``box_size`` pixels."""
+    return (box_size + 1) // 2
+
+
+def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
+    """``(..., N, N)`` real images → ``(..., N, N // 2 + 1)`` centred rfft."""
+    centre = image_center_px(images.shape[-1])
+    spectrum = torch.fft.rfftn(torch.roll(images, shifts=(-centre, -centre), dims=(-2, -1)), dim=(-2, -1))
+    return torch.fft.fftshift(spectrum, dim=-2)
+
+
+def irfft2_centered(spectrum: torch.Tensor, box_size: int) -> torch.Tensor:
+    """``(..., N, N // 2 + 1)`` centred rfft → ``(..., N, N)`` real images (``N = box_size``)."""
+    images = torch.fft.irfftn(torch.fft.ifftshift(spectrum, dim=-2), s=(box_size, box_size), dim=(-2, -1))
+    centre = image_center_px(box_size)
+    return torch.roll(images, shifts=(centre, centre), dims=(-2, -1))
+
+
+def rfft3_centered(volumes: torch.Tensor) -> torch.Tensor:
+    """``(..., N, N, N)`` real volumes → ``(..., N, N, N // 2 + 1)`` centred rfft."""
+    spectrum = torch.fft.rfftn(torch.fft.ifftshift(volumes, dim=(-3, -2, -1)), dim=(-3, -2, -1))
+    return torch.fft.fftshift(spectrum, dim=(-3, -2))
+
+
+def irfft3_centered(spectrum: torch.Tensor, box_size: int) -> torch.Tensor:
+    """``(..., N, N, N // 2 + 1)`` centred rfft → ``(..., N, N, N)`` real volumes."""
+    volumes = torch.fft.irfftn(
+        torch.fft.ifftshift(spectrum, dim=(-3, -2)), s=(box_size,) * 3, dim=(-3, -2, -1)
+    )
+    return torch.fft.fftshift(volumes, dim=(-3, -2, -1))

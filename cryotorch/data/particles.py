@@ -1,0 +1,106 @@
+"""Particle batches streamed from memory-mapped stacks, sharded across ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cryotorch.conventions import euler_deg_to_matrix
+from cryotorch.io import ParticleImageReader, ParticleTable
+from cryotorch.ops.ctf import CtfParameters
+
+__all__ = ["ParticleBatch", "ctf_parameters", "half_set_labels", "shard_rows", "iterate_batches", "batch_size_for_budget"]
+
+
+@dataclass
+class ParticleBatch:
+    """One chunk of particles as tensors on the compute device.
+
+    Attributes
+    ----------
+    rows
+        ``(B,)`` int64 row numbers in the particle table.
+    images
+        ``(B, N, N)`` float32 real-space images.
+    rotations
+        ``(B, 3, 3)`` float32 RELION matrices of the table's poses.
+    origin_px
+        ``(B, 2)`` float32 RELION origins (x, y) in pixels.
+    ctf
+        ``(B,)`` CTF parameters.
+    """
+
+    rows: torch.Tensor
+    images: torch.Tensor
+    rotations: torch.Tensor
+    origin_px: torch.Tensor
+    ctf: CtfParameters
+
+
+def ctf_parameters(table: ParticleTable, rows: np.ndarray, device: torch.device | str = "cpu") -> CtfParameters:
+    """CTF parameters of the given table rows as ``(B,)`` float64 tensors."""
+
+    def column(values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, dtype=np.float64)[rows], device=device)
+
+    return CtfParameters(
+        defocus_u_angstrom=column(table.defocus_u_angstrom),
+        defocus_v_angstrom=column(table.defocus_v_angstrom),
+        defocus_angle_deg=column(table.defocus_angle_deg),
+        voltage_kv=column(table.voltage_kv),
+        spherical_aberration_mm=column(table.spherical_aberration_mm),
+        amplitude_contrast=column(table.amplitude_contrast),
+        phase_shift_deg=column(table.phase_shift_deg),
+        bfactor_angstrom2=column(table.ctf_bfactor_angstrom2),
+        scale=column(table.ctf_scale),
+    )
+
+
+def half_set_labels(table: ParticleTable, seed: int) -> np.ndarray:
+    """``(N,)`` half-set (1 or 2) per particle: the table's rlnRandomSubset, else a seeded split.
+
+    A random split assigns exactly ``ceil(N/2)`` particles to half 1, independent of sharding.
+    """
+    labels = np.asarray(table.random_subset, dtype=np.int64)
+    if len(labels) and np.isin(labels, (1, 2)).all():
+        return labels
+    order = np.random.default_rng(seed).permutation(len(table))
+    labels = np.empty(len(table), dtype=np.int64)
+    labels[order] = np.where(np.arange(len(table)) < (len(table) + 1) // 2, 1, 2)
+    return labels
+
+
+def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This rank's share of ``rows`` (strided, so every rank sees every part of the data)."""
+    return rows[rank::world_size]
+
+
+def batch_size_for_budget(box_size: int, memory_budget_bytes: float, bytes_per_pixel: int = 256, max_batch: int = 4096) -> int:
+    """Particles per batch so that one batch's working arrays fit the memory budget."""
+    return int(max(1, min(max_batch, memory_budget_bytes // (box_size * box_size * bytes_per_pixel))))
+
+
+def iterate_batches(
+    table: ParticleTable,
+    reader: ParticleImageReader,
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> Iterator[ParticleBatch]:
+    """Stream ``rows`` of ``table`` in batches of at most ``batch_size`` particles."""
+    for start in range(0, len(rows), batch_size):
+        chunk = np.asarray(rows[start : start + batch_size])
+        images = torch.as_tensor(reader.read(chunk), device=device)
+        pixel = np.asarray(table.pixel_size_angstrom, dtype=np.float64)[chunk]
+        origin_px = torch.as_tensor(np.asarray(table.origin_angstrom)[chunk] / pixel[:, None], dtype=torch.float32, device=device)
+        euler = torch.as_tensor(np.asarray(table.euler_deg, dtype=np.float64)[chunk], device=device)
+        yield ParticleBatch(
+            rows=torch.as_tensor(chunk, device=device),
+            images=images,
+            rotations=euler_deg_to_matrix(euler).float(),
+            origin_px=origin_px,
+            ctf=ctf_parameters(table, chunk, device),
+        )

@@ -1,0 +1,1 @@
+"""One module per job; each exposes a class built from ``cfg.job`` with a ``run(context)``."""

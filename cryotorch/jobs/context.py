@@ -1,0 +1,70 @@
+"""What every job receives: devices and processes, output folder, logger, budgets, seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+from torch.utils.tensorboard import SummaryWriter
+
+__all__ = ["RunContext"]
+
+
+@dataclass
+class RunContext:
+    """Run-wide objects built by :mod:`cryotorch.train` from the composed config.
+
+    Attributes
+    ----------
+    fabric
+        Launcher/strategy: device, rank, world size, collectives.
+    output_dir
+        The run's own folder (created).
+    writer
+        TensorBoard writer on rank 0, None elsewhere.
+    seed
+        Global seed; jobs derive every random stream from it.
+    memory_budget_bytes
+        Working-memory budget per process for chunked work.
+    particles
+        Path of the input particle STAR/.cs (``data.particles``), or None.
+    project_dir
+        Folder that relative image paths refer to (``data.project_dir``), or None.
+    preload
+        Read all particle images into RAM instead of streaming from memory-mapped stacks.
+    padding_factor
+        Fourier oversampling of projections and reconstructions.
+    symmetry
+        Point-group symbol (``C1``, ``D7``, ``I`` ...).
+    """
+
+    fabric: Fabric
+    output_dir: Path
+    writer: SummaryWriter | None
+    seed: int
+    memory_budget_bytes: float
+    particles: Path | None
+    project_dir: Path | None
+    preload: bool
+    padding_factor: float
+    symmetry: str
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device of this process."""
+        return self.fabric.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0, which writes files and logs."""
+        return self.fabric.global_rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over all processes (identity in a single process)."""
+        if self.fabric.world_size == 1:
+            return tensor
+        if tensor.is_complex():
+            return torch.view_as_complex(self.fabric.all_reduce(torch.view_as_real(tensor).contiguous(), reduce_op="sum"))
+        return self.fabric.all_reduce(tensor, reduce_op="sum")

@@ -1,0 +1,140 @@
+"""Fourier slice insertion (back-projection) and regularised reconstruction.
+
+Insertion is the adjoint of :func:`cryotorch.ops.projection.extract_slices`: each slice value
+is spread onto its 8 trilinear neighbours of the padded half-space grid, with the matching
+weights (e.g. CTF²) accumulated beside it. :func:`reconstruct_from_sums` then divides data by
+weights plus a regulariser and undoes the gridding attenuation in real space.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cryotorch.conventions import irfft3_centered
+from cryotorch.ops.fourier import radius_grid_3d
+from cryotorch.ops.projection import gridding_kernel_3d, rotation_chunk_size, slice_coordinates
+
+__all__ = ["insert_slices", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
+
+_CORNERS = torch.tensor(
+    [[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], dtype=torch.long
+)  # (8, 3) offsets (x, y, z)
+
+
+def insert_slices(
+    data_ft: torch.Tensor,
+    weight: torch.Tensor,
+    slices: torch.Tensor,
+    slice_weights: torch.Tensor,
+    rotations: torch.Tensor,
+    frequencies: torch.Tensor,
+    box_size: int,
+    memory_budget_bytes: float = 2**28,
+) -> None:
+    """Accumulate weighted central slices into a padded Fourier grid, in place.
+
+    Parameters
+    ----------
+    data_ft
+        ``(P, P, P // 2 + 1)`` complex accumulator (centred rfft layout).
+    weight
+        ``(P, P, P // 2 + 1)`` real accumulator of ``slice_weights``.
+    slices
+        ``(R, M)`` complex values to insert (e.g. ``CTF · image`` for each orientation).
+    slice_weights
+        ``(R, M)`` or ``(M,)`` real weights (e.g. ``CTF²``).
+    rotations
+        ``(R, 3, 3)`` RELION matrices A of the slices.
+    frequencies
+        ``(M, 2)`` ``(kx, ky)`` in cycles per unpadded box.
+    box_size
+        Unpadded box size N.
+    """
+    padded_size, half_size = data_ft.shape[0], data_ft.shape[-1]
+    centre = padded_size // 2
+    corners = _CORNERS.to(data_ft.device)
+    data_flat = torch.view_as_real(data_ft).view(-1, 2)
+    weight_flat = weight.view(-1)
+    slice_weights = slice_weights.expand(slices.shape)
+    chunk = rotation_chunk_size(frequencies.shape[0], 8 * 40, memory_budget_bytes)
+    for start in range(0, rotations.shape[0], chunk):
+        stop = start + chunk
+        coordinates, conjugate = slice_coordinates(rotations[start:stop], frequencies, box_size, padded_size)
+        values = torch.where(conjugate, slices[start:stop].conj(), slices[start:stop]).reshape(-1)
+        sample_weights = slice_weights[start:stop].reshape(-1)
+        coordinates = coordinates.reshape(-1, 3) + torch.tensor([0.0, centre, centre], device=data_ft.device)
+        base = torch.floor(coordinates)
+        fraction = coordinates - base  # (S, 3)
+        neighbours = base.long()[:, None, :] + corners  # (S, 8, 3)
+        trilinear = torch.where(corners.bool(), fraction[:, None, :], 1.0 - fraction[:, None, :]).prod(-1)  # (S, 8)
+        inside = (
+            (neighbours[..., 0] < half_size)
+            & (neighbours[..., 1] >= 0)
+            & (neighbours[..., 1] < padded_size)
+            & (neighbours[..., 2] >= 0)
+            & (neighbours[..., 2] < padded_size)
+        )
+        flat_index = (neighbours[..., 2] * padded_size + neighbours[..., 1]) * half_size + neighbours[..., 0]
+        flat_index, trilinear = flat_index[inside], trilinear[inside]
+        sample = inside.nonzero()[:, 0]
+        contribution = torch.view_as_real(values[sample] * trilinear)
+        data_flat.index_add_(0, flat_index, contribution.to(data_flat.dtype))
+        weight_flat.index_add_(0, flat_index, (sample_weights[sample] * trilinear).to(weight_flat.dtype))
+
+
+def symmetrize_hermitian_plane(grid: torch.Tensor, conjugate: bool) -> torch.Tensor:
+    """Merge the ``kx = 0`` plane with its Friedel mates, which insertion fills separately.
+
+    Parameters
+    ----------
+    grid
+        ``(P, P, P // 2 + 1)`` accumulator in the centred rfft layout.
+    conjugate
+        True for complex data (mates are conjugated), False for weights.
+    """
+    padded_size = grid.shape[0]
+    mate = (2 * (padded_size // 2) - torch.arange(padded_size, device=grid.device)) % padded_size
+    plane = grid[:, :, 0]
+    mirrored = plane[mate][:, mate]
+    out = grid.clone()
+    out[:, :, 0] = plane + (mirrored.conj() if conjugate else mirrored)
+    return out
+
+
+def reconstruct_from_sums(
+    data_ft: torch.Tensor,
+    weight: torch.Tensor,
+    box_size: int,
+    regularisation: torch.Tensor | float,
+) -> torch.Tensor:
+    """Regularised reconstruction ``V = data / (weight + regularisation)``, back in real space.
+
+    Parameters
+    ----------
+    data_ft, weight
+        ``(P, P, P // 2 + 1)`` accumulated back-projections and weights (after
+        :func:`symmetrize_hermitian_plane`).
+    box_size
+        Unpadded box size N.
+    regularisation
+        A constant, or ``(n_shells,)`` values per padded-grid shell (``1/τ²`` in the units of
+        ``weight``), indexed by the rounded padded-grid radius.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N, N, N)`` real volume, gridding-corrected, zero beyond the Nyquist sphere.
+    """
+    padded_size = data_ft.shape[0]
+    radius = radius_grid_3d(padded_size, data_ft.device)
+    if isinstance(regularisation, torch.Tensor):
+        shell = torch.round(radius).long().clamp(max=regularisation.shape[0] - 1)
+        regularisation = regularisation[shell]
+    denominator = weight + regularisation
+    volume_ft = torch.where(denominator > 0, data_ft / denominator.clamp(min=torch.finfo(weight.dtype).tiny), 0)
+    nyquist = padded_size * (box_size // 2) / box_size
+    volume_ft = torch.where(radius <= nyquist, volume_ft, 0)
+    padded = irfft3_centered(volume_ft, padded_size)
+    start = padded_size // 2 - box_size // 2
+    volume = padded[start : start + box_size, start : start + box_size, start : start + box_size]
+    return volume / gridding_kernel_3d(box_size, padded_size, data_ft.device)

@@ -1,0 +1,104 @@
+"""Fourier-space helpers on the centred-rfft layout of :mod:`cryotorch.conventions`."""
+
+from __future__ import annotations
+
+import torch
+
+from cryotorch.conventions import fft_frequencies_2d
+
+__all__ = [
+    "frequency_grid_3d",
+    "radius_grid_2d",
+    "radius_grid_3d",
+    "shell_index_2d",
+    "shell_index_3d",
+    "translate_2d_ft",
+    "radial_average",
+    "shell_power_3d",
+]
+
+
+def frequency_grid_3d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(N, N, N // 2 + 1, 3)`` integer ``(kx, ky, kz)`` of the centred rfft of an N³ volume."""
+    k_full = torch.arange(box_size, device=device, dtype=torch.float32) - box_size // 2
+    k_half = torch.arange(box_size // 2 + 1, device=device, dtype=torch.float32)
+    kz, ky, kx = torch.meshgrid(k_full, k_full, k_half, indexing="ij")
+    return torch.stack([kx, ky, kz], dim=-1)
+
+
+def radius_grid_2d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(N, N // 2 + 1)`` frequency radius in cycles per box."""
+    return fft_frequencies_2d(box_size, device).norm(dim=-1)
+
+
+def radius_grid_3d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(N, N, N // 2 + 1)`` frequency radius in cycles per box."""
+    return frequency_grid_3d(box_size, device).norm(dim=-1)
+
+
+def shell_index_2d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(N, N // 2 + 1)`` int64 Fourier shell (rounded radius) of each rfft component."""
+    return torch.round(radius_grid_2d(box_size, device)).long()
+
+
+def shell_index_3d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(N, N, N // 2 + 1)`` int64 Fourier shell (rounded radius) of each rfft component."""
+    return torch.round(radius_grid_3d(box_size, device)).long()
+
+
+def translate_2d_ft(spectrum: torch.Tensor, shifts_px: torch.Tensor, frequencies: torch.Tensor, box_size: int) -> torch.Tensor:
+    """Translate images given by Fourier components: ``out(x) = in(x - shift)``.
+
+    Parameters
+    ----------
+    spectrum
+        ``(..., M)`` complex Fourier components at ``frequencies``.
+    shifts_px
+        ``(..., 2)`` translations ``(x, y)`` in pixels, broadcast against the leading dims.
+    frequencies
+        ``(M, 2)`` ``(kx, ky)`` in cycles per box.
+    box_size
+        Image size N in pixels.
+    """
+    phase = -2.0 * torch.pi / box_size * (shifts_px.to(frequencies.dtype) @ frequencies.T)  # (..., M)
+    return spectrum * torch.polar(torch.ones_like(phase), phase)
+
+
+def radial_average(values: torch.Tensor, shell_index: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Mean of ``values`` over each Fourier shell.
+
+    Parameters
+    ----------
+    values
+        ``(..., *S)`` real values on a grid of shape ``S``.
+    shell_index
+        ``S`` int64 shell of each grid point; points at or beyond ``n_shells`` are ignored.
+    n_shells
+        Number of shells returned.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., n_shells)`` shell means (0 for empty shells).
+    """
+    flat_shell = shell_index.reshape(-1)
+    keep = flat_shell < n_shells
+    flat_values = values.reshape(*values.shape[: values.dim() - shell_index.dim()], -1)[..., keep]
+    index = flat_shell[keep]
+    sums = torch.zeros(*flat_values.shape[:-1], n_shells, dtype=flat_values.dtype, device=values.device)
+    sums.index_add_(-1, index, flat_values)
+    counts = torch.zeros(n_shells, dtype=flat_values.dtype, device=values.device).index_add_(
+        0, index, torch.ones_like(index, dtype=flat_values.dtype)
+    )
+    return sums / counts.clamp(min=1)
+
+
+def shell_power_3d(volume_ft: torch.Tensor, n_shells: int | None = None) -> torch.Tensor:
+    """Rotationally averaged power ``|F|²`` of a centred-rfft volume, ``(..., n_shells)``.
+
+    The rfft holds each Hermitian pair once except on the ``kx = 0`` plane; averaging per shell
+    over the stored half is unbiased because both halves of a shell have the same expectation.
+    """
+    box_size = volume_ft.shape[-3]
+    n_shells = n_shells or box_size // 2 + 1
+    return radial_average(volume_ft.abs() ** 2, shell_index_3d(box_size, volume_ft.device), n_shells)

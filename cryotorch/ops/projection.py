@@ -1,0 +1,193 @@
+"""Fourier slice extraction: projections of K volumes along R orientations in one call.
+
+The volume is gridding-corrected, zero-padded by ``padding_factor`` and Fourier transformed
+once (:func:`prepare_fourier_volumes`); each projection is then a central slice sampled by
+trilinear interpolation (:func:`extract_slices`). By the projection–slice theorem the slice at
+image frequency ``(kx, ky)`` is the volume transform at ``kx * A[0] + ky * A[1]``
+(:mod:`cryotorch.conventions`). Frequencies are in cycles per *unpadded* box, so the slices
+are the DFTs of the N×N projections.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cryotorch.conventions import fft_frequencies_2d, irfft2_centered, rfft3_centered
+
+__all__ = [
+    "padded_box_size",
+    "gridding_kernel_3d",
+    "prepare_fourier_volumes",
+    "slice_coordinates",
+    "extract_slices",
+    "project_volumes",
+    "rotation_chunk_size",
+]
+
+
+def padded_box_size(box_size: int, padding_factor: float) -> int:
+    """Size of the padded Fourier grid for an N-voxel box (at least N)."""
+    return max(box_size, int(round(padding_factor * box_size)))
+
+
+def gridding_kernel_3d(box_size: int, padded_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(N, N, N)`` real-space image of trilinear interpolation on a ``padded_size`` grid.
+
+    Trilinear interpolation in Fourier space multiplies real space by
+    ``sinc²(x/P) sinc²(y/P) sinc²(z/P)`` (x in voxels from the centre); dividing by this kernel
+    before (projection) or after (reconstruction) cancels that attenuation.
+    """
+    coordinate = torch.arange(box_size, device=device, dtype=torch.float32) - box_size // 2
+    profile = torch.sinc(coordinate / padded_size) ** 2
+    return profile[:, None, None] * profile[None, :, None] * profile[None, None, :]
+
+
+def prepare_fourier_volumes(volumes: torch.Tensor, padding_factor: float = 2.0) -> torch.Tensor:
+    """Gridding-correct, pad and transform volumes for slice extraction.
+
+    Parameters
+    ----------
+    volumes
+        ``(K, N, N, N)`` real volumes (indexed z, y, x).
+    padding_factor
+        Oversampling of the Fourier grid (RELION's default 2).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, P, P, P // 2 + 1)`` complex centred rfft of the padded volumes, ``P = padded size``.
+    """
+    box_size = volumes.shape[-1]
+    padded_size = padded_box_size(box_size, padding_factor)
+    corrected = volumes / gridding_kernel_3d(box_size, padded_size, volumes.device)
+    start = padded_size // 2 - box_size // 2
+    end = start + box_size
+    padded = volumes.new_zeros(volumes.shape[0], padded_size, padded_size, padded_size)
+    padded[:, start:end, start:end, start:end] = corrected
+    return rfft3_centered(padded)
+
+
+def slice_coordinates(
+    rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int, padded_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded-grid coordinates of central-slice samples, folded into the stored half space.
+
+    Parameters
+    ----------
+    rotations
+        ``(R, 3, 3)`` RELION matrices A.
+    frequencies
+        ``(M, 2)`` image frequencies ``(kx, ky)`` in cycles per unpadded box.
+
+    Returns
+    -------
+    coordinates
+        ``(R, M, 3)`` ``(x, y, z)`` in padded-grid units with ``x >= 0``.
+    conjugate
+        ``(R, M)`` bool, True where the sample was folded through the origin (take the
+        complex conjugate: Friedel symmetry of a real volume).
+    """
+    scale = padded_size / box_size
+    in_plane = rotations[:, :2, :].to(frequencies.dtype)  # (R, 2, 3)
+    coordinates = torch.einsum("md,rdc->rmc", frequencies, in_plane) * scale  # (R, M, 3)
+    conjugate = coordinates[..., 0] < 0
+    coordinates = torch.where(conjugate[..., None], -coordinates, coordinates)
+    return coordinates, conjugate
+
+
+def rotation_chunk_size(n_values_per_rotation: int, bytes_per_value: int, memory_budget_bytes: float) -> int:
+    """Number of rotations per chunk so that one chunk's work arrays fit the memory budget."""
+    return max(1, int(memory_budget_bytes // max(1, n_values_per_rotation * bytes_per_value)))
+
+
+def extract_slices(
+    volumes_ft: torch.Tensor,
+    rotations: torch.Tensor,
+    frequencies: torch.Tensor,
+    box_size: int,
+    memory_budget_bytes: float = 2**28,
+) -> torch.Tensor:
+    """Central slices of K Fourier volumes along R orientations.
+
+    Parameters
+    ----------
+    volumes_ft
+        ``(K, P, P, P // 2 + 1)`` complex, from :func:`prepare_fourier_volumes`.
+    rotations
+        ``(R, 3, 3)`` RELION matrices A.
+    frequencies
+        ``(M, 2)`` ``(kx, ky)`` in cycles per unpadded box; samples outside the grid are 0.
+    box_size
+        Unpadded box size N.
+    memory_budget_bytes
+        Working memory allowed per chunk of rotations.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, R, M)`` complex slice values.
+    """
+    n_classes, padded_size = volumes_ft.shape[0], volumes_ft.shape[1]
+    half_size = volumes_ft.shape[-1]
+    channels = torch.view_as_real(volumes_ft).permute(0, 4, 1, 2, 3).reshape(1, 2 * n_classes, padded_size, padded_size, half_size)
+    # grid_sample normalises coordinates to [-1, 1] over index 0 … size-1 (align_corners=True)
+    centre = padded_size // 2
+    half_extent = torch.tensor(
+        [(half_size - 1) / 2, (padded_size - 1) / 2, (padded_size - 1) / 2], device=frequencies.device
+    )
+    offset = torch.tensor([0.0, centre, centre], device=frequencies.device)
+    n_freq = frequencies.shape[0]
+    chunk = rotation_chunk_size(n_freq, 4 * (4 * n_classes + 8), memory_budget_bytes)
+    out = []
+    for start in range(0, rotations.shape[0], chunk):
+        coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
+        grid = (coordinates + offset) / half_extent - 1.0  # (r, M, 3)
+        sampled = F.grid_sample(
+            channels, grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros", align_corners=True
+        )  # (1, 2K, r, M, 1)
+        sampled = sampled[0, ..., 0].reshape(n_classes, 2, -1, n_freq)
+        imaginary = torch.where(conjugate, -sampled[:, 1], sampled[:, 1])
+        out.append(torch.complex(sampled[:, 0], imaginary))
+    return torch.cat(out, dim=1)
+
+
+def project_volumes(
+    volumes: torch.Tensor,
+    rotations: torch.Tensor,
+    padding_factor: float = 2.0,
+    max_frequency: float | None = None,
+    real_space: bool = False,
+    memory_budget_bytes: float = 2**28,
+) -> torch.Tensor:
+    """Projections of K real volumes along R orientations.
+
+    Parameters
+    ----------
+    volumes
+        ``(K, N, N, N)`` real volumes.
+    rotations
+        ``(R, 3, 3)`` RELION matrices A.
+    padding_factor
+        Fourier oversampling (2 as in RELION).
+    max_frequency
+        Radius in cycles per box beyond which slices are zero (default N // 2, Nyquist).
+    real_space
+        Return ``(K, R, N, N)`` real images instead of the centred rfft.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, R, N, N // 2 + 1)`` complex centred rfft (or real images, see ``real_space``).
+    """
+    box_size = volumes.shape[-1]
+    volumes_ft = prepare_fourier_volumes(volumes, padding_factor)
+    frequencies = fft_frequencies_2d(box_size, volumes.device)  # (N, N//2+1, 2)
+    flat = frequencies.reshape(-1, 2)
+    limit = box_size // 2 if max_frequency is None else max_frequency
+    inside = flat.norm(dim=-1) <= limit
+    values = extract_slices(volumes_ft, rotations, flat[inside], box_size, memory_budget_bytes)
+    slices = values.new_zeros(values.shape[0], values.shape[1], flat.shape[0])
+    slices[..., inside] = values
+    slices = slices.reshape(values.shape[0], values.shape[1], box_size, box_size // 2 + 1)
+    return irfft2_centered(slices, box_size) if real_space else slices

@@ -1,0 +1,100 @@
+"""Single entry point: ``python -m cryotorch.train +job=NAME key=value ...``.
+
+Composes the Hydra config, builds the launcher (Lightning Fabric), logger and job, and runs
+the job. Works under ``torchrun`` (one process per device) and with Hydra multirun (``-m``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.fabric import Fabric
+from omegaconf import DictConfig, OmegaConf
+
+from cryotorch.errors import InputError
+from cryotorch.jobs.context import RunContext
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+log = logging.getLogger("cryotorch")
+
+
+def build_fabric(compute: DictConfig) -> Fabric:
+    """Fabric from the ``compute`` group; under torchrun the process layout comes from its env."""
+    devices: int | str = compute.devices
+    num_nodes = compute.num_nodes
+    strategy = compute.strategy
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        devices = int(os.environ["LOCAL_WORLD_SIZE"])
+        num_nodes = int(os.environ["WORLD_SIZE"]) // devices
+        strategy = "ddp" if strategy == "auto" else strategy
+    accelerator = compute.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cpu" and compute.process_group_backend is None:
+        backend = "gloo"
+    else:
+        backend = compute.process_group_backend
+    if strategy == "ddp" and backend is not None:
+        from lightning.fabric.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend=backend)
+    return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=compute.precision)
+
+
+def run(cfg: DictConfig) -> None:
+    """Build the run context from ``cfg`` and run ``cfg.job``."""
+    if "job" not in cfg:
+        raise InputError("no job selected: add +job=NAME (simulate, reconstruct) to the command line")
+    if cfg.compute.num_threads:
+        torch.set_num_threads(int(cfg.compute.num_threads))
+    fabric = build_fabric(cfg.compute)
+    fabric.launch()
+    fabric.seed_everything(cfg.seed, verbose=False)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    writer = None
+    if fabric.global_rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        writer = instantiate(cfg.logger, root_dir=str(output_dir)).experiment
+    context = RunContext(
+        fabric=fabric,
+        output_dir=output_dir,
+        writer=writer,
+        seed=int(cfg.seed),
+        memory_budget_bytes=float(cfg.compute.memory_budget_gb) * 2**30,
+        particles=Path(cfg.data.particles) if cfg.data.particles else None,
+        project_dir=Path(cfg.data.project_dir) if cfg.data.project_dir else None,
+        preload=bool(cfg.data.preload),
+        padding_factor=float(cfg.model.padding_factor),
+        symmetry=str(cfg.model.symmetry),
+    )
+    # import the job's module first so that a broken import shows its own error, not Hydra's
+    importlib.import_module(str(cfg.job._target_).rsplit(".", 1)[0])
+    job = instantiate(cfg.job, _convert_="all")
+    log.info("running job %s in %s", cfg.job.name, output_dir)
+    job.run(context)
+    if writer is not None:
+        writer.close()
+    fabric.barrier()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; bad input ends the run with its message instead of a traceback."""
+    try:
+        run(cfg)
+    except InputError as error:
+        log.error("%s", error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

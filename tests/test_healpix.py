@@ -1,0 +1,238 @@
+"""HEALPix NESTED geometry and RELION's orientation sampling: invariants and RELION numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cryotorch.conventions import euler_deg_to_matrix
+from cryotorch.ops.healpix import (
+    ang2pix_nest,
+    angular_step_deg,
+    healpix_max_pixel_radius_rad,
+    healpix_npix,
+    healpix_nside,
+    order_from_angular_step,
+    orientation_grid,
+    orientations_within,
+    oversample_orientations,
+    pix2ang_nest,
+    rotation_angle_deg,
+)
+from cryotorch.ops.symmetry import symmetry_matrices
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+def _unit_vectors(theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.sin(theta) * torch.cos(phi), torch.sin(theta) * torch.sin(phi), torch.cos(theta)], -1)
+
+
+def _random_directions(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uniform random unit vectors (n, 3) and their (theta, phi), seeded."""
+    vectors = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    vectors = vectors / vectors.norm(dim=-1, keepdim=True)
+    return vectors, torch.acos(vectors[:, 2]), torch.atan2(vectors[:, 1], vectors[:, 0])
+
+
+def _centres(order: int, device: str) -> torch.Tensor:
+    return _unit_vectors(*pix2ang_nest(order, torch.arange(healpix_npix(order), device=device)))
+
+
+def test_npix_and_nside() -> None:
+    for order in range(7):
+        assert healpix_nside(order) == 2**order
+        assert healpix_npix(order) == 12 * 4**order
+    with pytest.raises(ValueError):
+        healpix_npix(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", range(5))
+def test_pix2ang_ang2pix_round_trip(order: int, device: str) -> None:
+    pixels = torch.arange(healpix_npix(order), device=device)
+    theta, phi = pix2ang_nest(order, pixels)
+    assert theta.device.type == device and theta.dtype == torch.float64
+    assert bool((theta >= 0).all() & (theta <= math.pi).all() & (phi >= 0).all() & (phi < 2 * math.pi).all())
+    assert torch.equal(ang2pix_nest(order, theta, phi), pixels)
+    assert torch.equal(ang2pix_nest(order, theta, phi - 2 * math.pi), pixels)  # phi taken modulo 2 pi
+
+
+def test_base_pixels_and_ring_structure() -> None:
+    theta, phi = pix2ang_nest(0, torch.arange(12))
+    expected_z = torch.tensor([2 / 3] * 4 + [0.0] * 4 + [-2 / 3] * 4, dtype=torch.float64)
+    assert torch.allclose(torch.cos(theta), expected_z, atol=1e-15)
+    quarter = math.pi / 4
+    assert torch.allclose(phi, torch.tensor([1, 3, 5, 7, 0, 2, 4, 6, 1, 3, 5, 7], dtype=torch.float64) * quarter)
+
+    order, nside = 3, 8
+    z = torch.cos(pix2ang_nest(order, torch.arange(healpix_npix(order)))[0])
+    rings, counts = torch.unique(torch.round(z * 1e9) / 1e9, return_counts=True)
+    cap = [1 - i * i / (3 * nside * nside) for i in range(1, nside)]
+    belt = [(2 * nside - i) * 2 / (3 * nside) for i in range(nside, 3 * nside + 1)]
+    expected_rings = sorted(cap + belt + [-c for c in cap])
+    assert len(rings) == 4 * nside - 1
+    assert torch.allclose(rings, torch.tensor(expected_rings, dtype=torch.float64), atol=1e-9)
+    assert counts.flip(0)[: nside - 1].tolist() == [4 * i for i in range(1, nside)]  # north cap
+    assert counts[nside - 1 : 3 * nside].tolist() == [4 * nside] * (2 * nside + 1)  # belt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_equal_area_and_covering_radius(device: str) -> None:
+    order, n = 1, 200_000
+    vectors, theta, phi = _random_directions(n, device)
+    centres = _centres(order, device)
+    expected = n / healpix_npix(order)
+    max_radius = healpix_max_pixel_radius_rad(order)
+
+    # Exactly equal areas: counts per containing pixel within 8 % (~5 Poisson sigma).
+    pixels = ang2pix_nest(order, theta, phi)
+    counts = torch.bincount(pixels, minlength=healpix_npix(order)).double()
+    assert float((counts / expected - 1).abs().max()) < 0.08
+    # Each direction lies within max_pixrad of its own pixel's centre (correct for any angle).
+    to_own = torch.acos((vectors * centres[pixels]).sum(-1).clamp(max=1.0))
+    assert float(to_own.max()) <= max_radius + 1e-12
+    assert float(to_own.max()) > 0.95 * max_radius  # and the bound is nearly reached
+
+    # Nearest-centre (Voronoi) cells are only nearly equal: within 15 %.
+    cosines = vectors @ centres.T  # (n, npix)
+    nearest_counts = torch.bincount(cosines.argmax(-1), minlength=healpix_npix(order)).double()
+    assert float((nearest_counts / expected - 1).abs().max()) < 0.15
+    assert float(torch.acos(cosines.max(-1).values.clamp(max=1.0)).max()) <= max_radius
+
+
+def test_max_pixel_radius_shrinks_with_order() -> None:
+    # At order 0 the largest pixel radius is from a cap face centre (z = 2/3) to the pole.
+    radii = [healpix_max_pixel_radius_rad(order) for order in range(6)]
+    assert abs(radii[0] - math.acos(2 / 3)) < 1e-12
+    assert all(a > 1.5 * b for a, b in zip(radii, radii[1:]))
+    assert all(r > math.radians(angular_step_deg(order)) / 2 for order, r in enumerate(radii))
+
+
+@pytest.mark.parametrize("order", range(4))
+def test_nested_children(order: int) -> None:
+    fine = torch.arange(healpix_npix(order + 1))
+    theta, phi = pix2ang_nest(order + 1, fine)
+    assert torch.equal(ang2pix_nest(order, theta, phi), fine // 4)
+    nearest_coarse = (_unit_vectors(theta, phi) @ _centres(order, "cpu").T).argmax(-1)
+    assert torch.equal(nearest_coarse, fine // 4)
+
+
+def test_angular_step_and_order_from_step() -> None:
+    assert angular_step_deg(2) == 15.0 and angular_step_deg(3) == 7.5
+    relion_gui_labels = [30, 15, 7.5, 3.7, 1.8, 0.9, 0.5, 0.2, 0.1]  # RELION GUI index i -> order i + 1
+    assert [order_from_angular_step(s) for s in relion_gui_labels] == list(range(1, 10))
+    assert order_from_angular_step(60.0) == 0 and order_from_angular_step(1000.0) == 0
+    assert order_from_angular_step(6.0) == 4  # never coarser than asked beyond the 20 % slack
+    with pytest.raises(ValueError):
+        order_from_angular_step(0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_orientation_grid_c1_order_2(device: str) -> None:
+    grid = orientation_grid(2, device=device)
+    assert (grid.n_directions, grid.n_psi) == (192, 24)  # RELION: 192 directions x 24 psi
+    assert grid.euler_deg.shape == (192 * 24, 3) and grid.euler_deg.dtype == torch.float64
+    assert grid.euler_deg.device.type == device
+    rows = torch.arange(192 * 24, device=device)
+    assert torch.equal(grid.direction_index, rows // 24)
+    assert torch.equal(grid.pixel_index, rows // 24)
+    assert torch.equal(grid.psi_index, rows % 24)
+    rot, tilt, psi = grid.euler_deg.unbind(-1)
+    assert torch.allclose(psi, grid.psi_index.double() * 15.0)
+    assert bool((rot >= -180).all() & (rot <= 180).all() & (tilt >= 0).all() & (tilt <= 180).all())
+    theta, phi = pix2ang_nest(2, grid.pixel_index)
+    assert torch.allclose(torch.deg2rad(tilt), theta)
+    assert torch.allclose(torch.remainder(torch.deg2rad(rot), 2 * math.pi), phi)
+
+
+@pytest.mark.parametrize(("symmetry", "order"), [("C4", 2), ("D7", 3), ("T", 3), ("O", 3), ("I", 3), ("I3", 3)])
+def test_orientation_grid_asymmetric_unit(symmetry: str, order: int) -> None:
+    grid = orientation_grid(order, symmetry)
+    group = symmetry_matrices(symmetry)
+    kept = _unit_vectors(*pix2ang_nest(order, grid.pixel_index[:: grid.n_psi]))  # (D, 3)
+    assert grid.n_directions == len(kept)
+    assert abs(grid.n_directions * len(group) / healpix_npix(order) - 1) < 0.3
+    mates = torch.einsum("dk,gkl->gdl", kept, group)  # R^T d for every kept d, (G, D, 3)
+    pixel_radius = healpix_max_pixel_radius_rad(order)
+    # Coverage: every direction on the sphere has a symmetry mate of a kept direction nearby.
+    everything = _centres(order, "cpu")
+    nearest = (everything @ mates.reshape(-1, 3).T).max(-1).values
+    assert float(torch.acos(nearest.clamp(max=1.0)).max()) < 2 * pixel_radius
+    # No redundancy: no kept direction lies within half a pixel radius of another's mate
+    # (a direction near a symmetry axis may be close to its own mates, as in RELION).
+    cosines = torch.einsum("gdk,ek->gde", mates, kept)
+    cosines[:, torch.arange(len(kept)), torch.arange(len(kept))] = -1.0
+    assert float(cosines.max()) <= math.cos(0.5 * pixel_radius)
+
+
+def test_c4_grid_is_a_quarter() -> None:
+    grid = orientation_grid(2, "C4")
+    assert grid.n_directions == 48 and grid.symmetry == "C4"
+    assert bool((grid.euler_deg[:, 0].abs() <= 45.0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_oversampling(device: str) -> None:
+    grid = orientation_grid(2, device=device)
+    picks = torch.tensor([0, 777, 4607], device=device)
+    fine = oversample_orientations(2, grid.pixel_index[picks], grid.psi_index[picks], oversampling=1)
+    assert fine.shape == (3, 8, 3) and fine.device.type == device
+    # Fine directions are the NESTED children 4p .. 4p + 3, in that order, 2 psi each.
+    theta, phi = torch.deg2rad(fine[..., 1]), torch.deg2rad(fine[..., 0])
+    children = ang2pix_nest(3, theta, phi)  # (3, 8)
+    expected = 4 * grid.pixel_index[picks, None] + torch.arange(4, device=device).repeat_interleave(2)
+    assert torch.equal(children, expected)
+    # Psi sub-samples sit at -/+ a quarter of the coarse step and average to the coarse psi.
+    coarse_psi = grid.euler_deg[picks, 2]
+    assert torch.allclose(fine[..., 2].mean(-1), coarse_psi)
+    assert torch.allclose(fine[:, :2, 2] - coarse_psi[:, None], torch.tensor([-3.75, 3.75], device=device).double())
+
+    deeper = oversample_orientations(2, grid.pixel_index[picks], grid.psi_index[picks], oversampling=2)
+    assert deeper.shape == (3, 64, 3)
+    pixels = ang2pix_nest(4, torch.deg2rad(deeper[..., 1]), torch.deg2rad(deeper[..., 0]))
+    assert torch.equal(torch.sort(torch.unique(pixels[0])).values, 16 * grid.pixel_index[0] + torch.arange(16, device=device))
+    same = oversample_orientations(2, grid.pixel_index[picks], grid.psi_index[picks], oversampling=0)
+    assert torch.allclose(same[:, 0], grid.euler_deg[picks])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotation_angle(device: str) -> None:
+    euler = torch.tensor([[10.0, 20.0, 30.0], [-170.0, 95.0, 300.0]], dtype=torch.float64, device=device)
+    assert torch.allclose(rotation_angle_deg(euler, euler), torch.zeros(2, dtype=torch.float64, device=device))
+    about_z = torch.tensor([90.0, 0.0, 0.0], dtype=torch.float64, device=device)
+    assert abs(float(rotation_angle_deg(about_z, torch.zeros_like(about_z))) - 90.0) < 1e-12
+    assert abs(float(rotation_angle_deg(torch.tensor([0.0, 180.0, 0.0]), torch.zeros(3))) - 180.0) < 1e-9
+    # Agrees with the arccos formula away from 0 and 180 degrees.
+    a = torch.rand(50, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 360
+    b = torch.rand(50, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 360
+    relative = euler_deg_to_matrix(a) @ euler_deg_to_matrix(b).transpose(-1, -2)
+    reference = torch.rad2deg(torch.acos(((relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)))
+    assert torch.allclose(rotation_angle_deg(a, b), reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_orientations_within(device: str) -> None:
+    grid = orientation_grid(2, device=device).euler_deg
+    centre = grid[1000]
+    itself = orientations_within(centre, grid, 0.0)
+    assert itself.shape == (len(grid),) and bool(itself[1000]) and int(itself.sum()) == 1
+
+    centres = grid[[5, 1000, 3000]]
+    mask = orientations_within(centres, grid, 20.0)
+    assert mask.shape == (3, len(grid))
+    angles = rotation_angle_deg(centres[:, None], grid[None])  # (3, R)
+    clear = (angles - 20.0).abs() > 1e-6
+    assert torch.equal(mask[clear], (angles <= 20.0)[clear])
+    assert bool(mask[:, [5, 1000, 3000]].diagonal().all())
+
+    # A pose turned by a C4 operator (rot + 90) is only found when symmetry is given.
+    turned = centre + torch.tensor([90.0, 0.0, 0.0], dtype=torch.float64, device=device)
+    assert not bool(orientations_within(turned, grid, 1.0)[1000])
+    c4 = symmetry_matrices("C4", device=device)
+    assert bool(orientations_within(turned, grid, 1.0, symmetry_matrices=c4)[1000])
