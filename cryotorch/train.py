@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cryotorch.errors import InputError
 from cryotorch.jobs.context import RunContext
+from cryotorch.ops.symmetry import symmetry_order
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 log = logging.getLogger("cryotorch")
@@ -53,6 +54,10 @@ def run(cfg: DictConfig) -> None:
     """Build the run context from ``cfg`` and run ``cfg.job``."""
     if "job" not in cfg:
         raise InputError("no job selected: add +job=NAME (simulate, reconstruct) to the command line")
+    try:
+        symmetry_order(str(cfg.model.symmetry))
+    except ValueError as error:
+        raise InputError(f"model.symmetry: {error}") from None
     if cfg.compute.num_threads:
         torch.set_num_threads(int(cfg.compute.num_threads))
     fabric = build_fabric(cfg.compute)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# devices every device-aware test runs on
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

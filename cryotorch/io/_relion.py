@@ -25,6 +25,7 @@ Writing
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,10 @@ def read_relion_particles(path: str | os.PathLike[str], project_dir: str | os.Pa
             f"{path}: required column {_IMAGE_NAME} is missing from data_{block_name}; "
             "the particle table must name each particle's image as N@stack.mrcs"
         )
+    if len(particles) == 0:
+        # An empty selection is valid, whatever its optics table says.
+        empty = ParticleTable.from_arrays(stack_paths=[], stack_indices=[], pixel_size_angstrom=[], box_size_px=[])
+        return replace(empty, source_particles=particles, source_optics=optics, source_path=os.path.abspath(path))
     columns = _ParticleColumns(path, block_name, particles, optics)
     stack_indices, stack_names = _parse_image_names(particles[_IMAGE_NAME], path, block_name)
     stack_paths = _resolve_stack_paths(stack_names, path.parent, None if project_dir is None else Path(project_dir))

@@ -63,7 +63,7 @@ def _convert_scalar(value: str) -> object:
 
 def _convert_column(values: list[str]) -> pd.Series:
     """Return a column as int64 or float64 when every value is numeric, else as strings."""
-    series = pd.Series(values, dtype=object)
+    series = pd.Series(values)
     if "" in values:
         # pandas would turn an empty string into NaN; keep the text as written.
         return series

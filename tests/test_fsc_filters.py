@@ -1,0 +1,114 @@
+"""FSC, shells, masks and filters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cryotorch.conventions import fft_frequencies_2d, irfft2_centered, rfft2_centered, rfft3_centered
+from cryotorch.ops.filters import (
+    bfactor_filter_3d,
+    crop_or_pad_3d,
+    lowpass_filter_3d,
+    soft_edge_mask,
+    soft_spherical_mask,
+)
+from cryotorch.ops.fourier import radial_average, radius_grid_3d, shell_index_2d, shell_power_3d, translate_2d_ft
+from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
+
+
+def test_fsc_of_identical_maps_is_one_and_of_independent_noise_is_near_zero() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = rfft3_centered(torch.randn(32, 32, 32, generator=generator))
+    b = rfft3_centered(torch.randn(32, 32, 32, generator=generator))
+    torch.testing.assert_close(fourier_shell_correlation(a, a), torch.ones(17, dtype=torch.float64))
+    independent = fourier_shell_correlation(a, b)[2:]
+    assert float(independent.abs().max()) < 0.3
+    assert float(independent.mean().abs()) < 0.05
+
+
+def test_fsc_of_signal_plus_noise_follows_the_snr() -> None:
+    # two maps sharing a signal with SNR 1 per component: expected FSC = 1 / (1 + 1) = 0.5
+    generator = torch.Generator().manual_seed(1)
+    signal = torch.randn(48, 48, 48, generator=generator)
+    a = rfft3_centered(signal + torch.randn(48, 48, 48, generator=generator))
+    b = rfft3_centered(signal + torch.randn(48, 48, 48, generator=generator))
+    fsc = fourier_shell_correlation(a, b)[5:]
+    assert float(fsc.mean()) == pytest.approx(0.5, abs=0.03)
+
+
+def test_resolution_crossing_is_interpolated() -> None:
+    fsc = torch.tensor([1.0, 0.9, 0.5, 0.2, 0.1, 0.0], dtype=torch.float64)
+    # 0.143 is crossed between shells 3 (0.2) and 4 (0.1): at 3.57
+    assert resolution_at_threshold(fsc, 10, 2.0, 0.143) == pytest.approx(20.0 / 3.57, rel=1e-3)
+    assert resolution_at_threshold(fsc, 10, 2.0, 0.5) == pytest.approx(20.0 / 2.0)
+    assert resolution_at_threshold(torch.ones(6, dtype=torch.float64), 10, 2.0) == pytest.approx(4.0)
+
+
+def test_parseval_on_the_centred_rfft() -> None:
+    image = torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    spectrum = rfft2_centered(image)
+    weights = torch.full(spectrum.shape, 2.0, dtype=torch.float64)
+    weights[:, 0] = 1  # kx = 0 and Nyquist columns appear once in the full transform
+    weights[:, -1] = 1
+    assert float((weights * spectrum.abs() ** 2).sum() / 32**2) == pytest.approx(float((image**2).sum()))
+
+
+def test_translation_moves_a_delta() -> None:
+    image = torch.zeros(16, 16)
+    image[8, 8] = 1
+    frequencies = fft_frequencies_2d(16).reshape(-1, 2)
+    moved = translate_2d_ft(rfft2_centered(image).reshape(1, -1), torch.tensor([[3.0, -2.0]]), frequencies, 16)
+    result = irfft2_centered(moved.reshape(1, 16, 9), 16)[0]
+    assert tuple((result == result.max()).nonzero()[0].tolist()) == (6, 11)  # (y, x) = (8 - 2, 8 + 3)
+
+
+def test_radial_average_and_shell_power() -> None:
+    shells = shell_index_2d(16)
+    values = shells.double()
+    torch.testing.assert_close(radial_average(values, shells, 9), torch.arange(9, dtype=torch.float64))
+    delta = torch.zeros(16, 16, 16)
+    delta[8, 8, 8] = 1
+    torch.testing.assert_close(shell_power_3d(rfft3_centered(delta)), torch.ones(9))
+
+
+def test_soft_spherical_mask_profile() -> None:
+    mask = soft_spherical_mask(32, 8.0, 4.0)
+    assert float(mask[16, 16, 16]) == 1.0
+    assert float(mask[16, 16, 16 + 8]) == 1.0
+    assert float(mask[16, 16, 16 + 10]) == pytest.approx(0.5)
+    assert float(mask[16, 16, 16 + 12]) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_soft_edge_mask_extends_and_softens() -> None:
+    volume = torch.zeros(24, 24, 24)
+    volume[10:14, 10:14, 10:14] = 1
+    mask = soft_edge_mask(volume, 0.5, extend_px=2, edge_width_px=3)
+    assert float(mask[12, 12, 12]) == 1.0
+    assert float(mask[12, 12, 15]) == 1.0  # dilated by 2 voxels
+    assert 0 < float(mask[12, 12, 17]) < 1  # in the soft edge
+    assert float(mask[12, 12, 21]) == 0.0
+
+
+def test_lowpass_and_bfactor_filters() -> None:
+    volume_ft = rfft3_centered(torch.randn(32, 32, 32, generator=torch.Generator().manual_seed(3)))
+    radius = radius_grid_3d(32)
+    filtered = lowpass_filter_3d(volume_ft, resolution_angstrom=16.0, pixel_size_angstrom=2.0, edge_width_shells=2)
+    # cutoff at shell 32·2/16 = 4, edge from 3 to 5
+    torch.testing.assert_close(filtered[radius <= 3], volume_ft[radius <= 3])
+    assert float(filtered[radius >= 5].abs().max()) == 0.0
+    sharpened = bfactor_filter_3d(volume_ft, -100.0, 2.0)
+    s = 8.0 / 64.0
+    index = (radius == 8).nonzero()[0]
+    ratio = sharpened[tuple(index)] / volume_ft[tuple(index)]
+    assert float(ratio.real) == pytest.approx(math.exp(100.0 / 4 * s**2), rel=1e-5)
+
+
+def test_crop_or_pad_keeps_the_centre() -> None:
+    volume = torch.zeros(9, 9, 9)
+    volume[4, 4, 4] = 1
+    padded = crop_or_pad_3d(volume, 12)
+    assert padded[6, 6, 6] == 1 and padded.sum() == 1
+    assert crop_or_pad_3d(padded, 9)[4, 4, 4] == 1

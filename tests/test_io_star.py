@@ -1,0 +1,99 @@
+"""STAR reading and writing: every shared STAR file, malformed input, round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryotorch.errors import InputError
+from cryotorch.io import read_star, write_star
+
+MALFORMED = "metadata/aspire/sample.star"
+
+
+def _star_files(shared_data: Path) -> list[Path]:
+    return sorted(path for path in shared_data.rglob("*.star") if not str(path).endswith(MALFORMED))
+
+
+def test_every_shared_star_file_loads(shared_data: Path) -> None:
+    files = _star_files(shared_data)
+    assert len(files) >= 19
+    for path in files:
+        blocks = read_star(path)
+        assert blocks, path
+
+
+def test_malformed_aspire_sample_names_file_line_and_problem(shared_data: Path) -> None:
+    # The "Mars" row has 5 values for 4 columns (and a later row has 1 value for 2 columns).
+    with pytest.raises(InputError) as error:
+        read_star(shared_data / MALFORMED)
+    message = str(error.value)
+    assert "sample.star" in message and "line 20" in message
+    assert "has 5 values but the loop declares 4 columns" in message
+
+
+def test_relion_blocks_types_and_order(shared_data: Path) -> None:
+    blocks = read_star(shared_data / "real_particles/relion31_cryodrgn/relion31.v2.star")
+    assert list(blocks) == ["particles", "optics"]
+    particles = blocks["particles"]
+    assert isinstance(particles, pd.DataFrame) and len(particles) == 5
+    assert particles["rlnClassNumber"].dtype == np.int64
+    assert particles["rlnDefocusU"].dtype == np.float64
+    assert particles["rlnImageName"].iloc[0] == "000001@relion31.mrcs"
+    general = read_star(shared_data / "metadata/starfile/postprocess.star")["general"]
+    assert isinstance(general, dict) and "rlnFinalResolution" in general
+
+
+def test_quotes_and_empty_loop(shared_data: Path) -> None:
+    quoted = read_star(shared_data / "metadata/starfile/loop_double_quote.star")[""]
+    assert quoted["quote_string"].tolist() == ["quote string"] * 2
+    assert quoted["whitespace_string"].tolist() == [" "] * 2
+    assert quoted["empty_string"].tolist() == ["", ""]
+    assert quoted["number_and_string"].tolist() == ["4.0", "noquote"]
+    empty = read_star(shared_data / "metadata/starfile/empty_loop.star")[""]
+    assert list(empty.columns) == ["rlnCoordinateX"] and len(empty) == 0
+
+
+def test_round_trip_keeps_values_types_and_text(tmp_path: Path) -> None:
+    table = pd.DataFrame(
+        {
+            "rlnImageName": ["000001@a b.mrcs", "000002@c.mrcs"],
+            "rlnDefocusU": [12345.678901234, 1e-7],
+            "rlnClassNumber": [1, 2],
+            "rlnEmpty": ["", "x"],
+        }
+    )
+    blocks = {"general": {"rlnFinalResolution": 3.5, "rlnName": "two words"}, "particles": table}
+    path = tmp_path / "out.star"
+    write_star(path, blocks, relion_version=30001)
+    assert path.read_text().count("# version 30001") == 2
+    back = read_star(path)
+    assert back["general"] == blocks["general"]
+    pd.testing.assert_frame_equal(back["particles"], table)
+    assert [entry.name for entry in tmp_path.iterdir()] == ["out.star"]  # no temporary left behind
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("data_a\nloop_\n_x\n_y\n1 2\n3\n", "line 6: row 2"),
+        ("loop_\n_x\n1\n", "before any data_ block"),
+        ("data_a\nloop_\n_x\n1\nloop_\n_y\n2\n", "a second loop_"),
+        ("data_a\n_x 1\ndata_a\n_y 2\n", "appears twice"),
+        ("data_a\n_x\n", "needs exactly one value"),
+    ],
+)
+def test_malformed_structures_name_the_line(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.star"
+    path.write_text(text)
+    with pytest.raises(InputError, match="bad.star") as error:
+        read_star(path)
+    assert fragment in str(error.value)
+
+
+def test_missing_file_is_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="nothere.star"):
+        read_star(tmp_path / "nothere.star")

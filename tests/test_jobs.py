@@ -1,0 +1,116 @@
+"""The simulate and reconstruct jobs end to end, through the real command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryotorch.conventions import rfft3_centered
+from cryotorch.io import read_mrc, read_particles, read_star
+from cryotorch.ops.filters import crop_or_pad_3d
+from cryotorch.ops.fsc import fourier_shell_correlation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m cryotorch.train`` as a user would; returns the finished process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "cryotorch.train", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"train {' '.join(overrides)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def simulate(folder: Path, map_path: Path, n_particles: int, snr: str, seed: int = 0, extra: tuple[str, ...] = ()) -> Path:
+    train(
+        "+job=simulate", f"job.maps=[{map_path}]", "job.pixel_size_angstrom=5.0", "job.box_size=64",
+        f"job.n_particles={n_particles}", f"job.snr={snr}", "job.defocus_min_angstrom=8000",
+        "job.defocus_max_angstrom=25000", f"seed={seed}", f"hydra.run.dir={folder}", *extra,
+    )
+    return folder / "particles.star"
+
+
+def test_simulate_writes_particles_truth_and_logs(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    train("+job=simulate", "job.n_particles=40", "job.phantom_box_size=32", "job.junk_fraction=0.25", "job.noise=coloured", "job.origin_sigma_angstrom=6", f"hydra.run.dir={out}")
+    particles = read_particles(out / "particles.star")
+    truth = read_particles(out / "truth.star")
+    assert len(particles) == len(truth) == 40
+    assert particles.has_poses and particles.has_ctf
+    assert set(np.unique(truth.class_number)) <= {1, 2} and (truth.class_number == 2).any()
+    np.testing.assert_allclose(particles.euler_deg, truth.euler_deg)
+    assert set(np.unique(particles.random_subset)) == {1, 2}
+    assert (out / "phantom.mrc").is_file() and (out / "config.yaml").is_file()
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+    # images are normalised to unit noise, as after RELION's extraction
+    from cryotorch.io import ParticleImageReader
+
+    junk = np.nonzero(truth.class_number == 2)[0]
+    images = ParticleImageReader(particles).read(junk)
+    assert images.std() == pytest.approx(1.0, rel=0.15)
+
+
+def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_path: Path) -> None:
+    map_path = shared_data / "maps" / "aspire_70S" / "clean70SRibosome_vol_65p.mrc"
+    star = simulate(tmp_path / "sim", map_path, 5000, "null")
+    out = tmp_path / "rec"
+    train("+job=reconstruct", f"data.particles={star}", f"hydra.run.dir={out}")
+    truth = crop_or_pad_3d(torch.as_tensor(read_mrc(map_path).data), 64)
+    reconstruction = torch.as_tensor(read_mrc(out / "run_class001.mrc").data)
+    fsc = fourier_shell_correlation(rfft3_centered(reconstruction), rfft3_centered(truth))
+    assert float(fsc[1:25].min()) >= 0.9  # up to 3/4 of Nyquist (shell 24 of 32)
+    fsc_star = read_star(out / "run_fsc.star")
+    assert float(fsc_star["general"]["rlnFinalResolution"]) < 13.0
+    assert (out / "run_fsc.png").stat().st_size > 1000
+    for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc"):
+        assert read_mrc(out / name).voxel_size_angstrom[0] == pytest.approx(5.0)
+
+
+def half_map_resolution(shared_data: Path, tmp_path: Path, n_particles: int) -> float:
+    map_path = shared_data / "maps" / "aspire_70S" / "clean70SRibosome_vol_65p.mrc"
+    star = simulate(tmp_path / f"sim{n_particles}", map_path, n_particles, "0.05")
+    out = tmp_path / f"rec{n_particles}"
+    train("+job=reconstruct", f"data.particles={star}", "job.mask_diameter_angstrom=300", f"hydra.run.dir={out}")
+    return float(read_star(out / "run_fsc.star")["general"]["rlnFinalResolution"])
+
+
+def test_resolution_improves_with_more_particles(shared_data: Path, tmp_path: Path) -> None:
+    few, many = (half_map_resolution(shared_data, tmp_path, n) for n in (300, 3000))
+    assert many < few - 2.0
+
+
+@pytest.mark.slow
+def test_resolution_improves_from_1k_to_10k_particles(shared_data: Path, tmp_path: Path) -> None:
+    few, many = (half_map_resolution(shared_data, tmp_path, n) for n in (1000, 10000))
+    assert many < few - 1.5
+
+
+def test_symmetry_and_multirun(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    train("-m", "+job=simulate", "job.n_particles=20", "job.phantom_box_size=24", "job.snr=0.1,1.0", f"hydra.sweep.dir={sweep}")
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    out = tmp_path / "rec"
+    train("+job=reconstruct", f"data.particles={sweep / '1' / 'particles.star'}", "model.symmetry=C2", f"hydra.run.dir={out}")
+    assert (out / "run_class001.mrc").is_file()
+
+
+def test_bad_input_fails_with_a_clear_message(tmp_path: Path) -> None:
+    missing = train("+job=reconstruct", f"data.particles={tmp_path / 'nope.star'}", f"hydra.run.dir={tmp_path / 'a'}", check=False)
+    assert missing.returncode == 2
+    assert "nope.star" in missing.stderr + missing.stdout
+    no_job = train(f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    assert no_job.returncode == 2 and "+job=" in no_job.stderr + no_job.stdout
+    bad_symmetry = train("+job=simulate", "job.n_particles=4", "job.phantom_box_size=16", f"hydra.run.dir={tmp_path / 'c'}", check=False)
+    assert bad_symmetry.returncode == 0
+    star = tmp_path / "c" / "particles.star"
+    result = train("+job=reconstruct", f"data.particles={star}", "model.symmetry=X7", f"hydra.run.dir={tmp_path / 'd'}", check=False)
+    assert result.returncode == 2 and "X7" in result.stderr + result.stdout
