@@ -63,7 +63,8 @@ def run(cfg: DictConfig) -> None:
     fabric = build_fabric(cfg.compute)
     fabric.launch()
     fabric.seed_everything(cfg.seed, verbose=False)
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    # every process must use rank 0's folder (timestamped folder names can differ by a second)
+    output_dir = Path(fabric.broadcast(HydraConfig.get().runtime.output_dir, src=0))
     writer = None
     if fabric.global_rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)

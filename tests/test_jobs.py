@@ -114,3 +114,18 @@ def test_bad_input_fails_with_a_clear_message(tmp_path: Path) -> None:
     star = tmp_path / "c" / "particles.star"
     result = train("+job=reconstruct", f"data.particles={star}", "model.symmetry=X7", f"hydra.run.dir={tmp_path / 'd'}", check=False)
     assert result.returncode == 2 and "X7" in result.stderr + result.stdout
+
+
+def test_two_processes_give_the_same_map_as_one(tmp_path: Path) -> None:
+    train("+job=simulate", "job.n_particles=200", "job.phantom_box_size=24", f"hydra.run.dir={tmp_path / 'sim'}")
+    star = tmp_path / "sim" / "particles.star"
+    train("+job=reconstruct", f"data.particles={star}", f"hydra.run.dir={tmp_path / 'one'}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
+    result = subprocess.run(
+        [*torchrun, "+job=reconstruct", f"data.particles={star}", f"hydra.run.dir={tmp_path / 'two'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = read_mrc(tmp_path / "one" / "run_class001.mrc").data
+    two = read_mrc(tmp_path / "two" / "run_class001.mrc").data
+    np.testing.assert_allclose(two, one, atol=1e-5 * float(np.abs(one).max()))

@@ -16,9 +16,7 @@ from cryotorch.ops.projection import gridding_kernel_3d, rotation_chunk_size, sl
 
 __all__ = ["insert_slices", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
 
-_CORNERS = torch.tensor(
-    [[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], dtype=torch.long
-)  # (8, 3) offsets (x, y, z)
+_CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])  # (8, 3) offsets (x, y, z)
 
 
 def insert_slices(
@@ -52,11 +50,13 @@ def insert_slices(
     """
     padded_size, half_size = data_ft.shape[0], data_ft.shape[-1]
     centre = padded_size // 2
-    corners = _CORNERS.to(data_ft.device)
-    data_flat = torch.view_as_real(data_ft).view(-1, 2)
+    # 1-D index_add_ is an order of magnitude faster on CPU than adding rows of 2: real and
+    # imaginary parts go in as separate entries of the interleaved float view
+    data_flat = torch.view_as_real(data_ft).view(-1)
     weight_flat = weight.view(-1)
     slice_weights = slice_weights.expand(slices.shape)
-    chunk = rotation_chunk_size(frequencies.shape[0], 8 * 40, memory_budget_bytes)
+    # per sample: coordinates, floors, fractions, and one corner's index/weight/value at a time
+    chunk = rotation_chunk_size(frequencies.shape[0], 160, memory_budget_bytes)
     for start in range(0, rotations.shape[0], chunk):
         stop = start + chunk
         coordinates, conjugate = slice_coordinates(rotations[start:stop], frequencies, box_size, padded_size)
@@ -65,21 +65,20 @@ def insert_slices(
         coordinates = coordinates.reshape(-1, 3) + torch.tensor([0.0, centre, centre], device=data_ft.device)
         base = torch.floor(coordinates)
         fraction = coordinates - base  # (S, 3)
-        neighbours = base.long()[:, None, :] + corners  # (S, 8, 3)
-        trilinear = torch.where(corners.bool(), fraction[:, None, :], 1.0 - fraction[:, None, :]).prod(-1)  # (S, 8)
-        inside = (
-            (neighbours[..., 0] < half_size)
-            & (neighbours[..., 1] >= 0)
-            & (neighbours[..., 1] < padded_size)
-            & (neighbours[..., 2] >= 0)
-            & (neighbours[..., 2] < padded_size)
-        )
-        flat_index = (neighbours[..., 2] * padded_size + neighbours[..., 1]) * half_size + neighbours[..., 0]
-        flat_index, trilinear = flat_index[inside], trilinear[inside]
-        sample = inside.nonzero()[:, 0]
-        contribution = torch.view_as_real(values[sample] * trilinear)
-        data_flat.index_add_(0, flat_index, contribution.to(data_flat.dtype))
-        weight_flat.index_add_(0, flat_index, (sample_weights[sample] * trilinear).to(weight_flat.dtype))
+        x0, y0, z0 = base.long().unbind(-1)
+        for dx, dy, dz in _CORNERS.tolist():
+            x, y, z = x0 + dx, y0 + dy, z0 + dz
+            trilinear = (
+                (fraction[:, 0] if dx else 1 - fraction[:, 0])
+                * (fraction[:, 1] if dy else 1 - fraction[:, 1])
+                * (fraction[:, 2] if dz else 1 - fraction[:, 2])
+            )
+            inside = (x < half_size) & (y >= 0) & (y < padded_size) & (z >= 0) & (z < padded_size)
+            flat_index = torch.where(inside, (z * padded_size + y) * half_size + x, 0)
+            trilinear = torch.where(inside, trilinear, 0)
+            contribution = values * trilinear
+            data_flat.index_add_(0, torch.cat([2 * flat_index, 2 * flat_index + 1]), torch.cat([contribution.real, contribution.imag]).to(data_flat.dtype))
+            weight_flat.index_add_(0, flat_index, (sample_weights * trilinear).to(weight_flat.dtype))
 
 
 def symmetrize_hermitian_plane(grid: torch.Tensor, conjugate: bool) -> torch.Tensor:
