@@ -54,7 +54,8 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_box(box: int, n_slices: int, device: torch.device, bandwidth: float) -> None:
+def bench_ours(box: int, n_slices: int, device: torch.device, bandwidth: float) -> dict[str, float]:
+    """Slices per second of cryotorch's projection and back-projection at one box size."""
     volume = blob_phantom(box, 2.0, seed=0).to(device)
     rotations = random_rotations(n_slices, torch.Generator().manual_seed(0)).float().to(device)
     frequencies = fft_frequencies_2d(box, device).reshape(-1, 2)
@@ -62,40 +63,43 @@ def bench_box(box: int, n_slices: int, device: torch.device, bandwidth: float) -
     n_freq = frequencies.shape[0]
     volume_ft = prepare_fourier_volumes(volume[None])
     padded = padded_box_size(box, 2.0)
-
-    extract_s = timed(lambda: extract_slices(volume_ft, rotations, frequencies, box), device)
-    ours_full_s = timed(lambda: project_volumes(volume[None], rotations, real_space=True), device)
-    theirs_full_s = timed(lambda: project_3d_to_2d(volume, rotations.transpose(1, 2), pad_factor=2.0), device)
-    # each sample reads 8 complex64 neighbours and writes one complex64 value
-    gather_bytes = n_slices * n_freq * (8 * 8 + 8)
-
     slices = extract_slices(volume_ft, rotations, frequencies, box)[0]
     weights = torch.ones(n_freq, device=device)
 
-    def insert() -> None:
+    def insert(reconstruct: bool) -> None:
         data = torch.zeros(padded, padded, padded // 2 + 1, dtype=torch.complex64, device=device)
         weight = torch.zeros(padded, padded, padded // 2 + 1, device=device)
         insert_slices(data, weight, slices, weights, rotations, frequencies, box)
+        if reconstruct:
+            reconstruct_from_sums(symmetrize_hermitian_plane(data, True), symmetrize_hermitian_plane(weight, False), box, 1e-3)
 
-    def insert_and_reconstruct() -> None:
-        data = torch.zeros(padded, padded, padded // 2 + 1, dtype=torch.complex64, device=device)
-        weight = torch.zeros(padded, padded, padded // 2 + 1, device=device)
-        insert_slices(data, weight, slices, weights, rotations, frequencies, box)
-        reconstruct_from_sums(symmetrize_hermitian_plane(data, True), symmetrize_hermitian_plane(weight, False), box, 1e-3)
+    extract_s = timed(lambda: extract_slices(volume_ft, rotations, frequencies, box), device)
+    insert_s = timed(lambda: insert(False), device)
+    # each sample gathers 8 complex64 neighbours and writes one complex64 value; insertion
+    # read-modify-writes 8 neighbours of data (complex64) and weight (float32)
+    return {
+        "n_freq": n_freq,
+        "extract": n_slices / extract_s,
+        "extract_bw": n_slices * n_freq * (8 * 8 + 8) / extract_s / bandwidth,
+        "project": n_slices / timed(lambda: project_volumes(volume[None], rotations, real_space=True), device),
+        "insert": n_slices / insert_s,
+        "insert_bw": n_slices * n_freq * 8 * 2 * (8 + 4) / insert_s / bandwidth,
+        "backproject": n_slices / timed(lambda: insert(True), device),
+        "peak_mb": peak_memory_mb(device),
+    }
 
-    images = project_volumes(volume[None], rotations, real_space=True)[0]
-    insert_s = timed(insert, device)
-    ours_back_s = timed(insert_and_reconstruct, device)
-    theirs_back_s = timed(lambda: backproject_2d_to_3d(images, rotations.transpose(1, 2), pad_factor=2.0), device)
-    # each sample read-modify-writes 8 neighbours of data (complex64) and weight (float32)
-    scatter_bytes = n_slices * n_freq * 8 * 2 * (8 + 4)
 
-    print(f"box {box}: {n_slices} slices, {n_freq} Fourier components each")
-    print(f"  projection   extract {n_slices / extract_s:10.0f} slices/s  ({gather_bytes / extract_s / bandwidth:.2f} of copy bandwidth)")
-    print(f"               full    {n_slices / ours_full_s:10.0f} slices/s  vs torch-fourier-slice {n_slices / theirs_full_s:10.0f} slices/s  (ratio {theirs_full_s / ours_full_s:.2f})")
-    print(f"  backprojection insert {n_slices / insert_s:9.0f} slices/s  ({scatter_bytes / insert_s / bandwidth:.2f} of copy bandwidth)")
-    print(f"               + reconstruct {n_slices / ours_back_s:6.0f} slices/s  vs torch-fourier-slice {n_slices / theirs_back_s:10.0f} slices/s  (ratio {theirs_back_s / ours_back_s:.2f})")
-    print(f"  peak memory {peak_memory_mb(device):.0f} MiB")
+def bench_reference(box: int, n_slices: int, device: torch.device) -> dict[str, float]:
+    """Slices per second of torch-fourier-slice on the same volumes and rotations."""
+    volume = blob_phantom(box, 2.0, seed=0).to(device)
+    rotations = random_rotations(n_slices, torch.Generator().manual_seed(0)).float().to(device)
+    # torch-fourier-slice rotates slice coordinates into the volume: its matrix is our Aᵀ
+    matrices = rotations.transpose(1, 2)
+    images = project_3d_to_2d(volume, matrices, pad_factor=2.0)
+    return {
+        "project": n_slices / timed(lambda: project_3d_to_2d(volume, matrices, pad_factor=2.0), device),
+        "backproject": n_slices / timed(lambda: backproject_2d_to_3d(images, matrices, pad_factor=2.0), device),
+    }
 
 
 def main() -> None:
@@ -108,8 +112,16 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     bandwidth = copy_bandwidth(device)
     print(f"device {device} ({name}), torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    # ours first, so that the peak memory reported is ours, not the reference's
+    ours = {box: bench_ours(box, args.n_slices, device, bandwidth) for box in args.boxes}
+    reference = {box: bench_reference(box, args.n_slices, device) for box in args.boxes}
     for box in args.boxes:
-        bench_box(box, args.n_slices, device, bandwidth)
+        o, r = ours[box], reference[box]
+        print(f"box {box}: {args.n_slices} slices, {o['n_freq']} Fourier components each; peak memory so far {o['peak_mb']:.0f} MiB")
+        print(f"  extract slices        {o['extract']:9.0f} slices/s  ({o['extract_bw']:.2f} of copy bandwidth)")
+        print(f"  project to images     {o['project']:9.0f} slices/s  torch-fourier-slice {r['project']:8.0f}  (ours ×{o['project'] / r['project']:.1f})")
+        print(f"  insert slices         {o['insert']:9.0f} slices/s  ({o['insert_bw']:.2f} of copy bandwidth)")
+        print(f"  insert + reconstruct  {o['backproject']:9.0f} slices/s  torch-fourier-slice {r['backproject']:8.0f}  (ours ×{o['backproject'] / r['backproject']:.1f})")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-# devices every device-aware test runs on
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# devices every device-aware test runs on; the CUDA cases carry the `gpu` mark, so the
+# default run (-m "not gpu") deselects them and `pytest -m gpu` runs them on a GPU machine
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -23,10 +23,8 @@ from cryotorch.ops.healpix import (
 )
 from cryotorch.ops.symmetry import symmetry_matrices
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
-]
+from conftest import DEVICES
+
 
 
 def _unit_vectors(theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:

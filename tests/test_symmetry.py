@@ -11,10 +11,8 @@ import torch
 from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.ops.symmetry import canonical_symmetry_name, symmetry_matrices, symmetry_order
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
-]
+from conftest import DEVICES
+
 GROUPS = ["C1", "C2", "C4", "C7", "D1", "D2", "D7", "T", "O", "I", "I1", "I2", "I3", "I4"]
 
 
