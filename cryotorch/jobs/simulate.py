@@ -145,7 +145,7 @@ class SimulateJob:
         probabilities = np.append(fractions / fractions.sum() * (1 - self.junk_fraction), self.junk_fraction)
         return rng.choice(n_classes + 1, size=self.n_particles, p=probabilities) + 1
 
-    def draw_poses(self, rng: np.random.Generator, generator: torch.Generator, pixel: float) -> tuple[np.ndarray, np.ndarray]:
+    def draw_poses(self, rng: np.random.Generator, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Euler angles ``(n, 3)`` in degrees and origins ``(n, 2)`` in Å."""
         if self.poses_from:
             source = read_particles(self.poses_from)
@@ -189,7 +189,7 @@ class SimulateJob:
         volumes, pixel = self.load_volumes(context)
         n_classes, box = volumes.shape[0], volumes.shape[-1]
         classes = self.draw_classes(rng, n_classes)
-        euler, origins = self.draw_poses(rng, generator, pixel)
+        euler, origins = self.draw_poses(rng, generator)
         ctf_columns = self.draw_ctf(rng)
         stack_path = context.output_dir / "particles.mrcs"
         table = ParticleTable.from_arrays(
