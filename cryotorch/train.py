@@ -53,7 +53,7 @@ def build_fabric(compute: DictConfig) -> Fabric:
 def run(cfg: DictConfig) -> None:
     """Build the run context from ``cfg`` and run ``cfg.job``."""
     if "job" not in cfg:
-        raise InputError("no job selected: add +job=NAME (simulate, reconstruct) to the command line")
+        raise InputError("no job selected: add +job=NAME (simulate, reconstruct, class3d, select) to the command line")
     try:
         symmetry_order(str(cfg.model.symmetry))
     except ValueError as error:
@@ -81,6 +81,7 @@ def run(cfg: DictConfig) -> None:
         preload=bool(cfg.data.preload),
         padding_factor=float(cfg.model.padding_factor),
         symmetry=str(cfg.model.symmetry),
+        sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
     )
     # import the job's module first so that a broken import shows its own error, not Hydra's
     importlib.import_module(str(cfg.job._target_).rsplit(".", 1)[0])

@@ -13,7 +13,11 @@ if python -c "import torch" 2>/dev/null; then
     echo "using the installed torch $(python -c 'import torch; print(torch.__version__)')"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     python -m pip install torch
+elif [ "$(uname -s)" = Linux ]; then
+    # the CPU build, pinned by its +cpu label so that no resolver can swap in a CUDA wheel;
+    # few retries: where the PyTorch index is unreachable pip falls back to local wheels quickly
+    python -m pip install "torch==${TORCH_VERSION:-2.13.0}+cpu" --index-url https://download.pytorch.org/whl/cpu --retries 1
 else
-    python -m pip install torch --index-url https://download.pytorch.org/whl/cpu
+    python -m pip install torch  # macOS wheels are CPU builds
 fi
 python -m pip install -e ".[dev]"

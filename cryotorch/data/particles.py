@@ -9,10 +9,19 @@ import numpy as np
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
+from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable
 from cryotorch.ops.ctf import CtfParameters
 
-__all__ = ["ParticleBatch", "ctf_parameters", "half_set_labels", "shard_rows", "iterate_batches", "batch_size_for_budget"]
+__all__ = [
+    "ParticleBatch",
+    "ctf_parameters",
+    "half_set_labels",
+    "shard_rows",
+    "iterate_batches",
+    "batch_size_for_budget",
+    "uniform_geometry",
+]
 
 
 @dataclass
@@ -57,6 +66,18 @@ def ctf_parameters(table: ParticleTable, rows: np.ndarray, device: torch.device 
         bfactor_angstrom2=column(table.ctf_bfactor_angstrom2),
         scale=column(table.ctf_scale),
     )
+
+
+def uniform_geometry(table: ParticleTable, source: str) -> tuple[int, float]:
+    """The single box size (px) and pixel size (Å) of all particles, or a clear error."""
+    boxes = np.unique(table.box_size_px)
+    pixels = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
+    if len(boxes) != 1 or len(pixels) != 1:
+        raise InputError(
+            f"{source}: particles have box sizes {boxes.tolist()} px and pixel sizes {pixels.tolist()} Å; "
+            "reconstruct needs one of each (re-extract or rescale the optics groups to match)"
+        )
+    return int(boxes[0]), float(pixels[0])
 
 
 def half_set_labels(table: ParticleTable, seed: int) -> np.ndarray:

@@ -9,6 +9,13 @@ from cryotorch.io._images import ParticleImageReader, validate_particle_images
 from cryotorch.io._mrc import ImageStack, MrcStackWriter, MrcVolume, read_mrc, write_mrc
 from cryotorch.io._particles import read_particles
 from cryotorch.io._relion import write_particles
+from cryotorch.io._relion_model import (
+    ClassSummary,
+    ModelSummary,
+    OptimiserSummary,
+    write_model_star,
+    write_optimiser_star,
+)
 from cryotorch.io._star import read_star, write_star
 from cryotorch.io._table import ParticleTable
 
@@ -19,6 +26,11 @@ __all__ = [
     "write_star",
     "read_particles",
     "write_particles",
+    "ClassSummary",
+    "ModelSummary",
+    "OptimiserSummary",
+    "write_model_star",
+    "write_optimiser_star",
     "MrcVolume",
     "read_mrc",
     "write_mrc",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ class RunContext:
         Fourier oversampling of projections and reconstructions.
     symmetry
         Point-group symbol (``C1``, ``D7``, ``I`` ...).
+    sampling
+        The ``sampling`` config group (pose search settings) as a plain dict.
     """
 
     fabric: Fabric
@@ -50,6 +53,7 @@ class RunContext:
     preload: bool
     padding_factor: float
     symmetry: str
+    sampling: dict[str, Any]
 
     @property
     def device(self) -> torch.device:
@@ -60,6 +64,25 @@ class RunContext:
     def is_main(self) -> bool:
         """True on global rank 0, which writes files and logs."""
         return self.fabric.global_rank == 0
+
+    def gather_rows(self, rows: torch.Tensor, values: torch.Tensor, n_total: int) -> torch.Tensor:
+        """Assemble per-particle ``values`` ``(n_local, ...)`` of this rank's ``rows`` into ``(n_total, ...)`` on every rank."""
+        if self.fabric.world_size == 1:
+            out = values.new_zeros(n_total, *values.shape[1:])
+            out[rows] = values
+            return out
+        count = torch.tensor([rows.shape[0]], device=self.device)
+        longest = int(self.fabric.all_reduce(count, reduce_op="max"))
+        padded_rows = torch.full((longest,), -1, dtype=torch.long, device=self.device)
+        padded_rows[: rows.shape[0]] = rows
+        padded_values = values.new_zeros(longest, *values.shape[1:])
+        padded_values[: rows.shape[0]] = values
+        all_rows = self.fabric.all_gather(padded_rows).reshape(-1)
+        all_values = self.fabric.all_gather(padded_values).reshape(-1, *values.shape[1:])
+        keep = all_rows >= 0
+        out = values.new_zeros(n_total, *values.shape[1:])
+        out[all_rows[keep]] = all_values[keep]
+        return out
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over all processes (identity in a single process)."""

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d, image_shift_from_origin, rfft2_centered, rfft3_centered
-from cryotorch.data.particles import batch_size_for_budget, half_set_labels, iterate_batches, shard_rows
+from cryotorch.data.particles import batch_size_for_budget, half_set_labels, iterate_batches, shard_rows, uniform_geometry
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, validate_particle_images, write_mrc, write_star
 from cryotorch.jobs.context import RunContext
@@ -32,19 +32,7 @@ from cryotorch.ops.symmetry import symmetry_matrices
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReconstructJob", "uniform_geometry", "fsc_regularisation"]
-
-
-def uniform_geometry(table: ParticleTable, source: str) -> tuple[int, float]:
-    """The single box size (px) and pixel size (Å) of all particles, or a clear error."""
-    boxes = np.unique(table.box_size_px)
-    pixels = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
-    if len(boxes) != 1 or len(pixels) != 1:
-        raise InputError(
-            f"{source}: particles have box sizes {boxes.tolist()} px and pixel sizes {pixels.tolist()} Å; "
-            "reconstruct needs one of each (re-extract or rescale the optics groups to match)"
-        )
-    return int(boxes[0]), float(pixels[0])
+__all__ = ["ReconstructJob", "fsc_regularisation"]
 
 
 def fsc_regularisation(fsc: torch.Tensor, mean_weight_padded: torch.Tensor, box_size: int, padded_size: int, tau2_fudge: float) -> torch.Tensor:

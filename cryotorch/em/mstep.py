@@ -1,0 +1,184 @@
+"""M-step: sufficient statistics (all-reduced across processes) and the regularised update.
+
+The class volumes are MAP reconstructions ``V = Σ w·L / (Σ w·2Q + 1/(p³·T·τ²))`` on the
+padded grid (``p`` the padding factor, ``T`` RELION's tau2_fudge, τ² = ½·shell mean |V|² of
+the current reference; ``p³`` because a padded voxel collects ``p³`` times less weight). The
+noise spectra, group scales, class weights and origin prior follow from the maximum-posterior
+samples, as RELION's sums over significant samples do to first order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cryotorch.conventions import rfft3_centered
+from cryotorch.em.estep import EStepResult, PreparedBatch
+from cryotorch.model.class_model import ClassModel
+from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
+from cryotorch.ops.fourier import radial_average, shell_index_3d
+
+__all__ = ["SufficientStatistics", "maximization"]
+
+
+@dataclass
+class SufficientStatistics:
+    """Sums over particles that the M-step needs; every field is summed across ranks.
+
+    Attributes
+    ----------
+    data, weight
+        ``(2, K, P, P, P // 2 + 1)`` back-projected ``Σ w·L`` and ``Σ w·2Q`` per random half.
+    class_sum
+        ``(K,)`` Σ_i p(k | X_i).
+    noise_power, noise_count
+        ``(G, n_shells)`` Σ |X − s·CTF·P|² over best samples (per real/imaginary part ×2) and
+        the number of components summed.
+    scale_cross, scale_power
+        ``(G,)`` Σ Re(X̄·CTF·P) and Σ CTF²|P|² at the best samples.
+    offset_power, n_particles
+        Σ |origin|² in Å² and the number of particles seen.
+    """
+
+    data: torch.Tensor
+    weight: torch.Tensor
+    class_sum: torch.Tensor
+    noise_power: torch.Tensor
+    noise_count: torch.Tensor
+    scale_cross: torch.Tensor
+    scale_power: torch.Tensor
+    offset_power: torch.Tensor
+    n_particles: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n_classes: int, padded_size: int, n_groups: int, n_shells: int, device: torch.device) -> "SufficientStatistics":
+        """Empty sums."""
+        grid = (2, n_classes, padded_size, padded_size, padded_size // 2 + 1)
+        float64 = dict(dtype=torch.float64, device=device)
+        return cls(
+            data=torch.zeros(grid, dtype=torch.complex64, device=device),
+            weight=torch.zeros(grid, dtype=torch.float32, device=device),
+            class_sum=torch.zeros(n_classes, **float64),
+            noise_power=torch.zeros(n_groups, n_shells, **float64),
+            noise_count=torch.zeros(n_groups, n_shells, **float64),
+            scale_cross=torch.zeros(n_groups, **float64),
+            scale_power=torch.zeros(n_groups, **float64),
+            offset_power=torch.zeros((), **float64),
+            n_particles=torch.zeros((), **float64),
+        )
+
+    def accumulate(
+        self,
+        result: EStepResult,
+        batch: PreparedBatch,
+        half: int,
+        groups: torch.Tensor,
+        shells: torch.Tensor,
+        frequencies: torch.Tensor,
+        box_size: int,
+        pixel_size_angstrom: float,
+        memory_budget_bytes: float,
+    ) -> None:
+        """Add one batch's E-step outcome.
+
+        Parameters
+        ----------
+        half
+            The random half (0 or 1) all particles of the batch belong to.
+        groups
+            ``(B,)`` 0-based optics group of each particle.
+        shells
+            ``(M,)`` shell index of each Fourier component used.
+        """
+        for item in result.slices:
+            insert_slices(
+                self.data[half, item.class_index], self.weight[half, item.class_index], item.data, item.weight,
+                item.rotations, frequencies, box_size, memory_budget_bytes,
+            )
+        self.class_sum += result.class_posterior.double().sum(0)
+        # noise and scale at the best sample: the best origin relative to the prior one
+        offsets = result.best_origin_px - batch.prior_origin_px
+        ramps = torch.polar(torch.ones_like(offsets[:, :1]), -2.0 * torch.pi / box_size * (offsets @ frequencies.T))
+        centred = batch.spectra * ramps
+        model = batch.ctf * result.best_projections
+        residual = (centred - batch.scale[:, None] * model).abs().double() ** 2
+        n_shells = self.noise_power.shape[1]
+        flat = groups[:, None] * n_shells + shells[None, :]
+        self.noise_power.view(-1).index_add_(0, flat.reshape(-1), residual.reshape(-1))
+        self.noise_count.view(-1).index_add_(0, flat.reshape(-1), torch.ones_like(residual).reshape(-1))
+        self.scale_cross.index_add_(0, groups, (centred.conj() * model).real.double().sum(-1))
+        self.scale_power.index_add_(0, groups, (model.abs().double() ** 2).sum(-1))
+        self.offset_power += (result.best_origin_px.double() ** 2).sum() * pixel_size_angstrom**2
+        self.n_particles += result.best_class.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every sum, in a fixed order, for all-reduction."""
+        return [getattr(self, name) for name in self.__dataclass_fields__]
+
+
+def maximization(
+    model: ClassModel,
+    stats: SufficientStatistics,
+    padding_factor: float,
+    tau2_fudge: float,
+    max_shell: int,
+    mask: torch.Tensor,
+) -> list[int]:
+    """Update ``model`` in place from the summed statistics; returns the empty classes.
+
+    Parameters
+    ----------
+    max_shell
+        Shells up to this radius were measured this iteration (noise spectra beyond keep
+        their previous values).
+    mask
+        ``(N, N, N)`` reference mask applied to each new class map (solvent flattening).
+    """
+    box = model.box_size
+    padded = stats.data.shape[2]
+    n_shells = box // 2 + 1
+    padded_shells = shell_index_3d(padded, stats.data.device)
+    p3 = (padded / box) ** 3
+    empty = []
+    for k in range(model.n_classes):
+        if float(stats.weight[:, k].sum()) <= 0:
+            empty.append(k)
+            continue
+        data = [symmetrize_hermitian_plane(stats.data[h, k], conjugate=True) for h in (0, 1)]
+        weight = [symmetrize_hermitian_plane(stats.weight[h, k], conjugate=False) for h in (0, 1)]
+        # τ² per padded shell from the current reference's power (unpadded shell = padded / p)
+        tau2_padded = _to_padded_shells(model.tau2[k], padded // 2 + 1, box, padded)
+        regularisation = (1.0 / (p3 * tau2_fudge * tau2_padded.clamp(min=1e-30))).float()
+        regularisation[0] = 0.0
+        for h in (0, 1):
+            model.half_volumes[h, k] = reconstruct_from_sums(data[h], weight[h], box, regularisation) * mask
+        volume = reconstruct_from_sums(data[0] + data[1], weight[0] + weight[1], box, regularisation) * mask
+        mean_weight = radial_average((weight[0] + weight[1]).double(), padded_shells, padded // 2 + 1)
+        ssnr_padded = p3 * tau2_fudge * tau2_padded * mean_weight
+        model.ssnr[k] = ssnr_padded[(torch.arange(n_shells, device=ssnr_padded.device) * padded / box).round().long().clamp(max=padded // 2)]
+        model.volumes[k] = volume
+        model.tau2[k] = 0.5 * radial_average(rfft3_centered(volume).abs().double() ** 2, shell_index_3d(box, volume.device), n_shells)
+    total = float(stats.class_sum.sum())
+    if total > 0:
+        model.class_weights.copy_(stats.class_sum / total)
+    measured = stats.noise_count > 0
+    # RELION's σ² is per real/imaginary part: half the mean squared complex residual
+    new_sigma2 = 0.5 * stats.noise_power / stats.noise_count.clamp(min=1)
+    shells = torch.arange(n_shells, device=measured.device)
+    update = measured & (shells[None, :] <= max_shell)
+    model.sigma2_noise.copy_(torch.where(update, new_sigma2, model.sigma2_noise))
+    scale = torch.where(stats.scale_power > 0, stats.scale_cross / stats.scale_power.clamp(min=1e-30), model.group_scale)
+    model.group_scale.copy_(scale / scale.mean())
+    if float(stats.n_particles) > 0:
+        model.offset_sigma_angstrom.copy_(torch.sqrt(stats.offset_power / (2 * stats.n_particles)).clamp(min=0.5 * model.pixel_size_angstrom))
+    return empty
+
+
+def _to_padded_shells(values: torch.Tensor, n_padded_shells: int, box: int, padded: int) -> torch.Tensor:
+    """Linear interpolation of per-shell values onto the padded grid's shells."""
+    position = (torch.arange(n_padded_shells, dtype=torch.float64, device=values.device) * box / padded).clamp(max=values.shape[0] - 1)
+    lower = position.floor().long()
+    upper = (lower + 1).clamp(max=values.shape[0] - 1)
+    fraction = position - lower
+    return values[lower] * (1 - fraction) + values[upper] * fraction

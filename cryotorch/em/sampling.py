@@ -1,0 +1,94 @@
+"""Pose search grids: HEALPix orientations with adaptive oversampling, translation grids."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cryotorch.conventions import euler_deg_to_matrix
+from cryotorch.ops.healpix import angular_step_deg, orientation_grid, oversample_orientations
+
+__all__ = ["PoseGrid", "build_pose_grid", "translation_grid", "coarse_radius_shells"]
+
+
+@dataclass
+class PoseGrid:
+    """Coarse orientations and translations, and their adaptive-oversampling children.
+
+    Attributes
+    ----------
+    coarse_rotations
+        ``(R, 3, 3)`` RELION matrices of the coarse orientations.
+    coarse_euler_deg
+        ``(R, 3)`` their Euler angles.
+    fine_euler_deg
+        ``(R, F, 3)`` the ``F`` oversampled orientations of each coarse one.
+    coarse_shifts_px
+        ``(T, 2)`` coarse translation offsets (added to the particle's prior origin).
+    fine_shifts_px
+        ``(T, S, 2)`` the ``S`` oversampled translations of each coarse one.
+    coarse_step_deg
+        Angular step of the coarse grid.
+    """
+
+    coarse_rotations: torch.Tensor
+    coarse_euler_deg: torch.Tensor
+    fine_euler_deg: torch.Tensor
+    coarse_shifts_px: torch.Tensor
+    fine_shifts_px: torch.Tensor
+    coarse_step_deg: float
+
+
+def translation_grid(range_px: float, step_px: float, device: torch.device | None = None) -> torch.Tensor:
+    """``(T, 2)`` offsets on a square grid of ``step_px`` inside a disc of ``range_px`` (RELION's)."""
+    n = int(math.floor(range_px / step_px + 1e-6))
+    axis = torch.arange(-n, n + 1, dtype=torch.float32, device=device) * step_px
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    offsets = torch.stack([x.flatten(), y.flatten()], dim=-1)
+    return offsets[offsets.norm(dim=-1) <= range_px + 1e-6]
+
+
+def build_pose_grid(
+    healpix_order: int,
+    offset_range_px: float,
+    offset_step_px: float,
+    symmetry: str,
+    oversampling: int = 1,
+    device: torch.device | None = None,
+) -> PoseGrid:
+    """The coarse HEALPix × translation grid and its oversampled children.
+
+    The coarse grid is RELION's ``--healpix_order`` sampling; adaptive oversampling by
+    ``oversampling`` orders splits each orientation into ``4^os · 2^os`` and each translation
+    into ``(2^os)²`` finer samples, centred on the coarse one.
+    """
+    grid = orientation_grid(healpix_order, symmetry, device=device)
+    euler = grid.euler_deg.to(device)
+    fine = oversample_orientations(healpix_order, grid.pixel_index, grid.psi_index, oversampling).to(device)
+    coarse_shifts = translation_grid(offset_range_px, offset_step_px, device)
+    n_sub = 2**oversampling
+    sub = (torch.arange(n_sub, dtype=torch.float32, device=device) + 0.5) / n_sub - 0.5  # centred sub-steps
+    sub_y, sub_x = torch.meshgrid(sub, sub, indexing="ij")
+    sub_offsets = torch.stack([sub_x.flatten(), sub_y.flatten()], dim=-1) * offset_step_px  # (S, 2)
+    return PoseGrid(
+        coarse_rotations=euler_deg_to_matrix(euler).float(),
+        coarse_euler_deg=euler,
+        fine_euler_deg=fine,
+        coarse_shifts_px=coarse_shifts,
+        fine_shifts_px=coarse_shifts[:, None, :] + sub_offsets[None],
+        coarse_step_deg=angular_step_deg(healpix_order),
+    )
+
+
+def coarse_radius_shells(box_size: int, pixel_size_angstrom: float, particle_diameter_angstrom: float, angular_step: float) -> float:
+    """Fourier radius (shells) that a coarse angular step can resolve (RELION's coarse size).
+
+    A rotation by ``angular_step`` moves the rim of a particle of diameter D by
+    ``π D · step/360``; with RELION's safety factor 1.2 that distance is the finest detail the
+    coarse pass can tell apart.
+    """
+    rotated_distance = math.pi * particle_diameter_angstrom * angular_step / 360.0
+    coarse_resolution = rotated_distance / 1.2
+    return box_size * pixel_size_angstrom / coarse_resolution

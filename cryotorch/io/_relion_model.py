@@ -1,0 +1,189 @@
+"""RELION ``run_itNNN_model.star`` and ``run_itNNN_optimiser.star`` writers for classifications.
+
+The job hands over typed summaries; this module alone knows RELION's block and column names
+(as written by RELION 3.1–5 for Class3D).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cryotorch.io._star import write_star
+
+__all__ = ["ClassSummary", "ModelSummary", "OptimiserSummary", "write_model_star", "write_optimiser_star"]
+
+
+@dataclass
+class ClassSummary:
+    """One class of a model: its map file and per-shell spectra (``n_shells`` values each)."""
+
+    map_name: str
+    distribution: float
+    accuracy_rotations_deg: float
+    accuracy_translations_angstrom: float
+    resolution_angstrom: float
+    ssnr: np.ndarray
+    tau2: np.ndarray
+    sigma2: np.ndarray
+
+
+@dataclass
+class ModelSummary:
+    """What ``run_itNNN_model.star`` records about a classification model."""
+
+    box_size: int
+    pixel_size_angstrom: float
+    current_resolution_angstrom: float
+    current_image_size: int
+    padding_factor: float
+    tau2_fudge: float
+    sigma_offsets_angstrom: float
+    log_likelihood: float
+    average_pmax: float
+    classes: list[ClassSummary]
+    group_names: list[str]
+    group_particle_counts: np.ndarray
+    group_scales: np.ndarray
+    group_sigma2_noise: np.ndarray  # (G, n_shells)
+
+
+@dataclass
+class OptimiserSummary:
+    """What ``run_itNNN_optimiser.star`` records about the run's settings and progress."""
+
+    output_root: str
+    model_star: str
+    data_star: str
+    iteration: int
+    n_iterations: int
+    oversampling_order: int
+    oversampling_fraction: float
+    random_seed: int
+    particle_diameter_angstrom: float
+    zero_mask: bool
+    solvent_flattening: bool
+    solvent_mask: str
+    highres_limit_estep_angstrom: float
+    increment_image_size: int
+    fast_subsets: bool
+    skip_align: bool
+    correct_ctf: bool
+    ignore_ctf_until_first_peak: bool
+    changes_orientations_deg: float
+    changes_offsets_angstrom: float
+    changes_classes: float
+    overall_accuracy_rotations_deg: float
+    overall_accuracy_translations_angstrom: float
+
+
+def _spectral_columns(box_size: int, pixel_size_angstrom: float, n_shells: int) -> dict[str, np.ndarray]:
+    shells = np.arange(n_shells)
+    return {
+        "rlnSpectralIndex": shells,
+        "rlnResolution": shells / (box_size * pixel_size_angstrom),
+        "rlnAngstromResolution": np.where(shells > 0, box_size * pixel_size_angstrom / np.maximum(shells, 1), 999.0),
+    }
+
+
+def write_model_star(path: str | os.PathLike[str], model: ModelSummary) -> None:
+    """Write a RELION Class3D-style model STAR file (atomically)."""
+    n_classes = len(model.classes)
+    n_shells = model.box_size // 2 + 1
+    blocks: dict[str, pd.DataFrame | dict[str, object]] = {
+        "model_general": {
+            "rlnReferenceDimensionality": 3,
+            "rlnDataDimensionality": 2,
+            "rlnOriginalImageSize": model.box_size,
+            "rlnCurrentResolution": 1.0 / model.current_resolution_angstrom,
+            "rlnCurrentImageSize": model.current_image_size,
+            "rlnPaddingFactor": model.padding_factor,
+            "rlnIsHelix": 0,
+            "rlnFourierSpaceInterpolator": 1,
+            "rlnMinRadiusNnInterpolation": 10,
+            "rlnPixelSize": model.pixel_size_angstrom,
+            "rlnNrClasses": n_classes,
+            "rlnNrBodies": 1,
+            "rlnNrGroups": len(model.group_names),
+            "rlnTau2FudgeFactor": model.tau2_fudge,
+            "rlnNormCorrectionAverage": 1.0,
+            "rlnSigmaOffsetsAngst": model.sigma_offsets_angstrom,
+            "rlnOrientationalPriorMode": 0,
+            "rlnSigmaPriorRotAngle": 0.0,
+            "rlnSigmaPriorTiltAngle": 0.0,
+            "rlnSigmaPriorPsiAngle": 0.0,
+            "rlnLogLikelihood": model.log_likelihood,
+            "rlnAveragePmax": model.average_pmax,
+        },
+        "model_classes": pd.DataFrame(
+            {
+                "rlnReferenceImage": [c.map_name for c in model.classes],
+                "rlnClassDistribution": [c.distribution for c in model.classes],
+                "rlnAccuracyRotations": [c.accuracy_rotations_deg for c in model.classes],
+                "rlnAccuracyTranslationsAngst": [c.accuracy_translations_angstrom for c in model.classes],
+                "rlnEstimatedResolution": [c.resolution_angstrom for c in model.classes],
+            }
+        ),
+    }
+    for index, summary in enumerate(model.classes, start=1):
+        columns = _spectral_columns(model.box_size, model.pixel_size_angstrom, n_shells)
+        columns |= {
+            "rlnSsnrMap": summary.ssnr,
+            "rlnGoldStandardFsc": np.zeros(n_shells),
+            "rlnReferenceSigma2": summary.sigma2,
+            "rlnReferenceTau2": summary.tau2,
+        }
+        blocks[f"model_class_{index}"] = pd.DataFrame(columns)
+    blocks["model_groups"] = pd.DataFrame(
+        {
+            "rlnGroupNumber": np.arange(1, len(model.group_names) + 1),
+            "rlnGroupName": model.group_names,
+            "rlnGroupNrParticles": model.group_particle_counts,
+            "rlnGroupScaleCorrection": model.group_scales,
+        }
+    )
+    for index, sigma2 in enumerate(model.group_sigma2_noise, start=1):
+        columns = _spectral_columns(model.box_size, model.pixel_size_angstrom, n_shells)
+        blocks[f"model_group_{index}"] = pd.DataFrame(columns | {"rlnSigma2Noise": sigma2})
+    write_star(path, blocks)
+
+
+def write_optimiser_star(path: str | os.PathLike[str], optimiser: OptimiserSummary) -> None:
+    """Write a RELION-style optimiser STAR file (atomically)."""
+    o = optimiser
+    write_star(
+        path,
+        {
+            "optimiser_general": {
+                "rlnOutputRootName": o.output_root,
+                "rlnModelStarFile": o.model_star,
+                "rlnExperimentalDataStarFile": o.data_star,
+                "rlnCurrentIteration": o.iteration,
+                "rlnNumberOfIterations": o.n_iterations,
+                "rlnDoSplitRandomHalves": 0,
+                "rlnAdaptiveOversampleOrder": o.oversampling_order,
+                "rlnAdaptiveOversampleFraction": o.oversampling_fraction,
+                "rlnRandomSeed": o.random_seed,
+                "rlnParticleDiameter": o.particle_diameter_angstrom,
+                "rlnDoZeroMask": int(o.zero_mask),
+                "rlnDoSolventFlattening": int(o.solvent_flattening),
+                "rlnSolventMaskName": o.solvent_mask,
+                "rlnHighresLimitExpectation": o.highres_limit_estep_angstrom,
+                "rlnIncrementImageSize": o.increment_image_size,
+                "rlnDoFastSubsetOptimisation": int(o.fast_subsets),
+                "rlnDoAutoRefine": 0,
+                "rlnDoSkipAlign": int(o.skip_align),
+                "rlnOverallAccuracyRotations": o.overall_accuracy_rotations_deg,
+                "rlnOverallAccuracyTranslationsAngst": o.overall_accuracy_translations_angstrom,
+                "rlnChangesOptimalOrientations": o.changes_orientations_deg,
+                "rlnChangesOptimalOffsets": o.changes_offsets_angstrom,
+                "rlnChangesOptimalClasses": o.changes_classes,
+                "rlnHasConverged": 0,
+                "rlnDoCorrectCtf": int(o.correct_ctf),
+                "rlnDoIgnoreCtfUntilFirstPeak": int(o.ignore_ctf_until_first_peak),
+            }
+        },
+    )

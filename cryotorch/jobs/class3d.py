@@ -1,0 +1,616 @@
+"""``+job=class3d``: RELION-style 3D classification by regularised likelihood optimisation.
+
+Expectation–maximisation (Scheres 2012) with marginalisation over classes, orientations and
+translations (or classes only, ``sampling.align=false``), as batched matrix products
+(:mod:`cryotorch.em.estep`) and posterior-weighted back-projection
+(:mod:`cryotorch.em.mstep`). Particles are sharded across processes and the M-step sums
+all-reduced; every iteration writes RELION's ``run_itNNN_{data,model,optimiser}.star`` and
+``run_itNNN_classNNN.mrc``, TensorBoard summaries and a checkpoint from which a killed run
+resumes (``job.continue_from`` or automatically in the same output folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryotorch.conventions import (
+    fft_frequencies_2d,
+    image_shift_from_origin,
+    irfft2_centered,
+    irfft3_centered,
+    rfft2_centered,
+    rfft3_centered,
+)
+from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, uniform_geometry
+from cryotorch.em.estep import EStepSettings, PreparedBatch, expectation
+from cryotorch.em.mstep import SufficientStatistics, maximization
+from cryotorch.em.sampling import build_pose_grid, coarse_radius_shells
+from cryotorch.errors import InputError
+from cryotorch.io import (
+    ClassSummary,
+    ModelSummary,
+    OptimiserSummary,
+    ParticleImageReader,
+    ParticleTable,
+    atomic_output_path,
+    read_mrc,
+    read_particles,
+    validate_particle_images,
+    write_model_star,
+    write_mrc,
+    write_optimiser_star,
+    write_particles,
+)
+from cryotorch.jobs.context import RunContext
+from cryotorch.model.class_model import ClassModel
+from cryotorch.monitor import log_central_slices, log_scalars, progress
+from cryotorch.ops.ctf import compute_ctf
+from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
+from cryotorch.ops.fourier import radial_average, shell_index_2d, shell_index_3d, translate_2d_ft
+from cryotorch.ops.healpix import order_from_angular_step, rotation_angle_deg
+from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
+from cryotorch.ops.rotations import random_rotations
+from cryotorch.ops.symmetry import symmetry_matrices
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Class3DJob", "ParticleState"]
+
+CHECKPOINT = "run_checkpoint.pt"
+
+
+@dataclass
+class ParticleState:
+    """Per-particle assignments kept between iterations (all particles, every rank)."""
+
+    class_number: torch.Tensor  # (N,) int64, 1-based
+    euler_deg: torch.Tensor  # (N, 3) float64
+    origin_px: torch.Tensor  # (N, 2) float32
+    max_posterior: torch.Tensor  # (N,) float32
+    n_significant: torch.Tensor  # (N,) int64
+    log_likelihood: torch.Tensor  # (N,) float64
+    angular_spread_deg: torch.Tensor  # (N,) float32
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).cpu() for name in self.__dataclass_fields__}
+
+
+class Class3DJob:
+    """3D classification; every parameter is a key of ``configs/job/class3d.yaml``."""
+
+    def __init__(
+        self,
+        name: str,
+        reference: str | list[str] | None,
+        K: int,
+        n_iterations: int = 25,
+        tau2_fudge: float = 4.0,
+        mask_diameter_A: float | None = None,
+        reference_mask: str | None = None,
+        zero_mask: bool = True,
+        reference_absolute_greyscale: bool = False,
+        ini_high_A: float = 60.0,
+        ctf: bool = True,
+        ignore_ctf_until_first_peak: bool = False,
+        highres_limit_estep_A: float | None = None,
+        increment_shells: int = 5,
+        fast_subsets: bool = False,
+        continue_from: str | None = None,
+    ) -> None:
+        if K < 1:
+            raise InputError(f"job.K must be at least 1, got {K}")
+        if n_iterations < 1:
+            raise InputError(f"job.n_iterations must be at least 1, got {n_iterations}")
+        if tau2_fudge <= 0:
+            raise InputError(f"job.tau2_fudge must be positive, got {tau2_fudge}")
+        if reference is None:
+            raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
+        references = [reference] if isinstance(reference, str) else list(reference)
+        if len(references) not in (1, K):
+            raise InputError(f"job.reference lists {len(references)} maps for job.K={K} classes: give one map, or one per class")
+        self.name = name
+        self.references = [str(path) for path in references]
+        self.n_classes = K
+        self.n_iterations = n_iterations
+        self.tau2_fudge = tau2_fudge
+        self.mask_diameter_A = mask_diameter_A
+        self.reference_mask = reference_mask
+        self.zero_mask = zero_mask
+        self.reference_absolute_greyscale = reference_absolute_greyscale
+        self.ini_high_A = ini_high_A
+        self.ctf = ctf
+        self.ignore_ctf_until_first_peak = ignore_ctf_until_first_peak
+        self.highres_limit_estep_A = highres_limit_estep_A
+        self.increment_shells = increment_shells
+        self.fast_subsets = fast_subsets
+        self.continue_from = continue_from
+
+    # ------------------------------------------------------------------ set-up
+    def run(self, context: RunContext) -> None:
+        """Load data and reference (or a checkpoint), then iterate and write every iteration."""
+        if context.particles is None:
+            raise InputError("class3d needs particles: set data.particles=path/to/particles.star")
+        sampling = context.sampling
+        table = read_particles(context.particles, context.project_dir)
+        if not sampling["align"] and not table.has_poses:
+            raise InputError(f"{context.particles}: sampling.align=false needs particles with poses (rlnAngleRot/Tilt/Psi)")
+        validate_particle_images(table)
+        box, pixel = uniform_geometry(table, str(context.particles))
+        self.table, self.box, self.pixel = table, box, pixel
+        self.device = context.device
+        self.diameter_A = self.mask_diameter_A or 0.9 * box * pixel
+        group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
+        self.group_names = [f"opticsGroup{g}" for g in group_ids]
+        self.halves = half_set_labels(table, context.seed)
+        self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
+        self.reader = ParticleImageReader(table, preload=context.preload)
+        self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
+        self.mask = self.load_mask(box, pixel)
+        self.image_mask = soft_spherical_mask(box, self.diameter_A / (2 * pixel), 5.0, ndim=2, device=self.device)
+
+        model = ClassModel(self.n_classes, box, len(group_ids), pixel).to(self.device)
+        state, start = self.resume(context, model)
+        if state is None:
+            state = self.initial_state(table)
+            self.initialise_model(context, model)
+            start = 1
+        for iteration in range(start, self.n_iterations + 1):
+            state = self.iterate(context, model, state, iteration)
+        log.info("class3d finished: %d iterations in %s", self.n_iterations, context.output_dir)
+
+    def load_mask(self, box: int, pixel: float) -> torch.Tensor:
+        """Reference mask: the given map (checked against the particles) or a soft sphere."""
+        if self.reference_mask is None:
+            return soft_spherical_mask(box, self.diameter_A / (2 * pixel), 5.0, device=self.device)
+        mask = read_mrc(self.reference_mask)
+        self.check_map(mask.data.shape, mask.voxel_size_angstrom[0], self.reference_mask, box, pixel)
+        values = torch.as_tensor(np.array(mask.data), device=self.device)
+        if float(values.min()) < -1e-3 or float(values.max()) > 1 + 1e-3:
+            raise InputError(f"{self.reference_mask}: mask values span [{float(values.min()):.3g}, {float(values.max()):.3g}]; a mask must lie in [0, 1]")
+        return values
+
+    @staticmethod
+    def check_map(shape: tuple[int, ...], voxel: float, path: str, box: int, pixel: float) -> None:
+        """A map must have the particles' box and (where its header says) pixel size."""
+        if tuple(shape) != (box, box, box):
+            raise InputError(f"{path}: map of shape {tuple(shape)} does not match the particles' box {box}; resample it to {box}³")
+        if voxel > 0 and abs(voxel - pixel) > 0.01 * pixel:
+            raise InputError(f"{path}: voxel size {voxel:.4g} Å differs from the particles' {pixel:.4g} Å; rescale the map")
+
+    def initial_state(self, table: ParticleTable) -> ParticleState:
+        """Assignments before the first iteration: the table's poses, no class."""
+        n = len(table)
+        return ParticleState(
+            class_number=torch.zeros(n, dtype=torch.long, device=self.device),
+            euler_deg=torch.as_tensor(np.asarray(table.euler_deg, dtype=np.float64), device=self.device),
+            origin_px=torch.as_tensor(np.asarray(table.origin_angstrom) / np.asarray(table.pixel_size_angstrom)[:, None], dtype=torch.float32, device=self.device),
+            max_posterior=torch.zeros(n, device=self.device),
+            n_significant=torch.zeros(n, dtype=torch.long, device=self.device),
+            log_likelihood=torch.zeros(n, dtype=torch.float64, device=self.device),
+            angular_spread_deg=torch.zeros(n, device=self.device),
+        )
+
+    def initialise_model(self, context: RunContext, model: ClassModel) -> None:
+        """Reference (low-passed, grey-scale corrected), noise spectra and priors."""
+        box, pixel = self.box, self.pixel
+        volumes = []
+        for path in self.references:
+            reference = read_mrc(path)
+            self.check_map(reference.data.shape, reference.voxel_size_angstrom[0], path, box, pixel)
+            volumes.append(torch.as_tensor(np.array(reference.data), device=self.device))
+        volumes = torch.stack(volumes)
+        unfiltered = volumes * self.mask
+        if self.ini_high_A:
+            volumes = irfft3_centered(lowpass_filter_3d(rfft3_centered(volumes), self.ini_high_A, pixel), box)
+        volumes = volumes * self.mask
+        power, counts, signal_var, noise_var = self.data_statistics(context)
+        factor = 1.0 if self.reference_absolute_greyscale else self.greyscale_factor(volumes.mean(0), signal_var)
+        model.volumes.copy_((volumes * factor).expand_as(model.volumes))
+        model.half_volumes.copy_(model.volumes.expand_as(model.half_volumes))
+        n_shells = box // 2 + 1
+        # the prior's power comes from the unfiltered reference: the low-pass only sets where the
+        # first iteration looks, it must not forbid the resolution from growing past it
+        power_spectrum = radial_average(rfft3_centered(unfiltered * factor).abs().double() ** 2, shell_index_3d(box, self.device), n_shells)
+        model.tau2.copy_(0.5 * power_spectrum.expand_as(model.tau2))
+        # RELION starts from half the images' mean power spectrum (signal assumed small)
+        model.sigma2_noise.copy_(0.5 * power / counts.clamp(min=1))
+        model.offset_sigma_angstrom.fill_(context.sampling["offset_range_px"] * pixel / 2)
+        log.info("references %s: signal/noise variance of the data %.3g/%.3g", self.references, signal_var, noise_var)
+
+    def data_statistics(self, context: RunContext, n_max: int = 2000) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """Mean power spectra per optics group and real-space signal/noise variances.
+
+        Uses up to ``n_max`` particles spread over the data set, the same on every rank.
+        """
+        box = self.box
+        n_shells = box // 2 + 1
+        rows = np.unique(np.linspace(0, len(self.table) - 1, min(n_max, len(self.table))).astype(np.int64))
+        shells = shell_index_2d(box, self.device).reshape(-1).clamp(max=n_shells)
+        power = torch.zeros(len(self.group_names), n_shells + 1, dtype=torch.float64, device=self.device)
+        counts = torch.zeros_like(power)
+        inside = self.image_mask > 0.5
+        signal, noise = [], []
+        for start in range(0, len(rows), 256):
+            chunk = rows[start : start + 256]
+            images = torch.as_tensor(self.reader.read(chunk), device=self.device)
+            spectra = rfft2_centered(images).reshape(len(chunk), -1)
+            flat = torch.as_tensor(self.groups[chunk], device=self.device)[:, None] * (n_shells + 1) + shells[None]
+            power.view(-1).index_add_(0, flat.reshape(-1), (spectra.abs().double() ** 2).reshape(-1))
+            counts.view(-1).index_add_(0, flat.reshape(-1), torch.ones_like(flat, dtype=torch.float64).reshape(-1))
+            variance_in, variance_out = images[:, inside].var(dim=1), images[:, ~inside].var(dim=1)
+            signal.append(variance_in - variance_out)
+            noise.append(variance_out)
+        return power[:, :n_shells], counts[:, :n_shells], float(torch.cat(signal).mean().clamp(min=1e-12)), float(torch.cat(noise).mean())
+
+    def greyscale_factor(self, volume: torch.Tensor, signal_variance: float) -> float:
+        """Scale putting the reference on the data's grey scale: projection vs signal variance."""
+        generator = torch.Generator().manual_seed(0)
+        rows = np.random.default_rng(0).choice(len(self.table), size=min(64, len(self.table)), replace=False)
+        rotations = random_rotations(len(rows), generator).float().to(self.device)
+        frequencies = fft_frequencies_2d(self.box, self.device).reshape(-1, 2)
+        projections = extract_slices(prepare_fourier_volumes(volume[None]), rotations, frequencies, self.box)[0]
+        if self.ctf:
+            projections = projections * compute_ctf(ctf_parameters(self.table, rows, self.device), frequencies, self.box, self.pixel)
+        images = irfft2_centered(projections.reshape(len(rows), self.box, self.box // 2 + 1), self.box)
+        inside = self.image_mask > 0.5
+        projection_variance = float(images[:, inside].var(dim=1).mean())
+        return math.sqrt(signal_variance / max(projection_variance, 1e-30))
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, context: RunContext, model: ClassModel) -> tuple[ParticleState | None, int]:
+        """Load the last completed iteration from ``continue_from`` or this run's folder."""
+        source = Path(self.continue_from) if self.continue_from else context.output_dir
+        path = source / CHECKPOINT if source.is_dir() else source
+        if not path.is_file():
+            if self.continue_from:
+                raise InputError(f"{self.continue_from}: no {CHECKPOINT} to continue from; point job.continue_from at a class3d output folder")
+            return None, 1
+        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        if tuple(checkpoint["model"]["volumes"].shape) != tuple(model.volumes.shape):
+            raise InputError(f"{path}: checkpoint holds {tuple(checkpoint['model']['volumes'].shape)} volumes, this run needs {tuple(model.volumes.shape)}; use the same K and particles")
+        model.load_state_dict(checkpoint["model"])
+        state = ParticleState(**{k: v.to(self.device) for k, v in checkpoint["particles"].items()})
+        iteration = int(checkpoint["iteration"])
+        log.info("continuing from iteration %d (%s)", iteration, path)
+        return state, iteration + 1
+
+    def save_checkpoint(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> None:
+        """Atomically replace the run's checkpoint with this iteration's state."""
+        with atomic_output_path(context.output_dir / CHECKPOINT) as temp_path:
+            torch.save({"iteration": iteration, "model": model.state_dict(), "particles": state.state_dict()}, temp_path)
+
+    # ------------------------------------------------------------------ one iteration
+    def current_radius(self, model: ClassModel, iteration: int) -> int:
+        """Fourier radius (shells) used this iteration: RELION's rule, the best class
+        resolution (``ini_high_A`` in the first iteration) plus ``increment_shells``."""
+        shell = self.box * self.pixel / self.ini_high_A if (iteration == 1 and self.ini_high_A) else float(model.resolution_shells().max())
+        radius = int(min(self.box // 2, math.ceil(shell) + self.increment_shells))
+        if self.highres_limit_estep_A:
+            radius = min(radius, int(self.box * self.pixel / self.highres_limit_estep_A))
+        return max(radius, 3)
+
+    def active_rows(self, context: RunContext, iteration: int) -> np.ndarray:
+        """This rank's particles this iteration (RELION's fast subsets in the first iterations)."""
+        n = len(self.table)
+        fractions = {1: 0.1, 2: 0.3, 3: 0.6}
+        if not self.fast_subsets or iteration not in fractions or n < 1000:
+            return self.rows
+        size = max(1000, int(fractions[iteration] * n))
+        chosen = np.sort(np.random.default_rng([context.seed, iteration]).permutation(n)[:size])
+        return shard_rows(chosen, context.fabric.global_rank, context.fabric.world_size)
+
+    def iterate(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> ParticleState:
+        """One E-step over this rank's particles, all-reduce, M-step, outputs."""
+        sampling = context.sampling
+        device, box, pixel = self.device, self.box, self.pixel
+        radius = self.current_radius(model, iteration)
+        frequencies = fft_frequencies_2d(box, device).reshape(-1, 2)
+        radii = frequencies.norm(dim=-1)
+        order = torch.argsort(radii, stable=True)
+        order = order[(radii[order] > 0) & (radii[order] <= radius)]
+        frequencies = frequencies[order]
+        component_index = order  # positions in the flattened centred rfft
+        shells = torch.round(frequencies.norm(dim=-1)).long()
+        # each half's particles are scored against the other half's maps
+        volumes_ft = [prepare_fourier_volumes(model.half_volumes[1 - h] * self.mask, context.padding_factor) for h in (0, 1)]
+        budget = context.memory_budget_bytes
+        grid = None
+        coarse = [None, None]
+        n_coarse = frequencies.shape[0]
+        if sampling["align"]:
+            order_healpix = max(0, order_from_angular_step(sampling["angular_step_deg"]) - sampling["oversampling"])
+            grid = build_pose_grid(order_healpix, sampling["offset_range_px"], sampling["offset_step_px"], context.symmetry, sampling["oversampling"], device)
+            coarse_shell = min(radius, coarse_radius_shells(box, pixel, self.diameter_A, grid.coarse_step_deg))
+            n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
+            coarse = [extract_slices(v, grid.coarse_rotations, frequencies[:n_coarse], box, budget) for v in volumes_ft]
+        settings = EStepSettings(
+            frequencies=frequencies,
+            n_coarse=n_coarse,
+            box_size=box,
+            pixel_size_angstrom=pixel,
+            align=bool(sampling["align"]),
+            significance=float(sampling["significance"]),
+            max_significant=int(sampling["max_significant"]),
+            local_sigma_deg=None if sampling["local_search_deg"] is None else float(sampling["local_search_deg"]) / 3,
+            # dense fine-pass score matrices stay small enough to be cache- and memory-friendly
+            memory_budget_bytes=min(budget / 4, 2**26),
+        )
+        padded = padded_box_size(box, context.padding_factor)
+        stats = SufficientStatistics.zeros(self.n_classes, padded, len(self.group_names), box // 2 + 1, device)
+        forced = self.forced_classes(context, iteration)
+        rows = self.active_rows(context, iteration)
+        per_rotation = grid.coarse_shifts_px.shape[0] * self.n_classes * grid.coarse_rotations.shape[0] if grid else self.n_classes
+        batch_size = int(max(1, min(512, budget / 4 / max(1, per_rotation * 16 + frequencies.shape[0] * 64))))
+        new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
+        log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
+        starts = range(0, len(rows), batch_size)
+        for start in progress(starts, len(starts), f"iteration {iteration}", enabled=context.is_main, unit="batch"):
+            for h in (0, 1):
+                chunk = rows[start : start + batch_size]
+                chunk = chunk[self.halves[chunk] == h + 1]
+                if len(chunk) == 0:
+                    continue
+                batch = self.prepare(model, state, chunk, component_index, shells, frequencies)
+                forced_chunk = None if forced is None else forced[torch.as_tensor(chunk, device=device)]
+                result = expectation(batch, volumes_ft[h], coarse[h], grid, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk)
+                self.expand_symmetry(result)
+                groups = torch.as_tensor(self.groups[chunk], device=device)
+                stats.accumulate(result, batch, h, groups, shells, frequencies, box, pixel, budget / 4)
+                index = torch.as_tensor(chunk, device=device)
+                new_state.class_number[index] = result.best_class + 1
+                new_state.euler_deg[index] = result.best_euler_deg.to(new_state.euler_deg.dtype)
+                new_state.origin_px[index] = result.best_origin_px.float()
+                new_state.max_posterior[index] = result.max_posterior.float()
+                new_state.n_significant[index] = result.n_significant.long()
+                new_state.log_likelihood[index] = result.log_likelihood.double()
+                new_state.angular_spread_deg[index] = result.angular_spread_deg.float()
+        for tensor in stats.tensors():
+            tensor.copy_(context.all_reduce_sum(tensor))
+        new_state = self.gather_state(context, new_state, rows)
+        empty = maximization(model, stats, context.padding_factor, self.tau2_fudge, radius, self.mask)
+        self.report(context, model, state, new_state, iteration, radius, empty, n_coarse)
+        return new_state
+
+    def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
+        """RELION's random class split of identical initial references (first iteration only)."""
+        if iteration != 1 or self.n_classes == 1 or len(self.references) > 1:
+            return None
+        labels = np.random.default_rng(context.seed).integers(self.n_classes, size=len(self.table))
+        return torch.as_tensor(labels, device=self.device)
+
+    def expand_symmetry(self, result: Any) -> None:
+        """Every symmetry mate A·L of a slice's orientation receives the same data."""
+        if self.symmetry.shape[0] == 1:
+            return
+        n_mates = self.symmetry.shape[0]
+        for item in result.slices:
+            item.rotations = (item.rotations[:, None] @ self.symmetry[None]).reshape(-1, 3, 3)
+            item.data = item.data.repeat_interleave(n_mates, dim=0)
+            item.weight = item.weight.repeat_interleave(n_mates, dim=0)
+
+    def prepare(
+        self,
+        model: ClassModel,
+        state: ParticleState,
+        rows: np.ndarray,
+        component_index: torch.Tensor,
+        shells: torch.Tensor,
+        frequencies: torch.Tensor,
+    ) -> PreparedBatch:
+        """Images of ``rows`` as masked, prior-centred Fourier components with CTF and 1/σ²."""
+        device, box = self.device, self.box
+        images = torch.as_tensor(self.reader.read(rows), device=device)
+        if self.zero_mask:
+            images = images * self.image_mask
+        spectra = rfft2_centered(images).reshape(len(rows), -1)[:, component_index]
+        index = torch.as_tensor(rows, device=device)
+        origin = state.origin_px[index]
+        spectra = translate_2d_ft(spectra, -image_shift_from_origin(origin), frequencies, box)
+        if self.ctf:
+            ctf = compute_ctf(ctf_parameters(self.table, rows, device), frequencies, box, self.pixel)
+            if self.ignore_ctf_until_first_peak:
+                ctf = self.flatten_before_first_peak(ctf, frequencies, rows)
+        else:
+            ctf = torch.ones(spectra.shape, device=device)
+        groups = torch.as_tensor(self.groups[rows], device=device)
+        sigma2 = model.sigma2_noise[groups][:, shells].float()
+        return PreparedBatch(
+            spectra=spectra,
+            ctf=ctf,
+            inv_sigma2=1.0 / sigma2.clamp(min=1e-30),
+            scale=model.group_scale[groups].float(),
+            prior_origin_px=origin,
+            prior_euler_deg=state.euler_deg[index],
+        )
+
+    def flatten_before_first_peak(self, ctf: torch.Tensor, frequencies: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Set |CTF| to 1 below each particle's first CTF maximum (RELION's option)."""
+        profile_frequencies = torch.stack([torch.linspace(0, self.box / 2, 400, device=ctf.device), torch.zeros(400, device=ctf.device)], dim=-1)
+        params = ctf_parameters(self.table, rows, ctf.device)
+        params.defocus_angle_deg = torch.zeros_like(params.defocus_angle_deg)
+        params.defocus_u_angstrom = params.defocus_v_angstrom = 0.5 * (params.defocus_u_angstrom + params.defocus_v_angstrom)
+        profile = compute_ctf(params, profile_frequencies, self.box, self.pixel).abs()  # (B, 400)
+        rising = torch.cat([profile[:, 1:] >= profile[:, :-1], torch.zeros_like(profile[:, :1], dtype=torch.bool)], dim=1)
+        peak_index = (~rising).float().argmax(dim=1)
+        peak_radius = profile_frequencies[peak_index, 0]  # (B,)
+        return torch.where(frequencies.norm(dim=-1)[None] <= peak_radius[:, None], torch.ones_like(ctf), ctf)
+
+    def gather_state(self, context: RunContext, state: ParticleState, rows: np.ndarray) -> ParticleState:
+        """Every rank's updates of its own rows, on every rank."""
+        if context.fabric.world_size == 1:
+            return state
+        index = torch.as_tensor(rows, device=self.device)
+        n = len(self.table)
+        gathered = {}
+        for name in ParticleState.__dataclass_fields__:
+            values = getattr(state, name)
+            updated = context.gather_rows(index, values[index], n)
+            touched = context.gather_rows(index, torch.ones(len(rows), dtype=torch.bool, device=self.device), n)
+            gathered[name] = torch.where(touched.reshape(-1, *([1] * (values.dim() - 1))), updated, values)
+        return ParticleState(**gathered)
+
+    # ------------------------------------------------------------------ outputs
+    def report(
+        self,
+        context: RunContext,
+        model: ClassModel,
+        previous: ParticleState,
+        state: ParticleState,
+        iteration: int,
+        radius: int,
+        empty: list[int],
+        n_coarse: int,
+    ) -> None:
+        """Changes, RELION-style files, TensorBoard and the checkpoint (rank 0 writes)."""
+        pixel = self.pixel
+        assigned = previous.class_number > 0
+        changes_classes = float((previous.class_number[assigned] != state.class_number[assigned]).float().mean()) if assigned.any() else 1.0
+        changes_orientations = float(rotation_angle_deg(previous.euler_deg, state.euler_deg).mean())
+        changes_offsets = float((previous.origin_px - state.origin_px).norm(dim=-1).mean()) * pixel
+        counts = torch.bincount(state.class_number - 1, minlength=self.n_classes).double()
+        distribution = model.class_weights.cpu().numpy()
+        collapsing = [k for k in range(self.n_classes) if distribution[k] < 0.5 / (10 * self.n_classes)]
+        for k in sorted(set(empty) | set(collapsing)):
+            log.warning("iteration %d: class %d is %s (%.2f %% of particles); it is kept but holds no reliable structure",
+                        iteration, k + 1, "empty" if k in empty else "collapsing", 100 * distribution[k])
+        accuracy = torch.zeros(self.n_classes, dtype=torch.float64)
+        for k in range(self.n_classes):
+            members = state.class_number == k + 1
+            if members.any():
+                accuracy[k] = float(state.angular_spread_deg[members].mean())
+        resolution = model.resolution_angstrom().cpu()
+        if context.is_main:
+            self.write_outputs(context, model, state, iteration, radius, accuracy, resolution, distribution, n_coarse,
+                               (changes_orientations, changes_offsets, changes_classes))
+        writer = context.writer
+        scalars = {
+            "class3d/changes_classes": changes_classes,
+            "class3d/changes_orientations_deg": changes_orientations,
+            "class3d/changes_offsets_angstrom": changes_offsets,
+            "class3d/log_likelihood": float(state.log_likelihood.sum()),
+            "class3d/average_pmax": float(state.max_posterior.mean()),
+            "class3d/current_resolution_angstrom": self.box * pixel / radius,
+        }
+        for k in range(self.n_classes):
+            scalars[f"class3d/resolution_angstrom/class{k + 1:03d}"] = float(resolution[k])
+            scalars[f"class3d/class_distribution/class{k + 1:03d}"] = float(distribution[k])
+            scalars[f"class3d/class_particles/class{k + 1:03d}"] = float(counts[k])
+        log_scalars(writer, scalars, iteration)
+        if writer is not None:
+            writer.add_histogram("class3d/max_posterior", state.max_posterior.cpu(), iteration)
+            for k in range(self.n_classes):
+                log_central_slices(writer, f"class3d/class{k + 1:03d}", model.volumes[k], iteration)
+        log.info(
+            "iteration %d: resolution %s Å, classes %s, changes: classes %.3f, orientations %.2f°, offsets %.2f Å",
+            iteration, [round(float(r), 1) for r in resolution], [int(c) for c in counts], changes_classes, changes_orientations, changes_offsets,
+        )
+        if context.is_main:
+            self.save_checkpoint(context, model, state, iteration)
+        context.fabric.barrier()
+
+    def write_outputs(
+        self,
+        context: RunContext,
+        model: ClassModel,
+        state: ParticleState,
+        iteration: int,
+        radius: int,
+        accuracy: torch.Tensor,
+        resolution: torch.Tensor,
+        distribution: np.ndarray,
+        n_coarse: int,
+        changes: tuple[float, float, float],
+    ) -> None:
+        """``run_itNNN_{data,model,optimiser}.star`` and ``run_itNNN_classNNN.mrc``."""
+        out = context.output_dir
+        root = f"run_it{iteration:03d}"
+        pixel = self.pixel
+        class_names = []
+        for k in range(self.n_classes):
+            name = f"{root}_class{k + 1:03d}.mrc"
+            write_mrc(out / name, model.volumes[k].cpu(), pixel)
+            class_names.append(name)
+        table = self.table.select(np.arange(len(self.table)))
+        table.euler_deg = state.euler_deg.cpu().numpy()
+        table.origin_angstrom = state.origin_px.double().cpu().numpy() * pixel
+        table.has_poses = True
+        write_particles(
+            out / f"{root}_data.star",
+            table,
+            {
+                "rlnClassNumber": state.class_number.cpu().numpy(),
+                "rlnMaxValueProbDistribution": state.max_posterior.cpu().numpy(),
+                "rlnNrOfSignificantSamples": state.n_significant.cpu().numpy(),
+                "rlnLogLikeliContribution": state.log_likelihood.cpu().numpy(),
+                "rlnNormCorrection": np.ones(len(table)),
+            },
+        )
+        sigma2 = model.sigma2_noise.cpu().numpy()
+        offsets_accuracy = float(model.offset_sigma_angstrom)
+        write_model_star(
+            out / f"{root}_model.star",
+            ModelSummary(
+                box_size=self.box,
+                pixel_size_angstrom=pixel,
+                current_resolution_angstrom=self.box * pixel / radius,
+                current_image_size=2 * radius,
+                padding_factor=context.padding_factor,
+                tau2_fudge=self.tau2_fudge,
+                sigma_offsets_angstrom=float(model.offset_sigma_angstrom),
+                log_likelihood=float(state.log_likelihood.sum()),
+                average_pmax=float(state.max_posterior.mean()),
+                classes=[
+                    ClassSummary(
+                        map_name=class_names[k],
+                        distribution=float(distribution[k]),
+                        accuracy_rotations_deg=float(accuracy[k]),
+                        accuracy_translations_angstrom=offsets_accuracy,
+                        resolution_angstrom=float(resolution[k]),
+                        ssnr=model.ssnr[k].cpu().numpy(),
+                        tau2=model.tau2[k].cpu().numpy(),
+                        sigma2=sigma2.mean(0),
+                    )
+                    for k in range(self.n_classes)
+                ],
+                group_names=self.group_names,
+                group_particle_counts=np.bincount(self.groups, minlength=len(self.group_names)),
+                group_scales=model.group_scale.cpu().numpy(),
+                group_sigma2_noise=sigma2,
+            ),
+        )
+        sampling = context.sampling
+        write_optimiser_star(
+            out / f"{root}_optimiser.star",
+            OptimiserSummary(
+                output_root=str(out / "run"),
+                model_star=f"{root}_model.star",
+                data_star=f"{root}_data.star",
+                iteration=iteration,
+                n_iterations=self.n_iterations,
+                oversampling_order=int(sampling["oversampling"]),
+                oversampling_fraction=float(sampling["significance"]),
+                random_seed=context.seed,
+                particle_diameter_angstrom=self.diameter_A,
+                zero_mask=self.zero_mask,
+                solvent_flattening=True,
+                solvent_mask=self.reference_mask or "None",
+                highres_limit_estep_angstrom=self.highres_limit_estep_A or -1.0,
+                increment_image_size=2 * self.increment_shells,
+                fast_subsets=self.fast_subsets,
+                skip_align=not sampling["align"],
+                correct_ctf=self.ctf,
+                ignore_ctf_until_first_peak=self.ignore_ctf_until_first_peak,
+                changes_orientations_deg=changes[0],
+                changes_offsets_angstrom=changes[1],
+                changes_classes=changes[2],
+                overall_accuracy_rotations_deg=float(accuracy.mean()),
+                overall_accuracy_translations_angstrom=offsets_accuracy,
+            ),
+        )
