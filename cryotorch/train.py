@@ -98,8 +98,14 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point; bad input ends the run with its message instead of a traceback."""
     try:
         run(cfg)
-    except InputError as error:
-        log.error("%s", error)
+    except Exception as error:
+        # Hydra wraps errors raised while building the job; report bad input by its own message
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        log.error("%s", cause)
         sys.exit(2)
 
 

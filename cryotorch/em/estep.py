@@ -201,6 +201,7 @@ def expectation(
     offset_sigma_angstrom: float,
     settings: EStepSettings,
     forced_class: torch.Tensor | None = None,
+    class_offset: torch.Tensor | None = None,
 ) -> EStepResult:
     """Posteriors and M-step sums for one batch.
 
@@ -221,9 +222,14 @@ def expectation(
     forced_class
         ``(B,)`` class per particle to assign instead of its posterior (RELION's random
         initial split of identical references), or None.
+    class_offset
+        ``(B, K)`` per-particle additions to the class log-prior, or None.
     """
+    per_particle_prior = log_class_prior[None, :].expand(batch.spectra.shape[0], -1)
+    if class_offset is not None:
+        per_particle_prior = per_particle_prior + class_offset
     if not settings.align:
-        return _expectation_fixed_pose(batch, volumes_ft, log_class_prior, settings, forced_class)
+        return _expectation_fixed_pose(batch, volumes_ft, per_particle_prior, settings, forced_class)
     assert grid is not None and coarse_projections is not None
     n_classes = volumes_ft.shape[0]
     class_mask = _class_mask(forced_class, batch.spectra.shape[0], n_classes, batch.spectra.device)
@@ -234,18 +240,20 @@ def expectation(
     scores, _ = _scores(batch, coarse_projections.reshape(n_classes * n_rot, n_coarse), ramps_coarse, n_coarse)
     b, t = scores.shape[:2]
     logits = scores.reshape(b, t, n_classes, n_rot)
-    logits = logits + log_class_prior[None, None, :, None]
+    logits = logits + per_particle_prior[:, None, :, None]
     origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]  # (B, T, 2)
     logits = logits + _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[:, :, None, None]
     if settings.local_sigma_deg is not None:
         angles = rotation_angle_deg(batch.prior_euler_deg[:, None, :], grid.coarse_euler_deg[None].to(batch.prior_euler_deg.dtype))  # (B, R)
         orientation_prior = -(angles**2) / (2 * settings.local_sigma_deg**2)
-        orientation_prior = torch.where(angles <= 3 * settings.local_sigma_deg, orientation_prior, -math.inf)
+        # searched: within 3σ, and never fewer than the coarse samples nearest to the prior
+        searched = (angles <= 3 * settings.local_sigma_deg) | (angles <= angles.min(dim=1, keepdim=True).values + grid.coarse_step_deg)
+        orientation_prior = torch.where(searched, orientation_prior, -math.inf)
         logits = logits + orientation_prior[:, None, None, :].to(logits.dtype)
     logits = torch.where(class_mask[:, None, :, None], logits, -math.inf)
     posterior = torch.softmax(logits.reshape(b, -1), dim=-1)
     significant = _significant(posterior, settings.significance, settings.max_significant).reshape(b, t, n_classes, n_rot)
-    return _fine_pass(batch, volumes_ft, grid, significant, log_class_prior, offset_sigma_angstrom, settings, class_mask)
+    return _fine_pass(batch, volumes_ft, grid, significant, per_particle_prior, offset_sigma_angstrom, settings, class_mask)
 
 
 def _class_mask(forced_class: torch.Tensor | None, n: int, n_classes: int, device: torch.device) -> torch.Tensor:
@@ -286,7 +294,7 @@ def _fine_pass(
         stop = start + max(1, int((cost <= settings.memory_budget_bytes).sum()))
         index = torch.arange(start, stop, device=significant.device)
         results.append(
-            _fine_sub_batch(batch.select(index), volumes_ft, grid, significant[start:stop], log_class_prior, offset_sigma_angstrom, settings, class_mask[start:stop])
+            _fine_sub_batch(batch.select(index), volumes_ft, grid, significant[start:stop], log_class_prior[start:stop], offset_sigma_angstrom, settings, class_mask[start:stop])
         )
         start = stop
     return _concatenate(results)
@@ -327,7 +335,7 @@ def _fine_sub_batch(
     allowed = allowed[:, :, None, :, None].expand(b, -1, n_sub_shift, -1, n_sub_rot).reshape(b, fine_shifts.shape[0], -1)
     allowed = allowed & class_mask[:, fine_class][:, None, :]
     origins = batch.prior_origin_px[:, None, :] + fine_shifts[None]  # (b, Tf, 2)
-    logits = scores + log_class_prior[fine_class][None, None, :]
+    logits = scores + log_class_prior[:, fine_class][:, None, :]
     logits = logits + _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[:, :, None]
     if settings.local_sigma_deg is not None:
         angles = rotation_angle_deg(batch.prior_euler_deg[:, None, :], fine_euler[None].to(batch.prior_euler_deg.dtype))
@@ -391,7 +399,7 @@ def _expectation_fixed_pose(
     # diagonal of the same GEMMs: each particle against its own orientation only
     cross = torch.einsum("bn,kbn->bk", weighted.real, projections.real) + torch.einsum("bn,kbn->bk", weighted.imag, projections.imag)
     norm = torch.einsum("bn,kbn->bk", q, projections.abs() ** 2)
-    logits = cross - norm + log_class_prior[None, :]
+    logits = cross - norm + log_class_prior
     logits = torch.where(_class_mask(forced_class, b, n_classes, device), logits, -math.inf)
     log_evidence = torch.logsumexp(logits, dim=-1)
     posterior = torch.exp(logits - log_evidence[:, None])  # (b, K)

@@ -29,7 +29,7 @@ class SufficientStatistics:
     Attributes
     ----------
     data, weight
-        ``(2, K, P, P, P // 2 + 1)`` back-projected ``Σ w·L`` and ``Σ w·2Q`` per random half.
+        ``(K, P, P, P // 2 + 1)`` back-projected ``Σ w·L`` and ``Σ w·2Q``.
     class_sum
         ``(K,)`` Σ_i p(k | X_i).
     noise_power, noise_count
@@ -54,7 +54,7 @@ class SufficientStatistics:
     @classmethod
     def zeros(cls, n_classes: int, padded_size: int, n_groups: int, n_shells: int, device: torch.device) -> "SufficientStatistics":
         """Empty sums."""
-        grid = (2, n_classes, padded_size, padded_size, padded_size // 2 + 1)
+        grid = (n_classes, padded_size, padded_size, padded_size // 2 + 1)
         float64 = dict(dtype=torch.float64, device=device)
         return cls(
             data=torch.zeros(grid, dtype=torch.complex64, device=device),
@@ -72,7 +72,6 @@ class SufficientStatistics:
         self,
         result: EStepResult,
         batch: PreparedBatch,
-        half: int,
         groups: torch.Tensor,
         shells: torch.Tensor,
         frequencies: torch.Tensor,
@@ -84,8 +83,6 @@ class SufficientStatistics:
 
         Parameters
         ----------
-        half
-            The random half (0 or 1) all particles of the batch belong to.
         groups
             ``(B,)`` 0-based optics group of each particle.
         shells
@@ -93,7 +90,7 @@ class SufficientStatistics:
         """
         for item in result.slices:
             insert_slices(
-                self.data[half, item.class_index], self.weight[half, item.class_index], item.data, item.weight,
+                self.data[item.class_index], self.weight[item.class_index], item.data, item.weight,
                 item.rotations, frequencies, box_size, memory_budget_bytes,
             )
         self.class_sum += result.class_posterior.double().sum(0)
@@ -136,27 +133,26 @@ def maximization(
         ``(N, N, N)`` reference mask applied to each new class map (solvent flattening).
     """
     box = model.box_size
-    padded = stats.data.shape[2]
+    padded = stats.data.shape[1]
     n_shells = box // 2 + 1
     padded_shells = shell_index_3d(padded, stats.data.device)
+    unpadded_to_padded = (torch.arange(n_shells, device=stats.data.device) * padded / box).round().long().clamp(max=padded // 2)
     p3 = (padded / box) ** 3
     empty = []
     for k in range(model.n_classes):
-        if float(stats.weight[:, k].sum()) <= 0:
+        if float(stats.weight[k].sum()) <= 0:
             empty.append(k)
             continue
-        data = [symmetrize_hermitian_plane(stats.data[h, k], conjugate=True) for h in (0, 1)]
-        weight = [symmetrize_hermitian_plane(stats.weight[h, k], conjugate=False) for h in (0, 1)]
+        data = symmetrize_hermitian_plane(stats.data[k], conjugate=True)
+        weight = symmetrize_hermitian_plane(stats.weight[k], conjugate=False)
         # τ² per padded shell from the current reference's power (unpadded shell = padded / p)
         tau2_padded = _to_padded_shells(model.tau2[k], padded // 2 + 1, box, padded)
-        regularisation = (1.0 / (p3 * tau2_fudge * tau2_padded.clamp(min=1e-30))).float()
+        regularisation = 1.0 / (p3 * tau2_fudge * tau2_padded.clamp(min=1e-30))
         regularisation[0] = 0.0
-        for h in (0, 1):
-            model.half_volumes[h, k] = reconstruct_from_sums(data[h], weight[h], box, regularisation) * mask
-        volume = reconstruct_from_sums(data[0] + data[1], weight[0] + weight[1], box, regularisation) * mask
-        mean_weight = radial_average((weight[0] + weight[1]).double(), padded_shells, padded // 2 + 1)
-        ssnr_padded = p3 * tau2_fudge * tau2_padded * mean_weight
-        model.ssnr[k] = ssnr_padded[(torch.arange(n_shells, device=ssnr_padded.device) * padded / box).round().long().clamp(max=padded // 2)]
+        volume = reconstruct_from_sums(data, weight, box, regularisation.float()) * mask
+        mean_weight = radial_average(weight.double(), padded_shells, padded // 2 + 1)
+        model.ssnr[k] = (p3 * tau2_fudge * tau2_padded * mean_weight)[unpadded_to_padded]
+        model.inverse_denominator[k] = 1.0 / (weight + regularisation.float()[padded_shells.clamp(max=padded // 2)]).clamp(min=1e-30)
         model.volumes[k] = volume
         model.tau2[k] = 0.5 * radial_average(rfft3_centered(volume).abs().double() ** 2, shell_index_3d(box, volume.device), n_shells)
     total = float(stats.class_sum.sum())

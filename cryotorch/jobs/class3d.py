@@ -28,7 +28,7 @@ from cryotorch.conventions import (
     rfft2_centered,
     rfft3_centered,
 )
-from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, uniform_geometry
+from cryotorch.data.particles import ctf_parameters, shard_rows, uniform_geometry
 from cryotorch.em.estep import EStepSettings, PreparedBatch, expectation
 from cryotorch.em.mstep import SufficientStatistics, maximization
 from cryotorch.em.sampling import build_pose_grid, coarse_radius_shells
@@ -51,6 +51,8 @@ from cryotorch.io import (
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import log_central_slices, log_scalars, progress
+from cryotorch.conventions import euler_deg_to_matrix
+from cryotorch.ops.backprojection import squared_trilinear_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
 from cryotorch.ops.fourier import radial_average, shell_index_2d, shell_index_3d, translate_2d_ft
@@ -148,14 +150,13 @@ class Class3DJob:
         self.diameter_A = self.mask_diameter_A or 0.9 * box * pixel
         group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
         self.group_names = [f"opticsGroup{g}" for g in group_ids]
-        self.halves = half_set_labels(table, context.seed)
         self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
         self.reader = ParticleImageReader(table, preload=context.preload)
         self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
         self.mask = self.load_mask(box, pixel)
         self.image_mask = soft_spherical_mask(box, self.diameter_A / (2 * pixel), 5.0, ndim=2, device=self.device)
 
-        model = ClassModel(self.n_classes, box, len(group_ids), pixel).to(self.device)
+        model = ClassModel(self.n_classes, box, padded_box_size(box, context.padding_factor), len(group_ids), pixel).to(self.device)
         state, start = self.resume(context, model)
         if state is None:
             state = self.initial_state(table)
@@ -213,7 +214,6 @@ class Class3DJob:
         power, counts, signal_var, noise_var = self.data_statistics(context)
         factor = 1.0 if self.reference_absolute_greyscale else self.greyscale_factor(volumes.mean(0), signal_var)
         model.volumes.copy_((volumes * factor).expand_as(model.volumes))
-        model.half_volumes.copy_(model.volumes.expand_as(model.half_volumes))
         n_shells = box // 2 + 1
         # the prior's power comes from the unfiltered reference: the low-pass only sets where the
         # first iteration looks, it must not forbid the resolution from growing past it
@@ -318,18 +318,17 @@ class Class3DJob:
         frequencies = frequencies[order]
         component_index = order  # positions in the flattened centred rfft
         shells = torch.round(frequencies.norm(dim=-1)).long()
-        # each half's particles are scored against the other half's maps
-        volumes_ft = [prepare_fourier_volumes(model.half_volumes[1 - h] * self.mask, context.padding_factor) for h in (0, 1)]
+        volumes_ft = prepare_fourier_volumes(model.volumes * self.mask, context.padding_factor)
         budget = context.memory_budget_bytes
         grid = None
-        coarse = [None, None]
+        coarse = None
         n_coarse = frequencies.shape[0]
         if sampling["align"]:
             order_healpix = max(0, order_from_angular_step(sampling["angular_step_deg"]) - sampling["oversampling"])
             grid = build_pose_grid(order_healpix, sampling["offset_range_px"], sampling["offset_step_px"], context.symmetry, sampling["oversampling"], device)
             coarse_shell = min(radius, coarse_radius_shells(box, pixel, self.diameter_A, grid.coarse_step_deg))
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
-            coarse = [extract_slices(v, grid.coarse_rotations, frequencies[:n_coarse], box, budget) for v in volumes_ft]
+            coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget)
         settings = EStepSettings(
             frequencies=frequencies,
             n_coarse=n_coarse,
@@ -352,25 +351,22 @@ class Class3DJob:
         log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
         starts = range(0, len(rows), batch_size)
         for start in progress(starts, len(starts), f"iteration {iteration}", enabled=context.is_main, unit="batch"):
-            for h in (0, 1):
-                chunk = rows[start : start + batch_size]
-                chunk = chunk[self.halves[chunk] == h + 1]
-                if len(chunk) == 0:
-                    continue
-                batch = self.prepare(model, state, chunk, component_index, shells, frequencies)
-                forced_chunk = None if forced is None else forced[torch.as_tensor(chunk, device=device)]
-                result = expectation(batch, volumes_ft[h], coarse[h], grid, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk)
-                self.expand_symmetry(result)
-                groups = torch.as_tensor(self.groups[chunk], device=device)
-                stats.accumulate(result, batch, h, groups, shells, frequencies, box, pixel, budget / 4)
-                index = torch.as_tensor(chunk, device=device)
-                new_state.class_number[index] = result.best_class + 1
-                new_state.euler_deg[index] = result.best_euler_deg.to(new_state.euler_deg.dtype)
-                new_state.origin_px[index] = result.best_origin_px.float()
-                new_state.max_posterior[index] = result.max_posterior.float()
-                new_state.n_significant[index] = result.n_significant.long()
-                new_state.log_likelihood[index] = result.log_likelihood.double()
-                new_state.angular_spread_deg[index] = result.angular_spread_deg.float()
+            chunk = rows[start : start + batch_size]
+            index = torch.as_tensor(chunk, device=device)
+            batch = self.prepare(model, state, chunk, component_index, shells, frequencies)
+            groups = torch.as_tensor(self.groups[chunk], device=device)
+            forced_chunk = None if forced is None else forced[index]
+            class_offset = self.self_fit_discount(model, batch, state, index, frequencies)
+            result = expectation(batch, volumes_ft, coarse, grid, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset)
+            self.expand_symmetry(result)
+            stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
+            new_state.class_number[index] = result.best_class + 1
+            new_state.euler_deg[index] = result.best_euler_deg.to(new_state.euler_deg.dtype)
+            new_state.origin_px[index] = result.best_origin_px.float()
+            new_state.max_posterior[index] = result.max_posterior.float()
+            new_state.n_significant[index] = result.n_significant.long()
+            new_state.log_likelihood[index] = result.log_likelihood.double()
+            new_state.angular_spread_deg[index] = result.angular_spread_deg.float()
         for tensor in stats.tensors():
             tensor.copy_(context.all_reduce_sum(tensor))
         new_state = self.gather_state(context, new_state, rows)
@@ -384,6 +380,32 @@ class Class3DJob:
             return None
         labels = np.random.default_rng(context.seed).integers(self.n_classes, size=len(self.table))
         return torch.as_tensor(labels, device=self.device)
+
+    def self_fit_discount(self, model: ClassModel, batch: PreparedBatch, state: ParticleState, index: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor | None:
+        """``(B, K)`` log-likelihood each particle gains from its own share of its last class map.
+
+        A particle that helped to make map k fits it better by its own noise. Inserting ``L``
+        with weight ``2Q`` and projecting again at the same pose moves the projection by
+        ``L · Σ_v t_v²/(weight_v + 1/τ²)`` on the padded grid (t the trilinear weights). The
+        map is then cropped to the unpadded box and masked, which keeps ``mean(mask)/p³`` of
+        such a single-voxel change (p the padding factor). The score rises by about
+        ``4Q`` times that share per component (the noise power ``2σ²`` times ``2Q/σ²``).
+        Removing this expected self-fit — a leave-one-out estimate at the particle's last
+        pose — stops the initial random class split from holding particles in place.
+        """
+        previous = state.class_number[index]
+        if int(previous.max()) == 0 or float(model.inverse_denominator.abs().max()) == 0:
+            return None
+        q = 0.5 * (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2  # (B, M)
+        rotations = euler_deg_to_matrix(state.euler_deg[index]).float()
+        kept = float(self.mask.mean()) * (self.box / model.inverse_denominator.shape[1]) ** 3
+        discount = torch.zeros(previous.shape[0], self.n_classes, device=q.device)
+        for k in range(self.n_classes):
+            members = (previous == k + 1).nonzero()[:, 0]
+            if members.numel():
+                share = squared_trilinear_sum(model.inverse_denominator[k], rotations[members], frequencies, self.box)
+                discount[members, k] = -kept * (4.0 * q[members] * share).sum(-1)
+        return discount
 
     def expand_symmetry(self, result: Any) -> None:
         """Every symmetry mate A·L of a slice's orientation receives the same data."""

@@ -14,12 +14,11 @@ class ClassModel(nn.Module):
     Buffers
     -------
     volumes
-        ``(K, N, N, N)`` float32 real-space class maps from all particles (the output maps).
-    half_volumes
-        ``(2, K, N, N, N)`` float32 class maps from each random half of the particles. The
-        E-step scores each particle against the *other* half's maps, so that no particle is
-        compared with a map it helped to make: this removes the self-consistency bias that
-        otherwise holds particles in whatever class the initial random split gave them.
+        ``(K, N, N, N)`` float32 real-space class maps.
+    inverse_denominator
+        ``(K, P, P, P // 2 + 1)`` float32 ``1/(weight + 1/τ²)`` of the last reconstruction on
+        the padded Fourier grid: a particle's own share of its class map, which the E-step
+        uses to discount the particle's fit to the map it helped to make.
     class_weights
         ``(K,)`` float64 prior class probabilities (RELION's rlnClassDistribution).
     sigma2_noise
@@ -36,7 +35,7 @@ class ClassModel(nn.Module):
     """
 
     volumes: torch.Tensor
-    half_volumes: torch.Tensor
+    inverse_denominator: torch.Tensor
     class_weights: torch.Tensor
     sigma2_noise: torch.Tensor
     group_scale: torch.Tensor
@@ -44,13 +43,13 @@ class ClassModel(nn.Module):
     ssnr: torch.Tensor
     offset_sigma_angstrom: torch.Tensor
 
-    def __init__(self, n_classes: int, box_size: int, n_groups: int, pixel_size_angstrom: float) -> None:
+    def __init__(self, n_classes: int, box_size: int, padded_size: int, n_groups: int, pixel_size_angstrom: float) -> None:
         super().__init__()
         n_shells = box_size // 2 + 1
         self.box_size = box_size
         self.pixel_size_angstrom = pixel_size_angstrom
         self.register_buffer("volumes", torch.zeros(n_classes, box_size, box_size, box_size))
-        self.register_buffer("half_volumes", torch.zeros(2, n_classes, box_size, box_size, box_size))
+        self.register_buffer("inverse_denominator", torch.zeros(n_classes, padded_size, padded_size, padded_size // 2 + 1))
         self.register_buffer("class_weights", torch.full((n_classes,), 1.0 / n_classes, dtype=torch.float64))
         self.register_buffer("sigma2_noise", torch.ones(n_groups, n_shells, dtype=torch.float64))
         self.register_buffer("group_scale", torch.ones(n_groups, dtype=torch.float64))

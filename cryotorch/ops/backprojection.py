@@ -8,15 +8,69 @@ weights plus a regulariser and undoes the gridding attenuation in real space.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from cryotorch.conventions import irfft3_centered
 from cryotorch.ops.fourier import radius_grid_3d
 from cryotorch.ops.projection import gridding_kernel_3d, rotation_chunk_size, slice_coordinates
 
-__all__ = ["insert_slices", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
+__all__ = ["insert_slices", "squared_trilinear_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
 
 _CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])  # (8, 3) offsets (x, y, z)
+
+
+def _trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each of the 8 trilinear corners: flat voxel index and weight of every sample.
+
+    ``coordinates`` are ``(S, 3)`` ``(x, y, z)`` in padded-grid units with ``x >= 0`` (from
+    :func:`slice_coordinates`); corners outside the grid get weight 0 (at index 0).
+    """
+    centre = padded_size // 2
+    shifted = coordinates + torch.tensor([0.0, centre, centre], device=coordinates.device)
+    base = torch.floor(shifted)
+    fraction = shifted - base  # (S, 3)
+    x0, y0, z0 = base.long().unbind(-1)
+    for dx, dy, dz in _CORNERS.tolist():
+        x, y, z = x0 + dx, y0 + dy, z0 + dz
+        trilinear = (
+            (fraction[:, 0] if dx else 1 - fraction[:, 0])
+            * (fraction[:, 1] if dy else 1 - fraction[:, 1])
+            * (fraction[:, 2] if dz else 1 - fraction[:, 2])
+        )
+        inside = (x < half_size) & (y >= 0) & (y < padded_size) & (z >= 0) & (z < padded_size)
+        yield torch.where(inside, (z * padded_size + y) * half_size + x, 0), torch.where(inside, trilinear, 0)
+
+
+def squared_trilinear_sum(grid: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int) -> torch.Tensor:
+    """``Σ_v t_v² · grid_v`` over the trilinear corners v of each slice sample.
+
+    Inserting a value ``a`` at a sample and extracting at the same sample returns
+    ``a · Σ_v t_v² / w_v`` from a grid divided by ``w``: this gives a sample's own share of
+    a reconstruction (with ``grid = 1/w``).
+
+    Parameters
+    ----------
+    grid
+        ``(P, P, P // 2 + 1)`` real values in the centred rfft layout.
+    rotations
+        ``(R, 3, 3)`` RELION matrices A.
+    frequencies
+        ``(M, 2)`` ``(kx, ky)`` in cycles per unpadded box.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(R, M)`` sums.
+    """
+    padded_size, half_size = grid.shape[0], grid.shape[-1]
+    coordinates, _ = slice_coordinates(rotations, frequencies, box_size, padded_size)
+    flat = grid.reshape(-1)
+    total = torch.zeros(coordinates.shape[0] * coordinates.shape[1], dtype=grid.dtype, device=grid.device)
+    for flat_index, trilinear in _trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size):
+        total += trilinear.to(grid.dtype) ** 2 * flat[flat_index]
+    return total.reshape(coordinates.shape[:2])
 
 
 def insert_slices(
@@ -49,7 +103,6 @@ def insert_slices(
         Unpadded box size N.
     """
     padded_size, half_size = data_ft.shape[0], data_ft.shape[-1]
-    centre = padded_size // 2
     # 1-D index_add_ is an order of magnitude faster on CPU than adding rows of 2: real and
     # imaginary parts go in as separate entries of the interleaved float view
     data_flat = torch.view_as_real(data_ft).view(-1)
@@ -62,20 +115,7 @@ def insert_slices(
         coordinates, conjugate = slice_coordinates(rotations[start:stop], frequencies, box_size, padded_size)
         values = torch.where(conjugate, slices[start:stop].conj(), slices[start:stop]).reshape(-1)
         sample_weights = slice_weights[start:stop].reshape(-1)
-        coordinates = coordinates.reshape(-1, 3) + torch.tensor([0.0, centre, centre], device=data_ft.device)
-        base = torch.floor(coordinates)
-        fraction = coordinates - base  # (S, 3)
-        x0, y0, z0 = base.long().unbind(-1)
-        for dx, dy, dz in _CORNERS.tolist():
-            x, y, z = x0 + dx, y0 + dy, z0 + dz
-            trilinear = (
-                (fraction[:, 0] if dx else 1 - fraction[:, 0])
-                * (fraction[:, 1] if dy else 1 - fraction[:, 1])
-                * (fraction[:, 2] if dz else 1 - fraction[:, 2])
-            )
-            inside = (x < half_size) & (y >= 0) & (y < padded_size) & (z >= 0) & (z < padded_size)
-            flat_index = torch.where(inside, (z * padded_size + y) * half_size + x, 0)
-            trilinear = torch.where(inside, trilinear, 0)
+        for flat_index, trilinear in _trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size):
             contribution = values * trilinear
             data_flat.index_add_(0, torch.cat([2 * flat_index, 2 * flat_index + 1]), torch.cat([contribution.real, contribution.imag]).to(data_flat.dtype))
             weight_flat.index_add_(0, flat_index, (sample_weights * trilinear).to(weight_flat.dtype))

@@ -1,0 +1,146 @@
+"""class3d end to end on small simulated data with known classes, and the select job."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryotorch.data.phantom import blob_phantom
+from cryotorch.io import read_mrc, read_particles, read_star, write_mrc
+from cryotorch.ops.healpix import rotation_angle_deg
+
+from test_jobs import REPO, train
+
+BOX, PIXEL = 32, 6.0
+
+
+def accuracy(truth: np.ndarray, assigned: np.ndarray) -> float:
+    """Fraction of particles in their true class after the best matching of labels."""
+    labels = sorted(set(truth.tolist()) | set(assigned.tolist()))
+    best = 0.0
+    for perm in itertools.permutations(labels):
+        mapping = dict(zip(labels, perm))
+        best = max(best, float(np.mean([mapping[a] == t for a, t in zip(assigned, truth)])))
+    return best
+
+
+@pytest.fixture(scope="module")
+def two_class_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("class3d")
+    maps = [blob_phantom(BOX, PIXEL, seed=seed) for seed in (11, 12)]
+    for index, volume in enumerate(maps):
+        write_mrc(folder / f"map{index}.mrc", volume, PIXEL)
+    write_mrc(folder / "reference.mrc", (maps[0] + maps[1]) / 2, PIXEL)
+    sim = folder / "sim"
+    train(
+        "+job=simulate", f"job.maps=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]", "job.n_particles=240",
+        "job.snr=0.5", "job.origin_sigma_angstrom=4", "job.defocus_min_angstrom=10000", "job.defocus_max_angstrom=20000",
+        f"hydra.run.dir={sim}",
+    )
+    return {"folder": folder, "particles": sim / "particles.star", "truth": sim / "truth.star", "reference": folder / "reference.mrc"}
+
+
+def classify(data: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return train(
+        "+job=class3d", f"data.particles={data['particles']}", f"job.reference={data['reference']}", "job.K=2",
+        "job.ini_high_A=30", f"hydra.run.dir={out}", *extra,
+    )
+
+
+def final_classes(out: Path, iteration: int) -> np.ndarray:
+    return read_particles(out / f"run_it{iteration:03d}_data.star").class_number
+
+
+def test_classification_without_alignment_separates_the_classes(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "noalign"
+    classify(two_class_data, out, "job.n_iterations=6", "sampling.align=false")
+    truth = read_particles(two_class_data["truth"]).class_number
+    assert accuracy(truth, final_classes(out, 6)) >= 0.95
+    for name in ("run_it006_data.star", "run_it006_model.star", "run_it006_optimiser.star", "run_it006_class001.mrc", "run_it006_class002.mrc"):
+        assert (out / name).is_file(), name
+    model = read_star(out / "run_it006_model.star")
+    assert model["model_classes"]["rlnClassDistribution"].sum() == pytest.approx(1.0)
+    assert {"model_general", "model_class_1", "model_class_2", "model_groups", "model_group_1"} <= set(model)
+    optimiser = read_star(out / "run_it006_optimiser.star")["optimiser_general"]
+    assert int(optimiser["rlnCurrentIteration"]) == 6 and int(optimiser["rlnDoSkipAlign"]) == 1
+    data = read_star(out / "run_it006_data.star")["particles"]
+    for column in ("rlnClassNumber", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"):
+        assert column in data
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_classification_with_local_alignment_finds_classes_and_poses(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "align"
+    classify(two_class_data, out, "job.n_iterations=5", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.local_search_deg=20")
+    truth = read_particles(two_class_data["truth"])
+    result = read_particles(out / "run_it005_data.star")
+    assert accuracy(truth.class_number, result.class_number) >= 0.9
+    errors = rotation_angle_deg(torch.as_tensor(truth.euler_deg), torch.as_tensor(result.euler_deg))
+    assert float(errors.median()) < 12.0  # 7.5° fine sampling
+    assert float(np.median(np.linalg.norm(truth.origin_angstrom - result.origin_angstrom, axis=1))) < PIXEL
+
+
+@pytest.mark.slow
+def test_classification_with_global_alignment(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "global"
+    classify(two_class_data, out, "job.n_iterations=10", "sampling.angular_step_deg=15", "sampling.offset_range_px=2")
+    truth = read_particles(two_class_data["truth"])
+    result = read_particles(out / "run_it010_data.star")
+    assert accuracy(truth.class_number, result.class_number) >= 0.9
+    errors = rotation_angle_deg(torch.as_tensor(truth.euler_deg), torch.as_tensor(result.euler_deg))
+    assert float(errors.median()) < 12.0
+
+
+def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    classify(two_class_data, whole, "job.n_iterations=4", "sampling.align=false")
+    classify(two_class_data, resumed, "job.n_iterations=2", "sampling.align=false")
+    continued = tmp_path / "continued"
+    classify(two_class_data, continued, "job.n_iterations=3", "sampling.align=false", f"job.continue_from={resumed}")
+    assert (continued / "run_it003_data.star").is_file() and not (continued / "run_it001_data.star").exists()
+    (resumed / "run_it002_class001.mrc").unlink()  # outputs may be lost; the checkpoint is what counts
+    classify(two_class_data, resumed, "job.n_iterations=4", "sampling.align=false")
+    np.testing.assert_array_equal(final_classes(resumed, 4), final_classes(whole, 4))
+    for k in (1, 2):
+        np.testing.assert_allclose(read_mrc(resumed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data, atol=1e-6)
+
+
+def test_two_processes_give_the_same_classes_and_maps(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    classify(two_class_data, one, "job.n_iterations=3", "sampling.align=false")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
+    result = subprocess.run(
+        [*torchrun, "+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
+         "job.K=2", "job.ini_high_A=30", "job.n_iterations=3", "sampling.align=false", f"hydra.run.dir={two}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(final_classes(two, 3), final_classes(one, 3))
+    for k in (1, 2):
+        a = read_mrc(one / f"run_it003_class00{k}.mrc").data
+        np.testing.assert_allclose(read_mrc(two / f"run_it003_class00{k}.mrc").data, a, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_select_writes_the_chosen_classes(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "noalign"
+    classify(two_class_data, out, "job.n_iterations=2", "sampling.align=false")
+    classes = final_classes(out, 2)
+    selected = tmp_path / "select"
+    train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[2]", f"hydra.run.dir={selected}")
+    subset = read_particles(selected / "particles.star")
+    assert len(subset) == int((classes == 2).sum()) and (subset.class_number == 2).all()
+    empty = train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[]", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
+    assert empty.returncode == 2 and "job.classes" in empty.stderr + empty.stdout
+
+
+def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    wrong_box = tmp_path / "big.mrc"
+    write_mrc(wrong_box, torch.zeros(40, 40, 40), PIXEL)
+    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={wrong_box}", f"hydra.run.dir={tmp_path / 'a'}", check=False)
+    assert result.returncode == 2 and "big.mrc" in result.stderr + result.stdout and "box" in result.stderr + result.stdout
