@@ -12,38 +12,22 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
-import time
-from collections.abc import Callable
 
 import torch
 from torch_fourier_slice import backproject_2d_to_3d, project_3d_to_2d
 
 from cryotorch.conventions import fft_frequencies_2d
 from cryotorch.data.phantom import blob_phantom
+from cryotorch.monitor.timing import best_wall_time
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes, project_volumes
 from cryotorch.ops.rotations import random_rotations
 
 
-def timed(function: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up, in seconds."""
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a large tensor copy (read + write)."""
     source = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
-    seconds = timed(lambda: source.clone(), device)
+    seconds = best_wall_time(lambda: source.clone(), device)
     return 2 * source.numel() * 4 / seconds
 
 
@@ -73,18 +57,18 @@ def bench_ours(box: int, n_slices: int, device: torch.device, bandwidth: float) 
         if reconstruct:
             reconstruct_from_sums(symmetrize_hermitian_plane(data, True), symmetrize_hermitian_plane(weight, False), box, 1e-3)
 
-    extract_s = timed(lambda: extract_slices(volume_ft, rotations, frequencies, box), device)
-    insert_s = timed(lambda: insert(False), device)
+    extract_s = best_wall_time(lambda: extract_slices(volume_ft, rotations, frequencies, box), device)
+    insert_s = best_wall_time(lambda: insert(False), device)
     # each sample gathers 8 complex64 neighbours and writes one complex64 value; insertion
     # read-modify-writes 8 neighbours of data (complex64) and weight (float32)
     return {
         "n_freq": n_freq,
         "extract": n_slices / extract_s,
         "extract_bw": n_slices * n_freq * (8 * 8 + 8) / extract_s / bandwidth,
-        "project": n_slices / timed(lambda: project_volumes(volume[None], rotations, real_space=True), device),
+        "project": n_slices / best_wall_time(lambda: project_volumes(volume[None], rotations, real_space=True), device),
         "insert": n_slices / insert_s,
         "insert_bw": n_slices * n_freq * 8 * 2 * (8 + 4) / insert_s / bandwidth,
-        "backproject": n_slices / timed(lambda: insert(True), device),
+        "backproject": n_slices / best_wall_time(lambda: insert(True), device),
         "peak_mb": peak_memory_mb(device),
     }
 
@@ -97,8 +81,8 @@ def bench_reference(box: int, n_slices: int, device: torch.device) -> dict[str, 
     matrices = rotations.transpose(1, 2)
     images = project_3d_to_2d(volume, matrices, pad_factor=2.0)
     return {
-        "project": n_slices / timed(lambda: project_3d_to_2d(volume, matrices, pad_factor=2.0), device),
-        "backproject": n_slices / timed(lambda: backproject_2d_to_3d(images, matrices, pad_factor=2.0), device),
+        "project": n_slices / best_wall_time(lambda: project_3d_to_2d(volume, matrices, pad_factor=2.0), device),
+        "backproject": n_slices / best_wall_time(lambda: backproject_2d_to_3d(images, matrices, pad_factor=2.0), device),
     }
 
 

@@ -26,7 +26,7 @@ from cryotorch.em.sampling import PoseGrid
 from cryotorch.ops.healpix import rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "WeightedSlices", "EStepResult", "expectation", "phase_ramps"]
+__all__ = ["PreparedBatch", "EStepSettings", "WeightedSlices", "EStepResult", "expectation", "phase_ramps", "score_batch"]
 
 
 @dataclass
@@ -157,7 +157,7 @@ def phase_ramps(shifts_px: torch.Tensor, frequencies: torch.Tensor, box_size: in
     return torch.polar(torch.ones_like(phase), phase)
 
 
-def _scores(batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def score_batch(batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-likelihoods ``(B, T, C)`` of B particles × T translations against C projections.
 
     Returns the scores without the ‖X‖² constant, and ``L`` ``(B, T, n)`` for the M-step.
@@ -237,7 +237,7 @@ def expectation(
     frequencies = settings.frequencies
     ramps_coarse = phase_ramps(grid.coarse_shifts_px, frequencies[:n_coarse], settings.box_size)
     n_rot = grid.coarse_rotations.shape[0]
-    scores, _ = _scores(batch, coarse_projections.reshape(n_classes * n_rot, n_coarse), ramps_coarse, n_coarse)
+    scores, _ = score_batch(batch, coarse_projections.reshape(n_classes * n_rot, n_coarse), ramps_coarse, n_coarse)
     b, t = scores.shape[:2]
     logits = scores.reshape(b, t, n_classes, n_rot)
     logits = logits + per_particle_prior[:, None, :, None]
@@ -330,7 +330,7 @@ def _fine_sub_batch(
         if members.numel():
             projections[members] = extract_slices(volumes_ft[k : k + 1], fine_rotations[members], frequencies, box, settings.memory_budget_bytes)[0]
     ramps = phase_ramps(fine_shifts, frequencies, box)
-    scores, weighted = _scores(batch, projections, ramps, n)  # (b, Tu·S, Uc·F), (b, Tu·S, n)
+    scores, weighted = score_batch(batch, projections, ramps, n)  # (b, Tu·S, Uc·F), (b, Tu·S, n)
     allowed = significant[:, shift_used][:, :, pair_used[:, 0], pair_used[:, 1]]  # (b, Tu, Uc)
     allowed = allowed[:, :, None, :, None].expand(b, -1, n_sub_shift, -1, n_sub_rot).reshape(b, fine_shifts.shape[0], -1)
     allowed = allowed & class_mask[:, fine_class][:, None, :]
