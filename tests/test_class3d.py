@@ -59,17 +59,17 @@ def final_classes(out: Path, iteration: int) -> np.ndarray:
 
 def test_classification_without_alignment_separates_the_classes(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "noalign"
-    classify(two_class_data, out, "job.n_iterations=6", "sampling.align=false")
+    classify(two_class_data, out, "job.n_iterations=10", "sampling.align=false")
     truth = read_particles(two_class_data["truth"]).class_number
-    assert accuracy(truth, final_classes(out, 6)) >= 0.95
-    for name in ("run_it006_data.star", "run_it006_model.star", "run_it006_optimiser.star", "run_it006_class001.mrc", "run_it006_class002.mrc"):
+    assert accuracy(truth, final_classes(out, 10)) >= 0.95
+    for name in ("run_it010_data.star", "run_it010_model.star", "run_it010_optimiser.star", "run_it010_class001.mrc", "run_it010_class002.mrc"):
         assert (out / name).is_file(), name
-    model = read_star(out / "run_it006_model.star")
+    model = read_star(out / "run_it010_model.star")
     assert model["model_classes"]["rlnClassDistribution"].sum() == pytest.approx(1.0)
     assert {"model_general", "model_class_1", "model_class_2", "model_groups", "model_group_1"} <= set(model)
-    optimiser = read_star(out / "run_it006_optimiser.star")["optimiser_general"]
-    assert int(optimiser["rlnCurrentIteration"]) == 6 and int(optimiser["rlnDoSkipAlign"]) == 1
-    data = read_star(out / "run_it006_data.star")["particles"]
+    optimiser = read_star(out / "run_it010_optimiser.star")["optimiser_general"]
+    assert int(optimiser["rlnCurrentIteration"]) == 10 and int(optimiser["rlnDoSkipAlign"]) == 1
+    data = read_star(out / "run_it010_data.star")["particles"]
     for column in ("rlnClassNumber", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"):
         assert column in data
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))

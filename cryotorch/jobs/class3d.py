@@ -52,12 +52,12 @@ from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import log_central_slices, log_scalars, progress
 from cryotorch.conventions import euler_deg_to_matrix
-from cryotorch.ops.backprojection import squared_trilinear_sum
+from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
 from cryotorch.ops.fourier import radial_average, shell_index_2d, shell_index_3d, translate_2d_ft
 from cryotorch.ops.healpix import order_from_angular_step, rotation_angle_deg
-from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
+from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
 
@@ -154,6 +154,7 @@ class Class3DJob:
         self.reader = ParticleImageReader(table, preload=context.preload)
         self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
         self.mask = self.load_mask(box, pixel)
+        self.self_kept, self.self_overlap = self.self_fit_geometry(padded_box_size(box, context.padding_factor))
         self.image_mask = soft_spherical_mask(box, self.diameter_A / (2 * pixel), 5.0, ndim=2, device=self.device)
 
         model = ClassModel(self.n_classes, box, padded_box_size(box, context.padding_factor), len(group_ids), pixel).to(self.device)
@@ -384,28 +385,38 @@ class Class3DJob:
     def self_fit_discount(self, model: ClassModel, batch: PreparedBatch, state: ParticleState, index: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor | None:
         """``(B, K)`` log-likelihood each particle gains from its own share of its last class map.
 
-        A particle that helped to make map k fits it better by its own noise. Inserting ``L``
-        with weight ``2Q`` and projecting again at the same pose moves the projection by
-        ``L · Σ_v t_v²/(weight_v + 1/τ²)`` on the padded grid (t the trilinear weights). The
-        map is then cropped to the unpadded box and masked, which keeps ``mean(mask)/p³`` of
-        such a single-voxel change (p the padding factor). The score rises by about
-        ``4Q`` times that share per component (the noise power ``2σ²`` times ``2Q/σ²``).
-        Removing this expected self-fit — a leave-one-out estimate at the particle's last
-        pose — stops the initial random class split from holding particles in place.
+        A particle that helped to make map k fits it better by its own noise. Its inserted
+        ``L`` (weight ``2Q``) returns in the projection at the same pose as ``L · share``, with
+        ``share = kept · Σ_v c_v/(weight_v + 1/τ²)`` from the last reconstruction
+        (:func:`~cryotorch.ops.backprojection.self_overlap_sum`; ``kept`` and the neighbour
+        overlap account for the crop to the unpadded box, the gridding correction and the
+        solvent mask). That raises the score by about ``4Q · share`` per component (the noise
+        power ``2σ²`` times ``2Q/σ²``). Removing this expected self-fit — a leave-one-out
+        estimate at the particle's last pose — stops the initial random class split from
+        holding particles in place.
         """
         previous = state.class_number[index]
         if int(previous.max()) == 0 or float(model.inverse_denominator.abs().max()) == 0:
             return None
         q = 0.5 * (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2  # (B, M)
         rotations = euler_deg_to_matrix(state.euler_deg[index]).float()
-        kept = float(self.mask.mean()) * (self.box / model.inverse_denominator.shape[1]) ** 3
         discount = torch.zeros(previous.shape[0], self.n_classes, device=q.device)
         for k in range(self.n_classes):
             members = (previous == k + 1).nonzero()[:, 0]
             if members.numel():
-                share = squared_trilinear_sum(model.inverse_denominator[k], rotations[members], frequencies, self.box)
-                discount[members, k] = -kept * (4.0 * q[members] * share).sum(-1)
+                share = self_overlap_sum(model.inverse_denominator[k], rotations[members], frequencies, self.box, self.self_overlap)
+                discount[members, k] = -self.self_kept * (4.0 * q[members] * share).sum(-1)
         return discount
+
+    def self_fit_geometry(self, padded: int) -> tuple[float, float]:
+        """Fraction of a single padded-grid voxel change kept by crop, gridding and mask, and
+        the fraction its axis neighbours receive (the overlap of :func:`self_overlap_sum`)."""
+        weighting = self.mask / gridding_kernel_3d(self.box, padded, self.device) ** 2
+        coordinate = torch.arange(self.box, device=self.device, dtype=torch.float32) - self.box // 2
+        wave = torch.cos(2 * math.pi * coordinate / padded)
+        overlap = sum(float((weighting * wave.reshape(shape)).sum()) for shape in ((-1, 1, 1), (1, -1, 1), (1, 1, -1))) / (3 * float(weighting.sum()))
+        kept = float(weighting.mean()) * (self.box / padded) ** 3
+        return kept, overlap
 
     def expand_symmetry(self, result: Any) -> None:
         """Every symmetry mate A·L of a slice's orientation receives the same data."""

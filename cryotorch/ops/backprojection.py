@@ -16,7 +16,7 @@ from cryotorch.conventions import irfft3_centered
 from cryotorch.ops.fourier import radius_grid_3d
 from cryotorch.ops.projection import gridding_kernel_3d, rotation_chunk_size, slice_coordinates
 
-__all__ = ["insert_slices", "squared_trilinear_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
+__all__ = ["insert_slices", "self_overlap_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
 
 _CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])  # (8, 3) offsets (x, y, z)
 
@@ -43,21 +43,28 @@ def _trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: i
         yield torch.where(inside, (z * padded_size + y) * half_size + x, 0), torch.where(inside, trilinear, 0)
 
 
-def squared_trilinear_sum(grid: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int) -> torch.Tensor:
-    """``Σ_v t_v² · grid_v`` over the trilinear corners v of each slice sample.
+def self_overlap_sum(
+    grid: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int, neighbour_overlap: float = 0.0
+) -> torch.Tensor:
+    """``Σ_v c_v · grid_v`` over the trilinear corners v of each slice sample.
 
-    Inserting a value ``a`` at a sample and extracting at the same sample returns
-    ``a · Σ_v t_v² / w_v`` from a grid divided by ``w``: this gives a sample's own share of
-    a reconstruction (with ``grid = 1/w``).
+    A value inserted at a sample and extracted again at the same sample from a grid divided
+    by ``w`` comes back multiplied by ``Σ_v c_v / w_v``. Without further processing
+    ``c_v = t_v²`` (t the trilinear weights). Cropping the padded reconstruction to the
+    unpadded box spreads each voxel onto its neighbours, which then carry
+    ``neighbour_overlap`` of its value along each axis; per axis the corner weight becomes
+    ``t·(t + (1 − t)·overlap)``.
 
     Parameters
     ----------
     grid
-        ``(P, P, P // 2 + 1)`` real values in the centred rfft layout.
+        ``(P, P, P // 2 + 1)`` real values in the centred rfft layout (e.g. ``1/w``).
     rotations
         ``(R, 3, 3)`` RELION matrices A.
     frequencies
         ``(M, 2)`` ``(kx, ky)`` in cycles per unpadded box.
+    neighbour_overlap
+        Fraction of a voxel's value its axis neighbours receive (0: none).
 
     Returns
     -------
@@ -66,11 +73,19 @@ def squared_trilinear_sum(grid: torch.Tensor, rotations: torch.Tensor, frequenci
     """
     padded_size, half_size = grid.shape[0], grid.shape[-1]
     coordinates, _ = slice_coordinates(rotations, frequencies, box_size, padded_size)
+    coordinates = coordinates.reshape(-1, 3)
+    fraction = coordinates + torch.tensor([0.0, padded_size // 2, padded_size // 2], device=coordinates.device)
+    fraction = fraction - torch.floor(fraction)  # (S, 3)
+    # per axis and corner side: t·(t + (1 − t)·overlap), with t = 1 − f or f
+    low = (1 - fraction) * ((1 - fraction) + fraction * neighbour_overlap)
+    high = fraction * (fraction + (1 - fraction) * neighbour_overlap)
     flat = grid.reshape(-1)
-    total = torch.zeros(coordinates.shape[0] * coordinates.shape[1], dtype=grid.dtype, device=grid.device)
-    for flat_index, trilinear in _trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size):
-        total += trilinear.to(grid.dtype) ** 2 * flat[flat_index]
-    return total.reshape(coordinates.shape[:2])
+    total = torch.zeros(coordinates.shape[0], dtype=grid.dtype, device=grid.device)
+    corners = _CORNERS.tolist()
+    for (flat_index, trilinear), (dx, dy, dz) in zip(_trilinear_corners(coordinates, padded_size, half_size), corners):
+        weight = (high[:, 0] if dx else low[:, 0]) * (high[:, 1] if dy else low[:, 1]) * (high[:, 2] if dz else low[:, 2])
+        total += torch.where(trilinear > 0, weight, 0).to(grid.dtype) * flat[flat_index]
+    return total.reshape(rotations.shape[0], -1)
 
 
 def insert_slices(
