@@ -213,7 +213,9 @@ class Class3DJob:
             volumes = irfft3_centered(lowpass_filter_3d(rfft3_centered(volumes), self.ini_high_A, pixel), box)
         volumes = volumes * self.mask
         power, counts, signal_var, noise_var = self.data_statistics(context)
-        factor = 1.0 if self.reference_absolute_greyscale else self.greyscale_factor(volumes.mean(0), signal_var)
+        # an empty reference (e.g. a class for junk) must not dilute the grey-scale estimate
+        nonzero = volumes.flatten(1).abs().amax(dim=1) > 0
+        factor = 1.0 if self.reference_absolute_greyscale or not nonzero.any() else self.greyscale_factor(volumes[nonzero].mean(0), signal_var)
         model.volumes.copy_((volumes * factor).expand_as(model.volumes))
         n_shells = box // 2 + 1
         # the prior's power comes from the unfiltered reference: the low-pass only sets where the
