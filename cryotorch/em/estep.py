@@ -192,6 +192,15 @@ def _significant(posterior: torch.Tensor, fraction: float, cap: int) -> torch.Te
     return torch.zeros(posterior.shape, dtype=torch.bool, device=posterior.device).scatter(-1, order, keep_sorted)
 
 
+def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> torch.Tensor:
+    """:func:`_significant` of ``softmax(logits)``, without forming the whole softmax."""
+    cap = min(cap, logits.shape[-1])
+    top, order = torch.topk(logits, cap, dim=-1)
+    posterior = torch.exp(top - torch.logsumexp(logits, dim=-1, keepdim=True))
+    keep_sorted = (posterior.cumsum(-1) - posterior) < fraction
+    return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, keep_sorted)
+
+
 def expectation(
     batch: PreparedBatch,
     volumes_ft: torch.Tensor,
@@ -240,19 +249,19 @@ def expectation(
     scores, _ = score_batch(batch, coarse_projections.reshape(n_classes * n_rot, n_coarse), ramps_coarse, n_coarse)
     b, t = scores.shape[:2]
     logits = scores.reshape(b, t, n_classes, n_rot)
-    logits = logits + per_particle_prior[:, None, :, None]
+    # class and origin priors (and the class mask) as one small (B, T, K, 1) term, added in place
+    class_term = torch.where(class_mask, per_particle_prior, -math.inf)  # (B, K)
     origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]  # (B, T, 2)
-    logits = logits + _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[:, :, None, None]
+    offset_term = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)  # (B, T)
+    logits.add_((offset_term[:, :, None] + class_term[:, None, :])[..., None].to(logits.dtype))
     if settings.local_sigma_deg is not None:
         angles = rotation_angle_deg(batch.prior_euler_deg[:, None, :], grid.coarse_euler_deg[None].to(batch.prior_euler_deg.dtype))  # (B, R)
         orientation_prior = -(angles**2) / (2 * settings.local_sigma_deg**2)
         # searched: within 3σ, and never fewer than the coarse samples nearest to the prior
         searched = (angles <= 3 * settings.local_sigma_deg) | (angles <= angles.min(dim=1, keepdim=True).values + grid.coarse_step_deg)
         orientation_prior = torch.where(searched, orientation_prior, -math.inf)
-        logits = logits + orientation_prior[:, None, None, :].to(logits.dtype)
-    logits = torch.where(class_mask[:, None, :, None], logits, -math.inf)
-    posterior = torch.softmax(logits.reshape(b, -1), dim=-1)
-    significant = _significant(posterior, settings.significance, settings.max_significant).reshape(b, t, n_classes, n_rot)
+        logits.add_(orientation_prior[:, None, None, :].to(logits.dtype))
+    significant = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant).reshape(b, t, n_classes, n_rot)
     return _fine_pass(batch, volumes_ft, grid, significant, per_particle_prior, offset_sigma_angstrom, settings, class_mask)
 
 
@@ -359,7 +368,8 @@ def _fine_sub_batch(
     data = torch.complex(weights @ weighted.real.reshape(-1, n), weights @ weighted.imag.reshape(-1, n))
     two_q = (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2  # (b, n)
     weight = rotation_posterior.T @ two_q  # (Rf, n)
-    active = rotation_posterior.sum(0) > 0
+    # orientations carrying a negligible share of any particle's posterior add nothing visible
+    active = rotation_posterior.amax(0) > 1e-4
     slices = [
         WeightedSlices(k, fine_rotations[members], data[members], weight[members])
         for k in range(n_classes)

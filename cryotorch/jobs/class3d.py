@@ -31,7 +31,7 @@ from cryotorch.conventions import (
 from cryotorch.data.particles import ctf_parameters, shard_rows, uniform_geometry
 from cryotorch.em.estep import EStepSettings, PreparedBatch, expectation
 from cryotorch.em.mstep import SufficientStatistics, maximization
-from cryotorch.em.sampling import build_pose_grid, coarse_radius_shells
+from cryotorch.em.sampling import PoseGrid, build_pose_grid, coarse_radius_shells
 from cryotorch.errors import InputError
 from cryotorch.io import (
     ClassSummary,
@@ -327,8 +327,7 @@ class Class3DJob:
         coarse = None
         n_coarse = frequencies.shape[0]
         if sampling["align"]:
-            order_healpix = max(0, order_from_angular_step(sampling["angular_step_deg"]) - sampling["oversampling"])
-            grid = build_pose_grid(order_healpix, sampling["offset_range_px"], sampling["offset_step_px"], context.symmetry, sampling["oversampling"], device)
+            grid = self.pose_grid(context)
             coarse_shell = min(radius, coarse_radius_shells(box, pixel, self.diameter_A, grid.coarse_step_deg))
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
             coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget)
@@ -376,6 +375,14 @@ class Class3DJob:
         empty = maximization(model, stats, context.padding_factor, self.tau2_fudge, radius, self.mask)
         self.report(context, model, state, new_state, iteration, radius, empty, n_coarse)
         return new_state
+
+    def pose_grid(self, context: RunContext) -> PoseGrid:
+        """The coarse/fine pose grid of the sampling settings (built once per run)."""
+        if getattr(self, "_pose_grid", None) is None:
+            sampling = context.sampling
+            order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - sampling["oversampling"])
+            self._pose_grid = build_pose_grid(order, sampling["offset_range_px"], sampling["offset_step_px"], context.symmetry, sampling["oversampling"], self.device)
+        return self._pose_grid
 
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
         """RELION's random class split of identical initial references (first iteration only)."""
