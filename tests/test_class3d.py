@@ -77,9 +77,9 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
 
 def test_classification_with_local_alignment_finds_classes_and_poses(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "align"
-    classify(two_class_data, out, "job.n_iterations=5", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.local_search_deg=20")
+    classify(two_class_data, out, "job.n_iterations=10", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.local_search_deg=20")
     truth = read_particles(two_class_data["truth"])
-    result = read_particles(out / "run_it005_data.star")
+    result = read_particles(out / "run_it010_data.star")
     assert accuracy(truth.class_number, result.class_number) >= 0.9
     errors = rotation_angle_deg(torch.as_tensor(truth.euler_deg), torch.as_tensor(result.euler_deg))
     assert float(errors.median()) < 12.0  # 7.5° fine sampling

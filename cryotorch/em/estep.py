@@ -84,6 +84,9 @@ class EStepSettings:
     local_sigma_deg
         Width of a Gaussian prior around each particle's current orientation (searches
         restricted to 3σ); None searches globally.
+    scale_sigma
+        Width of the Gaussian prior ``N(1, σ²)`` on a per-particle, per-class intensity scale
+        that is profiled out of each score (0: no such scale).
     memory_budget_bytes
         Working memory for one fine-pass sub-batch.
     """
@@ -96,6 +99,7 @@ class EStepSettings:
     significance: float = 0.999
     max_significant: int = 500
     local_sigma_deg: float | None = None
+    scale_sigma: float = 0.0
     memory_budget_bytes: float = 2**28
 
 
@@ -157,8 +161,16 @@ def phase_ramps(shifts_px: torch.Tensor, frequencies: torch.Tensor, box_size: in
     return torch.polar(torch.ones_like(phase), phase)
 
 
-def score_batch(batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def score_batch(
+    batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Tensor, n: int, scale_sigma: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-likelihoods ``(B, T, C)`` of B particles × T translations against C projections.
+
+    With ``scale_sigma > 0`` each particle may match each projection at its own intensity
+    ``a`` with a prior ``N(1, σ²)``; the score is maximised over ``a`` in closed form:
+    ``a* = (cross + 1/σ²)/(2·norm + 1/σ²)``, score ``a*·cross − a*²·norm − (a* − 1)²/2σ²``.
+    Classes then compete on the shape of their maps rather than on an amplitude that, after a
+    random start, mostly reflects how much junk each happens to hold.
 
     Returns the scores without the ‖X‖² constant, and ``L`` ``(B, T, n)`` for the M-step.
     """
@@ -170,8 +182,17 @@ def score_batch(batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Te
     projections_stacked = torch.cat([projections.real, projections.imag], dim=-1)  # (C, 2n)
     cross = (stacked @ projections_stacked.T).reshape(b, t, -1)
     q = 0.5 * (batch.scale[:, None] * batch.ctf[:, :n]) ** 2 * batch.inv_sigma2[:, :n]  # (B, n)
-    norm = q @ (projections.abs() ** 2).T  # (B, C)
-    return cross - norm[:, None, :], weighted
+    norm = (q @ (projections.abs() ** 2).T)[:, None, :]  # (B, 1, C)
+    return _profile_scale(cross, norm, scale_sigma), weighted
+
+
+def _profile_scale(cross: torch.Tensor, norm: torch.Tensor, scale_sigma: float) -> torch.Tensor:
+    """``cross − norm``, or its maximum over an intensity scale with prior ``N(1, σ²)``."""
+    if scale_sigma <= 0:
+        return cross.sub_(norm)
+    precision = 1.0 / scale_sigma**2
+    scale = (cross + precision) / (2 * norm + precision)
+    return scale * cross - scale**2 * norm - 0.5 * precision * (scale - 1) ** 2
 
 
 def _offset_log_prior(origins_px: torch.Tensor, pixel_size_angstrom: float, sigma_angstrom: float) -> torch.Tensor:
@@ -246,7 +267,7 @@ def expectation(
     frequencies = settings.frequencies
     ramps_coarse = phase_ramps(grid.coarse_shifts_px, frequencies[:n_coarse], settings.box_size)
     n_rot = grid.coarse_rotations.shape[0]
-    scores, _ = score_batch(batch, coarse_projections.reshape(n_classes * n_rot, n_coarse), ramps_coarse, n_coarse)
+    scores, _ = score_batch(batch, coarse_projections.reshape(n_classes * n_rot, n_coarse), ramps_coarse, n_coarse, settings.scale_sigma)
     b, t = scores.shape[:2]
     logits = scores.reshape(b, t, n_classes, n_rot)
     # class and origin priors (and the class mask) as one small (B, T, K, 1) term, added in place
@@ -339,7 +360,7 @@ def _fine_sub_batch(
         if members.numel():
             projections[members] = extract_slices(volumes_ft[k : k + 1], fine_rotations[members], frequencies, box, settings.memory_budget_bytes)[0]
     ramps = phase_ramps(fine_shifts, frequencies, box)
-    scores, weighted = score_batch(batch, projections, ramps, n)  # (b, Tu·S, Uc·F), (b, Tu·S, n)
+    scores, weighted = score_batch(batch, projections, ramps, n, settings.scale_sigma)  # (b, Tu·S, Uc·F), (b, Tu·S, n)
     allowed = significant[:, shift_used][:, :, pair_used[:, 0], pair_used[:, 1]]  # (b, Tu, Uc)
     allowed = allowed[:, :, None, :, None].expand(b, -1, n_sub_shift, -1, n_sub_rot).reshape(b, fine_shifts.shape[0], -1)
     allowed = allowed & class_mask[:, fine_class][:, None, :]
@@ -409,7 +430,7 @@ def _expectation_fixed_pose(
     # diagonal of the same GEMMs: each particle against its own orientation only
     cross = torch.einsum("bn,kbn->bk", weighted.real, projections.real) + torch.einsum("bn,kbn->bk", weighted.imag, projections.imag)
     norm = torch.einsum("bn,kbn->bk", q, projections.abs() ** 2)
-    logits = cross - norm + log_class_prior
+    logits = _profile_scale(cross, norm, settings.scale_sigma) + log_class_prior
     logits = torch.where(_class_mask(forced_class, b, n_classes, device), logits, -math.inf)
     log_evidence = torch.logsumexp(logits, dim=-1)
     posterior = torch.exp(logits - log_evidence[:, None])  # (b, K)

@@ -104,6 +104,7 @@ class Class3DJob:
         highres_limit_estep_A: float | None = None,
         increment_shells: int = 5,
         fast_subsets: bool = False,
+        scale_prior_sigma: float = 0.2,
         continue_from: str | None = None,
     ) -> None:
         if K < 1:
@@ -112,6 +113,8 @@ class Class3DJob:
             raise InputError(f"job.n_iterations must be at least 1, got {n_iterations}")
         if tau2_fudge <= 0:
             raise InputError(f"job.tau2_fudge must be positive, got {tau2_fudge}")
+        if scale_prior_sigma < 0:
+            raise InputError(f"job.scale_prior_sigma must be 0 (off) or positive, got {scale_prior_sigma}")
         if reference is None:
             raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
         references = [reference] if isinstance(reference, str) else list(reference)
@@ -132,6 +135,7 @@ class Class3DJob:
         self.highres_limit_estep_A = highres_limit_estep_A
         self.increment_shells = increment_shells
         self.fast_subsets = fast_subsets
+        self.scale_prior_sigma = scale_prior_sigma
         self.continue_from = continue_from
 
     # ------------------------------------------------------------------ set-up
@@ -340,6 +344,7 @@ class Class3DJob:
             significance=float(sampling["significance"]),
             max_significant=int(sampling["max_significant"]),
             local_sigma_deg=None if sampling["local_search_deg"] is None else float(sampling["local_search_deg"]) / 3,
+            scale_sigma=self.scale_prior_sigma,
             # dense fine-pass score matrices stay small enough to be cache- and memory-friendly
             memory_budget_bytes=min(budget / 4, 2**26),
         )
