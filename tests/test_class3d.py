@@ -144,3 +144,15 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     write_mrc(wrong_box, torch.zeros(40, 40, 40), PIXEL)
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={wrong_box}", f"hydra.run.dir={tmp_path / 'a'}", check=False)
     assert result.returncode == 2 and "big.mrc" in result.stderr + result.stdout and "box" in result.stderr + result.stdout
+
+
+def test_fixed_references_classify_against_known_maps(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    folder = two_class_data["folder"]
+    out = tmp_path / "fixed"
+    train(
+        "+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]",
+        "job.K=2", "job.ini_high_A=null", "job.n_iterations=2", "job.update_references=false", "sampling.align=false", f"hydra.run.dir={out}",
+    )
+    np.testing.assert_array_equal(read_mrc(out / "run_it001_class001.mrc").data, read_mrc(out / "run_it002_class001.mrc").data)
+    truth = read_particles(two_class_data["truth"]).class_number
+    assert float(np.mean(final_classes(out, 2) == truth)) >= 0.95  # labels follow the references

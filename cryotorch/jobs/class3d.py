@@ -105,6 +105,7 @@ class Class3DJob:
         increment_shells: int = 5,
         fast_subsets: bool = False,
         scale_prior_sigma: float = 0.2,
+        update_references: bool = True,
         continue_from: str | None = None,
     ) -> None:
         if K < 1:
@@ -136,6 +137,7 @@ class Class3DJob:
         self.increment_shells = increment_shells
         self.fast_subsets = fast_subsets
         self.scale_prior_sigma = scale_prior_sigma
+        self.update_references = update_references
         self.continue_from = continue_from
 
     # ------------------------------------------------------------------ set-up
@@ -377,7 +379,11 @@ class Class3DJob:
         for tensor in stats.tensors():
             tensor.copy_(context.all_reduce_sum(tensor))
         new_state = self.gather_state(context, new_state, rows)
+        references = model.volumes.clone()
         empty = maximization(model, stats, context.padding_factor, self.tau2_fudge, radius, self.mask)
+        if not self.update_references:
+            # classification against fixed maps: only noise, scales and class weights are learnt
+            model.volumes.copy_(references)
         self.report(context, model, state, new_state, iteration, radius, empty, n_coarse)
         return new_state
 
