@@ -187,12 +187,16 @@ def score_batch(
 
 
 def _profile_scale(cross: torch.Tensor, norm: torch.Tensor, scale_sigma: float) -> torch.Tensor:
-    """``cross − norm``, or its maximum over an intensity scale with prior ``N(1, σ²)``."""
+    """``cross − norm``, or its maximum over an intensity scale with prior ``N(1, σ²)``.
+
+    With precision ``p = 1/σ²``, ``max_a a·c − a²·n − (p/2)(a − 1)²`` is reached at
+    ``a* = (c + p)/(2n + p)`` and equals ``(c + p)²/(2(2n + p)) − p/2``; computed in place on
+    ``cross``, which is the largest array of the E-step.
+    """
     if scale_sigma <= 0:
         return cross.sub_(norm)
     precision = 1.0 / scale_sigma**2
-    scale = (cross + precision) / (2 * norm + precision)
-    return scale * cross - scale**2 * norm - 0.5 * precision * (scale - 1) ** 2
+    return cross.add_(precision).square_().div_(2 * (2 * norm + precision)).sub_(0.5 * precision)
 
 
 def _offset_log_prior(origins_px: torch.Tensor, pixel_size_angstrom: float, sigma_angstrom: float) -> torch.Tensor:
