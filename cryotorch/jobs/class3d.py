@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cryotorch.conventions import (
+    euler_deg_to_matrix,
     fft_frequencies_2d,
     image_shift_from_origin,
     irfft2_centered,
@@ -51,7 +52,6 @@ from cryotorch.io import (
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import log_central_slices, log_scalars, progress
-from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask

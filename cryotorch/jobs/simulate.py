@@ -10,7 +10,6 @@ CTF and a random half-set split, as a consensus refinement would give them) and
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
