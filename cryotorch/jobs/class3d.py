@@ -138,6 +138,7 @@ class Class3DJob:
         self.fast_subsets = fast_subsets
         self.scale_prior_sigma = scale_prior_sigma
         self.update_references = update_references
+        self._pose_grid: PoseGrid | None = None
         self.continue_from = continue_from
 
     # ------------------------------------------------------------------ set-up
@@ -389,7 +390,7 @@ class Class3DJob:
 
     def pose_grid(self, context: RunContext) -> PoseGrid:
         """The coarse/fine pose grid of the sampling settings (built once per run)."""
-        if getattr(self, "_pose_grid", None) is None:
+        if self._pose_grid is None:
             sampling = context.sampling
             order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - sampling["oversampling"])
             self._pose_grid = build_pose_grid(order, sampling["offset_range_px"], sampling["offset_step_px"], context.symmetry, sampling["oversampling"], self.device)
