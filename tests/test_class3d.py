@@ -146,6 +146,14 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     assert result.returncode == 2 and "big.mrc" in result.stderr + result.stdout and "box" in result.stderr + result.stdout
 
 
+def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "uncorrected"
+    classify(two_class_data, out, "job.n_iterations=2", "job.reference_ctf_corrected=false", "job.ignore_ctf_until_first_peak=true", "sampling.align=false")
+    optimiser = read_star(out / "run_it002_optimiser.star")["optimiser_general"]
+    assert int(optimiser["rlnRefsAreCtfCorrected"]) == 0 and int(optimiser["rlnDoIgnoreCtfUntilFirstPeak"]) == 1
+    assert np.isfinite(read_mrc(out / "run_it002_class001.mrc").data).all()
+
+
 def test_fixed_references_classify_against_known_maps(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     folder = two_class_data["folder"]
     out = tmp_path / "fixed"

@@ -73,6 +73,7 @@ class OptimiserSummary:
     skip_align: bool
     correct_ctf: bool
     ignore_ctf_until_first_peak: bool
+    references_ctf_corrected: bool
     changes_orientations_deg: float
     changes_offsets_angstrom: float
     changes_classes: float
@@ -184,6 +185,7 @@ def write_optimiser_star(path: str | os.PathLike[str], optimiser: OptimiserSumma
                 "rlnHasConverged": 0,
                 "rlnDoCorrectCtf": int(o.correct_ctf),
                 "rlnDoIgnoreCtfUntilFirstPeak": int(o.ignore_ctf_until_first_peak),
+                "rlnRefsAreCtfCorrected": int(o.references_ctf_corrected),
             }
         },
     )

@@ -101,6 +101,7 @@ class Class3DJob:
         ini_high_A: float = 60.0,
         ctf: bool = True,
         ignore_ctf_until_first_peak: bool = False,
+        reference_ctf_corrected: bool = True,
         highres_limit_estep_A: float | None = None,
         increment_shells: int = 5,
         fast_subsets: bool = False,
@@ -133,6 +134,7 @@ class Class3DJob:
         self.ini_high_A = ini_high_A
         self.ctf = ctf
         self.ignore_ctf_until_first_peak = ignore_ctf_until_first_peak
+        self.reference_ctf_corrected = reference_ctf_corrected
         self.highres_limit_estep_A = highres_limit_estep_A
         self.increment_shells = increment_shells
         self.fast_subsets = fast_subsets
@@ -363,7 +365,9 @@ class Class3DJob:
         for start in progress(starts, len(starts), f"iteration {iteration}", enabled=context.is_main, unit="batch"):
             chunk = rows[start : start + batch_size]
             index = torch.as_tensor(chunk, device=device)
-            batch = self.prepare(model, state, chunk, component_index, shells, frequencies)
+            # as RELION: a reference that is not CTF-corrected is compared without CTFs in the first iteration
+            use_ctf = self.ctf and (iteration > 1 or self.reference_ctf_corrected)
+            batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
             groups = torch.as_tensor(self.groups[chunk], device=device)
             forced_chunk = None if forced is None else forced[index]
             class_offset = self.self_fit_discount(model, batch, state, index, frequencies)
@@ -457,8 +461,10 @@ class Class3DJob:
         component_index: torch.Tensor,
         shells: torch.Tensor,
         frequencies: torch.Tensor,
+        use_ctf: bool,
     ) -> PreparedBatch:
-        """Images of ``rows`` as masked, prior-centred Fourier components with CTF and 1/σ²."""
+        """Images of ``rows`` as masked, prior-centred Fourier components with CTF (ones when
+        ``use_ctf`` is False) and 1/σ²."""
         device, box = self.device, self.box
         images = torch.as_tensor(self.reader.read(rows), device=device)
         if self.zero_mask:
@@ -467,7 +473,7 @@ class Class3DJob:
         index = torch.as_tensor(rows, device=device)
         origin = state.origin_px[index]
         spectra = translate_2d_ft(spectra, -image_shift_from_origin(origin), frequencies, box)
-        if self.ctf:
+        if use_ctf:
             ctf = compute_ctf(ctf_parameters(self.table, rows, device), frequencies, box, self.pixel)
             if self.ignore_ctf_until_first_peak:
                 ctf = self.flatten_before_first_peak(ctf, frequencies, rows)
@@ -661,6 +667,7 @@ class Class3DJob:
                 skip_align=not sampling["align"],
                 correct_ctf=self.ctf,
                 ignore_ctf_until_first_peak=self.ignore_ctf_until_first_peak,
+                references_ctf_corrected=self.reference_ctf_corrected,
                 changes_orientations_deg=changes[0],
                 changes_offsets_angstrom=changes[1],
                 changes_classes=changes[2],
