@@ -17,7 +17,7 @@ from cryotorch.conventions import rfft3_centered
 from cryotorch.em.estep import EStepResult, PreparedBatch
 from cryotorch.model.class_model import ClassModel
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
-from cryotorch.ops.fourier import radial_average, shell_index_3d
+from cryotorch.ops.fourier import radial_average, shell_index_3d, shells_to_padded_grid
 
 __all__ = ["SufficientStatistics", "maximization"]
 
@@ -146,7 +146,7 @@ def maximization(
         data = symmetrize_hermitian_plane(stats.data[k], conjugate=True)
         weight = symmetrize_hermitian_plane(stats.weight[k], conjugate=False)
         # τ² per padded shell from the current reference's power (unpadded shell = padded / p)
-        tau2_padded = _to_padded_shells(model.tau2[k], padded // 2 + 1, box, padded)
+        tau2_padded = shells_to_padded_grid(model.tau2[k], padded // 2 + 1, box, padded)
         regularisation = 1.0 / (p3 * tau2_fudge * tau2_padded.clamp(min=1e-30))
         regularisation[0] = 0.0
         volume = reconstruct_from_sums(data, weight, box, regularisation.float()) * mask
@@ -170,11 +170,3 @@ def maximization(
         model.offset_sigma_angstrom.copy_(torch.sqrt(stats.offset_power / (2 * stats.n_particles)).clamp(min=0.5 * model.pixel_size_angstrom))
     return empty
 
-
-def _to_padded_shells(values: torch.Tensor, n_padded_shells: int, box: int, padded: int) -> torch.Tensor:
-    """Linear interpolation of per-shell values onto the padded grid's shells."""
-    position = (torch.arange(n_padded_shells, dtype=torch.float64, device=values.device) * box / padded).clamp(max=values.shape[0] - 1)
-    lower = position.floor().long()
-    upper = (lower + 1).clamp(max=values.shape[0] - 1)
-    fraction = position - lower
-    return values[lower] * (1 - fraction) + values[upper] * fraction

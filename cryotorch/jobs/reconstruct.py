@@ -25,7 +25,7 @@ from cryotorch.monitor import log_central_slices, log_curve, log_scalars, progre
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import soft_spherical_mask
-from cryotorch.ops.fourier import radial_average, shell_index_3d, translate_2d_ft
+from cryotorch.ops.fourier import radial_average, shell_index_3d, shells_to_padded_grid, translate_2d_ft
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 from cryotorch.ops.projection import padded_box_size
 from cryotorch.ops.symmetry import symmetry_matrices
@@ -50,12 +50,7 @@ def fsc_regularisation(fsc: torch.Tensor, mean_weight_padded: torch.Tensor, box_
     """
     clamped = fsc.clamp(0.001, 0.999)
     ssnr = tau2_fudge * clamped / (1 - clamped)
-    padded_shells = torch.arange(mean_weight_padded.shape[0], dtype=torch.float64, device=fsc.device)
-    unpadded = (padded_shells * box_size / padded_size).clamp(max=fsc.shape[0] - 1)
-    lower = unpadded.floor().long()
-    upper = (lower + 1).clamp(max=fsc.shape[0] - 1)
-    fraction = unpadded - lower
-    ssnr_padded = ssnr[lower] * (1 - fraction) + ssnr[upper] * fraction
+    ssnr_padded = shells_to_padded_grid(ssnr, mean_weight_padded.shape[0], box_size, padded_size)
     return mean_weight_padded.double() / ssnr_padded
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "translate_2d_ft",
     "radial_average",
     "shell_power_3d",
+    "shells_to_padded_grid",
 ]
 
 
@@ -102,3 +103,28 @@ def shell_power_3d(volume_ft: torch.Tensor, n_shells: int | None = None) -> torc
     box_size = volume_ft.shape[-3]
     n_shells = n_shells or box_size // 2 + 1
     return radial_average(volume_ft.abs() ** 2, shell_index_3d(box_size, volume_ft.device), n_shells)
+
+
+def shells_to_padded_grid(values: torch.Tensor, n_padded_shells: int, box_size: int, padded_size: int) -> torch.Tensor:
+    """Per-shell values of an N box, linearly interpolated onto the shells of a padded grid.
+
+    Padded shell ``r`` is unpadded shell ``r · N / P``; beyond the last unpadded shell the last
+    value is kept.
+
+    Parameters
+    ----------
+    values
+        ``(n_shells,)`` values per unpadded shell.
+    n_padded_shells
+        Number of padded-grid shells wanted.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n_padded_shells,)`` interpolated values.
+    """
+    position = (torch.arange(n_padded_shells, dtype=torch.float64, device=values.device) * box_size / padded_size).clamp(max=values.shape[0] - 1)
+    lower = position.floor().long()
+    upper = (lower + 1).clamp(max=values.shape[0] - 1)
+    fraction = position - lower
+    return values[lower] * (1 - fraction) + values[upper] * fraction
