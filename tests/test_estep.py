@@ -63,3 +63,45 @@ def test_pose_grid_counts_and_oversampling() -> None:
     assert grid.fine_euler_deg.shape[1:] == (8, 3)
     assert grid.coarse_shifts_px.shape[0] == translation_grid(2.0, 1.0).shape[0] == 13
     torch.testing.assert_close(grid.fine_shifts_px.mean(dim=1), grid.coarse_shifts_px)
+
+
+def _aligned_sums(budget: float) -> tuple[object, torch.Tensor]:
+    """E-step of a fixed random batch on a small grid, with tables of ``budget`` bytes;
+    returns the result and every slice handed back for insertion, back-projected."""
+    from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
+    from cryotorch.ops.backprojection import insert_slices
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(3)
+    box = 16
+    frequencies = fft_frequencies_2d(box).reshape(-1, 2)
+    radii = frequencies.norm(dim=-1)
+    order = torch.argsort(radii, stable=True)
+    frequencies = frequencies[order[(radii[order] > 0) & (radii[order] <= 6)]]
+    # weak maps: broad posteriors over many samples, which fill the tables
+    volumes_ft = prepare_fourier_volumes(0.02 * torch.randn(2, box, box, box, generator=generator))
+    grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
+    batch = random_batch(6, frequencies.shape[0], generator)
+    settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, memory_budget_bytes=2e4)
+    coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box)
+    cache = FinePassCache(volumes_ft, grid, frequencies, box, budget)
+    result = expectation(batch, volumes_ft, coarse, grid, cache, torch.log(torch.tensor([0.4, 0.6])), 10.0, settings)
+    padded = volumes_ft.shape[1]
+    data = torch.zeros(2, padded, padded, padded // 2 + 1, dtype=torch.complex64)
+    weight = torch.zeros(2, padded, padded, padded // 2 + 1)
+    for item in result.slices + cache.drain():
+        insert_slices(data[item.class_index], weight[item.class_index], item.data, item.weight, item.rotations, frequencies, box)
+    return result, torch.cat([torch.view_as_real(data).flatten(), weight.flatten()])
+
+
+def test_fine_pass_tables_of_any_size_give_the_same_posteriors_and_sums() -> None:
+    # a roomy table is filled once; at 1e5 bytes the tables are emptied and drained on the
+    # way; at 3e4 bytes a sub-batch's samples overflow them and bypass them
+    roomy, roomy_sums = _aligned_sums(2**26)
+    assert roomy_sums.abs().max() > 0
+    for budget in (1e5, 3e4):
+        small, small_sums = _aligned_sums(budget)
+        torch.testing.assert_close(small.class_posterior, roomy.class_posterior)
+        torch.testing.assert_close(small.best_euler_deg, roomy.best_euler_deg)
+        torch.testing.assert_close(small.log_likelihood, roomy.log_likelihood)
+        torch.testing.assert_close(small_sums, roomy_sums, rtol=1e-4, atol=1e-4)

@@ -26,7 +26,7 @@ from cryotorch.em.sampling import PoseGrid
 from cryotorch.ops.healpix import rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "WeightedSlices", "EStepResult", "expectation", "phase_ramps", "score_batch"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "WeightedSlices", "EStepResult", "expectation", "phase_ramps", "score_batch"]
 
 
 @dataclass
@@ -148,6 +148,11 @@ class EStepResult:
     best_projections: torch.Tensor
     slices: list[WeightedSlices]
 
+    def select(self, index: torch.Tensor) -> "EStepResult":
+        """The per-particle fields of particles ``index`` (slices are sums, kept whole)."""
+        fields = {name: getattr(self, name)[index] for name in self.__dataclass_fields__ if name != "slices"}
+        return EStepResult(**fields, slices=self.slices)
+
 
 def phase_ramps(shifts_px: torch.Tensor, frequencies: torch.Tensor, box_size: int) -> torch.Tensor:
     """``(T, M)`` factors ``exp(-2πi f·t/N)`` that translate images by ``+t`` pixels.
@@ -159,6 +164,113 @@ def phase_ramps(shifts_px: torch.Tensor, frequencies: torch.Tensor, box_size: in
     """
     phase = -2.0 * math.pi / box_size * (shifts_px @ frequencies.T)
     return torch.polar(torch.ones_like(phase), phase)
+
+
+class FinePassCache:
+    """The fine pass's state over one iteration: child projections, and slice sums.
+
+    The fine pass of every batch asks for the children of its significant (class, coarse
+    orientation) pairs; each pair's ``F`` child projections are extracted the first time and
+    kept in a table. Its posterior-weighted slices are summed per fine orientation in a
+    second table, so that an orientation is inserted into the volumes once per iteration
+    rather than once per batch. Each table holds at most ``memory_budget_bytes``: a full
+    projection table is emptied and refilled, a full sum table is handed back for insertion
+    (:meth:`add`, :meth:`drain`), so memory stays bounded whatever the number of samples.
+
+    Parameters
+    ----------
+    volumes_ft
+        ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes.
+    grid
+        The pose grid whose ``fine_euler_deg`` ``(R, F, 3)`` are projected.
+    frequencies
+        ``(M, 2)`` components of the projections.
+    box_size
+        Image size N.
+    memory_budget_bytes
+        Size of each table.
+    """
+
+    def __init__(self, volumes_ft: torch.Tensor, grid: PoseGrid, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
+        n_classes = volumes_ft.shape[0]
+        n_rot, n_sub = grid.fine_euler_deg.shape[:2]
+        n = frequencies.shape[0]
+        device = volumes_ft.device
+        self.volumes_ft, self.frequencies, self.box_size = volumes_ft, frequencies, box_size
+        self.rotations = euler_deg_to_matrix(grid.fine_euler_deg.reshape(-1, 3)).float().reshape(n_rot, n_sub, 3, 3)
+        self.memory_budget_bytes = memory_budget_bytes
+        self.capacity = int(max(1, min(n_classes * n_rot, memory_budget_bytes // (n_sub * n * 8))))
+        self.slot = torch.full((n_classes * n_rot,), -1, dtype=torch.long, device=device)
+        self.table = torch.empty(self.capacity, n_sub, n, dtype=torch.complex64, device=device)
+        self.n_used = 0
+        self.sum_capacity = int(max(1, min(n_classes * n_rot * n_sub, memory_budget_bytes // (n * 12))))
+        self.sum_slot = torch.full((n_classes * n_rot * n_sub,), -1, dtype=torch.long, device=device)
+        self.sum_data = torch.zeros(self.sum_capacity, n, dtype=torch.complex64, device=device)
+        self.sum_weight = torch.zeros(self.sum_capacity, n, device=device)
+        self.sum_ids = torch.empty(self.sum_capacity, dtype=torch.long, device=device)
+        self.n_sums = 0
+
+    def projections(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
+        """``(U, F, M)`` child projections of the pairs ``(classes[u], coarse_rotations[u])``."""
+        pairs = classes * self.rotations.shape[0] + coarse_rotations
+        if pairs.numel() > self.capacity:
+            return self._extract(classes, coarse_rotations)
+        missing = (self.slot[pairs] < 0).nonzero()[:, 0]
+        if missing.numel():
+            if self.n_used + missing.numel() > self.capacity:
+                self.slot.fill_(-1)
+                self.n_used = 0
+                missing = torch.arange(pairs.numel(), device=pairs.device)
+            slots = torch.arange(self.n_used, self.n_used + missing.numel(), device=pairs.device)
+            self.table[slots] = self._extract(classes[missing], coarse_rotations[missing])
+            self.slot[pairs[missing]] = slots
+            self.n_used += missing.numel()
+        return self.table[self.slot[pairs]]
+
+    def _extract(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
+        n_sub, n = self.rotations.shape[1], self.frequencies.shape[0]
+        values = torch.empty(classes.numel(), n_sub, n, dtype=torch.complex64, device=classes.device)
+        for k in torch.unique(classes).tolist():
+            members = (classes == k).nonzero()[:, 0]
+            rotations = self.rotations[coarse_rotations[members]].reshape(-1, 3, 3)
+            values[members] = extract_slices(self.volumes_ft[k : k + 1], rotations, self.frequencies, self.box_size, self.memory_budget_bytes)[0].reshape(-1, n_sub, n)
+        return values
+
+    def add(self, ids: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> list[WeightedSlices]:
+        """Add slice sums of fine ids ``(k·R + r)·F + f``; returns the slices to insert now
+        (the table's contents when it is full, or these sums when they alone exceed it)."""
+        if ids.numel() > self.sum_capacity:
+            return self._slices(ids, data, weight)
+        drained: list[WeightedSlices] = []
+        if self.n_sums + int((self.sum_slot[ids] < 0).sum()) > self.sum_capacity:
+            drained = self.drain()
+        new = ids[self.sum_slot[ids] < 0]
+        self.sum_slot[new] = torch.arange(self.n_sums, self.n_sums + new.numel(), device=ids.device)
+        self.sum_ids[self.n_sums : self.n_sums + new.numel()] = new
+        self.n_sums += new.numel()
+        self.sum_data.index_add_(0, self.sum_slot[ids], data)
+        self.sum_weight.index_add_(0, self.sum_slot[ids], weight)
+        return drained
+
+    def drain(self) -> list[WeightedSlices]:
+        """The summed slices held, per class; the table is emptied."""
+        used = slice(0, self.n_sums)
+        slices = self._slices(self.sum_ids[used], self.sum_data[used].clone(), self.sum_weight[used].clone())
+        self.sum_slot[self.sum_ids[used]] = -1
+        self.sum_data[used] = 0
+        self.sum_weight[used] = 0
+        self.n_sums = 0
+        return slices
+
+    def _slices(self, ids: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> list[WeightedSlices]:
+        n_rot, n_sub = self.rotations.shape[:2]
+        classes = ids // (n_rot * n_sub)
+        rotations = self.rotations.reshape(-1, 3, 3)[ids % (n_rot * n_sub)]
+        return [
+            WeightedSlices(k, rotations[members], data[members], weight[members])
+            for k in torch.unique(classes).tolist()
+            for members in [(classes == k).nonzero()[:, 0]]
+        ]
 
 
 def score_batch(
@@ -217,13 +329,20 @@ def _significant(posterior: torch.Tensor, fraction: float, cap: int) -> torch.Te
     return torch.zeros(posterior.shape, dtype=torch.bool, device=posterior.device).scatter(-1, order, keep_sorted)
 
 
-def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> torch.Tensor:
-    """:func:`_significant` of ``softmax(logits)``, without forming the whole softmax."""
+def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_significant` of ``softmax(logits)`` ``(B, S)``, without forming the softmax,
+    and the index ``(B,)`` of each row's largest logit.
+
+    ``logits`` is consumed: it is overwritten while the normaliser is summed.
+    """
     cap = min(cap, logits.shape[-1])
     top, order = torch.topk(logits, cap, dim=-1)
-    posterior = torch.exp(top - torch.logsumexp(logits, dim=-1, keepdim=True))
+    # log-sum-exp from the row maxima that top-k already found, in place: one pass, no copy
+    log_normaliser = top[:, :1] + logits.sub_(top[:, :1]).exp_().sum(-1, keepdim=True).log_()
+    posterior = torch.exp(top - log_normaliser)
     keep_sorted = (posterior.cumsum(-1) - posterior) < fraction
-    return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, keep_sorted)
+    mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, keep_sorted)
+    return mask, order[:, 0]
 
 
 def expectation(
@@ -231,6 +350,7 @@ def expectation(
     volumes_ft: torch.Tensor,
     coarse_projections: torch.Tensor | None,
     grid: PoseGrid | None,
+    fine_projections: FinePassCache | None,
     log_class_prior: torch.Tensor,
     offset_sigma_angstrom: float,
     settings: EStepSettings,
@@ -244,11 +364,15 @@ def expectation(
     batch
         Prepared particles.
     volumes_ft
-        ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes (for fine projections).
+        ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes (projected at the fixed poses
+        without alignment).
     coarse_projections
         ``(K, R, n_coarse)`` projections along the grid's coarse orientations (alignment only).
     grid
         The pose grid (alignment only).
+    fine_projections
+        Projections of the grid's oversampled orientations and slice sums (alignment only),
+        shared by the batches of an iteration; drain its sums at the end of the iteration.
     log_class_prior
         ``(K,)`` log class weights.
     offset_sigma_angstrom
@@ -264,7 +388,7 @@ def expectation(
         per_particle_prior = per_particle_prior + class_offset
     if not settings.align:
         return _expectation_fixed_pose(batch, volumes_ft, per_particle_prior, settings, forced_class)
-    assert grid is not None and coarse_projections is not None
+    assert grid is not None and coarse_projections is not None and fine_projections is not None
     n_classes = volumes_ft.shape[0]
     class_mask = _class_mask(forced_class, batch.spectra.shape[0], n_classes, batch.spectra.device)
     n_coarse = settings.n_coarse
@@ -286,8 +410,14 @@ def expectation(
         searched = (angles <= 3 * settings.local_sigma_deg) | (angles <= angles.min(dim=1, keepdim=True).values + grid.coarse_step_deg)
         orientation_prior = torch.where(searched, orientation_prior, -math.inf)
         logits.add_(orientation_prior[:, None, None, :].to(logits.dtype))
-    significant = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant).reshape(b, t, n_classes, n_rot)
-    return _fine_pass(batch, volumes_ft, grid, significant, per_particle_prior, offset_sigma_angstrom, settings, class_mask)
+    significant, best = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
+    # particles whose best coarse orientations are neighbours share most significant samples:
+    # in that order the fine pass's sub-batches score small unions of samples
+    order = torch.argsort(best % (n_classes * n_rot), stable=True)
+    result = _fine_pass(
+        batch.select(order), fine_projections, grid, significant.reshape(b, t, n_classes, n_rot)[order], per_particle_prior[order], offset_sigma_angstrom, settings, class_mask[order]
+    )
+    return result.select(torch.argsort(order))
 
 
 def _class_mask(forced_class: torch.Tensor | None, n: int, n_classes: int, device: torch.device) -> torch.Tensor:
@@ -299,7 +429,7 @@ def _class_mask(forced_class: torch.Tensor | None, n: int, n_classes: int, devic
 
 def _fine_pass(
     batch: PreparedBatch,
-    volumes_ft: torch.Tensor,
+    fine_projections: FinePassCache,
     grid: PoseGrid,
     significant: torch.Tensor,
     log_class_prior: torch.Tensor,
@@ -310,42 +440,53 @@ def _fine_pass(
     """Rescore the oversampled children of the significant coarse samples, in sub-batches.
 
     A sub-batch scores its particles against the union of their significant samples, so it
-    grows only while that dense score matrix fits ``settings.memory_budget_bytes``.
+    grows only while that dense score matrix fits ``settings.memory_budget_bytes``. The
+    sub-batches' weighted slices are summed per fine orientation in ``fine_projections``;
+    the result carries only the slices that its table handed back for insertion.
     """
     results: list[EStepResult] = []
+    sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n_particles = significant.shape[0]
     pairs = significant.any(dim=1).flatten(1)  # (B, K·R)
     shifts = significant.any(dim=(2, 3))  # (B, T)
     n_sub = grid.fine_shifts_px.shape[1] * grid.fine_euler_deg.shape[1]
     n_components = settings.frequencies.shape[0]
-    start = 0
+    start, window_size = 0, 16
     while start < n_particles:
-        # union sizes of every prefix of the remaining particles, from running maxima
-        union_pairs = pairs[start:].int().cummax(dim=0).values.sum(-1).double()
-        union_shifts = shifts[start:].int().cummax(dim=0).values.sum(-1).double()
-        count = torch.arange(1, n_particles - start + 1, device=pairs.device, dtype=torch.float64)
+        # union sizes of every prefix of the next particles, from running maxima, over a
+        # window that follows the size of the last sub-batch
+        window = slice(start, min(n_particles, start + window_size))
+        union_pairs = pairs[window].int().cummax(dim=0).values.sum(-1).double()
+        union_shifts = shifts[window].int().cummax(dim=0).values.sum(-1).double()
+        count = torch.arange(1, union_pairs.shape[0] + 1, device=pairs.device, dtype=torch.float64)
         cost = 4.0 * (count * union_shifts * (union_pairs * n_sub + 4 * n_components) + union_pairs * n_sub * 6 * n_components)
         stop = start + max(1, int((cost <= settings.memory_budget_bytes).sum()))
+        window_size = max(16, 4 * (stop - start))
         index = torch.arange(start, stop, device=significant.device)
-        results.append(
-            _fine_sub_batch(batch.select(index), volumes_ft, grid, significant[start:stop], log_class_prior[start:stop], offset_sigma_angstrom, settings, class_mask[start:stop])
+        result, slice_sums = _fine_sub_batch(
+            batch.select(index), fine_projections, grid, significant[start:stop], log_class_prior[start:stop], offset_sigma_angstrom, settings, class_mask[start:stop]
         )
+        results.append(result)
+        sums.append(slice_sums)
         start = stop
-    return _concatenate(results)
+    result = _concatenate(results)
+    result.slices = [item for ids, data, weight in sums for item in fine_projections.add(ids, data, weight)]
+    return result
 
 
 def _fine_sub_batch(
     batch: PreparedBatch,
-    volumes_ft: torch.Tensor,
+    fine_projections: FinePassCache,
     grid: PoseGrid,
     significant: torch.Tensor,
     log_class_prior: torch.Tensor,
     offset_sigma_angstrom: float,
     settings: EStepSettings,
     class_mask: torch.Tensor,
-) -> EStepResult:
+) -> tuple[EStepResult, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Posteriors of one sub-batch, and its slice sums ``(ids, data, weight)`` per fine id."""
     device = batch.spectra.device
-    n_classes = volumes_ft.shape[0]
+    n_classes = class_mask.shape[1]
     box = settings.box_size
     frequencies = settings.frequencies
     n = frequencies.shape[0]
@@ -353,31 +494,31 @@ def _fine_sub_batch(
     shift_used = significant.any(dim=(0, 2, 3)).nonzero()[:, 0]  # (Tu,)
     pair_used = significant.any(dim=(0, 1)).nonzero()  # (Uc, 2) (class, coarse rotation)
     n_sub_shift = grid.fine_shifts_px.shape[1]
-    n_sub_rot = grid.fine_euler_deg.shape[1]
+    n_rot, n_sub_rot = grid.fine_euler_deg.shape[:2]
     fine_shifts = grid.fine_shifts_px[shift_used].reshape(-1, 2)  # (Tu·S, 2)
     fine_euler = grid.fine_euler_deg[pair_used[:, 1]].reshape(-1, 3)  # (Uc·F, 3)
     fine_class = pair_used[:, 0].repeat_interleave(n_sub_rot)  # (Uc·F,)
-    fine_rotations = euler_deg_to_matrix(fine_euler).float()
-    projections = torch.zeros(fine_euler.shape[0], n, dtype=torch.complex64, device=device)
-    for k in range(n_classes):
-        members = (fine_class == k).nonzero()[:, 0]
-        if members.numel():
-            projections[members] = extract_slices(volumes_ft[k : k + 1], fine_rotations[members], frequencies, box, settings.memory_budget_bytes)[0]
+    fine_id = ((pair_used[:, 0] * n_rot + pair_used[:, 1])[:, None] * n_sub_rot + torch.arange(n_sub_rot, device=device)).reshape(-1)
+    projections = fine_projections.projections(pair_used[:, 0], pair_used[:, 1]).reshape(-1, n)  # (Uc·F, n)
     ramps = phase_ramps(fine_shifts, frequencies, box)
     scores, weighted = score_batch(batch, projections, ramps, n, settings.scale_sigma)  # (b, Tu·S, Uc·F), (b, Tu·S, n)
     allowed = significant[:, shift_used][:, :, pair_used[:, 0], pair_used[:, 1]]  # (b, Tu, Uc)
     allowed = allowed[:, :, None, :, None].expand(b, -1, n_sub_shift, -1, n_sub_rot).reshape(b, fine_shifts.shape[0], -1)
     allowed = allowed & class_mask[:, fine_class][:, None, :]
     origins = batch.prior_origin_px[:, None, :] + fine_shifts[None]  # (b, Tf, 2)
-    logits = scores + log_class_prior[:, fine_class][:, None, :]
-    logits = logits + _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[:, :, None]
+    # priors added in place: the scores are the largest array of the fine pass
+    logits = scores.add_(log_class_prior[:, fine_class][:, None, :])
+    logits.add_(_offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[:, :, None])
     if settings.local_sigma_deg is not None:
         angles = rotation_angle_deg(batch.prior_euler_deg[:, None, :], fine_euler[None].to(batch.prior_euler_deg.dtype))
-        logits = logits - (angles**2 / (2 * settings.local_sigma_deg**2))[:, None, :].to(logits.dtype)
-    logits = torch.where(allowed, logits, -math.inf)
+        logits.sub_((angles**2 / (2 * settings.local_sigma_deg**2))[:, None, :].to(logits.dtype))
+    logits.masked_fill_(~allowed, -math.inf)
     flat = logits.reshape(b, -1)
-    log_evidence = torch.logsumexp(flat, dim=-1)
-    posterior = torch.exp(flat - log_evidence[:, None]).reshape(logits.shape)  # (b, Tf, Rf)
+    peak = flat.amax(dim=-1, keepdim=True)
+    posterior = flat.sub_(peak).exp_()  # in place: the logits are not needed again
+    total = posterior.sum(-1, keepdim=True)
+    log_evidence = (peak + total.log())[:, 0]
+    posterior = posterior.div_(total).reshape(logits.shape)  # (b, Tf, Rf)
 
     best = posterior.reshape(b, -1).argmax(dim=-1)
     best_shift, best_rot = best // logits.shape[2], best % logits.shape[2]
@@ -388,19 +529,14 @@ def _fine_sub_batch(
     class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).index_add_(1, fine_class, rotation_posterior)
     image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)
 
-    # M-step sums: Σ_{i,t} w·L per fine orientation, Σ_i (Σ_t w)·2Q per fine orientation
-    weights = posterior.permute(2, 0, 1).reshape(-1, b * fine_shifts.shape[0])  # (Rf, b·Tf)
+    # M-step sums: Σ_{i,t} w·L per fine orientation, Σ_i (Σ_t w)·2Q per fine orientation,
+    # over the orientations carrying a visible share of some particle's posterior
+    active = (rotation_posterior.amax(0) > 1e-4).nonzero()[:, 0]
+    weights = posterior[:, :, active].permute(2, 0, 1).reshape(active.numel(), -1)  # (Ra, b·Tf)
     data = torch.complex(weights @ weighted.real.reshape(-1, n), weights @ weighted.imag.reshape(-1, n))
     two_q = (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2  # (b, n)
-    weight = rotation_posterior.T @ two_q  # (Rf, n)
-    # orientations carrying a negligible share of any particle's posterior add nothing visible
-    active = rotation_posterior.amax(0) > 1e-4
-    slices = [
-        WeightedSlices(k, fine_rotations[members], data[members], weight[members])
-        for k in range(n_classes)
-        if (members := ((fine_class == k) & active).nonzero()[:, 0]).numel()
-    ]
-    return EStepResult(
+    weight = rotation_posterior[:, active].T @ two_q  # (Ra, n)
+    result = EStepResult(
         best_class=fine_class[best_rot],
         best_euler_deg=best_euler.double(),
         best_origin_px=batch.prior_origin_px + fine_shifts[best_shift],
@@ -410,8 +546,9 @@ def _fine_sub_batch(
         class_posterior=class_posterior,
         angular_spread_deg=spread,
         best_projections=projections[best_rot],
-        slices=slices,
+        slices=[],
     )
+    return result, (fine_id[active], data, weight)
 
 
 def _expectation_fixed_pose(

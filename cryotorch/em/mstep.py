@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cryotorch.conventions import rfft3_centered
-from cryotorch.em.estep import EStepResult, PreparedBatch
+from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
 from cryotorch.model.class_model import ClassModel
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
 from cryotorch.ops.fourier import radial_average, shell_index_3d, shells_to_padded_grid
@@ -68,6 +68,14 @@ class SufficientStatistics:
             n_particles=torch.zeros((), **float64),
         )
 
+    def insert(self, slices: list[WeightedSlices], frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
+        """Back-project posterior-weighted slices into their classes' sums."""
+        for item in slices:
+            insert_slices(
+                self.data[item.class_index], self.weight[item.class_index], item.data, item.weight,
+                item.rotations, frequencies, box_size, memory_budget_bytes,
+            )
+
     def accumulate(
         self,
         result: EStepResult,
@@ -88,11 +96,7 @@ class SufficientStatistics:
         shells
             ``(M,)`` shell index of each Fourier component used.
         """
-        for item in result.slices:
-            insert_slices(
-                self.data[item.class_index], self.weight[item.class_index], item.data, item.weight,
-                item.rotations, frequencies, box_size, memory_budget_bytes,
-            )
+        self.insert(result.slices, frequencies, box_size, memory_budget_bytes)
         self.class_sum += result.class_posterior.double().sum(0)
         # noise and scale at the best sample: the best origin relative to the prior one
         offsets = result.best_origin_px - batch.prior_origin_px

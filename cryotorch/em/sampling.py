@@ -60,7 +60,8 @@ def build_pose_grid(
 ) -> PoseGrid:
     """The coarse HEALPix × translation grid and its oversampled children.
 
-    The coarse grid is RELION's ``--healpix_order`` sampling; adaptive oversampling by
+    The coarse grid is ``relion_refine``'s ``--healpix_order`` and ``--offset_step`` (RELION's
+    GUI passes its angular and offset steps coarsened by the oversampling); adaptive oversampling by
     ``oversampling`` orders splits each orientation into ``4^os · 2^os`` and each translation
     into ``(2^os)²`` finer samples, centred on the coarse one.
     """

@@ -15,7 +15,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from cryotorch.conventions import (
     rfft3_centered,
 )
 from cryotorch.data.particles import ctf_parameters, shard_rows, uniform_geometry
-from cryotorch.em.estep import EStepSettings, PreparedBatch, expectation
+from cryotorch.em.estep import EStepSettings, FinePassCache, PreparedBatch, WeightedSlices, expectation
 from cryotorch.em.mstep import SufficientStatistics, maximization
 from cryotorch.em.sampling import PoseGrid, build_pose_grid, coarse_radius_shells
 from cryotorch.errors import InputError
@@ -334,12 +333,14 @@ class Class3DJob:
         budget = context.memory_budget_bytes
         grid = None
         coarse = None
+        fine = None
         n_coarse = frequencies.shape[0]
         if sampling["align"]:
             grid = self.pose_grid(context)
             coarse_shell = min(radius, coarse_radius_shells(box, pixel, self.diameter_A, grid.coarse_step_deg))
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
             coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget)
+            fine = FinePassCache(volumes_ft, grid, frequencies, box, budget / 4)
         settings = EStepSettings(
             frequencies=frequencies,
             n_coarse=n_coarse,
@@ -371,8 +372,8 @@ class Class3DJob:
             groups = torch.as_tensor(self.groups[chunk], device=device)
             forced_chunk = None if forced is None else forced[index]
             class_offset = self.self_fit_discount(model, batch, state, index, frequencies)
-            result = expectation(batch, volumes_ft, coarse, grid, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset)
-            self.expand_symmetry(result)
+            result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset)
+            self.expand_symmetry(result.slices)
             stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
             new_state.class_number[index] = result.best_class + 1
             new_state.euler_deg[index] = result.best_euler_deg.to(new_state.euler_deg.dtype)
@@ -381,6 +382,8 @@ class Class3DJob:
             new_state.n_significant[index] = result.n_significant.long()
             new_state.log_likelihood[index] = result.log_likelihood.double()
             new_state.angular_spread_deg[index] = result.angular_spread_deg.float()
+        if fine is not None:
+            stats.insert(self.expand_symmetry(fine.drain()), frequencies, box, budget / 4)
         for tensor in stats.tensors():
             tensor.copy_(context.all_reduce_sum(tensor))
         new_state = self.gather_state(context, new_state, rows)
@@ -396,8 +399,12 @@ class Class3DJob:
         """The coarse/fine pose grid of the sampling settings (built once per run)."""
         if self._pose_grid is None:
             sampling = context.sampling
-            order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - sampling["oversampling"])
-            self._pose_grid = build_pose_grid(order, sampling["offset_range_px"], sampling["offset_step_px"], context.symmetry, sampling["oversampling"], self.device)
+            # the settings are the final, oversampled steps (RELION's GUI); the coarse pass runs
+            # at an order lower and a translation step 2^oversampling larger (relion_refine's)
+            oversampling = int(sampling["oversampling"])
+            order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - oversampling)
+            coarse_step = float(sampling["offset_step_px"]) * 2**oversampling
+            self._pose_grid = build_pose_grid(order, sampling["offset_range_px"], coarse_step, context.symmetry, oversampling, self.device)
         return self._pose_grid
 
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
@@ -443,15 +450,15 @@ class Class3DJob:
         kept = float(weighting.mean()) * (self.box / padded) ** 3
         return kept, overlap
 
-    def expand_symmetry(self, result: Any) -> None:
-        """Every symmetry mate A·L of a slice's orientation receives the same data."""
-        if self.symmetry.shape[0] == 1:
-            return
+    def expand_symmetry(self, slices: list[WeightedSlices]) -> list[WeightedSlices]:
+        """Every symmetry mate A·L of a slice's orientation receives the same data (in place)."""
         n_mates = self.symmetry.shape[0]
-        for item in result.slices:
-            item.rotations = (item.rotations[:, None] @ self.symmetry[None]).reshape(-1, 3, 3)
-            item.data = item.data.repeat_interleave(n_mates, dim=0)
-            item.weight = item.weight.repeat_interleave(n_mates, dim=0)
+        if n_mates > 1:
+            for item in slices:
+                item.rotations = (item.rotations[:, None] @ self.symmetry[None]).reshape(-1, 3, 3)
+                item.data = item.data.repeat_interleave(n_mates, dim=0)
+                item.weight = item.weight.repeat_interleave(n_mates, dim=0)
+        return slices
 
     def prepare(
         self,
