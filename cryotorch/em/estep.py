@@ -26,7 +26,7 @@ from cryotorch.em.sampling import PoseGrid
 from cryotorch.ops.healpix import rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "WeightedSlices", "EStepResult", "expectation", "phase_ramps", "score_batch"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "WeightedSlices", "EStepResult", "expectation", "phase_ramps", "score_batch", "class_ess", "class_temperature"]
 
 
 @dataclass
@@ -89,6 +89,12 @@ class EStepSettings:
         that is profiled out of each score (0: no such scale).
     memory_budget_bytes
         Working memory for one fine-pass sub-batch.
+    target_class_ess
+        Without alignment: flatten the class posteriors, ``p ∝ p(X|k)^τ p(k)^τ`` with one
+        temperature ``τ ≤ 1`` per batch, until the batch's mean class ESS ``1/Σ_k p²`` reaches
+        this value (class-similarity annealing); None leaves them as they are.
+    hard_classification
+        Without alignment: back-project each particle into its best class only.
     """
 
     frequencies: torch.Tensor
@@ -101,6 +107,8 @@ class EStepSettings:
     local_sigma_deg: float | None = None
     scale_sigma: float = 0.0
     memory_budget_bytes: float = 2**28
+    target_class_ess: float | None = None
+    hard_classification: bool = False
 
 
 @dataclass
@@ -575,13 +583,18 @@ def _expectation_fixed_pose(
     logits = torch.where(_class_mask(forced_class, b, n_classes, device), logits, -math.inf)
     log_evidence = torch.logsumexp(logits, dim=-1)
     posterior = torch.exp(logits - log_evidence[:, None])  # (b, K)
+    if settings.target_class_ess is not None and forced_class is None:
+        posterior = torch.softmax(class_temperature(logits, settings.target_class_ess) * logits, dim=-1)
     best = posterior.argmax(dim=-1)
+    if settings.hard_classification:
+        posterior = torch.nn.functional.one_hot(best, n_classes).to(posterior.dtype)
     image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)
     two_q = 2 * q
+    # classes holding a negligible share of a particle's posterior add nothing visible
     slices = [
         WeightedSlices(k, rotations[members], posterior[members, k, None] * weighted[members], posterior[members, k, None] * two_q[members])
         for k in range(n_classes)
-        if (members := (posterior[:, k] > 0).nonzero()[:, 0]).numel()
+        if (members := (posterior[:, k] > 1e-4).nonzero()[:, 0]).numel()
     ]
     return EStepResult(
         best_class=best,
@@ -595,6 +608,29 @@ def _expectation_fixed_pose(
         best_projections=projections.permute(1, 0, 2)[torch.arange(b, device=device), best],
         slices=slices,
     )
+
+
+def class_ess(posterior: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` effective number of classes ``1/Σ_k p_k²`` of posteriors ``(B, K)``."""
+    return 1.0 / (posterior.double() ** 2).sum(-1)
+
+
+def class_temperature(logits: torch.Tensor, target_ess: float, steps: int = 40) -> float:
+    """The largest ``τ ≤ 1`` at which ``softmax(τ·logits)`` has a mean class ESS ≥ ``target_ess``.
+
+    The mean ESS falls as τ grows (from K at τ = 0), so τ is found by bisection on ``log τ``.
+    """
+    finite = torch.where(torch.isfinite(logits), logits, torch.finfo(logits.dtype).min).double()
+    if float(class_ess(torch.softmax(finite, dim=-1)).mean()) >= target_ess:
+        return 1.0
+    low, high = -30.0, 0.0  # log τ: ESS(low) ≥ target > ESS(high)
+    for _ in range(steps):
+        middle = 0.5 * (low + high)
+        if float(class_ess(torch.softmax(math.exp(middle) * finite, dim=-1)).mean()) >= target_ess:
+            low = middle
+        else:
+            high = middle
+    return math.exp(low)
 
 
 def _concatenate(results: list[EStepResult]) -> EStepResult:

@@ -18,8 +18,9 @@ from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
 from cryotorch.model.class_model import ClassModel
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
 from cryotorch.ops.fourier import radial_average, shell_index_3d, shells_to_padded_grid
+from cryotorch.ops.fsc import fourier_shell_correlation
 
-__all__ = ["SufficientStatistics", "maximization"]
+__all__ = ["SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "update_noise_and_weights", "fsc_regularisation", "half_set_reconstruction"]
 
 
 @dataclass
@@ -117,6 +118,58 @@ class SufficientStatistics:
         """Every sum, in a fixed order, for all-reduction."""
         return [getattr(self, name) for name in self.__dataclass_fields__]
 
+    def mul_(self, factor: float) -> "SufficientStatistics":
+        """Scale every sum in place (decay of running statistics)."""
+        for tensor in self.tensors():
+            tensor.mul_(factor)
+        return self
+
+    def add_(self, other: "SufficientStatistics") -> "SufficientStatistics":
+        """Add ``other``'s sums in place."""
+        for tensor, addend in zip(self.tensors(), other.tensors()):
+            tensor.add_(addend)
+        return self
+
+
+def reconstruct_class(
+    data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, box_size: int, tau2_fudge: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAP reconstruction of one class from its back-projected sums.
+
+    Parameters
+    ----------
+    data, weight
+        ``(P, P, P // 2 + 1)`` ``Σ w·L`` and ``Σ w·2Q`` on the padded grid.
+    tau2
+        ``(N // 2 + 1,)`` signal power per unpadded shell (the prior).
+    tau2_fudge
+        Regularisation parameter T.
+
+    Returns
+    -------
+    volume
+        ``(N, N, N)`` real-space map (before masking).
+    ssnr
+        ``(N // 2 + 1,)`` spectral signal-to-noise ratio per unpadded shell.
+    inverse_denominator
+        ``(P, P, P // 2 + 1)`` ``1/(weight + 1/(p³·T·τ²))``.
+    """
+    padded = data.shape[0]
+    padded_shells = shell_index_3d(padded, data.device)
+    unpadded_to_padded = (torch.arange(box_size // 2 + 1, device=data.device) * padded / box_size).round().long().clamp(max=padded // 2)
+    p3 = (padded / box_size) ** 3
+    data = symmetrize_hermitian_plane(data, conjugate=True)
+    weight = symmetrize_hermitian_plane(weight, conjugate=False)
+    # τ² per padded shell from the current reference's power (unpadded shell = padded / p)
+    tau2_padded = shells_to_padded_grid(tau2, padded // 2 + 1, box_size, padded)
+    regularisation = 1.0 / (p3 * tau2_fudge * tau2_padded.clamp(min=1e-30))
+    regularisation[0] = 0.0
+    volume = reconstruct_from_sums(data, weight, box_size, regularisation.float())
+    mean_weight = radial_average(weight.double(), padded_shells, padded // 2 + 1)
+    ssnr = (p3 * tau2_fudge * tau2_padded * mean_weight)[unpadded_to_padded]
+    inverse_denominator = 1.0 / (weight + regularisation.float()[padded_shells.clamp(max=padded // 2)]).clamp(min=1e-30)
+    return volume, ssnr, inverse_denominator
+
 
 def maximization(
     model: ClassModel,
@@ -137,28 +190,22 @@ def maximization(
         ``(N, N, N)`` reference mask applied to each new class map (solvent flattening).
     """
     box = model.box_size
-    padded = stats.data.shape[1]
     n_shells = box // 2 + 1
-    padded_shells = shell_index_3d(padded, stats.data.device)
-    unpadded_to_padded = (torch.arange(n_shells, device=stats.data.device) * padded / box).round().long().clamp(max=padded // 2)
-    p3 = (padded / box) ** 3
     empty = []
     for k in range(model.n_classes):
         if float(stats.weight[k].sum()) <= 0:
             empty.append(k)
             continue
-        data = symmetrize_hermitian_plane(stats.data[k], conjugate=True)
-        weight = symmetrize_hermitian_plane(stats.weight[k], conjugate=False)
-        # τ² per padded shell from the current reference's power (unpadded shell = padded / p)
-        tau2_padded = shells_to_padded_grid(model.tau2[k], padded // 2 + 1, box, padded)
-        regularisation = 1.0 / (p3 * tau2_fudge * tau2_padded.clamp(min=1e-30))
-        regularisation[0] = 0.0
-        volume = reconstruct_from_sums(data, weight, box, regularisation.float()) * mask
-        mean_weight = radial_average(weight.double(), padded_shells, padded // 2 + 1)
-        model.ssnr[k] = (p3 * tau2_fudge * tau2_padded * mean_weight)[unpadded_to_padded]
-        model.inverse_denominator[k] = 1.0 / (weight + regularisation.float()[padded_shells.clamp(max=padded // 2)]).clamp(min=1e-30)
-        model.volumes[k] = volume
-        model.tau2[k] = 0.5 * radial_average(rfft3_centered(volume).abs().double() ** 2, shell_index_3d(box, volume.device), n_shells)
+        volume, model.ssnr[k], model.inverse_denominator[k] = reconstruct_class(stats.data[k], stats.weight[k], model.tau2[k], box, tau2_fudge)
+        model.volumes[k] = volume * mask
+        model.tau2[k] = 0.5 * radial_average(rfft3_centered(model.volumes[k]).abs().double() ** 2, shell_index_3d(box, volume.device), n_shells)
+    update_noise_and_weights(model, stats, max_shell)
+    return empty
+
+
+def update_noise_and_weights(model: ClassModel, stats: SufficientStatistics, max_shell: int) -> None:
+    """Class weights, noise spectra (up to ``max_shell``), group scales and origin prior."""
+    n_shells = model.box_size // 2 + 1
     total = float(stats.class_sum.sum())
     if total > 0:
         model.class_weights.copy_(stats.class_sum / total)
@@ -172,5 +219,72 @@ def maximization(
     model.group_scale.copy_(scale / scale.mean())
     if float(stats.n_particles) > 0:
         model.offset_sigma_angstrom.copy_(torch.sqrt(stats.offset_power / (2 * stats.n_particles)).clamp(min=0.5 * model.pixel_size_angstrom))
-    return empty
 
+
+
+def fsc_regularisation(fsc: torch.Tensor, mean_weight_padded: torch.Tensor, box_size: int, padded_size: int, tau2_fudge: float) -> torch.Tensor:
+    """``1/τ²`` per padded-grid shell from a half-map FSC (RELION's FSC-based τ² update).
+
+    ``SSNR = T · FSC/(1-FSC)`` (FSC clamped to [0.001, 0.999]) and, since the data term of a
+    shell is its mean CTF² weight, ``1/τ² = mean weight / SSNR``.
+
+    Parameters
+    ----------
+    fsc
+        ``(N // 2 + 1,)`` half-map FSC per unpadded shell.
+    mean_weight_padded
+        ``(n_padded_shells,)`` mean accumulated weight per padded shell.
+    """
+    clamped = fsc.clamp(0.001, 0.999)
+    ssnr = tau2_fudge * clamped / (1 - clamped)
+    ssnr_padded = shells_to_padded_grid(ssnr, mean_weight_padded.shape[0], box_size, padded_size)
+    return mean_weight_padded.double() / ssnr_padded
+
+
+@dataclass
+class HalfSetMaps:
+    """Half maps and full map of one structure, each filtered by the half-set FSC.
+
+    Attributes
+    ----------
+    halves
+        ``(2, N, N, N)`` half maps.
+    full
+        ``(N, N, N)`` map from both halves.
+    fsc
+        ``(N // 2 + 1,)`` FSC of the lightly regularised half maps, which sets the filters.
+    """
+
+    halves: torch.Tensor
+    full: torch.Tensor
+    fsc: torch.Tensor
+
+
+def half_set_reconstruction(data: torch.Tensor, weight: torch.Tensor, box_size: int, tau2_fudge: float, wiener_constant: float = 1e-3) -> HalfSetMaps:
+    """Reconstruct half maps, measure their FSC, and reconstruct again with τ² from it.
+
+    The first half maps use a small Wiener constant (``wiener_constant`` × mean weight); their
+    FSC gives ``1/τ²`` per shell (:func:`fsc_regularisation`) for the final half maps and,
+    with ``FSC_full = 2 FSC/(1 + FSC)``, for the full map: each map is filtered by its own
+    signal-to-noise ratio, shell by shell.
+
+    Parameters
+    ----------
+    data, weight
+        ``(2, P, P, P // 2 + 1)`` back-projected sums of the two half sets.
+    """
+    data = torch.stack([symmetrize_hermitian_plane(d, conjugate=True) for d in data])
+    weight = torch.stack([symmetrize_hermitian_plane(w, conjugate=False) for w in weight])
+    padded = data.shape[1]
+    n_padded_shells = padded // 2 + 1
+    padded_shells = shell_index_3d(padded, data.device)
+    first = [reconstruct_from_sums(data[h], weight[h], box_size, wiener_constant * float(weight[h].mean())) for h in (0, 1)]
+    fsc = fourier_shell_correlation(rfft3_centered(first[0]), rfft3_centered(first[1]))
+    halves = []
+    for h in (0, 1):
+        mean_weight = radial_average(weight[h].double(), padded_shells, n_padded_shells)
+        halves.append(reconstruct_from_sums(data[h], weight[h], box_size, fsc_regularisation(fsc, mean_weight, box_size, padded, tau2_fudge).float()))
+    fsc_full = 2 * fsc.clamp(min=0) / (1 + fsc.clamp(min=0))
+    mean_weight = radial_average(weight.sum(0).double(), padded_shells, n_padded_shells)
+    full = reconstruct_from_sums(data.sum(0), weight.sum(0), box_size, fsc_regularisation(fsc_full, mean_weight, box_size, padded, tau2_fudge).float())
+    return HalfSetMaps(torch.stack(halves), full, fsc)

@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from cryotorch.conventions import (
     rfft3_centered,
 )
 from cryotorch.data.particles import ctf_parameters, shard_rows, uniform_geometry
-from cryotorch.em.estep import EStepSettings, FinePassCache, PreparedBatch, WeightedSlices, expectation
+from cryotorch.em.estep import EStepSettings, FinePassCache, PreparedBatch, WeightedSlices, class_ess, expectation
 from cryotorch.em.mstep import SufficientStatistics, maximization
 from cryotorch.em.sampling import PoseGrid, build_pose_grid, coarse_radius_shells
 from cryotorch.errors import InputError
@@ -78,6 +79,7 @@ class ParticleState:
     n_significant: torch.Tensor  # (N,) int64
     log_likelihood: torch.Tensor  # (N,) float64
     angular_spread_deg: torch.Tensor  # (N,) float32
+    class_ess: torch.Tensor  # (N,) float32, 1/Σ_k p_k²
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).cpu() for name in self.__dataclass_fields__}
@@ -116,10 +118,8 @@ class Class3DJob:
             raise InputError(f"job.tau2_fudge must be positive, got {tau2_fudge}")
         if scale_prior_sigma < 0:
             raise InputError(f"job.scale_prior_sigma must be 0 (off) or positive, got {scale_prior_sigma}")
-        if reference is None:
-            raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
-        references = [reference] if isinstance(reference, str) else list(reference)
-        if len(references) not in (1, K):
+        references = [] if reference is None else [reference] if isinstance(reference, str) else list(reference)
+        if len(references) not in (0, 1, K):
             raise InputError(f"job.reference lists {len(references)} maps for job.K={K} classes: give one map, or one per class")
         self.name = name
         self.references = [str(path) for path in references]
@@ -146,7 +146,9 @@ class Class3DJob:
     def run(self, context: RunContext) -> None:
         """Load data and reference (or a checkpoint), then iterate and write every iteration."""
         if context.particles is None:
-            raise InputError("class3d needs particles: set data.particles=path/to/particles.star")
+            raise InputError(f"{self.name} needs particles: set data.particles=path/to/particles.star")
+        if not self.references:
+            raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
         sampling = context.sampling
         table = read_particles(context.particles, context.project_dir)
         if not sampling["align"] and not table.has_poses:
@@ -200,11 +202,12 @@ class Class3DJob:
         return ParticleState(
             class_number=torch.zeros(n, dtype=torch.long, device=self.device),
             euler_deg=torch.as_tensor(np.asarray(table.euler_deg, dtype=np.float64), device=self.device),
-            origin_px=torch.as_tensor(np.asarray(table.origin_angstrom) / np.asarray(table.pixel_size_angstrom)[:, None], dtype=torch.float32, device=self.device),
+            origin_px=torch.as_tensor(np.asarray(table.origin_angstrom) / self.pixel, dtype=torch.float32, device=self.device),
             max_posterior=torch.zeros(n, device=self.device),
             n_significant=torch.zeros(n, dtype=torch.long, device=self.device),
             log_likelihood=torch.zeros(n, dtype=torch.float64, device=self.device),
             angular_spread_deg=torch.zeros(n, device=self.device),
+            class_ess=torch.zeros(n, device=self.device),
         )
 
     def initialise_model(self, context: RunContext, model: ClassModel) -> None:
@@ -288,6 +291,7 @@ class Class3DJob:
             raise InputError(f"{path}: checkpoint holds {tuple(checkpoint['model']['volumes'].shape)} volumes, this run needs {tuple(model.volumes.shape)}; use the same K and particles")
         model.load_state_dict(checkpoint["model"])
         state = ParticleState(**{k: v.to(self.device) for k, v in checkpoint["particles"].items()})
+        self.load_extra_state({k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in checkpoint.get("extra", {}).items()})
         iteration = int(checkpoint["iteration"])
         log.info("continuing from iteration %d (%s)", iteration, path)
         return state, iteration + 1
@@ -295,7 +299,14 @@ class Class3DJob:
     def save_checkpoint(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> None:
         """Atomically replace the run's checkpoint with this iteration's state."""
         with atomic_output_path(context.output_dir / CHECKPOINT) as temp_path:
-            torch.save({"iteration": iteration, "model": model.state_dict(), "particles": state.state_dict()}, temp_path)
+            torch.save({"iteration": iteration, "model": model.state_dict(), "particles": state.state_dict(), "extra": self.extra_state()}, temp_path)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Run state beyond the model and the particles that a resumed run needs (none here)."""
+        return {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
 
     # ------------------------------------------------------------------ one iteration
     def current_radius(self, model: ClassModel, iteration: int) -> int:
@@ -382,6 +393,7 @@ class Class3DJob:
             new_state.n_significant[index] = result.n_significant.long()
             new_state.log_likelihood[index] = result.log_likelihood.double()
             new_state.angular_spread_deg[index] = result.angular_spread_deg.float()
+            new_state.class_ess[index] = class_ess(result.class_posterior).float()
         if fine is not None:
             stats.insert(self.expand_symmetry(fine.drain()), frequencies, box, budget / 4)
         for tensor in stats.tensors():

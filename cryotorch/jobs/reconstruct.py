@@ -20,38 +20,20 @@ from cryotorch.conventions import fft_frequencies_2d, image_shift_from_origin, r
 from cryotorch.data.particles import batch_size_for_budget, half_set_labels, iterate_batches, shard_rows, uniform_geometry
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, validate_particle_images, write_mrc, write_star
+from cryotorch.em.mstep import half_set_reconstruction
 from cryotorch.jobs.context import RunContext
 from cryotorch.monitor import log_central_slices, log_curve, log_scalars, progress, save_fsc_plot
-from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
+from cryotorch.ops.backprojection import insert_slices
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import soft_spherical_mask
-from cryotorch.ops.fourier import radial_average, shell_index_3d, shells_to_padded_grid, translate_2d_ft
+from cryotorch.ops.fourier import translate_2d_ft
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 from cryotorch.ops.projection import padded_box_size
 from cryotorch.ops.symmetry import symmetry_matrices
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReconstructJob", "fsc_regularisation"]
-
-
-def fsc_regularisation(fsc: torch.Tensor, mean_weight_padded: torch.Tensor, box_size: int, padded_size: int, tau2_fudge: float) -> torch.Tensor:
-    """``1/τ²`` per padded-grid shell from a half-map FSC (RELION's FSC-based τ² update).
-
-    ``SSNR = T · FSC/(1-FSC)`` (FSC clamped to [0.001, 0.999]) and, since the data term of a
-    shell is its mean CTF² weight, ``1/τ² = mean weight / SSNR``.
-
-    Parameters
-    ----------
-    fsc
-        ``(N // 2 + 1,)`` half-map FSC per unpadded shell.
-    mean_weight_padded
-        ``(n_padded_shells,)`` mean accumulated weight per padded shell.
-    """
-    clamped = fsc.clamp(0.001, 0.999)
-    ssnr = tau2_fudge * clamped / (1 - clamped)
-    ssnr_padded = shells_to_padded_grid(ssnr, mean_weight_padded.shape[0], box_size, padded_size)
-    return mean_weight_padded.double() / ssnr_padded
+__all__ = ["ReconstructJob"]
 
 
 class ReconstructJob:
@@ -143,22 +125,8 @@ class ReconstructJob:
 
     def reconstruct_and_write(self, context: RunContext, data: torch.Tensor, weight: torch.Tensor, box: int, pixel: float) -> None:
         """FSC-regularised half and full maps, FSC table and plot, TensorBoard summaries."""
-        data = torch.stack([symmetrize_hermitian_plane(d, conjugate=True) for d in data])
-        weight = torch.stack([symmetrize_hermitian_plane(w, conjugate=False) for w in weight])
-        padded = data.shape[1]
-        n_padded_shells = padded // 2 + 1
-        padded_shells = shell_index_3d(padded, data.device)
-        first = [reconstruct_from_sums(data[h], weight[h], box, self.wiener_constant * float(weight[h].mean())) for h in (0, 1)]
-        fsc_first = fourier_shell_correlation(rfft3_centered(first[0]), rfft3_centered(first[1]))
-        halves_final = []
-        for h in (0, 1):
-            mean_weight = radial_average(weight[h].double(), padded_shells, n_padded_shells)
-            regularisation = fsc_regularisation(fsc_first, mean_weight, box, padded, self.tau2_fudge).float()
-            halves_final.append(reconstruct_from_sums(data[h], weight[h], box, regularisation))
-        # the full data set has twice the SSNR of a half: FSC_full = 2 FSC / (1 + FSC)
-        fsc_full = 2 * fsc_first.clamp(min=0) / (1 + fsc_first.clamp(min=0))
-        mean_weight = radial_average(weight.sum(0).double(), padded_shells, n_padded_shells)
-        full = reconstruct_from_sums(data.sum(0), weight.sum(0), box, fsc_regularisation(fsc_full, mean_weight, box, padded, self.tau2_fudge).float())
+        maps = half_set_reconstruction(data, weight, box, self.tau2_fudge, self.wiener_constant)
+        halves_final, full = maps.halves, maps.full
 
         unmasked = fourier_shell_correlation(rfft3_centered(halves_final[0]), rfft3_centered(halves_final[1]))
         curves = {"unmasked": unmasked}

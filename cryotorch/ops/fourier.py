@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cryotorch.conventions import fft_frequencies_2d
+from cryotorch.conventions import fft_frequencies_2d, irfft2_centered, irfft3_centered, rfft2_centered, rfft3_centered
 
 __all__ = [
     "frequency_grid_3d",
@@ -16,6 +16,8 @@ __all__ = [
     "radial_average",
     "shell_power_3d",
     "shells_to_padded_grid",
+    "fourier_crop_2d",
+    "fourier_crop_3d",
 ]
 
 
@@ -128,3 +130,29 @@ def shells_to_padded_grid(values: torch.Tensor, n_padded_shells: int, box_size: 
     upper = (lower + 1).clamp(max=values.shape[0] - 1)
     fraction = position - lower
     return values[lower] * (1 - fraction) + values[upper] * fraction
+
+
+def fourier_crop_2d(images: torch.Tensor, box_size: int) -> torch.Tensor:
+    """``(..., N, N)`` images resampled to ``(..., n, n)`` (``n = box_size`` ≤ N, even) by
+    keeping the Fourier components below the new Nyquist frequency.
+
+    Values are kept (a band-limited image sampled on the coarser grid), so the pixel size
+    becomes ``N/n`` times larger.
+    """
+    n_in = images.shape[-1]
+    if box_size > n_in or box_size % 2:
+        raise ValueError(f"Fourier crop needs an even box of at most {n_in}, got {box_size}")
+    start = n_in // 2 - box_size // 2
+    spectrum = rfft2_centered(images)[..., start : start + box_size, : box_size // 2 + 1]
+    return irfft2_centered(spectrum, box_size) * (box_size / n_in) ** 2
+
+
+def fourier_crop_3d(volumes: torch.Tensor, box_size: int) -> torch.Tensor:
+    """``(..., N, N, N)`` volumes resampled to ``(..., n, n, n)`` as :func:`fourier_crop_2d`."""
+    n_in = volumes.shape[-1]
+    if box_size > n_in or box_size % 2:
+        raise ValueError(f"Fourier crop needs an even box of at most {n_in}, got {box_size}")
+    start = n_in // 2 - box_size // 2
+    window = slice(start, start + box_size)
+    spectrum = rfft3_centered(volumes)[..., window, window, : box_size // 2 + 1]
+    return irfft3_centered(spectrum, box_size) * (box_size / n_in) ** 3

@@ -1,0 +1,509 @@
+"""``+job=class3d_online``: CryoSPARC-style 3D classification of posed particles by online EM.
+
+Particles keep the poses of a consensus refinement; only classes are inferred, with the
+E-step (:func:`cryotorch.em.estep.expectation`, no alignment), M-step sums
+(:class:`cryotorch.em.mstep.SufficientStatistics`), outputs, checkpoints, TensorBoard and
+process sharding of :class:`~cryotorch.jobs.class3d.Class3DJob`, of which this job is a
+subclass. What differs is the schedule and the map update:
+
+1. a consensus map V̄ from all particles; per-particle intensity scales against it;
+2. initial classes from the given maps, or reconstructions of random subsets
+   (``init_mode=simple``), or K seeds from PCA and k-means of many small random-subset
+   reconstructions (``init_mode=pca``);
+3. online EM: epochs over shuffled minibatches; the running statistics decay by the learning
+   rate ``η`` and take in the minibatch (scaled to the data set), ``S ← (1−η)·S + η·(N/B)·S_B``;
+4. full-batch EM until few particles switch class and the class maps stop changing.
+
+Each class map used in the E-step is ``S·(F·V_k + (1−F)·V̄)`` (solvent mask S, focus mask F),
+and each is filtered by its own half-set FSC, recomputed from the (decayed) statistics at
+every update. Posteriors are flattened early on to a target class ESS (class similarity β,
+annealed to 0). Images and maps are Fourier-cropped to the target resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d, rfft3_centered
+from cryotorch.data.particles import half_set_labels, shard_rows, uniform_geometry
+from cryotorch.em.estep import EStepSettings, PreparedBatch, WeightedSlices, class_ess, expectation
+from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, update_noise_and_weights
+from cryotorch.errors import InputError
+from cryotorch.io import ParticleImageReader, ParticleTable, read_mrc, read_particles, validate_particle_images, write_particles
+from cryotorch.jobs.class3d import Class3DJob, ParticleState
+from cryotorch.jobs.context import RunContext
+from cryotorch.model.class_model import ClassModel
+from cryotorch.monitor import progress, save_class_sizes_plot, save_histogram_plot
+from cryotorch.ops.filters import soft_spherical_mask
+from cryotorch.ops.fourier import fourier_crop_2d, fourier_crop_3d
+from cryotorch.ops.fsc import fourier_shell_correlation
+from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
+from cryotorch.ops.symmetry import symmetry_matrices
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OnlineClass3DJob", "FourierCroppedReader"]
+
+
+class FourierCroppedReader:
+    """A :class:`~cryotorch.io.ParticleImageReader` whose images are Fourier-cropped to ``box_size``."""
+
+    def __init__(self, reader: ParticleImageReader, box_size: int) -> None:
+        self.reader, self.box_size = reader, box_size
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """``(B, n, n)`` cropped images of table ``rows``."""
+        images = self.reader.read(rows)
+        if images.shape[-1] == self.box_size:
+            return images
+        return fourier_crop_2d(torch.as_tensor(images), self.box_size).numpy()
+
+
+class OnlineClass3DJob(Class3DJob):
+    """Online-EM classification without alignment; every parameter is a key of
+    ``configs/job/class3d_online.yaml``."""
+
+    def __init__(
+        self,
+        name: str,
+        K: int,
+        reference: str | list[str] | None = None,
+        solvent_mask: str | None = None,
+        focus_mask: str | None = None,
+        target_resolution_A: float | None = None,
+        init_mode: str = "simple",
+        init_particles_per_class: int = 500,
+        pca_n_reconstructions: int = 40,
+        n_online_epochs: int = 2,
+        batch_size_per_class: int = 100,
+        learning_rate: float = 0.5,
+        learning_rate_half_life: float = 20.0,
+        max_full_iterations: int = 20,
+        switch_threshold: float | None = 0.02,
+        rms_change_threshold: float | None = 0.01,
+        class_similarity: float = 0.5,
+        class_similarity_anneal_fraction: float = 0.5,
+        per_particle_scale: str = "consensus",
+        force_hard: bool = False,
+        tau2_fudge: float = 1.0,
+        mask_diameter_A: float | None = None,
+        zero_mask: bool = True,
+        ctf: bool = True,
+        continue_from: str | None = None,
+    ) -> None:
+        if n_online_epochs < 0 or max_full_iterations < 0 or n_online_epochs + max_full_iterations < 1:
+            raise InputError(f"job.n_online_epochs ({n_online_epochs}) and job.max_full_iterations ({max_full_iterations}) must be ≥ 0, one of them > 0")
+        super().__init__(
+            name=name, reference=reference, K=K, n_iterations=n_online_epochs + max_full_iterations, tau2_fudge=tau2_fudge,
+            mask_diameter_A=mask_diameter_A, reference_mask=solvent_mask, zero_mask=zero_mask, ini_high_A=0.0, ctf=ctf,
+            scale_prior_sigma=0.0, continue_from=continue_from,
+        )
+        if self.references and len(self.references) != K:
+            raise InputError(f"job.reference lists {len(self.references)} maps; class3d_online needs one map per class (job.K={K}) or none")
+        if init_mode not in ("simple", "pca"):
+            raise InputError(f"job.init_mode must be 'simple' or 'pca', got {init_mode!r}")
+        if per_particle_scale not in ("consensus", "none"):
+            raise InputError(f"job.per_particle_scale must be 'consensus' or 'none', got {per_particle_scale!r}")
+        if not 0 < learning_rate <= 1 or learning_rate_half_life <= 0:
+            raise InputError(f"job.learning_rate must lie in (0, 1] and job.learning_rate_half_life be positive, got {learning_rate}, {learning_rate_half_life}")
+        if not 0 <= class_similarity <= 1 or not 0 < class_similarity_anneal_fraction <= 1:
+            raise InputError(f"job.class_similarity must lie in [0, 1] and job.class_similarity_anneal_fraction in (0, 1], got {class_similarity}, {class_similarity_anneal_fraction}")
+        if batch_size_per_class < 1 or init_particles_per_class < 2 or pca_n_reconstructions < K:
+            raise InputError("job.batch_size_per_class must be ≥ 1, job.init_particles_per_class ≥ 2 and job.pca_n_reconstructions ≥ job.K")
+        self.focus_mask_path = focus_mask
+        self.target_resolution_A = target_resolution_A
+        self.init_mode = init_mode
+        self.init_particles_per_class = init_particles_per_class
+        self.pca_n_reconstructions = pca_n_reconstructions
+        self.n_online_epochs = n_online_epochs
+        self.batch_size_per_class = batch_size_per_class
+        self.learning_rate = learning_rate
+        self.learning_rate_half_life = learning_rate_half_life
+        self.switch_threshold = switch_threshold
+        self.rms_change_threshold = rms_change_threshold
+        self.class_similarity = class_similarity
+        self.class_similarity_anneal_fraction = class_similarity_anneal_fraction
+        self.per_particle_scale = per_particle_scale
+        self.force_hard = force_hard
+        # run state that a resumed run restores (extra_state)
+        self.step = 0
+        self.finished = False
+        self.consensus: torch.Tensor | None = None
+        self.particle_scale: torch.Tensor | None = None
+        self.running: list[SufficientStatistics] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def run(self, context: RunContext) -> None:
+        """Load and crop the data, bootstrap or load the classes, then online and full-batch EM."""
+        if context.particles is None:
+            raise InputError(f"{self.name} needs particles: set data.particles=path/to/particles.star (or a cryoSPARC .cs)")
+        table = read_particles(context.particles, context.project_dir)
+        if not table.has_poses:
+            raise InputError(f"{context.particles}: no poses (rlnAngleRot/Tilt/Psi or alignments3D/pose); class3d_online classifies the particles of a consensus refinement")
+        validate_particle_images(table)
+        full_box, full_pixel = uniform_geometry(table, str(context.particles))
+        box = self.working_box(full_box, full_pixel)
+        self.full_box, self.full_pixel = full_box, full_pixel
+        self.table, self.box, self.pixel = table, box, full_pixel * full_box / box
+        self.device = device = context.device
+        self.diameter_A = self.mask_diameter_A or 0.9 * full_box * full_pixel
+        group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
+        self.group_names = [f"opticsGroup{g}" for g in group_ids]
+        self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
+        self.reader = FourierCroppedReader(ParticleImageReader(table, preload=context.preload), box)
+        self.symmetry = symmetry_matrices(context.symmetry, device=device, dtype=torch.float32)
+        self.image_mask = soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, ndim=2, device=device)
+        self.mask = self.cropped_mask(self.reference_mask) if self.reference_mask else soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, device=device)
+        self.focus = self.cropped_mask(self.focus_mask_path) if self.focus_mask_path else None
+        self.halves = torch.as_tensor(half_set_labels(table, context.seed), device=device)
+        self.padded = padded_box_size(box, context.padding_factor)
+        self.memory_budget = context.memory_budget_bytes
+        log.info("class3d_online: %d particles, box %d → %d (%.3g Å/px), %d classes", len(table), full_box, box, self.pixel, self.n_classes)
+
+        model = ClassModel(self.n_classes, box, self.padded, len(group_ids), self.pixel).to(device)
+        state, start = self.resume(context, model)
+        if state is None:
+            state = self.initial_state(table)
+            self.initialise(context, model, state)
+            start = 1
+        for iteration in range(start, self.n_iterations + 1):
+            if self.finished:
+                break
+            state = self.iterate(context, model, state, iteration)
+        if context.is_main:
+            self.write_class_particles(context, state)
+        context.fabric.barrier()
+        log.info("class3d_online finished in %s", context.output_dir)
+
+    def working_box(self, box: int, pixel: float) -> int:
+        """Box after the Fourier crop to the target resolution (its Nyquist), even, ≤ ``box``."""
+        if not self.target_resolution_A:
+            return box
+        if self.target_resolution_A < 2 * pixel:
+            raise InputError(f"job.target_resolution_A={self.target_resolution_A} is finer than the data's Nyquist ({2 * pixel:.3g} Å)")
+        return min(box - box % 2, 2 * math.ceil(box * pixel / self.target_resolution_A))
+
+    def cropped_mask(self, path: str) -> torch.Tensor:
+        """A mask map checked against the particles and Fourier-cropped to the working box."""
+        mask = read_mrc(path)
+        self.check_map(mask.data.shape, mask.voxel_size_angstrom[0], path, self.full_box, self.full_pixel)
+        values = torch.as_tensor(np.array(mask.data), device=self.device)
+        if float(values.min()) < -1e-3 or float(values.max()) > 1 + 1e-3:
+            raise InputError(f"{path}: mask values span [{float(values.min()):.3g}, {float(values.max()):.3g}]; a mask must lie in [0, 1]")
+        return fourier_crop_3d(values, self.box).clamp(0, 1) if self.box != self.full_box else values
+
+    def initialise(self, context: RunContext, model: ClassModel, state: ParticleState) -> None:
+        """Noise spectra, consensus map, per-particle scales and the initial class maps."""
+        power, counts, _, _ = self.data_statistics(context)
+        model.sigma2_noise.copy_(0.5 * power / counts.clamp(min=1))
+        everyone = np.zeros(len(self.table), dtype=np.int64)
+        self.consensus = self.subset_maps(context, model, state, everyone, 1)[0] * self.mask
+        self.particle_scale = self.consensus_scales(context, model, state) if self.per_particle_scale == "consensus" else torch.ones(len(self.table), device=self.device)
+        if self.references:
+            volumes = torch.stack([self.cropped_reference(path) for path in self.references])
+        elif self.init_mode == "simple":
+            volumes = self.subset_maps(context, model, state, self.random_subsets(context.seed, self.n_classes), self.n_classes)
+        else:
+            volumes = self.pca_seeds(context, model, state)
+        model.volumes.copy_(volumes * self.mask)
+        log.info("initial classes from %s", "the given maps" if self.references else f"random subsets ({self.init_mode})")
+
+    def cropped_reference(self, path: str) -> torch.Tensor:
+        """A given class map, checked, cropped and put on the consensus map's grey scale."""
+        volume = torch.as_tensor(np.array(read_mrc(path).data), device=self.device)
+        self.check_map(tuple(volume.shape), read_mrc(path).voxel_size_angstrom[0], path, self.full_box, self.full_pixel)
+        volume = fourier_crop_3d(volume, self.box) if self.box != self.full_box else volume
+        assert self.consensus is not None
+        inside = self.mask > 0.5
+        return volume * float(self.consensus[inside].std() / volume[inside].std().clamp(min=1e-30))
+
+    def random_subsets(self, seed: int, n_subsets: int) -> np.ndarray:
+        """``(N,)`` subset index of each particle (−1: none): disjoint random subsets of
+        ``init_particles_per_class`` particles (fewer when the data set is small)."""
+        n = len(self.table)
+        size = min(self.init_particles_per_class, n // n_subsets)
+        if size < 2:
+            raise InputError(f"{n} particles cannot seed {n_subsets} random-subset reconstructions; lower job.K or job.pca_n_reconstructions")
+        order = np.random.default_rng([seed, n_subsets]).permutation(n)
+        labels = np.full(n, -1, dtype=np.int64)
+        labels[order[: size * n_subsets]] = np.repeat(np.arange(n_subsets), size)
+        return labels
+
+    def pca_seeds(self, context: RunContext, model: ClassModel, state: ParticleState) -> torch.Tensor:
+        """K seeds: many random-subset maps, their principal components inside the focus (or
+        solvent) mask, k-means into K clusters, and each cluster's mean map."""
+        n_maps = self.pca_n_reconstructions
+        labels = self.random_subsets(context.seed, n_maps)
+        maps = torch.cat([
+            self.subset_maps(context, model, state, np.where((labels >= start) & (labels < start + self.n_classes), labels - start, -1), min(self.n_classes, n_maps - start))
+            for start in range(0, n_maps, self.n_classes)
+        ])  # (n_maps, n, n, n)
+        region = (self.focus if self.focus is not None else self.mask) > 0.5
+        features = maps[:, region].double()
+        features = features - features.mean(0)
+        _, _, basis = torch.linalg.svd(features, full_matrices=False)
+        scores = features @ basis[: max(1, self.n_classes - 1)].T  # (n_maps, K−1)
+        assignment = kmeans(scores, self.n_classes, np.random.default_rng(context.seed))
+        return torch.stack([maps[assignment == k].mean(0) for k in range(self.n_classes)])
+
+    def subset_maps(self, context: RunContext, model: ClassModel, state: ParticleState, labels: np.ndarray, n_subsets: int) -> torch.Tensor:
+        """``(n_subsets, n, n, n)`` FSC-filtered maps of the particles with each subset label."""
+        halves = [SufficientStatistics.zeros(n_subsets, self.padded, len(self.group_names), self.box // 2 + 1, self.device) for _ in (1, 2)]
+        rows = self.rows[labels[self.rows] >= 0]
+        frequencies, component_index, shells = self.components(self.box // 2)
+        batch_size = self.batch_size(frequencies.shape[0], 1)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
+            rotations = self.rotations(chunk)
+            two_q = (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2
+            weighted = batch.spectra * batch.scale[:, None] * batch.ctf * batch.inv_sigma2
+            subset = torch.as_tensor(labels[chunk], device=self.device)
+            half = self.halves[torch.as_tensor(chunk, device=self.device)]
+            for h in (1, 2):
+                slices = [
+                    WeightedSlices(g, rotations[members], weighted[members], two_q[members])
+                    for g in range(n_subsets)
+                    if (members := ((subset == g) & (half == h)).nonzero()[:, 0]).numel()
+                ]
+                halves[h - 1].insert(self.expand_symmetry(slices), frequencies, self.box, context.memory_budget_bytes / 4)
+        for stats in halves:
+            for tensor in (stats.data, stats.weight):
+                tensor.copy_(context.all_reduce_sum(tensor))
+        return torch.stack([self.filtered_map(halves, g)[0] for g in range(n_subsets)])
+
+    def consensus_scales(self, context: RunContext, model: ClassModel, state: ParticleState) -> torch.Tensor:
+        """``(N,)`` per-particle intensity scale ``a = Σ Re(X̄·CTF·P)/σ² / Σ CTF²|P|²/σ²``
+        against the consensus map's projection at the particle's pose."""
+        assert self.consensus is not None
+        volume_ft = prepare_fourier_volumes(self.consensus[None], context.padding_factor)
+        frequencies, component_index, shells = self.components(self.box // 2)
+        scales = torch.zeros(len(self.table), device=self.device)
+        batch_size = self.batch_size(frequencies.shape[0], 1)
+        for start in range(0, len(self.rows), batch_size):
+            chunk = self.rows[start : start + batch_size]
+            batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
+            model_image = batch.ctf * extract_slices(volume_ft, self.rotations(chunk), frequencies, self.box)[0]
+            cross = ((batch.spectra.conj() * model_image).real * batch.inv_sigma2).sum(-1)
+            power = (model_image.abs() ** 2 * batch.inv_sigma2).sum(-1)
+            scales[torch.as_tensor(chunk, device=self.device)] = (cross / power.clamp(min=1e-30)).clamp(min=0.05)
+        scales = context.gather_rows(torch.as_tensor(self.rows, device=self.device), scales[torch.as_tensor(self.rows, device=self.device)], len(self.table))
+        return scales / scales.mean()
+
+    # ------------------------------------------------------------------ iterations
+    def iterate(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> ParticleState:
+        """One online epoch (minibatch updates) or one full-batch EM iteration, then outputs."""
+        n = len(self.table)
+        online = iteration <= self.n_online_epochs
+        if online:
+            order = np.random.default_rng([context.seed, iteration]).permutation(n)
+            size = self.batch_size_per_class * self.n_classes
+            minibatches = [np.sort(order[start : start + size]) for start in range(0, n, size)]
+        else:
+            minibatches = [np.arange(n)]
+        previous_volumes = model.volumes.clone()
+        new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
+        touched = []
+        for rows_global in progress(minibatches, len(minibatches), f"iteration {iteration}", enabled=context.is_main and online, unit="minibatch"):
+            rows = shard_rows(rows_global, context.fabric.global_rank, context.fabric.world_size)
+            touched.append(rows)
+            rate = self.current_rate() if online else 1.0
+            similarity = self.current_similarity(len(minibatches)) if online else 0.0
+            self.update(context, model, state, new_state, rows, rate, len(rows_global), similarity)
+            if online:
+                self.step += 1
+        new_state = self.gather_state(context, new_state, np.concatenate(touched))
+        empty = [k for k in range(self.n_classes) if float(self.running[0].weight[k].sum() + self.running[1].weight[k].sum()) <= 0]
+        switched = float((new_state.class_number != state.class_number).float().mean()) if int(state.class_number.min()) > 0 else 1.0
+        sizes = model.class_weights.to(model.volumes.dtype)
+        change = float(torch.sqrt((sizes[:, None] * (model.volumes - previous_volumes).flatten(1) ** 2).sum() / (sizes[:, None] * previous_volumes.flatten(1) ** 2).sum().clamp(min=1e-30)))
+        if not online:
+            criteria = [value < threshold for value, threshold in ((switched, self.switch_threshold), (change, self.rms_change_threshold)) if threshold is not None]
+            self.finished = bool(criteria) and all(criteria)
+        log.info("iteration %d (%s): %.1f %% of particles switched class, size-weighted RMS change of the maps %.4f%s",
+                 iteration, "online" if online else "full batch", 100 * switched, change, "; converged" if self.finished else "")
+        self.report(context, model, state, new_state, iteration, self.box // 2, empty, 0)
+        self.report_online(context, new_state, iteration, change)
+        return new_state
+
+    def current_rate(self) -> float:
+        """Learning rate of this minibatch: 1 for the first, then ``η·2^(−step/half-life)``."""
+        return 1.0 if self.step == 0 else self.learning_rate * 0.5 ** (self.step / self.learning_rate_half_life)
+
+    def current_similarity(self, n_per_epoch: int) -> float:
+        """Class similarity β of this minibatch, annealed linearly to 0 over the first
+        ``class_similarity_anneal_fraction`` of the online minibatches."""
+        total = max(1.0, self.class_similarity_anneal_fraction * self.n_online_epochs * n_per_epoch)
+        return self.class_similarity * max(0.0, 1.0 - self.step / total)
+
+    def update(
+        self, context: RunContext, model: ClassModel, state: ParticleState, new_state: ParticleState,
+        rows: np.ndarray, rate: float, n_global: int, similarity: float,
+    ) -> None:
+        """E-step over this rank's ``rows``; ``S ← (1−η)·S + η·(N/B)·S_B``; M-step."""
+        device, box = self.device, self.box
+        frequencies, component_index, shells = self.components(box // 2)
+        volumes_ft = prepare_fourier_volumes(self.effective_volumes(model), context.padding_factor)
+        settings = EStepSettings(
+            frequencies=frequencies, n_coarse=frequencies.shape[0], box_size=box, pixel_size_angstrom=self.pixel, align=False,
+            memory_budget_bytes=context.memory_budget_bytes / 4, hard_classification=self.force_hard,
+            target_class_ess=1.0 + similarity * (self.n_classes - 1) if similarity > 0 else None,
+        )
+        gain = rate * len(self.table) / n_global
+        if self.running is None:
+            self.running = [SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device) for _ in (1, 2)]
+        for stats in self.running:
+            # every rank adds its particles; the decayed old sums enter the all-reduce once
+            stats.mul_((1 - rate) / gain if context.is_main else 0.0)
+        log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
+        batch_size = self.batch_size(frequencies.shape[0], self.n_classes)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            index = torch.as_tensor(chunk, device=device)
+            batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
+            groups = torch.as_tensor(self.groups[chunk], device=device)
+            half = self.halves[index]
+            for h in (1, 2):
+                members = (half == h).nonzero()[:, 0]
+                if members.numel() == 0:
+                    continue
+                result = expectation(batch.select(members), volumes_ft, None, None, None, log_prior, float(model.offset_sigma_angstrom), settings)
+                self.expand_symmetry(result.slices)
+                self.running[h - 1].accumulate(result, batch.select(members), groups[members], shells, frequencies, box, self.pixel, context.memory_budget_bytes / 4)
+                self.record(new_state, index[members], result)
+        for stats in self.running:
+            for tensor in stats.tensors():
+                tensor.copy_(context.all_reduce_sum(tensor))
+            stats.mul_(gain)
+        self.maximize(model)
+
+    def record(self, state: ParticleState, index: torch.Tensor, result: Any) -> None:
+        """Store the E-step outcome of particles ``index``."""
+        state.class_number[index] = result.best_class + 1
+        state.max_posterior[index] = result.max_posterior.float()
+        state.n_significant[index] = result.n_significant.long()
+        state.log_likelihood[index] = result.log_likelihood.double()
+        state.class_ess[index] = class_ess(result.class_posterior).float()
+
+    def maximize(self, model: ClassModel) -> None:
+        """Class maps from the running half-set statistics, each filtered by its own FSC;
+        noise spectra and class weights from their sum."""
+        assert self.running is not None
+        for k in range(self.n_classes):
+            if float(self.running[0].weight[k].sum()) > 0 and float(self.running[1].weight[k].sum()) > 0:
+                volume, fsc = self.filtered_map(self.running, k)
+                model.volumes[k] = volume * self.mask
+                clamped = fsc.clamp(0, 0.999)
+                model.ssnr[k] = 2 * clamped / (1 - clamped)
+        total = SufficientStatistics(*[a + b for a, b in zip(self.running[0].tensors(), self.running[1].tensors())])
+        update_noise_and_weights(model, total, self.box // 2)
+
+    def filtered_map(self, halves: list[SufficientStatistics], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map of class ``k`` from both half sets, filtered by their FSC; and that FSC."""
+        maps = half_set_reconstruction(
+            torch.stack([halves[0].data[k], halves[1].data[k]]), torch.stack([halves[0].weight[k], halves[1].weight[k]]), self.box, self.tau2_fudge
+        )
+        fsc = fourier_shell_correlation(rfft3_centered(maps.halves[0] * self.mask), rfft3_centered(maps.halves[1] * self.mask))
+        return maps.full, fsc
+
+    def effective_volumes(self, model: ClassModel) -> torch.Tensor:
+        """``S·(F·V_k + (1−F)·V̄)``: the consensus replaces each class outside the focus mask."""
+        if self.focus is None or self.consensus is None:
+            return model.volumes * self.mask
+        return self.mask * (self.focus * model.volumes + (1 - self.focus) * self.consensus)
+
+    # ------------------------------------------------------------------ helpers
+    def components(self, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fourier components inside ``radius`` sorted by radius: frequencies, positions in
+        the flattened centred rfft, shell indices."""
+        frequencies = fft_frequencies_2d(self.box, self.device).reshape(-1, 2)
+        radii = frequencies.norm(dim=-1)
+        order = torch.argsort(radii, stable=True)
+        order = order[(radii[order] > 0) & (radii[order] <= radius)]
+        return frequencies[order], order, torch.round(frequencies[order].norm(dim=-1)).long()
+
+    def batch_size(self, n_components: int, n_classes: int) -> int:
+        """Particles per E-step batch within a quarter of the memory budget (K projections each)."""
+        return int(max(1, min(4096, self.memory_budget / 4 / max(1, (n_classes + 4) * n_components * 16))))
+
+    def rotations(self, rows: np.ndarray) -> torch.Tensor:
+        """``(B, 3, 3)`` rotation matrices of the particles' poses."""
+        return euler_deg_to_matrix(torch.as_tensor(np.asarray(self.table.euler_deg)[rows], device=self.device)).float()
+
+    def prepare(self, model: ClassModel, state: ParticleState, rows: np.ndarray, component_index: torch.Tensor, shells: torch.Tensor, frequencies: torch.Tensor, use_ctf: bool) -> PreparedBatch:
+        """Class3D's prepared batch, with the per-particle intensity scale."""
+        batch = super().prepare(model, state, rows, component_index, shells, frequencies, use_ctf)
+        if self.particle_scale is not None:
+            batch.scale = batch.scale * self.particle_scale[torch.as_tensor(rows, device=self.device)]
+        return batch
+
+    # ------------------------------------------------------------------ outputs and state
+    def report_online(self, context: RunContext, state: ParticleState, iteration: int, change: float) -> None:
+        """Class ESS histogram and class sizes: PNG beside the STAR files, and TensorBoard."""
+        counts = torch.bincount(state.class_number - 1, minlength=self.n_classes).cpu().numpy()
+        ess = state.class_ess.cpu().numpy()
+        writer = context.writer
+        if writer is not None:
+            writer.add_histogram("class3d_online/class_ess", ess, iteration)
+            writer.add_scalar("class3d_online/mean_class_ess", float(ess.mean()), iteration)
+            writer.add_scalar("class3d_online/map_rms_change", change, iteration)
+            writer.add_scalar("class3d_online/learning_rate", self.current_rate(), iteration)
+        if context.is_main:
+            out = context.output_dir
+            save_histogram_plot(out / f"run_it{iteration:03d}_class_ess.png", ess, np.linspace(1, self.n_classes, min(50, 10 * self.n_classes) + 1),
+                                "class ESS (1/Σp²)", f"iteration {iteration}: mean class ESS {ess.mean():.2f}")
+            save_class_sizes_plot(out / f"run_it{iteration:03d}_class_sizes.png", counts, f"iteration {iteration}: particles per class")
+
+    def write_class_particles(self, context: RunContext, state: ParticleState) -> None:
+        """``run_class{k}_particles.star``: each class's particles with their poses."""
+        classes = state.class_number.cpu().numpy()
+        for k in range(1, self.n_classes + 1):
+            rows = np.nonzero(classes == k)[0]
+            subset: ParticleTable = self.table.select(rows)
+            write_particles(context.output_dir / f"run_class{k:03d}_particles.star", subset, {"rlnClassNumber": classes[rows]})
+
+    def extra_state(self) -> dict[str, Any]:
+        assert self.running is not None and self.consensus is not None and self.particle_scale is not None
+        return {
+            "step": self.step, "finished": self.finished, "consensus": self.consensus.cpu(), "particle_scale": self.particle_scale.cpu(),
+            "running": [[tensor.cpu() for tensor in stats.tensors()] for stats in self.running],
+        }
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.step, self.finished = int(extra["step"]), bool(extra["finished"])
+        self.consensus, self.particle_scale = extra["consensus"].to(self.device), extra["particle_scale"].to(self.device)
+        self.running = [SufficientStatistics(*[tensor.to(self.device) for tensor in stats]) for stats in extra["running"]]
+
+
+def kmeans(points: torch.Tensor, k: int, rng: np.random.Generator, n_iterations: int = 50) -> torch.Tensor:
+    """``(P,)`` cluster of each of ``points`` ``(P, D)``: k-means with k-means++ seeding.
+
+    A cluster that empties is re-seeded at the point farthest from its centre.
+    """
+    n = points.shape[0]
+    centres = [points[int(rng.integers(n))]]
+    for _ in range(1, k):
+        distance = torch.cdist(points, torch.stack(centres)).amin(1) ** 2
+        probabilities = (distance / distance.sum().clamp(min=1e-30)).cpu().numpy()
+        centres.append(points[int(rng.choice(n, p=probabilities / probabilities.sum()))])
+    centre = torch.stack(centres)
+    assignment = torch.zeros(n, dtype=torch.long, device=points.device)
+    for _ in range(n_iterations):
+        distance = torch.cdist(points, centre)
+        new = distance.argmin(1)
+        for cluster in range(k):
+            members = new == cluster
+            if members.any():
+                centre[cluster] = points[members].mean(0)
+            else:
+                far = int(distance.amin(1).argmax())
+                centre[cluster], new[far] = points[far], cluster
+        if torch.equal(new, assignment):
+            break
+        assignment = new
+    return assignment
