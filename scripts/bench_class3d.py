@@ -62,11 +62,22 @@ def make_maps(map_path: Path, folder: Path) -> tuple[Path, Path, Path]:
 
 
 def matched_accuracy(truth: np.ndarray, assigned: np.ndarray) -> float:
-    labels = sorted(set(truth.tolist()) | set(assigned.tolist()))
-    return max(
-        float(np.mean(np.vectorize(dict(zip(labels, perm)).get)(assigned) == truth))
-        for perm in itertools.permutations(labels)
-    )
+    """Fraction of particles in their true class under the best one-to-one matching of labels
+    (all matchings for up to 8 labels, else greedy on the confusion matrix)."""
+    _, truth_index = np.unique(truth, return_inverse=True)
+    _, assigned_index = np.unique(assigned, return_inverse=True)
+    size = max(truth_index.max(), assigned_index.max()) + 1
+    confusion = np.zeros((size, size))
+    np.add.at(confusion, (assigned_index, truth_index), 1)
+    if size <= 8:
+        best = max(confusion[np.arange(size), list(perm)].sum() for perm in itertools.permutations(range(size)))
+    else:
+        best, table = 0.0, confusion.copy()
+        for _ in range(size):
+            row, column = np.unravel_index(table.argmax(), table.shape)
+            best += table[row, column]
+            table[row, :], table[:, column] = -1, -1
+    return float(best / len(truth))
 
 
 def adjusted_rand_index(truth: np.ndarray, assigned: np.ndarray) -> float:

@@ -252,7 +252,8 @@ class HalfSetMaps:
     full
         ``(N, N, N)`` map from both halves.
     fsc
-        ``(N // 2 + 1,)`` FSC of the lightly regularised half maps, which sets the filters.
+        ``(N // 2 + 1,)`` FSC of the lightly regularised (optionally masked) half maps,
+        which sets the filters.
     """
 
     halves: torch.Tensor
@@ -260,7 +261,15 @@ class HalfSetMaps:
     fsc: torch.Tensor
 
 
-def half_set_reconstruction(data: torch.Tensor, weight: torch.Tensor, box_size: int, tau2_fudge: float, wiener_constant: float = 1e-3) -> HalfSetMaps:
+def half_set_reconstruction(
+    data: torch.Tensor,
+    weight: torch.Tensor,
+    box_size: int,
+    tau2_fudge: float,
+    wiener_constant: float = 1e-3,
+    mask: torch.Tensor | None = None,
+    final_halves: bool = True,
+) -> HalfSetMaps:
     """Reconstruct half maps, measure their FSC, and reconstruct again with τ² from it.
 
     The first half maps use a small Wiener constant (``wiener_constant`` × mean weight); their
@@ -272,6 +281,11 @@ def half_set_reconstruction(data: torch.Tensor, weight: torch.Tensor, box_size: 
     ----------
     data, weight
         ``(2, P, P, P // 2 + 1)`` back-projected sums of the two half sets.
+    mask
+        ``(N, N, N)`` mask applied to the first half maps before their FSC, or None.
+    final_halves
+        Reconstruct the half maps again with the FSC-based τ²; False returns the first ones
+        (when only the full map is wanted).
     """
     data = torch.stack([symmetrize_hermitian_plane(d, conjugate=True) for d in data])
     weight = torch.stack([symmetrize_hermitian_plane(w, conjugate=False) for w in weight])
@@ -279,11 +293,14 @@ def half_set_reconstruction(data: torch.Tensor, weight: torch.Tensor, box_size: 
     n_padded_shells = padded // 2 + 1
     padded_shells = shell_index_3d(padded, data.device)
     first = [reconstruct_from_sums(data[h], weight[h], box_size, wiener_constant * float(weight[h].mean())) for h in (0, 1)]
-    fsc = fourier_shell_correlation(rfft3_centered(first[0]), rfft3_centered(first[1]))
-    halves = []
-    for h in (0, 1):
-        mean_weight = radial_average(weight[h].double(), padded_shells, n_padded_shells)
-        halves.append(reconstruct_from_sums(data[h], weight[h], box_size, fsc_regularisation(fsc, mean_weight, box_size, padded, tau2_fudge).float()))
+    weighting = 1.0 if mask is None else mask
+    fsc = fourier_shell_correlation(rfft3_centered(first[0] * weighting), rfft3_centered(first[1] * weighting))
+    halves = first
+    if final_halves:
+        halves = []
+        for h in (0, 1):
+            mean_weight = radial_average(weight[h].double(), padded_shells, n_padded_shells)
+            halves.append(reconstruct_from_sums(data[h], weight[h], box_size, fsc_regularisation(fsc, mean_weight, box_size, padded, tau2_fudge).float()))
     fsc_full = 2 * fsc.clamp(min=0) / (1 + fsc.clamp(min=0))
     mean_weight = radial_average(weight.sum(0).double(), padded_shells, n_padded_shells)
     full = reconstruct_from_sums(data.sum(0), weight.sum(0), box_size, fsc_regularisation(fsc_full, mean_weight, box_size, padded, tau2_fudge).float())

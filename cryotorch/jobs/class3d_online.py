@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d, rfft3_centered
+from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d
 from cryotorch.data.particles import half_set_labels, shard_rows, uniform_geometry
 from cryotorch.em.estep import EStepSettings, PreparedBatch, WeightedSlices, class_ess, expectation
 from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, update_noise_and_weights
@@ -41,7 +41,6 @@ from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import progress, save_class_sizes_plot, save_histogram_plot
 from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import fourier_crop_2d, fourier_crop_3d
-from cryotorch.ops.fsc import fourier_shell_correlation
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
 from cryotorch.ops.symmetry import symmetry_matrices
 
@@ -89,6 +88,7 @@ class OnlineClass3DJob(Class3DJob):
         class_similarity: float = 0.5,
         class_similarity_anneal_fraction: float = 0.5,
         per_particle_scale: str = "consensus",
+        scale_range: tuple[float, float] = (0.5, 2.0),
         force_hard: bool = False,
         tau2_fudge: float = 1.0,
         mask_diameter_A: float | None = None,
@@ -129,6 +129,9 @@ class OnlineClass3DJob(Class3DJob):
         self.class_similarity = class_similarity
         self.class_similarity_anneal_fraction = class_similarity_anneal_fraction
         self.per_particle_scale = per_particle_scale
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        if not 0 < self.scale_range[0] <= 1 <= self.scale_range[1]:
+            raise InputError(f"job.scale_range must be [low, high] with 0 < low ≤ 1 ≤ high, got {list(scale_range)}")
         self.force_hard = force_hard
         # run state that a resumed run restores (extra_state)
         self.step = 0
@@ -163,6 +166,8 @@ class OnlineClass3DJob(Class3DJob):
         self.halves = torch.as_tensor(half_set_labels(table, context.seed), device=device)
         self.padded = padded_box_size(box, context.padding_factor)
         self.memory_budget = context.memory_budget_bytes
+        # every shell inside Nyquist but the last, whose trilinear corners leave the padded grid
+        self.radius = box // 2 - 1
         log.info("class3d_online: %d particles, box %d → %d (%.3g Å/px), %d classes", len(table), full_box, box, self.pixel, self.n_classes)
 
         model = ClassModel(self.n_classes, box, self.padded, len(group_ids), self.pixel).to(device)
@@ -255,7 +260,7 @@ class OnlineClass3DJob(Class3DJob):
         """``(n_subsets, n, n, n)`` FSC-filtered maps of the particles with each subset label."""
         halves = [SufficientStatistics.zeros(n_subsets, self.padded, len(self.group_names), self.box // 2 + 1, self.device) for _ in (1, 2)]
         rows = self.rows[labels[self.rows] >= 0]
-        frequencies, component_index, shells = self.components(self.box // 2)
+        frequencies, component_index, shells = self.components(self.radius)
         batch_size = self.batch_size(frequencies.shape[0], 1)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -279,10 +284,17 @@ class OnlineClass3DJob(Class3DJob):
 
     def consensus_scales(self, context: RunContext, model: ClassModel, state: ParticleState) -> torch.Tensor:
         """``(N,)`` per-particle intensity scale ``a = Σ Re(X̄·CTF·P)/σ² / Σ CTF²|P|²/σ²``
-        against the consensus map's projection at the particle's pose."""
+        against the consensus map's projection at the particle's pose, normalised to mean 1
+        and limited to ``scale_range``.
+
+        The limits keep the scale to what contrast (ice thickness) can explain: a particle
+        that does not resemble the consensus (junk, a ≈ 0) keeps the lower bound, so that
+        classes of different strength still score it differently and junk can gather in a
+        class of its own.
+        """
         assert self.consensus is not None
         volume_ft = prepare_fourier_volumes(self.consensus[None], context.padding_factor)
-        frequencies, component_index, shells = self.components(self.box // 2)
+        frequencies, component_index, shells = self.components(self.radius)
         scales = torch.zeros(len(self.table), device=self.device)
         batch_size = self.batch_size(frequencies.shape[0], 1)
         for start in range(0, len(self.rows), batch_size):
@@ -291,9 +303,10 @@ class OnlineClass3DJob(Class3DJob):
             model_image = batch.ctf * extract_slices(volume_ft, self.rotations(chunk), frequencies, self.box)[0]
             cross = ((batch.spectra.conj() * model_image).real * batch.inv_sigma2).sum(-1)
             power = (model_image.abs() ** 2 * batch.inv_sigma2).sum(-1)
-            scales[torch.as_tensor(chunk, device=self.device)] = (cross / power.clamp(min=1e-30)).clamp(min=0.05)
+            scales[torch.as_tensor(chunk, device=self.device)] = cross / power.clamp(min=1e-30)
         scales = context.gather_rows(torch.as_tensor(self.rows, device=self.device), scales[torch.as_tensor(self.rows, device=self.device)], len(self.table))
-        return scales / scales.mean()
+        # normalised over the particles that resemble the consensus (the median half-way)
+        return (scales / scales.median().clamp(min=1e-30)).clamp(*self.scale_range)
 
     # ------------------------------------------------------------------ iterations
     def iterate(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> ParticleState:
@@ -327,7 +340,7 @@ class OnlineClass3DJob(Class3DJob):
             self.finished = bool(criteria) and all(criteria)
         log.info("iteration %d (%s): %.1f %% of particles switched class, size-weighted RMS change of the maps %.4f%s",
                  iteration, "online" if online else "full batch", 100 * switched, change, "; converged" if self.finished else "")
-        self.report(context, model, state, new_state, iteration, self.box // 2, empty, 0)
+        self.report(context, model, state, new_state, iteration, self.radius, empty, 0)
         self.report_online(context, new_state, iteration, change)
         return new_state
 
@@ -347,7 +360,7 @@ class OnlineClass3DJob(Class3DJob):
     ) -> None:
         """E-step over this rank's ``rows``; ``S ← (1−η)·S + η·(N/B)·S_B``; M-step."""
         device, box = self.device, self.box
-        frequencies, component_index, shells = self.components(box // 2)
+        frequencies, component_index, shells = self.components(self.radius)
         volumes_ft = prepare_fourier_volumes(self.effective_volumes(model), context.padding_factor)
         settings = EStepSettings(
             frequencies=frequencies, n_coarse=frequencies.shape[0], box_size=box, pixel_size_angstrom=self.pixel, align=False,
@@ -401,15 +414,15 @@ class OnlineClass3DJob(Class3DJob):
                 clamped = fsc.clamp(0, 0.999)
                 model.ssnr[k] = 2 * clamped / (1 - clamped)
         total = SufficientStatistics(*[a + b for a, b in zip(self.running[0].tensors(), self.running[1].tensors())])
-        update_noise_and_weights(model, total, self.box // 2)
+        update_noise_and_weights(model, total, self.radius)
 
     def filtered_map(self, halves: list[SufficientStatistics], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Map of class ``k`` from both half sets, filtered by their FSC; and that FSC."""
         maps = half_set_reconstruction(
-            torch.stack([halves[0].data[k], halves[1].data[k]]), torch.stack([halves[0].weight[k], halves[1].weight[k]]), self.box, self.tau2_fudge
+            torch.stack([halves[0].data[k], halves[1].data[k]]), torch.stack([halves[0].weight[k], halves[1].weight[k]]), self.box, self.tau2_fudge,
+            mask=self.mask, final_halves=False,
         )
-        fsc = fourier_shell_correlation(rfft3_centered(maps.halves[0] * self.mask), rfft3_centered(maps.halves[1] * self.mask))
-        return maps.full, fsc
+        return maps.full, maps.fsc
 
     def effective_volumes(self, model: ClassModel) -> torch.Tensor:
         """``S·(F·V_k + (1−F)·V̄)``: the consensus replaces each class outside the focus mask."""

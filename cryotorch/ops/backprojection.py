@@ -33,12 +33,13 @@ def _trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: i
     fraction = shifted - base  # (S, 3)
     x0, y0, z0 = base.long().unbind(-1)
     base_index = (z0 * padded_size + y0) * half_size + x0
-    # per axis: weight of the lower and upper neighbour, and whether it lies inside the grid
+    # per axis: weight of the lower and upper neighbour
     axes = [(1 - fraction[:, a], fraction[:, a]) for a in range(3)]
     limits = [(x0, half_size), (y0, padded_size), (z0, padded_size)]
-    inside = [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
     # samples well inside the grid (all of them, but for the outermost shells) need no masks
-    all_inside = bool(torch.stack([flag for pair in inside for flag in pair]).all())
+    lowest, highest = base.amin(0), base.amax(0)
+    all_inside = bool((lowest >= 0).all()) and all(float(highest[a]) + 1 < size for a, (_, size) in enumerate(limits))
+    inside = [] if all_inside else [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
     for dx, dy, dz in _CORNERS.tolist():
         trilinear = axes[0][dx] * axes[1][dy] * axes[2][dz]
         flat_index = base_index + ((dz * padded_size + dy) * half_size + dx)

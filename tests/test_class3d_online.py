@@ -1,0 +1,153 @@
+"""class3d_online end to end on small simulated data with known classes and poses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryotorch.data.phantom import blob_phantom
+from cryotorch.em.estep import class_ess, class_temperature
+from cryotorch.io import read_mrc, read_particles, write_mrc
+from cryotorch.jobs.class3d_online import kmeans
+from cryotorch.ops.fourier import fourier_crop_2d, fourier_crop_3d
+
+from test_class3d import accuracy
+from test_jobs import REPO, train
+
+BOX, PIXEL = 32, 6.0
+
+
+@pytest.fixture(scope="module")
+def three_class_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("class3d_online")
+    maps = [blob_phantom(BOX, PIXEL, seed=seed) for seed in (21, 22, 23)]
+    for index, volume in enumerate(maps):
+        write_mrc(folder / f"map{index}.mrc", volume, PIXEL)
+    sim = folder / "sim"
+    train(
+        "+job=simulate", f"job.maps=[{','.join(str(folder / f'map{i}.mrc') for i in range(3))}]", "job.n_particles=600",
+        "job.snr=0.5", "job.origin_sigma_angstrom=4", "job.defocus_min_angstrom=10000", "job.defocus_max_angstrom=20000",
+        f"hydra.run.dir={sim}",
+    )
+    return {"folder": folder, "particles": sim / "particles.star", "truth": sim / "truth.star"}
+
+
+def classify(data: dict[str, Path], out: Path, *extra: str) -> None:
+    train(
+        "+job=class3d_online", f"data.particles={data['particles']}", "job.K=3", "job.n_online_epochs=1", "job.batch_size_per_class=60",
+        "job.init_particles_per_class=60", "job.max_full_iterations=3", f"hydra.run.dir={out}", *extra,
+    )
+
+
+def last_iteration(out: Path) -> int:
+    return max(int(path.name[6:9]) for path in out.glob("run_it*_data.star"))
+
+
+def test_online_em_separates_the_classes_from_random_subsets(three_class_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "online"
+    classify(three_class_data, out)
+    last = last_iteration(out)
+    truth = read_particles(three_class_data["truth"]).class_number
+    result = read_particles(out / f"run_it{last:03d}_data.star").class_number
+    assert accuracy(truth, result) >= 0.95
+    for name in (f"run_it{last:03d}_model.star", f"run_it{last:03d}_optimiser.star", f"run_it{last:03d}_class003.mrc",
+                 f"run_it{last:03d}_class_ess.png", f"run_it{last:03d}_class_sizes.png"):
+        assert (out / name).is_file(), name
+    per_class = [read_particles(out / f"run_class{k:03d}_particles.star") for k in (1, 2, 3)]
+    assert sum(len(table) for table in per_class) == len(truth)
+    assert all((table.class_number == k).all() for k, table in zip((1, 2, 3), per_class))
+    # clear-cut data: particles settle in one class each
+    ess = torch.load(out / "run_checkpoint.pt", weights_only=True)["particles"]["class_ess"]
+    assert float(ess.mean()) < 1.2
+
+
+def test_pca_seeds_hard_assignment_focus_mask_and_crop(three_class_data: dict[str, Path], tmp_path: Path) -> None:
+    focus = three_class_data["folder"] / "focus.mrc"
+    write_mrc(focus, torch.ones(BOX, BOX, BOX), PIXEL)
+    out = tmp_path / "pca"
+    classify(three_class_data, out, "job.init_mode=pca", "job.pca_n_reconstructions=9", "job.force_hard=true",
+             f"job.focus_mask={focus}", "job.target_resolution_A=18")
+    last = last_iteration(out)
+    truth = read_particles(three_class_data["truth"]).class_number
+    assert accuracy(truth, read_particles(out / f"run_it{last:03d}_data.star").class_number) >= 0.9
+    volume = read_mrc(out / f"run_it{last:03d}_class001.mrc")
+    assert volume.data.shape == (22, 22, 22)  # 2·⌈32·6/18⌉: Nyquist at 18 Å or finer
+    assert volume.voxel_size_angstrom[0] == pytest.approx(PIXEL * 32 / 22, rel=1e-3)
+
+
+def test_a_killed_online_run_resumes_to_the_same_result(three_class_data: dict[str, Path], tmp_path: Path) -> None:
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    overrides = ["job.n_online_epochs=2", "job.max_full_iterations=1", "job.switch_threshold=null", "job.rms_change_threshold=null"]
+    classify(three_class_data, whole, *overrides)
+    command = [sys.executable, "-m", "cryotorch.train", "+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.K=3",
+               "job.batch_size_per_class=60", "job.init_particles_per_class=60", *overrides, f"hydra.run.dir={resumed}"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (resumed / "run_it001_class_sizes.png").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.kill()  # SIGKILL, somewhere in the second epoch
+    process.wait()
+    classify(three_class_data, resumed, *overrides)
+    a, b = (read_particles(out / "run_it003_data.star").class_number for out in (whole, resumed))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(read_mrc(resumed / "run_it003_class002.mrc").data, read_mrc(whole / "run_it003_class002.mrc").data, atol=1e-5)
+
+
+def test_two_processes_give_the_same_classes(three_class_data: dict[str, Path], tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    overrides = ["job.K=3", "job.n_online_epochs=1", "job.batch_size_per_class=60", "job.init_particles_per_class=60", "job.max_full_iterations=1"]
+    classify(three_class_data, one, *overrides)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
+    result = subprocess.run(
+        [*torchrun, "+job=class3d_online", f"data.particles={three_class_data['particles']}", *overrides, f"hydra.run.dir={two}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(read_particles(two / "run_it002_data.star").class_number, read_particles(one / "run_it002_data.star").class_number)
+    a = read_mrc(one / "run_it002_class001.mrc").data
+    np.testing.assert_allclose(read_mrc(two / "run_it002_class001.mrc").data, a, atol=1e-3 * float(np.abs(a).max()))
+
+
+def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: Path) -> None:
+    result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.init_mode=magic", f"hydra.run.dir={tmp_path / 'a'}", check=False)
+    assert result.returncode == 2 and "job.init_mode" in result.stderr + result.stdout
+    result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.target_resolution_A=5", f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    assert result.returncode == 2 and "Nyquist" in result.stderr + result.stdout
+
+
+def test_class_temperature_reaches_the_target_ess() -> None:
+    logits = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)) * 20
+    plain = float(class_ess(torch.softmax(logits, -1)).mean())
+    assert class_temperature(logits, plain / 2) == 1.0  # already broad enough
+    tau = class_temperature(logits, 4.0)
+    assert tau < 1 and float(class_ess(torch.softmax(tau * logits, -1)).mean()) == pytest.approx(4.0, rel=1e-3)
+
+
+def test_kmeans_finds_separated_clusters() -> None:
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([centre + torch.randn(30, 2, generator=generator) for centre in centres])
+    labels = kmeans(points, 3, np.random.default_rng(0))
+    truth = np.repeat([0, 1, 2], 30)
+    assert accuracy(truth, labels.numpy()) == 1.0
+
+
+def test_fourier_crop_keeps_band_limited_values() -> None:
+    coordinate = torch.arange(64) - 32
+    y, x = torch.meshgrid(coordinate * 2.0, coordinate * 2.0, indexing="ij")
+    image = torch.exp(-(x**2 + y**2) / (2 * 20.0**2))
+    coarse = torch.arange(32) - 16
+    y2, x2 = torch.meshgrid(coarse * 4.0, coarse * 4.0, indexing="ij")
+    torch.testing.assert_close(fourier_crop_2d(image[None], 32)[0], torch.exp(-(x2**2 + y2**2) / (2 * 20.0**2)), atol=1e-3, rtol=0)
+    z3, y3, x3 = torch.meshgrid(coarse * 4.0, coarse * 4.0, coarse * 4.0, indexing="ij")
+    fine = torch.meshgrid(coordinate * 2.0, coordinate * 2.0, coordinate * 2.0, indexing="ij")
+    volume = torch.exp(-((fine[2] - 5) ** 2 + fine[1] ** 2 + fine[0] ** 2) / (2 * 15.0**2))
+    torch.testing.assert_close(fourier_crop_3d(volume, 32), torch.exp(-((x3 - 5) ** 2 + y3**2 + z3**2) / (2 * 15.0**2)), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError):
+        fourier_crop_2d(image[None], 31)
