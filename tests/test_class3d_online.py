@@ -119,6 +119,9 @@ def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: P
     assert result.returncode == 2 and "job.init_mode" in result.stderr + result.stdout
     result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.target_resolution_A=5", f"hydra.run.dir={tmp_path / 'b'}", check=False)
     assert result.returncode == 2 and "Nyquist" in result.stderr + result.stdout
+    # a STAR file carries no per-particle scale to take as input
+    result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.per_particle_scale=input", f"hydra.run.dir={tmp_path / 'c'}", check=False)
+    assert result.returncode == 2 and "particles.star" in result.stderr + result.stdout and "alignments3D/alpha" in result.stderr + result.stdout
 
 
 def test_class_temperature_reaches_the_target_ess() -> None:

@@ -50,6 +50,8 @@ def test_refinement_export(shared_data: Path) -> None:
     np.testing.assert_array_equal(table.random_subset, records["alignments3D/split"] + 1)
     np.testing.assert_array_equal(table.class_number, 1)
     assert table.box_size_px[0] == 180 and table.voltage_kv[0] == 200.0
+    np.testing.assert_array_equal(table.intensity_scale, records["alignments3D/alpha"])  # cryoSPARC's per-particle scale
+    assert table.select(np.array([3, 1])).intensity_scale.tolist() == records["alignments3D/alpha"][[3, 1]].tolist()
     # blob/path is project-relative; without the project the stack would sit beside the .cs.
     assert table.stack_paths[0] == str(path.parent / records["blob/path"][0].decode())
 
@@ -59,7 +61,7 @@ def test_2d_export_strips_import_marker_and_keeps_psi(shared_data: Path) -> None
     records = np.load(path)
     table = read_particles(path)
     assert records["blob/path"][0].startswith(b">") and ">" not in table.stack_paths[0]
-    assert not table.has_poses
+    assert not table.has_poses and table.intensity_scale is None
     np.testing.assert_allclose(table.euler_deg[:, 2], np.rad2deg(records["alignments2D/pose"]), rtol=1e-6)
     np.testing.assert_array_equal(table.class_number, records["alignments2D/class"] + 1)
 

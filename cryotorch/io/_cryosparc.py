@@ -181,5 +181,6 @@ def read_cryosparc_particles(
         optics_group=_dense_groups(records["ctf/exp_group_id"]) if "ctf/exp_group_id" in names else 1,
         class_number=class_number,
         random_subset=random_subset,
+        intensity_scale=records["alignments3D/alpha"].astype(np.float64) if "alignments3D/alpha" in names else None,
     )
     return replace(table, has_poses=has_poses, source_path=os.path.abspath(path))

@@ -71,6 +71,9 @@ class ParticleTable:
         True when the file had all three Euler angles.
     has_ctf
         True when the file had defocus values.
+    intensity_scale
+        ``(N,)`` float64 per-particle intensity scale of a previous refinement (cryoSPARC's
+        ``alignments3D/alpha``), or None where the file has none.
     source_particles
         Raw particle rows as read (RELION column names, one row per particle) so that
         :func:`write_particles` can carry unknown columns through; None if not from a STAR file.
@@ -100,6 +103,7 @@ class ParticleTable:
     random_subset: np.ndarray
     has_poses: bool
     has_ctf: bool
+    intensity_scale: np.ndarray | None = None
     source_particles: pd.DataFrame | None = None
     source_optics: pd.DataFrame | None = None
     source_path: str | None = None
@@ -112,6 +116,10 @@ class ParticleTable:
             if array.shape != (n_rows, *trailing_shape):
                 raise ValueError(f"ParticleTable.{name} has shape {array.shape}, expected {(n_rows, *trailing_shape)}")
             setattr(self, name, array)
+        if self.intensity_scale is not None:
+            self.intensity_scale = np.asarray(self.intensity_scale, dtype=np.float64)
+            if self.intensity_scale.shape != (n_rows,):
+                raise ValueError(f"ParticleTable.intensity_scale has shape {self.intensity_scale.shape}, expected {(n_rows,)}")
         if self.source_particles is not None and len(self.source_particles) != n_rows:
             raise ValueError(f"source_particles has {len(self.source_particles)} rows, the table {n_rows}")
 
@@ -134,7 +142,8 @@ class ParticleTable:
         indices = np.arange(len(self))[np.asarray(indices)]
         subset = {name: getattr(self, name)[indices] for name in _ARRAY_FIELDS}
         source = None if self.source_particles is None else self.source_particles.iloc[indices].reset_index(drop=True)
-        return replace(self, **subset, source_particles=source)
+        scale = None if self.intensity_scale is None else self.intensity_scale[indices]
+        return replace(self, **subset, intensity_scale=scale, source_particles=source)
 
     @classmethod
     def from_arrays(
@@ -158,6 +167,7 @@ class ParticleTable:
         optics_group: int | np.ndarray = 1,
         class_number: int | np.ndarray = 0,
         random_subset: int | np.ndarray = 0,
+        intensity_scale: np.ndarray | None = None,
     ) -> ParticleTable:
         """Build a table from arrays, broadcasting scalars to N rows.
 
@@ -195,5 +205,6 @@ class ParticleTable:
             random_subset=per_row(random_subset),
             has_poses=euler_deg is not None,
             has_ctf=has_ctf,
+            intensity_scale=None if intensity_scale is None else per_row(intensity_scale),
         )
 

@@ -107,8 +107,8 @@ class OnlineClass3DJob(Class3DJob):
             raise InputError(f"job.reference lists {len(self.references)} maps; class3d_online needs one map per class (job.K={K}) or none")
         if init_mode not in ("simple", "pca"):
             raise InputError(f"job.init_mode must be 'simple' or 'pca', got {init_mode!r}")
-        if per_particle_scale not in ("consensus", "none"):
-            raise InputError(f"job.per_particle_scale must be 'consensus' or 'none', got {per_particle_scale!r}")
+        if per_particle_scale not in ("consensus", "input", "none"):
+            raise InputError(f"job.per_particle_scale must be 'consensus', 'input' or 'none', got {per_particle_scale!r}")
         if not 0 < learning_rate <= 1 or learning_rate_half_life <= 0:
             raise InputError(f"job.learning_rate must lie in (0, 1] and job.learning_rate_half_life be positive, got {learning_rate}, {learning_rate_half_life}")
         if not 0 <= class_similarity <= 1 or not 0 < class_similarity_anneal_fraction <= 1:
@@ -148,6 +148,8 @@ class OnlineClass3DJob(Class3DJob):
         table = read_particles(context.particles, context.project_dir)
         if not table.has_poses:
             raise InputError(f"{context.particles}: no poses (rlnAngleRot/Tilt/Psi or alignments3D/pose); class3d_online classifies the particles of a consensus refinement")
+        if self.per_particle_scale == "input" and table.intensity_scale is None:
+            raise InputError(f"{context.particles}: no per-particle scale (cryoSPARC alignments3D/alpha) for job.per_particle_scale=input; use consensus or none")
         validate_particle_images(table)
         full_box, full_pixel = uniform_geometry(table, str(context.particles))
         box = self.working_box(full_box, full_pixel)
@@ -208,7 +210,13 @@ class OnlineClass3DJob(Class3DJob):
         model.sigma2_noise.copy_(0.5 * power / counts.clamp(min=1))
         everyone = np.zeros(len(self.table), dtype=np.int64)
         self.consensus = self.subset_maps(context, model, state, everyone, 1)[0] * self.mask
-        self.particle_scale = self.consensus_scales(context, model, state) if self.per_particle_scale == "consensus" else torch.ones(len(self.table), device=self.device)
+        if self.per_particle_scale == "consensus":
+            self.particle_scale = self.consensus_scales(context, model, state)
+        elif self.per_particle_scale == "input":
+            assert self.table.intensity_scale is not None
+            self.particle_scale = torch.as_tensor(self.table.intensity_scale, dtype=torch.float32, device=self.device)
+        else:
+            self.particle_scale = torch.ones(len(self.table), device=self.device)
         if self.references:
             volumes = torch.stack([self.cropped_reference(path) for path in self.references])
         elif self.init_mode == "simple":
