@@ -81,37 +81,45 @@ def test_pca_seeds_hard_assignment_focus_mask_and_crop(three_class_data: dict[st
     assert volume.voxel_size_angstrom[0] == pytest.approx(PIXEL * 32 / 22, rel=1e-3)
 
 
-def test_a_killed_online_run_resumes_to_the_same_result(three_class_data: dict[str, Path], tmp_path: Path) -> None:
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    overrides = ["job.n_online_epochs=2", "job.max_full_iterations=1", "job.switch_threshold=null", "job.rms_change_threshold=null"]
-    classify(three_class_data, whole, *overrides)
+RESUMABLE = ["job.n_online_epochs=2", "job.max_full_iterations=1", "job.switch_threshold=null", "job.rms_change_threshold=null"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(three_class_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, two online epochs and one full-batch iteration, never stopped."""
+    out = tmp_path_factory.mktemp("online_whole")
+    classify(three_class_data, out, *RESUMABLE)
+    return out
+
+
+def test_a_killed_online_run_resumes_to_the_same_result(three_class_data: dict[str, Path], uninterrupted: Path, tmp_path: Path) -> None:
+    resumed = tmp_path / "resumed"
     command = [sys.executable, "-m", "cryotorch.train", "+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.K=3",
-               "job.batch_size_per_class=60", "job.init_particles_per_class=60", *overrides, f"hydra.run.dir={resumed}"]
+               "job.batch_size_per_class=60", "job.init_particles_per_class=60", *RESUMABLE, f"hydra.run.dir={resumed}"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not (resumed / "run_it001_class_sizes.png").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     process.kill()  # SIGKILL, somewhere in the second epoch
     process.wait()
-    classify(three_class_data, resumed, *overrides)
-    a, b = (read_particles(out / "run_it003_data.star").class_number for out in (whole, resumed))
+    classify(three_class_data, resumed, *RESUMABLE)
+    a, b = (read_particles(out / "run_it003_data.star").class_number for out in (uninterrupted, resumed))
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(read_mrc(resumed / "run_it003_class002.mrc").data, read_mrc(whole / "run_it003_class002.mrc").data, atol=1e-5)
+    np.testing.assert_allclose(read_mrc(resumed / "run_it003_class002.mrc").data, read_mrc(uninterrupted / "run_it003_class002.mrc").data, atol=1e-5)
 
 
-def test_two_processes_give_the_same_classes(three_class_data: dict[str, Path], tmp_path: Path) -> None:
-    one, two = tmp_path / "one", tmp_path / "two"
-    overrides = ["job.K=3", "job.n_online_epochs=1", "job.batch_size_per_class=60", "job.init_particles_per_class=60", "job.max_full_iterations=1"]
-    classify(three_class_data, one, *overrides)
+def test_two_processes_give_the_same_classes(three_class_data: dict[str, Path], uninterrupted: Path, tmp_path: Path) -> None:
+    two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
     result = subprocess.run(
-        [*torchrun, "+job=class3d_online", f"data.particles={three_class_data['particles']}", *overrides, f"hydra.run.dir={two}"],
+        [*torchrun, "+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.K=3", "job.batch_size_per_class=60",
+         "job.init_particles_per_class=60", *RESUMABLE, f"hydra.run.dir={two}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_array_equal(read_particles(two / "run_it002_data.star").class_number, read_particles(one / "run_it002_data.star").class_number)
-    a = read_mrc(one / "run_it002_class001.mrc").data
-    np.testing.assert_allclose(read_mrc(two / "run_it002_class001.mrc").data, a, atol=1e-3 * float(np.abs(a).max()))
+    np.testing.assert_array_equal(read_particles(two / "run_it003_data.star").class_number, read_particles(uninterrupted / "run_it003_data.star").class_number)
+    a = read_mrc(uninterrupted / "run_it003_class001.mrc").data
+    np.testing.assert_allclose(read_mrc(two / "run_it003_class001.mrc").data, a, atol=1e-3 * float(np.abs(a).max()))
 
 
 def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: Path) -> None:

@@ -80,6 +80,7 @@ class ParticleState:
     log_likelihood: torch.Tensor  # (N,) float64
     angular_spread_deg: torch.Tensor  # (N,) float32
     class_ess: torch.Tensor  # (N,) float32, 1/Σ_k p_k²
+    class_probability: torch.Tensor  # (N,) float32, p(best class | X)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).cpu() for name in self.__dataclass_fields__}
@@ -208,6 +209,7 @@ class Class3DJob:
             log_likelihood=torch.zeros(n, dtype=torch.float64, device=self.device),
             angular_spread_deg=torch.zeros(n, device=self.device),
             class_ess=torch.zeros(n, device=self.device),
+            class_probability=torch.zeros(n, device=self.device),
         )
 
     def initialise_model(self, context: RunContext, model: ClassModel) -> None:
@@ -394,6 +396,7 @@ class Class3DJob:
             new_state.log_likelihood[index] = result.log_likelihood.double()
             new_state.angular_spread_deg[index] = result.angular_spread_deg.float()
             new_state.class_ess[index] = class_ess(result.class_posterior).float()
+            new_state.class_probability[index] = result.class_posterior.amax(-1).float()
         if fine is not None:
             stats.insert(self.expand_symmetry(fine.drain()), frequencies, box, budget / 4)
         for tensor in stats.tensors():
@@ -435,9 +438,10 @@ class Class3DJob:
         (:func:`~cryotorch.ops.backprojection.self_overlap_sum`; ``kept`` and the neighbour
         overlap account for the crop to the unpadded box, the gridding correction and the
         solvent mask). That raises the score by about ``4Q · share`` per component (the noise
-        power ``2σ²`` times ``2Q/σ²``). Removing this expected self-fit — a leave-one-out
-        estimate at the particle's last pose — stops the initial random class split from
-        holding particles in place.
+        power ``2σ²`` times ``2Q/σ²``), times the weight ``p(k | X)`` with which the particle
+        went into that map. Removing this expected self-fit — a leave-one-out estimate at the
+        particle's last pose — stops the initial random class split from holding particles in
+        place.
         """
         previous = state.class_number[index]
         if int(previous.max()) == 0 or float(model.inverse_denominator.abs().max()) == 0:
@@ -449,7 +453,8 @@ class Class3DJob:
             members = (previous == k + 1).nonzero()[:, 0]
             if members.numel():
                 share = self_overlap_sum(model.inverse_denominator[k], rotations[members], frequencies, self.box, self.self_overlap)
-                discount[members, k] = -self.self_kept * (4.0 * q[members] * share).sum(-1)
+                weight = state.class_probability[index[members]]  # its share of the class's sums
+                discount[members, k] = -self.self_kept * weight * (4.0 * q[members] * share).sum(-1)
         return discount
 
     def self_fit_geometry(self, padded: int) -> tuple[float, float]:

@@ -410,6 +410,7 @@ class OnlineClass3DJob(Class3DJob):
         state.n_significant[index] = result.n_significant.long()
         state.log_likelihood[index] = result.log_likelihood.double()
         state.class_ess[index] = class_ess(result.class_posterior).float()
+        state.class_probability[index] = result.class_posterior.amax(-1).float()
 
     def maximize(self, model: ClassModel) -> None:
         """Class maps from the running half-set statistics, each filtered by its own FSC;
