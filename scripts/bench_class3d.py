@@ -61,6 +61,23 @@ def make_maps(map_path: Path, folder: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+def simulate_set(maps: list[Path], folder: Path, n_particles: int, junk: float, snr: float) -> tuple[Path, np.ndarray]:
+    """The benchmark's particles (one class per map, junk, realistic defocus, origins σ = 5 Å)
+    in ``folder/sim``; returns the particle STAR and the true classes."""
+    train("+job=simulate", f"job.maps=[{','.join(str(p) for p in maps)}]", f"job.n_particles={n_particles}", f"job.junk_fraction={junk}",
+          f"job.snr={snr}", "job.origin_sigma_angstrom=5", "job.defocus_min_angstrom=8000", "job.defocus_max_angstrom=25000",
+          f"hydra.run.dir={folder / 'sim'}")
+    return folder / "sim" / "particles.star", read_particles(folder / "sim" / "truth.star").class_number
+
+
+def oracle_classes(particles: Path, true_maps: list[Path], folder: Path) -> np.ndarray:
+    """Classes from the E-step with the true maps held fixed at the true poses (3 iterations,
+    so that noise, scales and class weights are learnt), written to ``folder/oracle``."""
+    train("+job=class3d", f"data.particles={particles}", f"job.reference=[{','.join(str(p) for p in true_maps)}]", f"job.K={len(true_maps)}",
+          "job.n_iterations=3", "job.ini_high_A=null", "job.update_references=false", "sampling.align=false", f"hydra.run.dir={folder / 'oracle'}")
+    return read_particles(folder / "oracle" / "run_it003_data.star").class_number
+
+
 def matched_accuracy(truth: np.ndarray, assigned: np.ndarray) -> float:
     """Fraction of particles in their true class under the best one-to-one matching of labels
     (all matchings for up to 8 labels, else greedy on the confusion matrix)."""
@@ -119,19 +136,12 @@ def main() -> None:
     class_a, class_b, junk = make_maps(args.map, work)
     for snr in args.snr:
         folder = work / f"snr{snr}"
-        train("+job=simulate", f"job.maps=[{class_a},{class_b}]", f"job.n_particles={args.particles}", f"job.junk_fraction={args.junk}",
-              f"job.snr={snr}", "job.origin_sigma_angstrom=5", "job.defocus_min_angstrom=8000", "job.defocus_max_angstrom=25000",
-              f"hydra.run.dir={folder / 'sim'}")
-        particles = folder / "sim" / "particles.star"
-        truth = read_particles(folder / "sim" / "truth.star").class_number
+        particles, truth = simulate_set([class_a, class_b], folder, args.particles, args.junk, snr)
         train("+job=reconstruct", f"data.particles={particles}", f"hydra.run.dir={folder / 'consensus'}")
         consensus = torch.as_tensor(np.array(read_mrc(folder / "consensus" / "run_class001.mrc").data))
         reference = folder / "reference40.mrc"
         write_mrc(reference, irfft3_centered(lowpass_filter_3d(rfft3_centered(consensus), 40.0, PIXEL), BOX), PIXEL)
-        # the oracle keeps the true maps fixed; its iterations only learn noise, scales and class weights
-        train("+job=class3d", f"data.particles={particles}", f"job.reference=[{class_a},{class_b},{junk}]", "job.K=3", "job.n_iterations=3",
-              "job.ini_high_A=null", "job.update_references=false", "sampling.align=false", f"hydra.run.dir={folder / 'oracle'}")
-        oracle = read_particles(folder / "oracle" / "run_it003_data.star").class_number
+        oracle = oracle_classes(particles, [class_a, class_b, junk], folder)
         print(f"SNR {snr}: oracle accuracy {matched_accuracy(truth, oracle):.3f} (ARI {adjusted_rand_index(truth, oracle):.3f})")
         for mode in args.modes:
             out = folder / mode

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_class3d import BOX, PIXEL, adjusted_rand_index, matched_accuracy, seconds_per_iteration, train
+from bench_class3d import BOX, PIXEL, adjusted_rand_index, matched_accuracy, oracle_classes, seconds_per_iteration, simulate_set, train
 from cryotorch.io import read_mrc, read_particles, write_mrc
 from cryotorch.ops.filters import crop_or_pad_3d, raised_cosine
 
@@ -82,15 +82,8 @@ def accuracy(args: argparse.Namespace) -> None:
     k_true = len(maps) + 1
     for snr in args.snr:
         folder = work / f"snr{snr}"
-        train("+job=simulate", f"job.maps=[{','.join(str(p) for p in maps)}]", f"job.n_particles={args.particles}", f"job.junk_fraction={args.junk}",
-              f"job.snr={snr}", "job.origin_sigma_angstrom=5", "job.defocus_min_angstrom=8000", "job.defocus_max_angstrom=25000",
-              f"hydra.run.dir={folder / 'sim'}")
-        particles = folder / "sim" / "particles.star"
-        truth = read_particles(folder / "sim" / "truth.star").class_number
-        train("+job=class3d", f"data.particles={particles}", f"job.reference=[{','.join(str(p) for p in [*maps, junk])}]", f"job.K={k_true}",
-              "job.n_iterations=3", "job.ini_high_A=null", "job.update_references=false", "sampling.align=false", f"hydra.run.dir={folder / 'oracle'}")
-        oracle_star = folder / "oracle" / "run_it003_data.star"
-        oracle = read_particles(oracle_star).class_number
+        particles, truth = simulate_set(maps, folder, args.particles, args.junk, snr)
+        oracle = oracle_classes(particles, [*maps, junk], folder)
         print(f"SNR {snr}: oracle accuracy {matched_accuracy(truth, oracle):.3f} (ARI {adjusted_rand_index(truth, oracle):.3f}), "
               f"mean class ESS {mean_class_ess(folder / 'oracle'):.2f}", flush=True)
         out = folder / "online"
