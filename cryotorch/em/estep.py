@@ -213,8 +213,9 @@ class FinePassCache:
         self.n_used = 0
         self.sum_capacity = int(max(1, min(n_classes * n_rot * n_sub, memory_budget_bytes // (n * 12))))
         self.sum_slot = torch.full((n_classes * n_rot * n_sub,), -1, dtype=torch.long, device=device)
-        self.sum_data = torch.zeros(self.sum_capacity, n, dtype=torch.complex64, device=device)
-        self.sum_weight = torch.zeros(self.sum_capacity, n, device=device)
+        # rows are zeroed when a fine id takes them, so untouched memory is never written
+        self.sum_data = torch.empty(self.sum_capacity, n, dtype=torch.complex64, device=device)
+        self.sum_weight = torch.empty(self.sum_capacity, n, device=device)
         self.sum_ids = torch.empty(self.sum_capacity, dtype=torch.long, device=device)
         self.n_sums = 0
 
@@ -253,8 +254,11 @@ class FinePassCache:
         if self.n_sums + int((self.sum_slot[ids] < 0).sum()) > self.sum_capacity:
             drained = self.drain()
         new = ids[self.sum_slot[ids] < 0]
-        self.sum_slot[new] = torch.arange(self.n_sums, self.n_sums + new.numel(), device=ids.device)
-        self.sum_ids[self.n_sums : self.n_sums + new.numel()] = new
+        rows = slice(self.n_sums, self.n_sums + new.numel())
+        self.sum_slot[new] = torch.arange(rows.start, rows.stop, device=ids.device)
+        self.sum_ids[rows] = new
+        self.sum_data[rows] = 0
+        self.sum_weight[rows] = 0
         self.n_sums += new.numel()
         self.sum_data.index_add_(0, self.sum_slot[ids], data)
         self.sum_weight.index_add_(0, self.sum_slot[ids], weight)
@@ -265,8 +269,6 @@ class FinePassCache:
         used = slice(0, self.n_sums)
         slices = self._slices(self.sum_ids[used], self.sum_data[used].clone(), self.sum_weight[used].clone())
         self.sum_slot[self.sum_ids[used]] = -1
-        self.sum_data[used] = 0
-        self.sum_weight[used] = 0
         self.n_sums = 0
         return slices
 
@@ -319,6 +321,9 @@ def _profile_scale(cross: torch.Tensor, norm: torch.Tensor, scale_sigma: float) 
     return cross.add_(precision).square_().div_(2 * (2 * norm + precision)).sub_(0.5 * precision)
 
 
+_EXP_FLOOR = -80.0  # e^-80 ≈ 2e-35: negligible beside the largest term (1), and not denormal
+
+
 def _offset_log_prior(origins_px: torch.Tensor, pixel_size_angstrom: float, sigma_angstrom: float) -> torch.Tensor:
     """Gaussian log prior of absolute origins ``(..., 2)`` in pixels."""
     return -(origins_px**2).sum(-1) * pixel_size_angstrom**2 / (2 * sigma_angstrom**2)
@@ -345,8 +350,10 @@ def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tupl
     """
     cap = min(cap, logits.shape[-1])
     top, order = torch.topk(logits, cap, dim=-1)
-    # log-sum-exp from the row maxima that top-k already found, in place: one pass, no copy
-    log_normaliser = top[:, :1] + logits.sub_(top[:, :1]).exp_().sum(-1, keepdim=True).log_()
+    # log-sum-exp from the row maxima that top-k already found, in place: no copy. Terms below
+    # e^-80 change the sum by less than float precision; clamped, exp avoids its slow path for
+    # very negative arguments (several times slower on CPU)
+    log_normaliser = top[:, :1] + logits.sub_(top[:, :1]).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
     posterior = torch.exp(top - log_normaliser)
     keep_sorted = (posterior.cumsum(-1) - posterior) < fraction
     mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, keep_sorted)
@@ -523,7 +530,9 @@ def _fine_sub_batch(
     logits.masked_fill_(~allowed, -math.inf)
     flat = logits.reshape(b, -1)
     peak = flat.amax(dim=-1, keepdim=True)
-    posterior = flat.sub_(peak).exp_()  # in place: the logits are not needed again
+    # in place (the logits are not needed again), clamped as in _significant_logits, and the
+    # masked samples set back to exactly zero
+    posterior = flat.sub_(peak).clamp_(min=_EXP_FLOOR).exp_().masked_fill_(~allowed.reshape(b, -1), 0.0)
     total = posterior.sum(-1, keepdim=True)
     log_evidence = (peak + total.log())[:, 0]
     posterior = posterior.div_(total).reshape(logits.shape)  # (b, Tf, Rf)
