@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cryotorch.io import atomic_output_path  # noqa: E402
 
@@ -56,6 +57,7 @@ def save_class_sizes_plot(path: Path, counts: np.ndarray, title: str) -> None:
     """Bar chart of the number of particles per class (1-based class numbers)."""
     figure, axes = plt.subplots(figsize=(max(6, 0.15 * len(counts)), 4), dpi=120)
     axes.bar(np.arange(1, len(counts) + 1), counts, color="tab:blue")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("class")
     axes.set_ylabel("particles")
     axes.set_title(title, fontsize=10)
