@@ -41,14 +41,21 @@ def train(*overrides: str) -> None:
     subprocess.run([sys.executable, "-m", "cryotorch.train", *overrides], check=True, capture_output=True, text=True)
 
 
-def make_maps(map_path: Path, folder: Path) -> tuple[Path, Path, Path]:
-    """Class A, class B (a ~10 %-of-mass region removed) and an empty map for the junk."""
+def load_map(map_path: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The map in the benchmark box, its positive part, the voxel coordinates ``(x, y, z)``
+    from the centre, and the centre of mass ``(3,)`` of the positive part."""
     volume = crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), BOX)
     positive = volume.clamp(min=0)
     coordinate = torch.arange(BOX, dtype=torch.float32) - BOX // 2
     z, y, x = torch.meshgrid(coordinate, coordinate, coordinate, indexing="ij")
+    centre_of_mass = torch.stack([(positive * x).sum(), (positive * y).sum(), (positive * z).sum()]) / positive.sum()
+    return volume, positive, (x, y, z), centre_of_mass
+
+
+def make_maps(map_path: Path, folder: Path) -> tuple[Path, Path, Path]:
+    """Class A, class B (a ~10 %-of-mass region removed) and an empty map for the junk."""
+    volume, positive, (x, y, z), centre_of_mass = load_map(map_path)
     total = positive.sum()
-    centre_of_mass = torch.stack([(positive * x).sum(), (positive * y).sum(), (positive * z).sum()]) / total
     centre = centre_of_mass + torch.tensor([10.0, 5.0, 0.0])
     distance = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2).sqrt()
     radius = next(r for r in range(2, BOX) if float(positive[distance < r].sum() / total) >= 0.1)

@@ -32,20 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_class3d import BOX, PIXEL, adjusted_rand_index, matched_accuracy, oracle_classes, seconds_per_iteration, simulate_set, train
-from cryotorch.io import read_mrc, read_particles, write_mrc
-from cryotorch.ops.filters import crop_or_pad_3d, raised_cosine
+from bench_class3d import BOX, PIXEL, adjusted_rand_index, load_map, matched_accuracy, oracle_classes, seconds_per_iteration, simulate_set, train
+from cryotorch.io import read_particles, write_mrc
+from cryotorch.ops.filters import raised_cosine
 
 
 def make_maps(map_path: Path, folder: Path, n_variants: int = 6, mass_fraction: float = 0.05) -> tuple[list[Path], Path, Path]:
     """Variant maps (a region removed or moved), an empty map, and a soft focus mask over
     every variable region."""
-    volume = crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), BOX)
-    positive = volume.clamp(min=0)
-    coordinate = torch.arange(BOX, dtype=torch.float32) - BOX // 2
-    z, y, x = torch.meshgrid(coordinate, coordinate, coordinate, indexing="ij")
+    volume, positive, (x, y, z), centre_of_mass = load_map(map_path)
     total = positive.sum()
-    centre_of_mass = torch.stack([(positive * x).sum(), (positive * y).sum(), (positive * z).sum()]) / total
     directions = torch.tensor([[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0], [0, 0, 1.0], [0, 0, -1.0]])
     paths, focus = [], torch.zeros_like(volume)
     for index in range(n_variants):

@@ -30,7 +30,7 @@ from cryotorch.conventions import (
     rfft3_centered,
 )
 from cryotorch.data.particles import ctf_parameters, shard_rows, uniform_geometry
-from cryotorch.em.estep import EStepSettings, FinePassCache, PreparedBatch, WeightedSlices, class_ess, expectation
+from cryotorch.em.estep import EStepResult, EStepSettings, FinePassCache, PreparedBatch, WeightedSlices, class_ess, expectation
 from cryotorch.em.mstep import SufficientStatistics, maximization
 from cryotorch.em.sampling import PoseGrid, build_pose_grid, coarse_radius_shells
 from cryotorch.errors import InputError
@@ -81,6 +81,18 @@ class ParticleState:
     angular_spread_deg: torch.Tensor  # (N,) float32
     class_ess: torch.Tensor  # (N,) float32, 1/Σ_k p_k²
     class_probability: torch.Tensor  # (N,) float32, p(best class | X)
+
+    def store(self, index: torch.Tensor, result: EStepResult) -> None:
+        """Record the E-step outcome of particles ``index``."""
+        self.class_number[index] = result.best_class + 1
+        self.euler_deg[index] = result.best_euler_deg.to(self.euler_deg.dtype)
+        self.origin_px[index] = result.best_origin_px.float()
+        self.max_posterior[index] = result.max_posterior.float()
+        self.n_significant[index] = result.n_significant.long()
+        self.log_likelihood[index] = result.log_likelihood.double()
+        self.angular_spread_deg[index] = result.angular_spread_deg.float()
+        self.class_ess[index] = class_ess(result.class_posterior).float()
+        self.class_probability[index] = result.class_posterior.amax(-1).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).cpu() for name in self.__dataclass_fields__}
@@ -182,11 +194,19 @@ class Class3DJob:
         """Reference mask: the given map (checked against the particles) or a soft sphere."""
         if self.reference_mask is None:
             return soft_spherical_mask(box, self.diameter_A / (2 * pixel), 5.0, device=self.device)
-        mask = read_mrc(self.reference_mask)
-        self.check_map(mask.data.shape, mask.voxel_size_angstrom[0], self.reference_mask, box, pixel)
-        values = torch.as_tensor(np.array(mask.data), device=self.device)
+        return self.read_mask(self.reference_mask, box, pixel)
+
+    def read_map(self, path: str, box: int, pixel: float) -> torch.Tensor:
+        """A map, checked against the particles' box and pixel size."""
+        volume = read_mrc(path)
+        self.check_map(volume.data.shape, volume.voxel_size_angstrom[0], path, box, pixel)
+        return torch.as_tensor(np.array(volume.data), device=self.device)
+
+    def read_mask(self, path: str, box: int, pixel: float) -> torch.Tensor:
+        """A mask map, checked as :meth:`read_map` and for values in [0, 1]."""
+        values = self.read_map(path, box, pixel)
         if float(values.min()) < -1e-3 or float(values.max()) > 1 + 1e-3:
-            raise InputError(f"{self.reference_mask}: mask values span [{float(values.min()):.3g}, {float(values.max()):.3g}]; a mask must lie in [0, 1]")
+            raise InputError(f"{path}: mask values span [{float(values.min()):.3g}, {float(values.max()):.3g}]; a mask must lie in [0, 1]")
         return values
 
     @staticmethod
@@ -216,11 +236,7 @@ class Class3DJob:
         """Reference (low-passed, grey-scale corrected), noise spectra and priors."""
         box, pixel = self.box, self.pixel
         volumes = []
-        for path in self.references:
-            reference = read_mrc(path)
-            self.check_map(reference.data.shape, reference.voxel_size_angstrom[0], path, box, pixel)
-            volumes.append(torch.as_tensor(np.array(reference.data), device=self.device))
-        volumes = torch.stack(volumes)
+        volumes = torch.stack([self.read_map(path, box, pixel) for path in self.references])
         unfiltered = volumes * self.mask
         if self.ini_high_A:
             volumes = irfft3_centered(lowpass_filter_3d(rfft3_centered(volumes), self.ini_high_A, pixel), box)
@@ -311,6 +327,15 @@ class Class3DJob:
         """Restore :meth:`extra_state`."""
 
     # ------------------------------------------------------------------ one iteration
+    def components(self, radius: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fourier components inside ``radius`` (shells), sorted by radius: ``(M, 2)``
+        frequencies, ``(M,)`` positions in the flattened centred rfft, ``(M,)`` shell indices."""
+        frequencies = fft_frequencies_2d(self.box, self.device).reshape(-1, 2)
+        radii = frequencies.norm(dim=-1)
+        order = torch.argsort(radii, stable=True)
+        order = order[(radii[order] > 0) & (radii[order] <= radius)]
+        return frequencies[order], order, torch.round(radii[order]).long()
+
     def current_radius(self, model: ClassModel, iteration: int) -> int:
         """Fourier radius (shells) used this iteration: RELION's rule, the best class
         resolution (``ini_high_A`` in the first iteration) plus ``increment_shells``."""
@@ -335,13 +360,7 @@ class Class3DJob:
         sampling = context.sampling
         device, box, pixel = self.device, self.box, self.pixel
         radius = self.current_radius(model, iteration)
-        frequencies = fft_frequencies_2d(box, device).reshape(-1, 2)
-        radii = frequencies.norm(dim=-1)
-        order = torch.argsort(radii, stable=True)
-        order = order[(radii[order] > 0) & (radii[order] <= radius)]
-        frequencies = frequencies[order]
-        component_index = order  # positions in the flattened centred rfft
-        shells = torch.round(frequencies.norm(dim=-1)).long()
+        frequencies, component_index, shells = self.components(radius)
         volumes_ft = prepare_fourier_volumes(model.volumes * self.mask, context.padding_factor)
         budget = context.memory_budget_bytes
         grid = None
@@ -388,15 +407,7 @@ class Class3DJob:
             result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset)
             self.expand_symmetry(result.slices)
             stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
-            new_state.class_number[index] = result.best_class + 1
-            new_state.euler_deg[index] = result.best_euler_deg.to(new_state.euler_deg.dtype)
-            new_state.origin_px[index] = result.best_origin_px.float()
-            new_state.max_posterior[index] = result.max_posterior.float()
-            new_state.n_significant[index] = result.n_significant.long()
-            new_state.log_likelihood[index] = result.log_likelihood.double()
-            new_state.angular_spread_deg[index] = result.angular_spread_deg.float()
-            new_state.class_ess[index] = class_ess(result.class_posterior).float()
-            new_state.class_probability[index] = result.class_posterior.amax(-1).float()
+            new_state.store(index, result)
         if fine is not None:
             stats.insert(self.expand_symmetry(fine.drain()), frequencies, box, budget / 4)
         for tensor in stats.tensors():

@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d
+from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.data.particles import half_set_labels, shard_rows, uniform_geometry
-from cryotorch.em.estep import EStepSettings, PreparedBatch, WeightedSlices, class_ess, expectation
+from cryotorch.em.estep import EStepSettings, PreparedBatch, WeightedSlices, expectation
 from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, update_noise_and_weights
 from cryotorch.errors import InputError
-from cryotorch.io import ParticleImageReader, ParticleTable, read_mrc, read_particles, validate_particle_images, write_particles
+from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, validate_particle_images, write_particles
 from cryotorch.jobs.class3d import Class3DJob, ParticleState
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
@@ -197,11 +197,7 @@ class OnlineClass3DJob(Class3DJob):
 
     def cropped_mask(self, path: str) -> torch.Tensor:
         """A mask map checked against the particles and Fourier-cropped to the working box."""
-        mask = read_mrc(path)
-        self.check_map(mask.data.shape, mask.voxel_size_angstrom[0], path, self.full_box, self.full_pixel)
-        values = torch.as_tensor(np.array(mask.data), device=self.device)
-        if float(values.min()) < -1e-3 or float(values.max()) > 1 + 1e-3:
-            raise InputError(f"{path}: mask values span [{float(values.min()):.3g}, {float(values.max()):.3g}]; a mask must lie in [0, 1]")
+        values = self.read_mask(path, self.full_box, self.full_pixel)
         return fourier_crop_3d(values, self.box).clamp(0, 1) if self.box != self.full_box else values
 
     def initialise(self, context: RunContext, model: ClassModel, state: ParticleState) -> None:
@@ -228,8 +224,7 @@ class OnlineClass3DJob(Class3DJob):
 
     def cropped_reference(self, path: str) -> torch.Tensor:
         """A given class map, checked, cropped and put on the consensus map's grey scale."""
-        volume = torch.as_tensor(np.array(read_mrc(path).data), device=self.device)
-        self.check_map(tuple(volume.shape), read_mrc(path).voxel_size_angstrom[0], path, self.full_box, self.full_pixel)
+        volume = self.read_map(path, self.full_box, self.full_pixel)
         volume = fourier_crop_3d(volume, self.box) if self.box != self.full_box else volume
         assert self.consensus is not None
         inside = self.mask > 0.5
@@ -396,21 +391,12 @@ class OnlineClass3DJob(Class3DJob):
                 result = expectation(batch.select(members), volumes_ft, None, None, None, log_prior, float(model.offset_sigma_angstrom), settings)
                 self.expand_symmetry(result.slices)
                 self.running[h - 1].accumulate(result, batch.select(members), groups[members], shells, frequencies, box, self.pixel, context.memory_budget_bytes / 4)
-                self.record(new_state, index[members], result)
+                new_state.store(index[members], result)
         for stats in self.running:
             for tensor in stats.tensors():
                 tensor.copy_(context.all_reduce_sum(tensor))
             stats.mul_(gain)
         self.maximize(model)
-
-    def record(self, state: ParticleState, index: torch.Tensor, result: Any) -> None:
-        """Store the E-step outcome of particles ``index``."""
-        state.class_number[index] = result.best_class + 1
-        state.max_posterior[index] = result.max_posterior.float()
-        state.n_significant[index] = result.n_significant.long()
-        state.log_likelihood[index] = result.log_likelihood.double()
-        state.class_ess[index] = class_ess(result.class_posterior).float()
-        state.class_probability[index] = result.class_posterior.amax(-1).float()
 
     def maximize(self, model: ClassModel) -> None:
         """Class maps from the running half-set statistics, each filtered by its own FSC;
@@ -440,15 +426,6 @@ class OnlineClass3DJob(Class3DJob):
         return self.mask * (self.focus * model.volumes + (1 - self.focus) * self.consensus)
 
     # ------------------------------------------------------------------ helpers
-    def components(self, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fourier components inside ``radius`` sorted by radius: frequencies, positions in
-        the flattened centred rfft, shell indices."""
-        frequencies = fft_frequencies_2d(self.box, self.device).reshape(-1, 2)
-        radii = frequencies.norm(dim=-1)
-        order = torch.argsort(radii, stable=True)
-        order = order[(radii[order] > 0) & (radii[order] <= radius)]
-        return frequencies[order], order, torch.round(frequencies[order].norm(dim=-1)).long()
-
     def batch_size(self, n_components: int, n_classes: int) -> int:
         """Particles per E-step batch within a quarter of the memory budget (K projections each)."""
         return int(max(1, min(4096, self.memory_budget / 4 / max(1, (n_classes + 4) * n_components * 16))))
