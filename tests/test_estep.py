@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d
-from cryotorch.em.estep import PreparedBatch, phase_ramps, score_batch
+from cryotorch.em.estep import PreparedBatch, phase_ramps, profiled_scale, score_batch, score_terms, scaled_score
 from cryotorch.em.sampling import build_pose_grid, translation_grid
 
 
@@ -45,7 +45,8 @@ def test_profiled_intensity_scale_is_the_maximum_over_scales() -> None:
     projections = torch.complex(torch.randn(4, n, generator=generator), torch.randn(4, n, generator=generator))
     ramps = torch.ones(1, n, dtype=torch.complex64)
     plain, _ = score_batch(batch, projections, ramps, n)
-    profiled, _ = score_batch(batch, projections, ramps, n, scale_sigma=0.3)
+    cross, norm, _ = score_terms(batch, projections, ramps, n)
+    profiled = scaled_score(cross.clone(), norm, profiled_scale(cross, norm, 0.3), 0.3)
     # brute force: the scaled projection a·P scores cross·a − norm·a², minus the prior
     zero, _ = score_batch(batch, projections * 0, ramps, n)
     doubled, _ = score_batch(batch, projections * 2, ramps, n)
@@ -55,6 +56,11 @@ def test_profiled_intensity_scale_is_the_maximum_over_scales() -> None:
     brute = (scales[:, None, None, None] * cross - scales[:, None, None, None] ** 2 * norm - (scales[:, None, None, None] - 1) ** 2 / (2 * 0.3**2)).amax(0)
     torch.testing.assert_close(profiled, brute, rtol=1e-4, atol=1e-2)
     assert torch.all(zero == 0)
+    # a fixed scale per particle and projection is the direct scaled score
+    fixed = torch.rand(2, 4, generator=generator) + 0.5
+    scored, _ = score_batch(batch, projections, ramps, n, fixed, 0.3)
+    direct = fixed[:, None, :] * cross - fixed[:, None, :] ** 2 * norm - (fixed[:, None, :] - 1) ** 2 / (2 * 0.3**2)
+    torch.testing.assert_close(scored, direct, rtol=1e-4, atol=1e-2)
 
 
 def test_pose_grid_counts_and_oversampling() -> None:
@@ -105,3 +111,20 @@ def test_fine_pass_tables_of_any_size_give_the_same_posteriors_and_sums() -> Non
         torch.testing.assert_close(small.best_euler_deg, roomy.best_euler_deg)
         torch.testing.assert_close(small.log_likelihood, roomy.log_likelihood)
         torch.testing.assert_close(small_sums, roomy_sums, rtol=1e-4, atol=1e-4)
+
+
+def test_class_scale_is_profiled_at_each_class_best_sample() -> None:
+    from cryotorch.em.estep import _class_scales
+
+    generator = torch.Generator().manual_seed(4)
+    b, t, k, r = 3, 5, 2, 7
+    plain = torch.randn(b, t, k, r, generator=generator)
+    norm = torch.rand(b, k, r, generator=generator) + 0.5
+    prior = -torch.rand(b, t, 1, r, generator=generator)
+    scales = _class_scales(plain + prior, norm, prior, 0.4)
+    for i in range(b):
+        for c in range(k):
+            shift, rotation = divmod(int((plain + prior)[i, :, c, :].argmax()), r)
+            cross = plain[i, shift, c, rotation] + norm[i, c, rotation]
+            expected = profiled_scale(cross, norm[i, c, rotation], 0.4)
+            torch.testing.assert_close(scales[i, c], expected)

@@ -26,7 +26,7 @@ from cryotorch.em.sampling import PoseGrid
 from cryotorch.ops.healpix import rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "WeightedSlices", "EStepResult", "expectation", "phase_ramps", "score_batch", "class_ess", "class_temperature"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "WeightedSlices", "EStepResult", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
 
 
 @dataclass
@@ -283,18 +283,11 @@ class FinePassCache:
         ]
 
 
-def score_batch(
-    batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Tensor, n: int, scale_sigma: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-likelihoods ``(B, T, C)`` of B particles × T translations against C projections.
+def score_terms(batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two GEMMs of the score of B particles × T translations against C projections.
 
-    With ``scale_sigma > 0`` each particle may match each projection at its own intensity
-    ``a`` with a prior ``N(1, σ²)``; the score is maximised over ``a`` in closed form:
-    ``a* = (cross + 1/σ²)/(2·norm + 1/σ²)``, score ``a*·cross − a*²·norm − (a* − 1)²/2σ²``.
-    Classes then compete on the shape of their maps rather than on an amplitude that, after a
-    random start, mostly reflects how much junk each happens to hold.
-
-    Returns the scores without the ‖X‖² constant, and ``L`` ``(B, T, n)`` for the M-step.
+    Returns the cross term ``Σ Re(conj(L)·P)`` ``(B, T, C)``, the norm term ``Σ Q·|P|²``
+    ``(B, 1, C)`` and ``L`` ``(B, T, n)`` for the M-step; the score is ``cross − norm``.
     """
     factor = batch.scale[:, None] * batch.ctf[:, :n] * batch.inv_sigma2[:, :n]  # (B, n)
     shifted = batch.spectra[:, None, :n] * ramps[None, :, :n]  # (B, T, n)
@@ -305,20 +298,56 @@ def score_batch(
     cross = (stacked @ projections_stacked.T).reshape(b, t, -1)
     q = 0.5 * (batch.scale[:, None] * batch.ctf[:, :n]) ** 2 * batch.inv_sigma2[:, :n]  # (B, n)
     norm = (q @ (projections.abs() ** 2).T)[:, None, :]  # (B, 1, C)
-    return _profile_scale(cross, norm, scale_sigma), weighted
+    return cross, norm, weighted
 
 
-def _profile_scale(cross: torch.Tensor, norm: torch.Tensor, scale_sigma: float) -> torch.Tensor:
-    """``cross − norm``, or its maximum over an intensity scale with prior ``N(1, σ²)``.
+def score_batch(
+    batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Tensor, n: int, scale: torch.Tensor | None = None, scale_sigma: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-likelihoods ``(B, T, C)`` of B particles × T translations against C projections.
 
-    With precision ``p = 1/σ²``, ``max_a a·c − a²·n − (p/2)(a − 1)²`` is reached at
-    ``a* = (c + p)/(2n + p)`` and equals ``(c + p)²/(2(2n + p)) − p/2``; computed in place on
-    ``cross``, which is the largest array of the E-step.
+    With ``scale`` ``(B, C)`` each particle matches each projection at that intensity, under
+    the prior ``N(1, σ²)`` of :func:`scaled_score`. Returns the scores without the ‖X‖²
+    constant, and ``L`` ``(B, T, n)`` for the M-step.
     """
-    if scale_sigma <= 0:
-        return cross.sub_(norm)
+    cross, norm, weighted = score_terms(batch, projections, ramps, n)
+    if scale is None:
+        return cross.sub_(norm), weighted
+    return scaled_score(cross, norm, scale[:, None, :], scale_sigma), weighted
+
+
+def profiled_scale(cross: torch.Tensor, norm: torch.Tensor, scale_sigma: float) -> torch.Tensor:
+    """The intensity ``a* = (c + p)/(2n + p)`` maximising :func:`scaled_score` (``p = 1/σ²``).
+
+    Classes scored at their own best intensity compete on the shape of their maps rather than
+    on an amplitude that, after a random start, mostly reflects how much junk each holds.
+    """
     precision = 1.0 / scale_sigma**2
-    return cross.add_(precision).square_().div_(2 * (2 * norm + precision)).sub_(0.5 * precision)
+    return (cross + precision) / (2 * norm + precision)
+
+
+def scaled_score(cross: torch.Tensor, norm: torch.Tensor, scale: torch.Tensor, scale_sigma: float) -> torch.Tensor:
+    """``a·c − a²·n − (a − 1)²/2σ²``: the score of the projection scaled by ``a``, with the
+    log prior ``N(1, σ²)`` of ``a``; computed in place on ``cross`` (the largest array)."""
+    penalty = scale.square() * norm + (scale - 1).square() / (2 * scale_sigma**2)
+    return cross.mul_(scale).sub_(penalty)
+
+
+def _class_scales(logits: torch.Tensor, norm: torch.Tensor, prior: torch.Tensor, scale_sigma: float) -> torch.Tensor:
+    """``(B, K)`` intensity of each class, profiled at the class's best sample.
+
+    ``logits`` ``(B, T, K, R)`` are ``cross − norm + prior``, ``norm`` ``(B, K, R)`` and the
+    finite log ``prior`` broadcasts to ``logits``. One intensity per particle and class keeps
+    the classes competing on shape, while the pose posterior within a class stays that of the
+    plain likelihood (an intensity per pose would let wrong poses make up part of their misfit).
+    """
+    per_shift, rotation = logits.max(dim=3)  # (B, T, K)
+    best, shift = per_shift.max(dim=1)  # (B, K)
+    rotation = rotation.gather(1, shift[:, None, :])[:, 0, :]  # (B, K)
+    expanded = prior.expand_as(logits)
+    best_prior = expanded[torch.arange(logits.shape[0], device=logits.device)[:, None], shift, torch.arange(logits.shape[2], device=logits.device)[None, :], rotation]
+    best_norm = norm.gather(2, rotation[..., None])[..., 0]
+    return profiled_scale(best - best_prior + best_norm, best_norm, scale_sigma)
 
 
 _EXP_FLOOR = -80.0  # e^-80 ≈ 2e-35: negligible beside the largest term (1), and not denormal
@@ -410,27 +439,43 @@ def expectation(
     frequencies = settings.frequencies
     ramps_coarse = phase_ramps(grid.coarse_shifts_px, frequencies[:n_coarse], settings.box_size)
     n_rot = grid.coarse_rotations.shape[0]
-    scores, _ = score_batch(batch, coarse_projections.reshape(n_classes * n_rot, n_coarse), ramps_coarse, n_coarse, settings.scale_sigma)
-    b, t = scores.shape[:2]
-    logits = scores.reshape(b, t, n_classes, n_rot)
-    # class and origin priors (and the class mask) as one small (B, T, K, 1) term, added in place
-    class_term = torch.where(class_mask, per_particle_prior, -math.inf)  # (B, K)
+    cross, norm, _ = score_terms(batch, coarse_projections.reshape(n_classes * n_rot, n_coarse), ramps_coarse, n_coarse)
+    b, t = cross.shape[:2]
+    logits = cross.sub_(norm).reshape(b, t, n_classes, n_rot)
+    # origin and orientation priors, then the class priors (and mask), added in place
     origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]  # (B, T, 2)
-    offset_term = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)  # (B, T)
-    logits.add_((offset_term[:, :, None] + class_term[:, None, :])[..., None].to(logits.dtype))
+    prior = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[:, :, None, None].to(logits.dtype)  # (B, T, 1, 1)
+    searched = None
     if settings.local_sigma_deg is not None:
         angles = rotation_angle_deg(batch.prior_euler_deg[:, None, :], grid.coarse_euler_deg[None].to(batch.prior_euler_deg.dtype))  # (B, R)
-        orientation_prior = -(angles**2) / (2 * settings.local_sigma_deg**2)
         # searched: within 3σ, and never fewer than the coarse samples nearest to the prior
         searched = (angles <= 3 * settings.local_sigma_deg) | (angles <= angles.min(dim=1, keepdim=True).values + grid.coarse_step_deg)
-        orientation_prior = torch.where(searched, orientation_prior, -math.inf)
-        logits.add_(orientation_prior[:, None, None, :].to(logits.dtype))
+        prior = prior + (-(angles**2) / (2 * settings.local_sigma_deg**2))[:, None, None, :].to(logits.dtype)  # (B, T, 1, R)
+    logits.add_(prior)
+    class_scale = None
+    if settings.scale_sigma > 0:
+        norm = norm.reshape(b, n_classes, n_rot)
+        class_scale = _class_scales(logits.masked_fill(~searched[:, None, None, :], -math.inf) if searched is not None else logits, norm, prior, settings.scale_sigma)
+        # a·(c − n) + (a − a²)·n − (a − 1)²/2σ² + prior, from logits = c − n + prior
+        a = class_scale[:, None, :, None]
+        logits.mul_(a).sub_((a - 1) * prior).add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
+    if searched is not None:
+        logits.masked_fill_(~searched[:, None, None, :], -math.inf)
+    logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
     significant, best = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
     # particles whose best coarse orientations are neighbours share most significant samples:
     # in that order the fine pass's sub-batches score small unions of samples
     order = torch.argsort(best % (n_classes * n_rot), stable=True)
     result = _fine_pass(
-        batch.select(order), fine_projections, grid, significant.reshape(b, t, n_classes, n_rot)[order], per_particle_prior[order], offset_sigma_angstrom, settings, class_mask[order]
+        batch.select(order),
+        fine_projections,
+        grid,
+        significant.reshape(b, t, n_classes, n_rot)[order],
+        per_particle_prior[order],
+        offset_sigma_angstrom,
+        settings,
+        class_mask[order],
+        None if class_scale is None else class_scale[order],
     )
     return result.select(torch.argsort(order))
 
@@ -451,6 +496,7 @@ def _fine_pass(
     offset_sigma_angstrom: float,
     settings: EStepSettings,
     class_mask: torch.Tensor,
+    class_scale: torch.Tensor | None,
 ) -> EStepResult:
     """Rescore the oversampled children of the significant coarse samples, in sub-batches.
 
@@ -479,7 +525,15 @@ def _fine_pass(
         window_size = max(16, 4 * (stop - start))
         index = torch.arange(start, stop, device=significant.device)
         result, slice_sums = _fine_sub_batch(
-            batch.select(index), fine_projections, grid, significant[start:stop], log_class_prior[start:stop], offset_sigma_angstrom, settings, class_mask[start:stop]
+            batch.select(index),
+            fine_projections,
+            grid,
+            significant[start:stop],
+            log_class_prior[start:stop],
+            offset_sigma_angstrom,
+            settings,
+            class_mask[start:stop],
+            None if class_scale is None else class_scale[start:stop],
         )
         results.append(result)
         sums.append(slice_sums)
@@ -498,8 +552,10 @@ def _fine_sub_batch(
     offset_sigma_angstrom: float,
     settings: EStepSettings,
     class_mask: torch.Tensor,
+    class_scale: torch.Tensor | None,
 ) -> tuple[EStepResult, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Posteriors of one sub-batch, and its slice sums ``(ids, data, weight)`` per fine id."""
+    """Posteriors of one sub-batch, and its slice sums ``(ids, data, weight)`` per fine id;
+    ``class_scale`` ``(b, K)`` is each particle's intensity per class (None: 1)."""
     device = batch.spectra.device
     n_classes = class_mask.shape[1]
     box = settings.box_size
@@ -516,7 +572,8 @@ def _fine_sub_batch(
     fine_id = ((pair_used[:, 0] * n_rot + pair_used[:, 1])[:, None] * n_sub_rot + torch.arange(n_sub_rot, device=device)).reshape(-1)
     projections = fine_projections.projections(pair_used[:, 0], pair_used[:, 1]).reshape(-1, n)  # (Uc·F, n)
     ramps = phase_ramps(fine_shifts, frequencies, box)
-    scores, weighted = score_batch(batch, projections, ramps, n, settings.scale_sigma)  # (b, Tu·S, Uc·F), (b, Tu·S, n)
+    scale = None if class_scale is None else class_scale[:, fine_class]
+    scores, weighted = score_batch(batch, projections, ramps, n, scale, settings.scale_sigma)  # (b, Tu·S, Uc·F), (b, Tu·S, n)
     allowed = significant[:, shift_used][:, :, pair_used[:, 0], pair_used[:, 1]]  # (b, Tu, Uc)
     allowed = allowed[:, :, None, :, None].expand(b, -1, n_sub_shift, -1, n_sub_rot).reshape(b, fine_shifts.shape[0], -1)
     allowed = allowed & class_mask[:, fine_class][:, None, :]
@@ -588,7 +645,11 @@ def _expectation_fixed_pose(
     # diagonal of the same GEMMs: each particle against its own orientation only
     cross = torch.einsum("bn,kbn->bk", weighted.real, projections.real) + torch.einsum("bn,kbn->bk", weighted.imag, projections.imag)
     norm = torch.einsum("bn,kbn->bk", q, projections.abs() ** 2)
-    logits = _profile_scale(cross, norm, settings.scale_sigma) + log_class_prior
+    if settings.scale_sigma > 0:
+        cross = scaled_score(cross, norm, profiled_scale(cross, norm, settings.scale_sigma), settings.scale_sigma)
+    else:
+        cross = cross.sub_(norm)
+    logits = cross + log_class_prior
     logits = torch.where(_class_mask(forced_class, b, n_classes, device), logits, -math.inf)
     log_evidence = torch.logsumexp(logits, dim=-1)
     posterior = torch.exp(logits - log_evidence[:, None])  # (b, K)

@@ -55,7 +55,7 @@ from cryotorch.monitor import log_central_slices, log_scalars, progress
 from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
-from cryotorch.ops.fourier import radial_average, shell_index_2d, shell_index_3d, translate_2d_ft
+from cryotorch.ops.fourier import fourier_crop_3d, radial_average, shell_index_2d, shell_index_3d, translate_2d_ft
 from cryotorch.ops.healpix import order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes
 from cryotorch.ops.rotations import random_rotations
@@ -153,61 +153,89 @@ class Class3DJob:
         self.scale_prior_sigma = scale_prior_sigma
         self.update_references = update_references
         self._pose_grid: PoseGrid | None = None
+        # set by jobs whose schedule can end before n_iterations (class3d runs them all)
+        self.finished = False
         self.continue_from = continue_from
 
     # ------------------------------------------------------------------ set-up
     def run(self, context: RunContext) -> None:
-        """Load data and reference (or a checkpoint), then iterate and write every iteration."""
-        if context.particles is None:
-            raise InputError(f"{self.name} needs particles: set data.particles=path/to/particles.star")
-        if not self.references:
-            raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
-        sampling = context.sampling
-        table = read_particles(context.particles, context.project_dir)
-        if not sampling["align"] and not table.has_poses:
-            raise InputError(f"{context.particles}: sampling.align=false needs particles with poses (rlnAngleRot/Tilt/Psi)")
-        validate_particle_images(table)
-        box, pixel = uniform_geometry(table, str(context.particles))
-        self.table, self.box, self.pixel = table, box, pixel
-        self.device = context.device
-        self.diameter_A = self.mask_diameter_A or 0.9 * box * pixel
-        group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
-        self.group_names = [f"opticsGroup{g}" for g in group_ids]
-        self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
-        self.reader = ParticleImageReader(table, preload=context.preload)
-        self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
-        self.mask = self.load_mask(box, pixel)
-        self.self_kept, self.self_overlap = self.self_fit_geometry(padded_box_size(box, context.padding_factor))
-        self.image_mask = soft_spherical_mask(box, self.diameter_A / (2 * pixel), 5.0, ndim=2, device=self.device)
-
-        model = ClassModel(self.n_classes, box, padded_box_size(box, context.padding_factor), len(group_ids), pixel).to(self.device)
+        """Load the particles and references (or a checkpoint), iterate and write every iteration."""
+        table = self.read_table(context)
+        self.set_up(context, table)
+        model = ClassModel(self.n_classes, self.box, self.padded, len(self.group_names), self.pixel).to(self.device)
         state, start = self.resume(context, model)
         if state is None:
             state = self.initial_state(table)
-            self.initialise_model(context, model)
+            self.initialise_model(context, model, state)
             start = 1
         for iteration in range(start, self.n_iterations + 1):
+            if self.finished:
+                break
             state = self.iterate(context, model, state, iteration)
-        log.info("class3d finished: %d iterations in %s", self.n_iterations, context.output_dir)
+        self.finish(context, state)
 
-    def load_mask(self, box: int, pixel: float) -> torch.Tensor:
-        """Reference mask: the given map (checked against the particles) or a soft sphere."""
-        if self.reference_mask is None:
-            return soft_spherical_mask(box, self.diameter_A / (2 * pixel), 5.0, device=self.device)
-        return self.read_mask(self.reference_mask, box, pixel)
+    def read_table(self, context: RunContext) -> ParticleTable:
+        """The particles, checked for what the job needs (:meth:`check_table`) and for readable images."""
+        if context.particles is None:
+            raise InputError(f"{self.name} needs particles: set data.particles=path/to/particles.star")
+        table = read_particles(context.particles, context.project_dir)
+        self.check_table(context, table)
+        validate_particle_images(table)
+        return table
 
-    def read_map(self, path: str, box: int, pixel: float) -> torch.Tensor:
-        """A map, checked against the particles' box and pixel size."""
+    def check_table(self, context: RunContext, table: ParticleTable) -> None:
+        """A reference is given; without alignment the particles have poses."""
+        if not self.references:
+            raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
+        if not context.sampling["align"] and not table.has_poses:
+            raise InputError(f"{context.particles}: sampling.align=false needs particles with poses (rlnAngleRot/Tilt/Psi)")
+
+    def set_up(self, context: RunContext, table: ParticleTable) -> None:
+        """Geometry (the particles' box, or :meth:`working_box`), optics groups, this rank's
+        particles, the image reader and the masks."""
+        full_box, full_pixel = uniform_geometry(table, str(context.particles))
+        self.full_box, self.full_pixel = full_box, full_pixel
+        self.box = box = self.working_box(full_box, full_pixel)
+        self.table, self.pixel = table, full_pixel * full_box / box
+        self.device = context.device
+        self.diameter_A = self.mask_diameter_A or 0.9 * full_box * full_pixel
+        group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
+        self.group_names = [f"opticsGroup{g}" for g in group_ids]
+        self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
+        self.reader = self.image_reader(table, context.preload)
+        self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
+        self.padded = padded_box_size(box, context.padding_factor)
+        sphere = soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, device=self.device)
+        self.mask = self.read_mask(self.reference_mask) if self.reference_mask else sphere
+        self.self_kept, self.self_overlap = self.self_fit_geometry(self.padded)
+        self.image_mask = soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, ndim=2, device=self.device)
+
+    def working_box(self, box: int, pixel: float) -> int:
+        """Box the job works at, for particles of ``box`` pixels of ``pixel`` Å: their own."""
+        return box
+
+    def image_reader(self, table: ParticleTable, preload: bool) -> ParticleImageReader:
+        """Reader of the particle images at the working box."""
+        return ParticleImageReader(table, preload=preload)
+
+    def finish(self, context: RunContext, state: ParticleState) -> None:
+        """Work after the last iteration (none but a log line here)."""
+        log.info("%s finished: %d iterations in %s", self.name, self.n_iterations, context.output_dir)
+
+    def read_map(self, path: str) -> torch.Tensor:
+        """A map, checked against the particles' box and pixel size, Fourier-cropped to the
+        working box."""
         volume = read_mrc(path)
-        self.check_map(volume.data.shape, volume.voxel_size_angstrom[0], path, box, pixel)
-        return torch.as_tensor(np.array(volume.data), device=self.device)
+        self.check_map(volume.data.shape, volume.voxel_size_angstrom[0], path, self.full_box, self.full_pixel)
+        values = torch.as_tensor(np.array(volume.data), device=self.device)
+        return fourier_crop_3d(values, self.box) if self.box != self.full_box else values
 
-    def read_mask(self, path: str, box: int, pixel: float) -> torch.Tensor:
-        """A mask map, checked as :meth:`read_map` and for values in [0, 1]."""
-        values = self.read_map(path, box, pixel)
+    def read_mask(self, path: str) -> torch.Tensor:
+        """A mask map, read as :meth:`read_map` and checked for values in [0, 1]."""
+        values = self.read_map(path)
         if float(values.min()) < -1e-3 or float(values.max()) > 1 + 1e-3:
             raise InputError(f"{path}: mask values span [{float(values.min()):.3g}, {float(values.max()):.3g}]; a mask must lie in [0, 1]")
-        return values
+        return values.clamp(0, 1)
 
     @staticmethod
     def check_map(shape: tuple[int, ...], voxel: float, path: str, box: int, pixel: float) -> None:
@@ -232,11 +260,12 @@ class Class3DJob:
             class_probability=torch.zeros(n, device=self.device),
         )
 
-    def initialise_model(self, context: RunContext, model: ClassModel) -> None:
-        """Reference (low-passed, grey-scale corrected), noise spectra and priors."""
+    def initialise_model(self, context: RunContext, model: ClassModel, state: ParticleState) -> None:
+        """Reference (low-passed, grey-scale corrected), noise spectra and priors (``state``,
+        the particles' initial state, is not needed here)."""
         box, pixel = self.box, self.pixel
         volumes = []
-        volumes = torch.stack([self.read_map(path, box, pixel) for path in self.references])
+        volumes = torch.stack([self.read_map(path) for path in self.references])
         unfiltered = volumes * self.mask
         if self.ini_high_A:
             volumes = irfft3_centered(lowpass_filter_3d(rfft3_centered(volumes), self.ini_high_A, pixel), box)
@@ -386,8 +415,7 @@ class Class3DJob:
             # dense fine-pass score matrices stay small enough to be cache- and memory-friendly
             memory_budget_bytes=min(budget / 4, 2**26),
         )
-        padded = padded_box_size(box, context.padding_factor)
-        stats = SufficientStatistics.zeros(self.n_classes, padded, len(self.group_names), box // 2 + 1, device)
+        stats = SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device)
         forced = self.forced_classes(context, iteration)
         rows = self.active_rows(context, iteration)
         per_rotation = grid.coarse_shifts_px.shape[0] * self.n_classes * grid.coarse_rotations.shape[0] if grid else self.n_classes

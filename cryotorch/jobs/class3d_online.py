@@ -30,19 +30,17 @@ import numpy as np
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
-from cryotorch.data.particles import half_set_labels, shard_rows, uniform_geometry
+from cryotorch.data.particles import half_set_labels, shard_rows
 from cryotorch.em.estep import EStepSettings, PreparedBatch, WeightedSlices, expectation
 from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, update_noise_and_weights
 from cryotorch.errors import InputError
-from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, validate_particle_images, write_particles
+from cryotorch.io import ParticleImageReader, ParticleTable, write_particles
 from cryotorch.jobs.class3d import Class3DJob, ParticleState
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import progress, save_class_sizes_plot, save_histogram_plot
-from cryotorch.ops.filters import soft_spherical_mask
-from cryotorch.ops.fourier import fourier_crop_2d, fourier_crop_3d
-from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
-from cryotorch.ops.symmetry import symmetry_matrices
+from cryotorch.ops.fourier import fourier_crop_2d
+from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
 
 log = logging.getLogger(__name__)
 
@@ -141,51 +139,23 @@ class OnlineClass3DJob(Class3DJob):
         self.running: list[SufficientStatistics] | None = None
 
     # ------------------------------------------------------------------ set-up
-    def run(self, context: RunContext) -> None:
-        """Load and crop the data, bootstrap or load the classes, then online and full-batch EM."""
-        if context.particles is None:
-            raise InputError(f"{self.name} needs particles: set data.particles=path/to/particles.star (or a cryoSPARC .cs)")
-        table = read_particles(context.particles, context.project_dir)
+    def check_table(self, context: RunContext, table: ParticleTable) -> None:
+        """The particles have poses (and scales, for ``per_particle_scale=input``); no
+        reference is needed."""
         if not table.has_poses:
             raise InputError(f"{context.particles}: no poses (rlnAngleRot/Tilt/Psi or alignments3D/pose); class3d_online classifies the particles of a consensus refinement")
         if self.per_particle_scale == "input" and table.intensity_scale is None:
             raise InputError(f"{context.particles}: no per-particle scale (cryoSPARC alignments3D/alpha) for job.per_particle_scale=input; use consensus or none")
-        validate_particle_images(table)
-        full_box, full_pixel = uniform_geometry(table, str(context.particles))
-        box = self.working_box(full_box, full_pixel)
-        self.full_box, self.full_pixel = full_box, full_pixel
-        self.table, self.box, self.pixel = table, box, full_pixel * full_box / box
-        self.device = device = context.device
-        self.diameter_A = self.mask_diameter_A or 0.9 * full_box * full_pixel
-        group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
-        self.group_names = [f"opticsGroup{g}" for g in group_ids]
-        self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
-        self.reader = FourierCroppedReader(ParticleImageReader(table, preload=context.preload), box)
-        self.symmetry = symmetry_matrices(context.symmetry, device=device, dtype=torch.float32)
-        self.image_mask = soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, ndim=2, device=device)
-        self.mask = self.cropped_mask(self.reference_mask) if self.reference_mask else soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, device=device)
-        self.focus = self.cropped_mask(self.focus_mask_path) if self.focus_mask_path else None
-        self.halves = torch.as_tensor(half_set_labels(table, context.seed), device=device)
-        self.padded = padded_box_size(box, context.padding_factor)
+
+    def set_up(self, context: RunContext, table: ParticleTable) -> None:
+        """The set-up of class3d at the cropped box, with the focus mask and half sets."""
+        super().set_up(context, table)
+        self.focus = self.read_mask(self.focus_mask_path) if self.focus_mask_path else None
+        self.halves = torch.as_tensor(half_set_labels(table, context.seed), device=self.device)
         self.memory_budget = context.memory_budget_bytes
         # every shell inside Nyquist but the last, whose trilinear corners leave the padded grid
-        self.radius = box // 2 - 1
-        log.info("class3d_online: %d particles, box %d → %d (%.3g Å/px), %d classes", len(table), full_box, box, self.pixel, self.n_classes)
-
-        model = ClassModel(self.n_classes, box, self.padded, len(group_ids), self.pixel).to(device)
-        state, start = self.resume(context, model)
-        if state is None:
-            state = self.initial_state(table)
-            self.initialise(context, model, state)
-            start = 1
-        for iteration in range(start, self.n_iterations + 1):
-            if self.finished:
-                break
-            state = self.iterate(context, model, state, iteration)
-        if context.is_main:
-            self.write_class_particles(context, state)
-        context.fabric.barrier()
-        log.info("class3d_online finished in %s", context.output_dir)
+        self.radius = self.box // 2 - 1
+        log.info("class3d_online: %d particles, box %d → %d (%.3g Å/px), %d classes", len(table), self.full_box, self.box, self.pixel, self.n_classes)
 
     def working_box(self, box: int, pixel: float) -> int:
         """Box after the Fourier crop to the target resolution (its Nyquist), even, ≤ ``box``."""
@@ -195,12 +165,18 @@ class OnlineClass3DJob(Class3DJob):
             raise InputError(f"job.target_resolution_A={self.target_resolution_A} is finer than the data's Nyquist ({2 * pixel:.3g} Å)")
         return min(box - box % 2, 2 * math.ceil(box * pixel / self.target_resolution_A))
 
-    def cropped_mask(self, path: str) -> torch.Tensor:
-        """A mask map checked against the particles and Fourier-cropped to the working box."""
-        values = self.read_mask(path, self.full_box, self.full_pixel)
-        return fourier_crop_3d(values, self.box).clamp(0, 1) if self.box != self.full_box else values
+    def image_reader(self, table: ParticleTable, preload: bool) -> FourierCroppedReader:
+        """Reader of the images, Fourier-cropped to the working box."""
+        return FourierCroppedReader(super().image_reader(table, preload), self.box)
 
-    def initialise(self, context: RunContext, model: ClassModel, state: ParticleState) -> None:
+    def finish(self, context: RunContext, state: ParticleState) -> None:
+        """One particle STAR file per class."""
+        if context.is_main:
+            self.write_class_particles(context, state)
+        context.fabric.barrier()
+        log.info("class3d_online finished in %s", context.output_dir)
+
+    def initialise_model(self, context: RunContext, model: ClassModel, state: ParticleState) -> None:
         """Noise spectra, consensus map, per-particle scales and the initial class maps."""
         power, counts, _, _ = self.data_statistics(context)
         model.sigma2_noise.copy_(0.5 * power / counts.clamp(min=1))
@@ -214,7 +190,7 @@ class OnlineClass3DJob(Class3DJob):
         else:
             self.particle_scale = torch.ones(len(self.table), device=self.device)
         if self.references:
-            volumes = torch.stack([self.cropped_reference(path) for path in self.references])
+            volumes = torch.stack([self.given_map(path) for path in self.references])
         elif self.init_mode == "simple":
             volumes = self.subset_maps(context, model, state, self.random_subsets(context.seed, self.n_classes), self.n_classes)
         else:
@@ -222,10 +198,9 @@ class OnlineClass3DJob(Class3DJob):
         model.volumes.copy_(volumes * self.mask)
         log.info("initial classes from %s", "the given maps" if self.references else f"random subsets ({self.init_mode})")
 
-    def cropped_reference(self, path: str) -> torch.Tensor:
-        """A given class map, checked, cropped and put on the consensus map's grey scale."""
-        volume = self.read_map(path, self.full_box, self.full_pixel)
-        volume = fourier_crop_3d(volume, self.box) if self.box != self.full_box else volume
+    def given_map(self, path: str) -> torch.Tensor:
+        """A given class map, read at the working box and put on the consensus map's grey scale."""
+        volume = self.read_map(path)
         assert self.consensus is not None
         inside = self.mask > 0.5
         return volume * float(self.consensus[inside].std() / volume[inside].std().clamp(min=1e-30))

@@ -8,47 +8,13 @@ weights plus a regulariser and undoes the gridding attenuation in real space.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from cryotorch.conventions import irfft3_centered
 from cryotorch.ops.fourier import radius_grid_3d
-from cryotorch.ops.projection import gridding_kernel_3d, rotation_chunk_size, slice_coordinates
+from cryotorch.ops.projection import CORNERS, gridding_kernel_3d, rotation_chunk_size, slice_coordinates, trilinear_corners
 
 __all__ = ["insert_slices", "self_overlap_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
-
-_CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])  # (8, 3) offsets (x, y, z)
-
-
-def _trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """For each of the 8 trilinear corners: flat voxel index and weight of every sample.
-
-    ``coordinates`` are ``(S, 3)`` ``(x, y, z)`` in padded-grid units with ``x >= 0`` (from
-    :func:`slice_coordinates`); corners outside the grid get weight 0 (at index 0).
-    """
-    centre = padded_size // 2
-    shifted = coordinates + torch.tensor([0.0, centre, centre], device=coordinates.device)
-    base = torch.floor(shifted)
-    fraction = shifted - base  # (S, 3)
-    x0, y0, z0 = base.long().unbind(-1)
-    base_index = (z0 * padded_size + y0) * half_size + x0
-    # per axis: weight of the lower and upper neighbour
-    axes = [(1 - fraction[:, a], fraction[:, a]) for a in range(3)]
-    limits = [(x0, half_size), (y0, padded_size), (z0, padded_size)]
-    # samples well inside the grid (all of them, but for the outermost shells) need no masks
-    lowest, highest = base.amin(0), base.amax(0)
-    all_inside = bool((lowest >= 0).all()) and all(float(highest[a]) + 1 < size for a, (_, size) in enumerate(limits))
-    inside = [] if all_inside else [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
-    for dx, dy, dz in _CORNERS.tolist():
-        trilinear = axes[0][dx] * axes[1][dy] * axes[2][dz]
-        flat_index = base_index + ((dz * padded_size + dy) * half_size + dx)
-        if all_inside:
-            yield flat_index, trilinear
-        else:
-            valid = inside[0][dx] & inside[1][dy] & inside[2][dz]
-            yield torch.where(valid, flat_index, 0), torch.where(valid, trilinear, 0)
-
 
 def self_overlap_sum(
     grid: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int, neighbour_overlap: float = 0.0
@@ -88,8 +54,8 @@ def self_overlap_sum(
     high = fraction * (fraction + (1 - fraction) * neighbour_overlap)
     flat = grid.reshape(-1)
     total = torch.zeros(coordinates.shape[0], dtype=grid.dtype, device=grid.device)
-    corners = _CORNERS.tolist()
-    for (flat_index, trilinear), (dx, dy, dz) in zip(_trilinear_corners(coordinates, padded_size, half_size), corners):
+    corners = CORNERS.tolist()
+    for (flat_index, trilinear), (dx, dy, dz) in zip(trilinear_corners(coordinates, padded_size, half_size), corners):
         weight = (high[:, 0] if dx else low[:, 0]) * (high[:, 1] if dy else low[:, 1]) * (high[:, 2] if dz else low[:, 2])
         total += torch.where(trilinear > 0, weight, 0).to(grid.dtype) * flat[flat_index]
     return total.reshape(rotations.shape[0], -1)
@@ -140,7 +106,7 @@ def insert_slices(
         real = values.real.to(data_real.dtype)
         imag = torch.where(conjugate.reshape(-1), -values.imag, values.imag).to(data_imag.dtype)
         sample_weights = slice_weights[start:stop].reshape(-1)
-        for flat_index, trilinear in _trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size):
+        for flat_index, trilinear in trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size):
             data_real.index_add_(0, flat_index, real * trilinear)
             data_imag.index_add_(0, flat_index, imag * trilinear)
             weight_flat.index_add_(0, flat_index, (sample_weights * trilinear).to(weight_flat.dtype))

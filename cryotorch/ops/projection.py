@@ -10,6 +10,8 @@ are the DFTs of the N×N projections.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,8 @@ __all__ = [
     "gridding_kernel_3d",
     "prepare_fourier_volumes",
     "slice_coordinates",
+    "trilinear_corners",
+    "CORNERS",
     "extract_slices",
     "project_volumes",
     "rotation_chunk_size",
@@ -65,7 +69,9 @@ def prepare_fourier_volumes(volumes: torch.Tensor, padding_factor: float = 2.0) 
     end = start + box_size
     padded = volumes.new_zeros(volumes.shape[0], padded_size, padded_size, padded_size)
     padded[:, start:end, start:end, start:end] = corrected
-    return rfft3_centered(padded)
+    # stored voxel-major (classes innermost), viewed as (K, P, P, P // 2 + 1): extraction then
+    # reads each neighbour's values of all classes from one place
+    return rfft3_centered(padded).permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
 def slice_coordinates(
@@ -94,6 +100,38 @@ def slice_coordinates(
     conjugate = coordinates[..., 0] < 0
     coordinates = torch.where(conjugate[..., None], -coordinates, coordinates)
     return coordinates, conjugate
+
+
+CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])  # (8, 3) offsets (x, y, z)
+
+
+def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each of the 8 trilinear corners: flat voxel index and weight of every sample.
+
+    ``coordinates`` are ``(S, 3)`` ``(x, y, z)`` in padded-grid units with ``x >= 0`` (from
+    :func:`slice_coordinates`); corners outside the grid get weight 0 (at index 0).
+    """
+    centre = padded_size // 2
+    shifted = coordinates + torch.tensor([0.0, centre, centre], device=coordinates.device)
+    base = torch.floor(shifted)
+    fraction = shifted - base  # (S, 3)
+    x0, y0, z0 = base.long().unbind(-1)
+    base_index = (z0 * padded_size + y0) * half_size + x0
+    # per axis: weight of the lower and upper neighbour
+    axes = [(1 - fraction[:, a], fraction[:, a]) for a in range(3)]
+    limits = [(x0, half_size), (y0, padded_size), (z0, padded_size)]
+    # samples well inside the grid (all of them, but for the outermost shells) need no masks
+    lowest, highest = base.amin(0), base.amax(0)
+    all_inside = bool((lowest >= 0).all()) and all(float(highest[a]) + 1 < size for a, (_, size) in enumerate(limits))
+    inside = [] if all_inside else [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
+    for dx, dy, dz in CORNERS.tolist():
+        trilinear = axes[0][dx] * axes[1][dy] * axes[2][dz]
+        flat_index = base_index + ((dz * padded_size + dy) * half_size + dx)
+        if all_inside:
+            yield flat_index, trilinear
+        else:
+            valid = inside[0][dx] & inside[1][dy] & inside[2][dz]
+            yield torch.where(valid, flat_index, 0), torch.where(valid, trilinear, 0)
 
 
 def rotation_chunk_size(n_values_per_rotation: int, bytes_per_value: int, memory_budget_bytes: float) -> int:
@@ -128,28 +166,21 @@ def extract_slices(
     torch.Tensor
         ``(K, R, M)`` complex slice values.
     """
-    n_classes, padded_size = volumes_ft.shape[0], volumes_ft.shape[1]
-    half_size = volumes_ft.shape[-1]
-    channels = torch.view_as_real(volumes_ft).permute(0, 4, 1, 2, 3).reshape(1, 2 * n_classes, padded_size, padded_size, half_size)
-    # grid_sample normalises coordinates to [-1, 1] over index 0 … size-1 (align_corners=True)
-    centre = padded_size // 2
-    half_extent = torch.tensor(
-        [(half_size - 1) / 2, (padded_size - 1) / 2, (padded_size - 1) / 2], device=frequencies.device
-    )
-    offset = torch.tensor([0.0, centre, centre], device=frequencies.device)
+    n_classes, padded_size, half_size = volumes_ft.shape[0], volumes_ft.shape[1], volumes_ft.shape[-1]
+    # one row per voxel holding every class's (real, imaginary) pair: a view of the storage
+    # that prepare_fourier_volumes lays out, so that the 8 neighbours of a sample are 8 rows
+    table = torch.view_as_real(volumes_ft.permute(1, 2, 3, 0)).reshape(-1, 2 * n_classes)
     n_freq = frequencies.shape[0]
-    chunk = rotation_chunk_size(n_freq, 4 * (4 * n_classes + 8), memory_budget_bytes)
-    out = []
+    chunk = rotation_chunk_size(n_freq, 8 * 12 + 8 * n_classes + 24, memory_budget_bytes)
+    out = volumes_ft.new_empty(rotations.shape[0], n_freq, n_classes)
     for start in range(0, rotations.shape[0], chunk):
         coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
-        grid = (coordinates + offset) / half_extent - 1.0  # (r, M, 3)
-        sampled = F.grid_sample(
-            channels, grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros", align_corners=True
-        )  # (1, 2K, r, M, 1)
-        sampled = sampled[0, ..., 0].reshape(n_classes, 2, -1, n_freq)
-        imaginary = torch.where(conjugate, -sampled[:, 1], sampled[:, 1])
-        out.append(torch.complex(sampled[:, 0], imaginary))
-    return torch.cat(out, dim=1)
+        index, weight = (torch.stack(values, dim=-1) for values in zip(*trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size)))
+        # trilinear interpolation as a weighted sum of 8 table rows per sample
+        sampled = F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode="sum").reshape(-1, n_freq, n_classes, 2)
+        imaginary = torch.where(conjugate[..., None], -sampled[..., 1], sampled[..., 1])
+        out[start : start + chunk] = torch.complex(sampled[..., 0], imaginary)
+    return out.permute(2, 0, 1)
 
 
 def project_volumes(
