@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from cryotorch.data.particles import half_set_labels
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.em.estep import class_ess, class_temperature
 from cryotorch.io import read_mrc, read_particles, write_mrc
@@ -162,3 +163,62 @@ def test_fourier_crop_keeps_band_limited_values() -> None:
     torch.testing.assert_close(fourier_crop_3d(volume, 32), torch.exp(-((x3 - 5) ** 2 + y3**2 + z3**2) / (2 * 15.0**2)), atol=1e-3, rtol=0)
     with pytest.raises(ValueError):
         fourier_crop_2d(image[None], 31)
+
+
+def _rotation_vectors(matrices: torch.Tensor) -> np.ndarray:
+    """``(N, 3)`` axis-angle vectors (radians) of rotation matrices, via unit quaternions."""
+    m = matrices.double()
+    trace = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
+    w = 0.5 * (1 + trace).clamp(min=0).sqrt()
+    xyz = 0.5 * torch.stack([(1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2]), (1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2]), (1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2])], -1).clamp(min=0).sqrt()
+    signs = torch.sign(torch.stack([m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]], -1))
+    xyz = xyz * torch.where(signs == 0, 1.0, signs)
+    norm = xyz.norm(dim=-1, keepdim=True)
+    angle = 2 * torch.atan2(norm, w[:, None])
+    return (angle * xyz / norm.clamp(min=1e-12)).numpy()
+
+
+def test_a_posed_cryosparc_export_is_classified(three_class_data: dict[str, Path], tmp_path: Path) -> None:
+    """The particles as a cryoSPARC refinement export (.cs with alignments3D poses, shifts,
+    half sets and per-particle scales), classified with the export's scales."""
+    from cryotorch.conventions import euler_deg_to_matrix
+    from cryotorch.io._cryosparc import cryosparc_pose_to_euler_deg
+
+    table = read_particles(three_class_data["particles"])
+    n = len(table)
+    stack = Path(table.stack_paths[0])
+    assert all(Path(p) == stack for p in table.stack_paths)
+    relion = euler_deg_to_matrix(torch.as_tensor(table.euler_deg))
+    poses = _rotation_vectors(relion.transpose(-1, -2))  # cryoSPARC rotates by Aᵀ
+    torch.testing.assert_close(euler_deg_to_matrix(torch.as_tensor(cryosparc_pose_to_euler_deg(poses))), relion)
+    records = np.zeros(n, dtype=[
+        ("uid", "<u8"), ("blob/path", "S64"), ("blob/idx", "<u4"), ("blob/psize_A", "<f4"), ("blob/shape", "<u4", (2,)),
+        ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"),
+        ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4"), ("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)),
+        ("alignments3D/split", "<u4"), ("alignments3D/alpha", "<f4"),
+    ])
+    records["uid"] = np.arange(n)
+    records["blob/path"] = f"J7/extract/{stack.name}".encode()  # project-relative; found beside the .cs
+    records["blob/idx"] = table.stack_indices
+    records["blob/psize_A"] = table.pixel_size_angstrom
+    records["blob/shape"] = np.stack([table.box_size_px, table.box_size_px], -1)
+    for field, values in (("ctf/accel_kv", table.voltage_kv), ("ctf/cs_mm", table.spherical_aberration_mm), ("ctf/amp_contrast", table.amplitude_contrast),
+                          ("ctf/df1_A", table.defocus_u_angstrom), ("ctf/df2_A", table.defocus_v_angstrom),
+                          ("ctf/df_angle_rad", np.deg2rad(table.defocus_angle_deg)), ("ctf/phase_shift_rad", np.deg2rad(table.phase_shift_deg))):
+        records[field] = values
+    records["alignments3D/pose"] = poses
+    records["alignments3D/shift"] = np.asarray(table.origin_angstrom) / np.asarray(table.pixel_size_angstrom)[:, None]
+    records["alignments3D/split"] = half_set_labels(table, 0) - 1
+    alpha = np.random.default_rng(5).uniform(0.9, 1.1, n).astype(np.float32)
+    records["alignments3D/alpha"] = alpha
+    export = stack.parent / "P3_J9_particles.cs"
+    with open(export, "wb") as handle:
+        np.save(handle, records)
+    out = tmp_path / "cs"
+    train("+job=class3d_online", f"data.particles={export}", "job.K=3", "job.batch_size_per_class=60", "job.init_particles_per_class=60",
+          "job.per_particle_scale=input", *RESUMABLE, f"hydra.run.dir={out}")
+    from_cs = read_particles(out / "run_it003_data.star").class_number
+    truth = read_particles(three_class_data["truth"]).class_number
+    assert accuracy(truth, from_cs) >= 0.95
+    extra = torch.load(out / "run_checkpoint.pt", weights_only=True)["extra"]
+    np.testing.assert_allclose(extra["particle_scale"].numpy(), alpha)
