@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d
@@ -120,11 +122,14 @@ def test_class_scale_is_profiled_at_each_class_best_sample() -> None:
     b, t, k, r = 3, 5, 2, 7
     plain = torch.randn(b, t, k, r, generator=generator)
     norm = torch.rand(b, k, r, generator=generator) + 0.5
-    prior = -torch.rand(b, t, 1, r, generator=generator)
-    scales = _class_scales(plain + prior, norm, prior, 0.4)
+    offset_prior = -torch.rand(b, t, generator=generator)
+    orientation_prior = -torch.rand(b, r, generator=generator)
+    orientation_prior[:, 0] = -math.inf  # not searched
+    logits = plain + offset_prior[:, :, None, None] + orientation_prior[:, None, None, :]
+    scales = _class_scales(logits, norm, offset_prior, orientation_prior, 0.4)
     for i in range(b):
         for c in range(k):
-            shift, rotation = divmod(int((plain + prior)[i, :, c, :].argmax()), r)
+            shift, rotation = divmod(int(logits[i, :, c, :].argmax()), r)
             cross = plain[i, shift, c, rotation] + norm[i, c, rotation]
-            expected = profiled_scale(cross, norm[i, c, rotation], 0.4)
+            expected = profiled_scale(cross, norm[i, c, rotation], 0.4).clamp(min=1e-3)
             torch.testing.assert_close(scales[i, c], expected)

@@ -333,21 +333,25 @@ def scaled_score(cross: torch.Tensor, norm: torch.Tensor, scale: torch.Tensor, s
     return cross.mul_(scale).sub_(penalty)
 
 
-def _class_scales(logits: torch.Tensor, norm: torch.Tensor, prior: torch.Tensor, scale_sigma: float) -> torch.Tensor:
-    """``(B, K)`` intensity of each class, profiled at the class's best sample.
+def _class_scales(
+    logits: torch.Tensor, norm: torch.Tensor, offset_prior: torch.Tensor, orientation_prior: torch.Tensor | None, scale_sigma: float
+) -> torch.Tensor:
+    """``(B, K)`` intensity of each class, profiled at the class's best sample (at least 1e-3).
 
-    ``logits`` ``(B, T, K, R)`` are ``cross − norm + prior``, ``norm`` ``(B, K, R)`` and the
-    finite log ``prior`` broadcasts to ``logits``. One intensity per particle and class keeps
-    the classes competing on shape, while the pose posterior within a class stays that of the
-    plain likelihood (an intensity per pose would let wrong poses make up part of their misfit).
+    ``logits`` ``(B, T, K, R)`` are ``cross − norm`` plus the log priors ``offset_prior``
+    ``(B, T)`` and ``orientation_prior`` ``(B, R)`` (None: flat; −inf: not searched); ``norm``
+    is ``(B, K, R)``. One intensity per particle and class keeps the classes competing on
+    shape, while wrong poses cannot make up part of their misfit through it, as they could
+    with an intensity per pose.
     """
     per_shift, rotation = logits.max(dim=3)  # (B, T, K)
     best, shift = per_shift.max(dim=1)  # (B, K)
     rotation = rotation.gather(1, shift[:, None, :])[:, 0, :]  # (B, K)
-    expanded = prior.expand_as(logits)
-    best_prior = expanded[torch.arange(logits.shape[0], device=logits.device)[:, None], shift, torch.arange(logits.shape[2], device=logits.device)[None, :], rotation]
+    prior = offset_prior.gather(1, shift)
+    if orientation_prior is not None:
+        prior = prior + orientation_prior.gather(1, rotation)
     best_norm = norm.gather(2, rotation[..., None])[..., 0]
-    return profiled_scale(best - best_prior + best_norm, best_norm, scale_sigma)
+    return profiled_scale(best - prior + best_norm, best_norm, scale_sigma).clamp(min=1e-3)
 
 
 _EXP_FLOOR = -80.0  # e^-80 ≈ 2e-35: negligible beside the largest term (1), and not denormal
@@ -444,23 +448,26 @@ def expectation(
     logits = cross.sub_(norm).reshape(b, t, n_classes, n_rot)
     # origin and orientation priors, then the class priors (and mask), added in place
     origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]  # (B, T, 2)
-    prior = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[:, :, None, None].to(logits.dtype)  # (B, T, 1, 1)
-    searched = None
+    offset_prior = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom).to(logits.dtype)  # (B, T)
+    logits.add_(offset_prior[:, :, None, None])
+    orientation_prior = None
     if settings.local_sigma_deg is not None:
         angles = rotation_angle_deg(batch.prior_euler_deg[:, None, :], grid.coarse_euler_deg[None].to(batch.prior_euler_deg.dtype))  # (B, R)
         # searched: within 3σ, and never fewer than the coarse samples nearest to the prior
         searched = (angles <= 3 * settings.local_sigma_deg) | (angles <= angles.min(dim=1, keepdim=True).values + grid.coarse_step_deg)
-        prior = prior + (-(angles**2) / (2 * settings.local_sigma_deg**2))[:, None, None, :].to(logits.dtype)  # (B, T, 1, R)
-    logits.add_(prior)
+        orientation_prior = torch.where(searched, -(angles**2) / (2 * settings.local_sigma_deg**2), -math.inf).to(logits.dtype)  # (B, R)
+        logits.add_(orientation_prior[:, None, None, :])
     class_scale = None
     if settings.scale_sigma > 0:
         norm = norm.reshape(b, n_classes, n_rot)
-        class_scale = _class_scales(logits.masked_fill(~searched[:, None, None, :], -math.inf) if searched is not None else logits, norm, prior, settings.scale_sigma)
-        # a·(c − n) + (a − a²)·n − (a − 1)²/2σ² + prior, from logits = c − n + prior
+        class_scale = _class_scales(logits, norm, offset_prior, orientation_prior, settings.scale_sigma)
+        # a·(c − n) + (a − a²)·n − (a − 1)²/2σ² + priors, from logits = c − n + priors; a > 0
+        # keeps the unsearched orientations at −inf
         a = class_scale[:, None, :, None]
-        logits.mul_(a).sub_((a - 1) * prior).add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
-    if searched is not None:
-        logits.masked_fill_(~searched[:, None, None, :], -math.inf)
+        logits.mul_(a).sub_((a - 1) * offset_prior[:, :, None, None])
+        if orientation_prior is not None:
+            logits.sub_((a - 1) * torch.where(torch.isfinite(orientation_prior), orientation_prior, 0)[:, None, None, :])
+        logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
     logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
     significant, best = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
     # particles whose best coarse orientations are neighbours share most significant samples:
