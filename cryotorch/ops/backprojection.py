@@ -55,8 +55,7 @@ def self_overlap_sum(
     flat = grid.reshape(-1)
     total = torch.zeros(coordinates.shape[0], dtype=grid.dtype, device=grid.device)
     corners = CORNERS.tolist()
-    index, trilinears = trilinear_corners(coordinates, padded_size, half_size)
-    for flat_index, trilinear, (dx, dy, dz) in zip(index.T, trilinears.T, corners):
+    for (flat_index, trilinear), (dx, dy, dz) in zip(trilinear_corners(coordinates, padded_size, half_size), corners):
         weight = (high[:, 0] if dx else low[:, 0]) * (high[:, 1] if dy else low[:, 1]) * (high[:, 2] if dz else low[:, 2])
         total += torch.where(trilinear > 0, weight, 0).to(grid.dtype) * flat[flat_index]
     return total.reshape(rotations.shape[0], -1)
@@ -98,8 +97,8 @@ def insert_slices(
     data_real, data_imag = data_pairs[:, 0], data_pairs[:, 1]
     weight_flat = weight.view(-1)
     slice_weights = slice_weights.expand(slices.shape)
-    # per sample: coordinates, floors, fractions, 8 corner indices and weights (twice), values
-    chunk = rotation_chunk_size(frequencies.shape[0], 400, memory_budget_bytes)
+    # per sample: coordinates, floors, fractions, and one corner's index/weight/value at a time
+    chunk = rotation_chunk_size(frequencies.shape[0], 160, memory_budget_bytes)
     for start in range(0, rotations.shape[0], chunk):
         stop = start + chunk
         coordinates, conjugate = slice_coordinates(rotations[start:stop], frequencies, box_size, padded_size)
@@ -107,11 +106,10 @@ def insert_slices(
         real = values.real.to(data_real.dtype)
         imag = torch.where(conjugate.reshape(-1), -values.imag, values.imag).to(data_imag.dtype)
         sample_weights = slice_weights[start:stop].reshape(-1)
-        index, trilinear = trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size)
-        flat_index = index.reshape(-1)
-        data_real.index_add_(0, flat_index, (real[:, None] * trilinear).reshape(-1))
-        data_imag.index_add_(0, flat_index, (imag[:, None] * trilinear).reshape(-1))
-        weight_flat.index_add_(0, flat_index, (sample_weights[:, None] * trilinear).reshape(-1).to(weight_flat.dtype))
+        for flat_index, trilinear in trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size):
+            data_real.index_add_(0, flat_index, real * trilinear)
+            data_imag.index_add_(0, flat_index, imag * trilinear)
+            weight_flat.index_add_(0, flat_index, (sample_weights * trilinear).to(weight_flat.dtype))
 
 
 def symmetrize_hermitian_plane(grid: torch.Tensor, conjugate: bool) -> torch.Tensor:

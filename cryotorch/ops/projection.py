@@ -10,6 +10,8 @@ are the DFTs of the N×N projections.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -103,30 +105,33 @@ def slice_coordinates(
 CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])  # (8, 3) offsets (x, y, z)
 
 
-def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat voxel indices and weights ``(S, 8)`` of the 8 trilinear corners of each sample.
+def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each of the 8 trilinear corners: flat voxel index and weight of every sample.
 
     ``coordinates`` are ``(S, 3)`` ``(x, y, z)`` in padded-grid units with ``x >= 0`` (from
-    :func:`slice_coordinates`); the corners are in the order of :data:`CORNERS`, and those
-    outside the ``(P, P, P // 2 + 1)`` grid get weight 0 (at index 0).
+    :func:`slice_coordinates`); corners outside the grid get weight 0 (at index 0).
     """
     centre = padded_size // 2
     shifted = coordinates + torch.tensor([0.0, centre, centre], device=coordinates.device)
     base = torch.floor(shifted)
     fraction = shifted - base  # (S, 3)
-    low = base.long()
-    offsets = (CORNERS[:, 2] * padded_size + CORNERS[:, 1]) * half_size + CORNERS[:, 0]
-    index = ((low[:, 2] * padded_size + low[:, 1]) * half_size + low[:, 0])[:, None] + offsets.to(low.device)
-    # per axis (S, 2): weights of the lower and upper neighbour; corners run z, y, x (x fastest)
-    x, y, z = (torch.stack([1 - fraction[:, a], fraction[:, a]], -1) for a in range(3))
-    weight = (z[:, :, None, None] * y[:, None, :, None] * x[:, None, None, :]).reshape(-1, 8)
+    x0, y0, z0 = base.long().unbind(-1)
+    base_index = (z0 * padded_size + y0) * half_size + x0
+    # per axis: weight of the lower and upper neighbour
+    axes = [(1 - fraction[:, a], fraction[:, a]) for a in range(3)]
+    limits = [(x0, half_size), (y0, padded_size), (z0, padded_size)]
     # samples well inside the grid (all of them, but for the outermost shells) need no masks
-    sizes = torch.tensor([half_size, padded_size, padded_size], device=low.device)
-    if low.numel() and bool((low.amin(0) >= 0).all()) and bool((low.amax(0) + 1 < sizes).all()):
-        return index, weight
-    inside = [torch.stack([(low[:, a] >= 0) & (low[:, a] < sizes[a]), (low[:, a] + 1 >= 0) & (low[:, a] + 1 < sizes[a])], -1) for a in range(3)]
-    valid = (inside[2][:, :, None, None] & inside[1][:, None, :, None] & inside[0][:, None, None, :]).reshape(-1, 8)
-    return torch.where(valid, index, 0), torch.where(valid, weight, 0)
+    lowest, highest = base.amin(0), base.amax(0)
+    all_inside = bool((lowest >= 0).all()) and all(float(highest[a]) + 1 < size for a, (_, size) in enumerate(limits))
+    inside = [] if all_inside else [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
+    for dx, dy, dz in CORNERS.tolist():
+        trilinear = axes[0][dx] * axes[1][dy] * axes[2][dz]
+        flat_index = base_index + ((dz * padded_size + dy) * half_size + dx)
+        if all_inside:
+            yield flat_index, trilinear
+        else:
+            valid = inside[0][dx] & inside[1][dy] & inside[2][dz]
+            yield torch.where(valid, flat_index, 0), torch.where(valid, trilinear, 0)
 
 
 def rotation_chunk_size(n_values_per_rotation: int, bytes_per_value: int, memory_budget_bytes: float) -> int:
@@ -162,20 +167,46 @@ def extract_slices(
         ``(K, R, M)`` complex slice values.
     """
     n_classes, padded_size, half_size = volumes_ft.shape[0], volumes_ft.shape[1], volumes_ft.shape[-1]
+    n_freq = frequencies.shape[0]
+    if n_classes < 3:
+        return _extract_by_grid_sample(volumes_ft, rotations, frequencies, box_size, memory_budget_bytes)
     # one row per voxel holding every class's (real, imaginary) pair: a view of the storage
     # that prepare_fourier_volumes lays out, so that the 8 neighbours of a sample are 8 rows
     table = torch.view_as_real(volumes_ft.permute(1, 2, 3, 0)).reshape(-1, 2 * n_classes)
-    n_freq = frequencies.shape[0]
-    chunk = rotation_chunk_size(n_freq, 8 * 12 + 8 * n_classes + 24, memory_budget_bytes)
+    chunk = rotation_chunk_size(n_freq, 8 * 12 + 8 * n_classes + 64, memory_budget_bytes)
     out = volumes_ft.new_empty(rotations.shape[0], n_freq, n_classes)
     for start in range(0, rotations.shape[0], chunk):
         coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
-        index, weight = trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size)
+        index, weight = (torch.stack(values, dim=-1) for values in zip(*trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size)))
         # trilinear interpolation as a weighted sum of 8 table rows per sample
         sampled = F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode="sum").reshape(-1, n_freq, n_classes, 2)
         imaginary = torch.where(conjugate[..., None], -sampled[..., 1], sampled[..., 1])
         out[start : start + chunk] = torch.complex(sampled[..., 0], imaginary)
     return out.permute(2, 0, 1)
+
+
+def _extract_by_grid_sample(
+    volumes_ft: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float
+) -> torch.Tensor:
+    """:func:`extract_slices` for one or two volumes: ``grid_sample`` over their real and
+    imaginary channels, which is faster than the table of row gathers until there are three."""
+    n_classes, padded_size, half_size = volumes_ft.shape[0], volumes_ft.shape[1], volumes_ft.shape[-1]
+    channels = torch.view_as_real(volumes_ft).permute(0, 4, 1, 2, 3).reshape(1, 2 * n_classes, padded_size, padded_size, half_size)
+    # grid_sample normalises coordinates to [-1, 1] over index 0 … size-1 (align_corners=True)
+    centre = padded_size // 2
+    half_extent = torch.tensor([(half_size - 1) / 2, (padded_size - 1) / 2, (padded_size - 1) / 2], device=frequencies.device)
+    offset = torch.tensor([0.0, centre, centre], device=frequencies.device)
+    n_freq = frequencies.shape[0]
+    chunk = rotation_chunk_size(n_freq, 4 * (4 * n_classes + 8), memory_budget_bytes)
+    out = []
+    for start in range(0, rotations.shape[0], chunk):
+        coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
+        grid = (coordinates + offset) / half_extent - 1.0  # (r, M, 3)
+        sampled = F.grid_sample(channels, grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros", align_corners=True)  # (1, 2K, r, M, 1)
+        sampled = sampled[0, ..., 0].reshape(n_classes, 2, -1, n_freq)
+        imaginary = torch.where(conjugate, -sampled[:, 1], sampled[:, 1])
+        out.append(torch.complex(sampled[:, 0], imaginary))
+    return torch.cat(out, dim=1)
 
 
 def project_volumes(
