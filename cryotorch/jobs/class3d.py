@@ -205,8 +205,10 @@ class Class3DJob:
         self.reader = self.image_reader(table, context.preload)
         self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
         self.padded = padded_box_size(box, context.padding_factor)
-        sphere = soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, device=self.device)
-        self.mask = self.read_mask(self.reference_mask) if self.reference_mask else sphere
+        if self.reference_mask:
+            self.mask = self.read_mask(self.reference_mask)
+        else:
+            self.mask = soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, device=self.device)
         self.self_kept, self.self_overlap = self.self_fit_geometry(self.padded)
         self.image_mask = soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, ndim=2, device=self.device)
 
@@ -264,7 +266,6 @@ class Class3DJob:
         """Reference (low-passed, grey-scale corrected), noise spectra and priors (``state``,
         the particles' initial state, is not needed here)."""
         box, pixel = self.box, self.pixel
-        volumes = []
         volumes = torch.stack([self.read_map(path) for path in self.references])
         unfiltered = volumes * self.mask
         if self.ini_high_A:
@@ -452,9 +453,8 @@ class Class3DJob:
     def scale_sigma(self, align: bool) -> float:
         """Width of the intensity-scale prior: the setting, or 0.2 without alignment and 0 with.
 
-        With alignment every pose sample would get its own scale, which flattens the pose
-        posteriors (wrong poses recover part of their misfit through the scale); on the
-        benchmark set classes then separate worse than with the plain likelihood.
+        With alignment the benchmark classes separate worse with the scale (profiled per class
+        at its best coarse sample) than with the plain likelihood (``docs/benchmarks.md``).
         """
         if self.scale_prior_sigma is not None:
             return self.scale_prior_sigma

@@ -167,9 +167,9 @@ def extract_slices(
         ``(K, R, M)`` complex slice values.
     """
     n_classes, padded_size, half_size = volumes_ft.shape[0], volumes_ft.shape[1], volumes_ft.shape[-1]
-    n_freq = frequencies.shape[0]
     if n_classes < 3:
         return _extract_by_grid_sample(volumes_ft, rotations, frequencies, box_size, memory_budget_bytes)
+    n_freq = frequencies.shape[0]
     # one row per voxel holding every class's (real, imaginary) pair: a view of the storage
     # that prepare_fourier_volumes lays out, so that the 8 neighbours of a sample are 8 rows
     table = torch.view_as_real(volumes_ft.permute(1, 2, 3, 0)).reshape(-1, 2 * n_classes)
