@@ -86,6 +86,19 @@ def test_classification_with_local_alignment_finds_classes_and_poses(two_class_d
     assert float(np.median(np.linalg.norm(truth.origin_angstrom - result.origin_angstrom, axis=1))) < PIXEL
 
 
+def test_local_alignment_with_class_intensity_scales(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # one intensity per particle and class, profiled at the class's best coarse sample, with
+    # the unsearched orientations of a local search left out
+    out = tmp_path / "align_scale"
+    classify(two_class_data, out, "job.n_iterations=8", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.local_search_deg=20",
+             "job.scale_prior_sigma=0.2")
+    truth = read_particles(two_class_data["truth"])
+    result = read_particles(out / "run_it008_data.star")
+    assert accuracy(truth.class_number, result.class_number) >= 0.9
+    errors = rotation_angle_deg(torch.as_tensor(truth.euler_deg), torch.as_tensor(result.euler_deg))
+    assert float(errors.median()) < 12.0
+
+
 @pytest.mark.slow
 def test_classification_with_global_alignment(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "global"
