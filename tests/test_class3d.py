@@ -90,13 +90,15 @@ def test_local_alignment_with_class_intensity_scales(two_class_data: dict[str, P
     # one intensity per particle and class, profiled at the class's best coarse sample, with
     # the unsearched orientations of a local search left out
     out = tmp_path / "align_scale"
+    # with RELION's random perturbation of the pose grid every iteration
     classify(two_class_data, out, "job.n_iterations=8", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.local_search_deg=20",
-             "job.scale_prior_sigma=0.2")
+             "job.scale_prior_sigma=0.2", "sampling.perturb=0.5")
     truth = read_particles(two_class_data["truth"])
     result = read_particles(out / "run_it008_data.star")
     assert accuracy(truth.class_number, result.class_number) >= 0.9
     errors = rotation_angle_deg(torch.as_tensor(truth.euler_deg), torch.as_tensor(result.euler_deg))
     assert float(errors.median()) < 12.0
+    assert float(np.median(np.linalg.norm(truth.origin_angstrom - result.origin_angstrom, axis=1))) < PIXEL
 
 
 @pytest.mark.slow

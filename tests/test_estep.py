@@ -133,3 +133,36 @@ def test_class_scale_is_profiled_at_each_class_best_sample() -> None:
             cross = plain[i, shift, c, rotation] + norm[i, c, rotation]
             expected = profiled_scale(cross, norm[i, c, rotation], 0.4).clamp(min=1e-3)
             torch.testing.assert_close(scales[i, c], expected)
+
+
+def test_grid_perturbation_walks_deterministically_within_the_factor() -> None:
+    from cryotorch.em.sampling import grid_perturbation
+
+    values = [grid_perturbation(7, iteration, 0.5) for iteration in range(1, 30)]
+    assert values == [grid_perturbation(7, iteration, 0.5) for iteration in range(1, 30)]
+    assert all(-0.5 <= v < 0.5 for v in values)
+    # each iteration moves by 0.25–0.5 on the circle of circumference 1
+    steps = [(b - a) % 1.0 for a, b in zip([0.0, *values], values)]
+    assert all(0.25 - 1e-9 <= s <= 0.5 + 1e-9 for s in steps)
+    assert grid_perturbation(7, 5, 0.0) == 0.0
+    assert values != [grid_perturbation(8, iteration, 0.5) for iteration in range(1, 30)]
+
+
+def test_perturbed_grid_turns_every_orientation_by_the_same_rotation() -> None:
+    from cryotorch.conventions import euler_deg_to_matrix
+    from cryotorch.em.sampling import perturb_pose_grid
+    from cryotorch.ops.healpix import rotation_angle_deg
+
+    grid = build_pose_grid(1, 2.0, 2.0, "C1", oversampling=1)
+    moved = perturb_pose_grid(grid, 0.3, 2.0)
+    assert perturb_pose_grid(grid, 0.0, 2.0) is grid
+    p = 0.3 * grid.coarse_step_deg
+    turn = euler_deg_to_matrix(torch.tensor([p, p, p], dtype=torch.float64))
+    expected_angle = rotation_angle_deg(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[p, p, p]], dtype=torch.float64))
+    for before, after in ((grid.coarse_euler_deg, moved.coarse_euler_deg), (grid.fine_euler_deg.reshape(-1, 3), moved.fine_euler_deg.reshape(-1, 3))):
+        torch.testing.assert_close(euler_deg_to_matrix(after.double()), euler_deg_to_matrix(before.double()) @ turn, atol=1e-5, rtol=0)
+        angles = rotation_angle_deg(before.double(), after.double())
+        torch.testing.assert_close(angles, expected_angle.expand_as(angles), atol=1e-3, rtol=0)
+    torch.testing.assert_close(moved.coarse_rotations, euler_deg_to_matrix(moved.coarse_euler_deg.double()).float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved.coarse_shifts_px, grid.coarse_shifts_px + 0.6)
+    torch.testing.assert_close(moved.fine_shifts_px, grid.fine_shifts_px + 0.6)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from cryotorch.conventions import euler_deg_to_matrix
+from cryotorch.conventions import euler_deg_to_matrix, matrix_to_euler_deg
 from cryotorch.ops.healpix import angular_step_deg, orientation_grid, oversample_orientations
 
-__all__ = ["PoseGrid", "build_pose_grid", "translation_grid", "coarse_radius_shells"]
+__all__ = ["PoseGrid", "build_pose_grid", "grid_perturbation", "perturb_pose_grid", "translation_grid", "coarse_radius_shells"]
 
 
 @dataclass
@@ -80,6 +81,47 @@ def build_pose_grid(
         coarse_shifts_px=coarse_shifts,
         fine_shifts_px=coarse_shifts[:, None, :] + sub_offsets[None],
         coarse_step_deg=angular_step_deg(healpix_order),
+    )
+
+
+def grid_perturbation(seed: int, iteration: int, factor: float) -> float:
+    """RELION's random perturbation of the sampling grid in ``iteration`` (1-based), in units
+    of the coarse steps: a walk that moves by ``U(factor/2, factor)`` every iteration and wraps
+    into ``[-factor, factor)``, so that consecutive iterations sample far apart. The same seed
+    and iteration give the same value (on every process, and after a resume)."""
+    value = 0.0
+    if factor <= 0:
+        return value
+    for step in range(1, iteration + 1):
+        value += float(np.random.default_rng([seed, step]).uniform(0.5 * factor, factor))
+        value = (value + factor) % (2 * factor) - factor
+    return value
+
+
+def perturb_pose_grid(grid: PoseGrid, perturbation: float, coarse_offset_step_px: float) -> PoseGrid:
+    """The grid with every orientation ``A`` turned to ``A·R(p, p, p)`` (``p = perturbation ×``
+    the coarse angular step, R the Euler matrix of rot = tilt = psi = p) and every translation
+    moved by ``perturbation × coarse_offset_step_px`` along x and y, as ``relion_refine
+    --perturb`` does.
+
+    On a fixed grid every iteration rebuilds the maps from the same discrete poses, so that
+    their errors (up to half a step) repeat and add up; moving the grid every iteration
+    spreads them.
+    """
+    if perturbation == 0:
+        return grid
+    angle = perturbation * grid.coarse_step_deg
+    turn = euler_deg_to_matrix(torch.tensor([angle, angle, angle], dtype=torch.float64, device=grid.coarse_euler_deg.device))
+    coarse = euler_deg_to_matrix(grid.coarse_euler_deg.double()) @ turn
+    fine = euler_deg_to_matrix(grid.fine_euler_deg.double()) @ turn
+    shift = perturbation * coarse_offset_step_px
+    return PoseGrid(
+        coarse_rotations=coarse.float(),
+        coarse_euler_deg=matrix_to_euler_deg(coarse).to(grid.coarse_euler_deg.dtype),
+        fine_euler_deg=matrix_to_euler_deg(fine).to(grid.fine_euler_deg.dtype),
+        coarse_shifts_px=grid.coarse_shifts_px + shift,
+        fine_shifts_px=grid.fine_shifts_px + shift,
+        coarse_step_deg=grid.coarse_step_deg,
     )
 
 

@@ -32,7 +32,7 @@ from cryotorch.conventions import (
 from cryotorch.data.particles import ctf_parameters, shard_rows, uniform_geometry
 from cryotorch.em.estep import EStepResult, EStepSettings, FinePassCache, PreparedBatch, WeightedSlices, class_ess, expectation
 from cryotorch.em.mstep import SufficientStatistics, maximization
-from cryotorch.em.sampling import PoseGrid, build_pose_grid, coarse_radius_shells
+from cryotorch.em.sampling import PoseGrid, build_pose_grid, coarse_radius_shells, grid_perturbation, perturb_pose_grid
 from cryotorch.errors import InputError
 from cryotorch.io import (
     ClassSummary,
@@ -398,7 +398,7 @@ class Class3DJob:
         fine = None
         n_coarse = frequencies.shape[0]
         if sampling["align"]:
-            grid = self.pose_grid(context)
+            grid = self.pose_grid(context, iteration)
             coarse_shell = min(radius, coarse_radius_shells(box, pixel, self.diameter_A, grid.coarse_step_deg))
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
             coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget)
@@ -460,17 +460,19 @@ class Class3DJob:
             return self.scale_prior_sigma
         return 0.0 if align else 0.2
 
-    def pose_grid(self, context: RunContext) -> PoseGrid:
-        """The coarse/fine pose grid of the sampling settings (built once per run)."""
+    def pose_grid(self, context: RunContext, iteration: int) -> PoseGrid:
+        """The coarse/fine pose grid of the sampling settings (built once per run), moved by
+        this iteration's random perturbation (``sampling.perturb``, RELION's ``--perturb``)."""
+        sampling = context.sampling
+        # the settings are the final, oversampled steps (RELION's GUI); the coarse pass runs
+        # at an order lower and a translation step 2^oversampling larger (relion_refine's)
+        oversampling = int(sampling["oversampling"])
+        coarse_step = float(sampling["offset_step_px"]) * 2**oversampling
         if self._pose_grid is None:
-            sampling = context.sampling
-            # the settings are the final, oversampled steps (RELION's GUI); the coarse pass runs
-            # at an order lower and a translation step 2^oversampling larger (relion_refine's)
-            oversampling = int(sampling["oversampling"])
             order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - oversampling)
-            coarse_step = float(sampling["offset_step_px"]) * 2**oversampling
             self._pose_grid = build_pose_grid(order, sampling["offset_range_px"], coarse_step, context.symmetry, oversampling, self.device)
-        return self._pose_grid
+        perturbation = grid_perturbation(context.seed, iteration, float(sampling["perturb"]))
+        return perturb_pose_grid(self._pose_grid, perturbation, coarse_step)
 
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
         """RELION's random class split of identical initial references (first iteration only)."""

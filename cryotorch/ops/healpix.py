@@ -382,7 +382,8 @@ def orientation_grid(
     RELION's asymmetric unit are kept, as ``HealpixSampling::removeSymmetryEquivalentPoints``
     does: a geometric cut, then (for fewer than 4000 remaining directions) removal of
     directions within half HEALPix's ``max_pixrad`` of a symmetry mate of an earlier kept
-    one. RELION's random perturbation and ``--limit_tilt`` are not applied.
+    one. ``--limit_tilt`` is not applied; RELION's random perturbation is applied per
+    iteration by :func:`cryotorch.em.sampling.perturb_pose_grid`.
 
     Parameters
     ----------
