@@ -88,9 +88,9 @@ def test_classification_with_local_alignment_finds_classes_and_poses(two_class_d
 
 def test_local_alignment_with_class_intensity_scales(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     # one intensity per particle and class, profiled at the class's best coarse sample, with
-    # the unsearched orientations of a local search left out
+    # the unsearched orientations of a local search left out, and RELION's random perturbation
+    # of the pose grid every iteration
     out = tmp_path / "align_scale"
-    # with RELION's random perturbation of the pose grid every iteration
     classify(two_class_data, out, "job.n_iterations=8", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.local_search_deg=20",
              "job.scale_prior_sigma=0.2", "sampling.perturb=0.5")
     truth = read_particles(two_class_data["truth"])
@@ -159,6 +159,9 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     write_mrc(wrong_box, torch.zeros(40, 40, 40), PIXEL)
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={wrong_box}", f"hydra.run.dir={tmp_path / 'a'}", check=False)
     assert result.returncode == 2 and "big.mrc" in result.stderr + result.stdout and "box" in result.stderr + result.stdout
+    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}", "sampling.perturb=1.5",
+                   f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    assert result.returncode == 2 and "sampling.perturb=1.5" in result.stderr + result.stdout and "[0, 1]" in result.stderr + result.stdout
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:

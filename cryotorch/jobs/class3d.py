@@ -184,11 +184,14 @@ class Class3DJob:
         return table
 
     def check_table(self, context: RunContext, table: ParticleTable) -> None:
-        """A reference is given; without alignment the particles have poses."""
+        """A reference is given; without alignment the particles have poses; the grid
+        perturbation is a fraction of a step."""
         if not self.references:
             raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
         if not context.sampling["align"] and not table.has_poses:
             raise InputError(f"{context.particles}: sampling.align=false needs particles with poses (rlnAngleRot/Tilt/Psi)")
+        if not 0 <= float(context.sampling["perturb"]) <= 1:
+            raise InputError(f"sampling.perturb={context.sampling['perturb']} is not a fraction of the coarse steps: give a value in [0, 1] (RELION's default 0.5, 0 for a fixed grid)")
 
     def set_up(self, context: RunContext, table: ParticleTable) -> None:
         """Geometry (the particles' box, or :meth:`working_box`), optics groups, this rank's
