@@ -93,6 +93,12 @@ def test_local_alignment_with_class_intensity_scales(two_class_data: dict[str, P
     out = tmp_path / "align_scale"
     classify(two_class_data, out, "job.n_iterations=8", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.local_search_deg=20",
              "job.scale_prior_sigma=0.2", "sampling.perturb=0.5")
+    optimiser = read_star(out / "run_it008_optimiser.star")["optimiser_general"]
+    sampling = read_star(out / optimiser["rlnOrientSamplingStarFile"])["sampling_general"]
+    # the coarse grid of RELION's GUI "15 degrees": order 1 (30°), offsets step 2 px
+    assert int(sampling["rlnHealpixOrder"]) == 1 and float(sampling["rlnPsiStep"]) == pytest.approx(30.0)
+    assert float(sampling["rlnOffsetStep"]) == pytest.approx(2 * PIXEL) and float(sampling["rlnOffsetRange"]) == pytest.approx(2 * PIXEL)
+    assert float(sampling["rlnSamplingPerturbFactor"]) == 0.5 and 0 < abs(float(sampling["rlnSamplingPerturbInstance"])) <= 0.5
     truth = read_particles(two_class_data["truth"])
     result = read_particles(out / "run_it008_data.star")
     assert accuracy(truth.class_number, result.class_number) >= 0.9

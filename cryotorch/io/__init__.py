@@ -13,8 +13,10 @@ from cryotorch.io._relion_model import (
     ClassSummary,
     ModelSummary,
     OptimiserSummary,
+    SamplingSummary,
     write_model_star,
     write_optimiser_star,
+    write_sampling_star,
 )
 from cryotorch.io._star import read_star, write_star
 from cryotorch.io._table import ParticleTable
@@ -31,6 +33,8 @@ __all__ = [
     "OptimiserSummary",
     "write_model_star",
     "write_optimiser_star",
+    "SamplingSummary",
+    "write_sampling_star",
     "MrcVolume",
     "read_mrc",
     "write_mrc",

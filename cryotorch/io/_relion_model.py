@@ -1,4 +1,4 @@
-"""RELION ``run_itNNN_model.star`` and ``run_itNNN_optimiser.star`` writers for classifications.
+"""RELION ``run_itNNN_{model,optimiser,sampling}.star`` writers for classifications.
 
 The job hands over typed summaries; this module alone knows RELION's block and column names
 (as written by RELION 3.1–5 for Class3D).
@@ -14,7 +14,7 @@ import pandas as pd
 
 from cryotorch.io._star import write_star
 
-__all__ = ["ClassSummary", "ModelSummary", "OptimiserSummary", "write_model_star", "write_optimiser_star"]
+__all__ = ["ClassSummary", "ModelSummary", "OptimiserSummary", "SamplingSummary", "write_model_star", "write_optimiser_star", "write_sampling_star"]
 
 
 @dataclass
@@ -58,6 +58,7 @@ class OptimiserSummary:
     output_root: str
     model_star: str
     data_star: str
+    sampling_star: str
     iteration: int
     n_iterations: int
     oversampling_order: int
@@ -79,6 +80,35 @@ class OptimiserSummary:
     changes_classes: float
     overall_accuracy_rotations_deg: float
     overall_accuracy_translations_angstrom: float
+
+
+@dataclass
+class SamplingSummary:
+    """What ``run_itNNN_sampling.star`` records about an iteration's coarse pose grid.
+
+    Attributes
+    ----------
+    healpix_order
+        HEALPix order of the coarse orientations.
+    symmetry
+        Point group (e.g. ``C1``, ``D7``).
+    psi_step_deg
+        In-plane step of the coarse grid (°).
+    offset_range_angstrom, offset_step_angstrom
+        Range and coarse step of the translation search (Å).
+    perturbation
+        This iteration's random shift of the grid, in units of the coarse steps.
+    perturbation_factor
+        Largest perturbation (RELION ``--perturb``).
+    """
+
+    healpix_order: int
+    symmetry: str
+    psi_step_deg: float
+    offset_range_angstrom: float
+    offset_step_angstrom: float
+    perturbation: float
+    perturbation_factor: float
 
 
 def _spectral_columns(box_size: int, pixel_size_angstrom: float, n_shells: int) -> dict[str, np.ndarray]:
@@ -162,6 +192,7 @@ def write_optimiser_star(path: str | os.PathLike[str], optimiser: OptimiserSumma
                 "rlnOutputRootName": o.output_root,
                 "rlnModelStarFile": o.model_star,
                 "rlnExperimentalDataStarFile": o.data_star,
+                "rlnOrientSamplingStarFile": o.sampling_star,
                 "rlnCurrentIteration": o.iteration,
                 "rlnNumberOfIterations": o.n_iterations,
                 "rlnDoSplitRandomHalves": 0,
@@ -186,6 +217,25 @@ def write_optimiser_star(path: str | os.PathLike[str], optimiser: OptimiserSumma
                 "rlnDoCorrectCtf": int(o.correct_ctf),
                 "rlnDoIgnoreCtfUntilFirstPeak": int(o.ignore_ctf_until_first_peak),
                 "rlnRefsAreCtfCorrected": int(o.references_ctf_corrected),
+            }
+        },
+    )
+
+
+def write_sampling_star(path: str | os.PathLike[str], sampling: SamplingSummary) -> None:
+    """Write a RELION-style sampling STAR file (``data_sampling_general``, atomically)."""
+    s = sampling
+    write_star(
+        path,
+        {
+            "sampling_general": {
+                "rlnHealpixOrder": s.healpix_order,
+                "rlnSymmetryGroup": s.symmetry,
+                "rlnPsiStep": s.psi_step_deg,
+                "rlnOffsetRange": s.offset_range_angstrom,
+                "rlnOffsetStep": s.offset_step_angstrom,
+                "rlnSamplingPerturbInstance": s.perturbation,
+                "rlnSamplingPerturbFactor": s.perturbation_factor,
             }
         },
     )

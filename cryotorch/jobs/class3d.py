@@ -4,7 +4,7 @@ Expectation–maximisation (Scheres 2012) with marginalisation over classes, ori
 translations (or classes only, ``sampling.align=false``), as batched matrix products
 (:mod:`cryotorch.em.estep`) and posterior-weighted back-projection
 (:mod:`cryotorch.em.mstep`). Particles are sharded across processes and the M-step sums
-all-reduced; every iteration writes RELION's ``run_itNNN_{data,model,optimiser}.star`` and
+all-reduced; every iteration writes RELION's ``run_itNNN_{data,model,optimiser,sampling}.star`` and
 ``run_itNNN_classNNN.mrc``, TensorBoard summaries and a checkpoint from which a killed run
 resumes (``job.continue_from`` or automatically in the same output folder).
 """
@@ -38,6 +38,7 @@ from cryotorch.io import (
     ClassSummary,
     ModelSummary,
     OptimiserSummary,
+    SamplingSummary,
     ParticleImageReader,
     ParticleTable,
     atomic_output_path,
@@ -47,6 +48,7 @@ from cryotorch.io import (
     write_model_star,
     write_mrc,
     write_optimiser_star,
+    write_sampling_star,
     write_particles,
 )
 from cryotorch.jobs.context import RunContext
@@ -56,7 +58,7 @@ from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
 from cryotorch.ops.fourier import fourier_crop_3d, radial_average, shell_index_2d, shell_index_3d, translate_2d_ft
-from cryotorch.ops.healpix import order_from_angular_step, rotation_angle_deg
+from cryotorch.ops.healpix import angular_step_deg, order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
@@ -467,15 +469,23 @@ class Class3DJob:
         """The coarse/fine pose grid of the sampling settings (built once per run), moved by
         this iteration's random perturbation (``sampling.perturb``, RELION's ``--perturb``)."""
         sampling = context.sampling
-        # the settings are the final, oversampled steps (RELION's GUI); the coarse pass runs
-        # at an order lower and a translation step 2^oversampling larger (relion_refine's)
-        oversampling = int(sampling["oversampling"])
-        coarse_step = float(sampling["offset_step_px"]) * 2**oversampling
+        order, coarse_step = self.coarse_sampling(context)
         if self._pose_grid is None:
-            order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - oversampling)
-            self._pose_grid = build_pose_grid(order, sampling["offset_range_px"], coarse_step, context.symmetry, oversampling, self.device)
+            self._pose_grid = build_pose_grid(order, sampling["offset_range_px"], coarse_step, context.symmetry, int(sampling["oversampling"]), self.device)
         perturbation = grid_perturbation(context.seed, iteration, float(sampling["perturb"]))
         return perturb_pose_grid(self._pose_grid, perturbation, coarse_step)
+
+    @staticmethod
+    def coarse_sampling(context: RunContext) -> tuple[int, float]:
+        """HEALPix order and translation step (px) of the coarse pass.
+
+        The settings are the final, oversampled steps (RELION's GUI); the coarse pass runs at
+        an order lower and a translation step 2^oversampling larger (relion_refine's).
+        """
+        sampling = context.sampling
+        oversampling = int(sampling["oversampling"])
+        order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - oversampling)
+        return order, float(sampling["offset_step_px"]) * 2**oversampling
 
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
         """RELION's random class split of identical initial references (first iteration only)."""
@@ -667,7 +677,7 @@ class Class3DJob:
         n_coarse: int,
         changes: tuple[float, float, float],
     ) -> None:
-        """``run_itNNN_{data,model,optimiser}.star`` and ``run_itNNN_classNNN.mrc``."""
+        """``run_itNNN_{data,model,optimiser,sampling}.star`` and ``run_itNNN_classNNN.mrc``."""
         out = context.output_dir
         root = f"run_it{iteration:03d}"
         pixel = self.pixel
@@ -725,12 +735,26 @@ class Class3DJob:
             ),
         )
         sampling = context.sampling
+        order, coarse_step_px = self.coarse_sampling(context)
+        write_sampling_star(
+            out / f"{root}_sampling.star",
+            SamplingSummary(
+                healpix_order=order,
+                symmetry=context.symmetry,
+                psi_step_deg=angular_step_deg(order),
+                offset_range_angstrom=float(sampling["offset_range_px"]) * pixel,
+                offset_step_angstrom=coarse_step_px * pixel,
+                perturbation=grid_perturbation(context.seed, iteration, float(sampling["perturb"])),
+                perturbation_factor=float(sampling["perturb"]),
+            ),
+        )
         write_optimiser_star(
             out / f"{root}_optimiser.star",
             OptimiserSummary(
                 output_root=str(out / "run"),
                 model_star=f"{root}_model.star",
                 data_star=f"{root}_data.star",
+                sampling_star=f"{root}_sampling.star",
                 iteration=iteration,
                 n_iterations=self.n_iterations,
                 oversampling_order=int(sampling["oversampling"]),
