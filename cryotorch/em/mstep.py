@@ -20,7 +20,7 @@ from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, s
 from cryotorch.ops.fourier import radial_average, shell_index_3d, shells_to_padded_grid
 from cryotorch.ops.fsc import fourier_shell_correlation
 
-__all__ = ["SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "update_noise_and_weights", "fsc_regularisation", "half_set_reconstruction"]
+__all__ = ["SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_set_reconstruction"]
 
 
 @dataclass
@@ -178,6 +178,7 @@ def maximization(
     tau2_fudge: float,
     max_shell: int,
     mask: torch.Tensor,
+    common_frame: bool = False,
 ) -> list[int]:
     """Update ``model`` in place from the summed statistics; returns the empty classes.
 
@@ -188,6 +189,9 @@ def maximization(
         their previous values).
     mask
         ``(N, N, N)`` reference mask applied to each new class map (solvent flattening).
+    common_frame
+        Remove from the new maps their small rigid turns and shifts against each other
+        (:func:`remove_rigid_differences`), before τ² is measured.
     """
     box = model.box_size
     n_shells = box // 2 + 1
@@ -198,9 +202,57 @@ def maximization(
             continue
         volume, model.ssnr[k], model.inverse_denominator[k] = reconstruct_class(stats.data[k], stats.weight[k], model.tau2[k], box, tau2_fudge)
         model.volumes[k] = volume * mask
-        model.tau2[k] = 0.5 * radial_average(rfft3_centered(model.volumes[k]).abs().double() ** 2, shell_index_3d(box, volume.device), n_shells)
     update_noise_and_weights(model, stats, max_shell)
+    if common_frame and model.n_classes > 1:
+        model.volumes.copy_(remove_rigid_differences(model.volumes, model.class_weights, mask))
+    for k in range(model.n_classes):
+        if k not in empty:
+            model.tau2[k] = 0.5 * radial_average(rfft3_centered(model.volumes[k]).abs().double() ** 2, shell_index_3d(box, model.volumes.device), n_shells)
     return empty
+
+
+def rigid_motion_basis(volume: torch.Tensor) -> torch.Tensor:
+    """``(6, N, N, N)`` first-order changes of ``volume`` under shifts along x, y, z and turns
+    about the x, y, z axes through the box centre (voxel units, radians).
+
+    A map moved by a small shift ``t`` and turn ``ω`` is ``V + Σ t_b·∂_b V + Σ ω_a·(a × r)·∇V``;
+    the gradient is taken in Fourier space, so it is exact for a band-limited map.
+    """
+    box = volume.shape[-1]
+    frequencies = torch.fft.fftfreq(box, device=volume.device, dtype=volume.dtype)
+    spectrum = torch.fft.fftn(torch.fft.ifftshift(volume))
+    gradient = []
+    for axis in range(3):  # z, y, x (array order)
+        shape = [1, 1, 1]
+        shape[axis] = box
+        derivative = torch.fft.ifftn(spectrum * (2j * torch.pi * frequencies.reshape(shape)))
+        gradient.append(torch.fft.fftshift(derivative.real))
+    d_z, d_y, d_x = gradient
+    axis_values = torch.arange(box, device=volume.device, dtype=volume.dtype) - box // 2
+    z, y, x = torch.meshgrid(axis_values, axis_values, axis_values, indexing="ij")
+    return torch.stack([d_x, d_y, d_z, y * d_z - z * d_y, z * d_x - x * d_z, x * d_y - y * d_x])
+
+
+def remove_rigid_differences(volumes: torch.Tensor, class_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Class maps ``(K, N, N, N)`` with their small rigid motions against the weighted mean
+    map removed: each map loses the least-squares fit (inside ``mask``) of its difference
+    from the mean by the mean's :func:`rigid_motion_basis`.
+
+    A class's frame is arbitrary (the poses of its particles turn with it), so nothing ties
+    the classes' frames together, and near-identical classes can drift apart by a few
+    degrees, or take up the particles' pose errors, instead of their structural
+    differences. Kept in the mean's frame to first order, they can differ only in ways that
+    are not rigid motions; a structural difference loses only its small rigid-motion part.
+    """
+    weights = class_weights.to(volumes.dtype).clamp(min=0)
+    mean = (weights[:, None, None, None] * volumes).sum(0) / weights.sum().clamp(min=1e-30)
+    basis = rigid_motion_basis(mean).reshape(6, -1).double()
+    fitted = basis * mask.reshape(1, -1)
+    differences = ((volumes - mean) * mask).reshape(volumes.shape[0], -1).double()
+    gram = fitted @ fitted.T
+    coefficients = torch.linalg.solve(gram + 1e-9 * gram.diagonal().mean() * torch.eye(6, dtype=gram.dtype, device=gram.device), fitted @ differences.T)  # (6, K)
+    correction = (coefficients.T @ basis).reshape(volumes.shape).to(volumes.dtype)
+    return volumes - correction * mask
 
 
 def update_noise_and_weights(model: ClassModel, stats: SufficientStatistics, max_shell: int) -> None:

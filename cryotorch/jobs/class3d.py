@@ -123,6 +123,7 @@ class Class3DJob:
         fast_subsets: bool = False,
         scale_prior_sigma: float | None = None,
         update_references: bool = True,
+        common_frame: bool | None = None,
         continue_from: str | None = None,
     ) -> None:
         if K < 1:
@@ -154,6 +155,9 @@ class Class3DJob:
         self.fast_subsets = fast_subsets
         self.scale_prior_sigma = scale_prior_sigma
         self.update_references = update_references
+        # automatic: classes grown from one reference share its frame; maps given one per
+        # class keep the frames they were given
+        self.common_frame = len(self.references) <= 1 if common_frame is None else common_frame
         self._pose_grid: PoseGrid | None = None
         # set by jobs whose schedule can end before n_iterations (class3d runs them all)
         self.finished = False
@@ -448,7 +452,7 @@ class Class3DJob:
             tensor.copy_(context.all_reduce_sum(tensor))
         new_state = self.gather_state(context, new_state, rows)
         references = model.volumes.clone()
-        empty = maximization(model, stats, context.padding_factor, self.tau2_fudge, radius, self.mask)
+        empty = maximization(model, stats, context.padding_factor, self.tau2_fudge, radius, self.mask, self.common_frame)
         if not self.update_references:
             # classification against fixed maps: only noise, scales and class weights are learnt
             model.volumes.copy_(references)
