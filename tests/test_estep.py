@@ -166,3 +166,39 @@ def test_perturbed_grid_turns_every_orientation_by_the_same_rotation() -> None:
     torch.testing.assert_close(moved.coarse_rotations, euler_deg_to_matrix(moved.coarse_euler_deg.double()).float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(moved.coarse_shifts_px, grid.coarse_shifts_px + 0.6)
     torch.testing.assert_close(moved.fine_shifts_px, grid.fine_shifts_px + 0.6)
+
+
+def test_local_search_scores_the_batch_neighbourhood_as_each_particle_alone() -> None:
+    # the coarse pass of a local search scores only the orientations some particle of the
+    # batch searches: a batch gives each particle what it gets scored alone (its own
+    # neighbourhood only), with the best pose inside that neighbourhood
+    from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
+    from cryotorch.ops.healpix import rotation_angle_deg
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(5)
+    box = 16
+    frequencies = fft_frequencies_2d(box).reshape(-1, 2)
+    radii = frequencies.norm(dim=-1)
+    order = torch.argsort(radii, stable=True)
+    frequencies = frequencies[order[(radii[order] > 0) & (radii[order] <= 6)]]
+    volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
+    grid = build_pose_grid(1, 2.0, 2.0, "C1", oversampling=1)
+    batch = random_batch(5, frequencies.shape[0], generator)
+    batch.prior_euler_deg = grid.coarse_euler_deg[torch.randint(0, grid.coarse_euler_deg.shape[0], (5,), generator=generator)].double() + 4.0
+    settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, local_sigma_deg=10.0)
+    coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box)
+    log_prior = torch.log(torch.tensor([0.4, 0.6]))
+
+    def run(index: torch.Tensor) -> object:
+        cache = FinePassCache(volumes_ft, grid, frequencies, box, 2**26)
+        return expectation(batch.select(index), volumes_ft, coarse, grid, cache, log_prior, 10.0, settings)
+
+    together = run(torch.arange(5))
+    for i in range(5):
+        alone = run(torch.tensor([i]))
+        torch.testing.assert_close(alone.class_posterior[0], together.class_posterior[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(alone.best_euler_deg[0], together.best_euler_deg[i])
+        torch.testing.assert_close(alone.log_likelihood[0], together.log_likelihood[i], rtol=1e-5, atol=1e-3)
+    angles = rotation_angle_deg(together.best_euler_deg, batch.prior_euler_deg)
+    assert float(angles.max()) <= 3 * 10.0 + grid.coarse_step_deg

@@ -83,7 +83,8 @@ class EStepSettings:
         Cap on coarse samples kept per particle.
     local_sigma_deg
         Width of a Gaussian prior around each particle's current orientation (searches
-        restricted to 3σ); None searches globally.
+        restricted to 3σ; the coarse pass scores only the orientations some particle of the
+        batch searches); None searches globally.
     scale_sigma
         Width of the Gaussian prior ``N(1, σ²)`` on a per-particle, per-class intensity scale
         that is profiled out of each score (0: no such scale).
@@ -443,23 +444,31 @@ def expectation(
     frequencies = settings.frequencies
     ramps_coarse = phase_ramps(grid.coarse_shifts_px, frequencies[:n_coarse], settings.box_size)
     n_rot = grid.coarse_rotations.shape[0]
-    cross, norm, _ = score_terms(batch, coarse_projections.reshape(n_classes * n_rot, n_coarse), ramps_coarse, n_coarse)
-    b, t = cross.shape[:2]
-    logits = cross.sub_(norm).reshape(b, t, n_classes, n_rot)
-    # origin and orientation priors, then the class priors (and mask), added in place
-    origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]  # (B, T, 2)
-    offset_prior = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom).to(logits.dtype)  # (B, T)
-    logits.add_(offset_prior[:, :, None, None])
     orientation_prior = None
+    searched_rotations = None
     if settings.local_sigma_deg is not None:
         angles = rotation_angle_deg(batch.prior_euler_deg[:, None, :], grid.coarse_euler_deg[None].to(batch.prior_euler_deg.dtype))  # (B, R)
         # searched: within 3σ, and never fewer than the coarse samples nearest to the prior
         searched = (angles <= 3 * settings.local_sigma_deg) | (angles <= angles.min(dim=1, keepdim=True).values + grid.coarse_step_deg)
-        orientation_prior = torch.where(searched, -(angles**2) / (2 * settings.local_sigma_deg**2), -math.inf).to(logits.dtype)  # (B, R)
+        # only the orientations some particle of the batch searches are scored
+        searched_rotations = searched.any(dim=0).nonzero()[:, 0]  # (U,)
+        angles, searched = angles[:, searched_rotations], searched[:, searched_rotations]
+        orientation_prior = torch.where(searched, -(angles**2) / (2 * settings.local_sigma_deg**2), -math.inf)  # (B, U)
+        coarse_projections = coarse_projections[:, searched_rotations]
+    n_scored = coarse_projections.shape[1]
+    cross, norm, _ = score_terms(batch, coarse_projections.reshape(n_classes * n_scored, n_coarse), ramps_coarse, n_coarse)
+    b, t = cross.shape[:2]
+    logits = cross.sub_(norm).reshape(b, t, n_classes, n_scored)
+    # origin and orientation priors, then the class priors (and mask), added in place
+    origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]  # (B, T, 2)
+    offset_prior = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom).to(logits.dtype)  # (B, T)
+    logits.add_(offset_prior[:, :, None, None])
+    if orientation_prior is not None:
+        orientation_prior = orientation_prior.to(logits.dtype)
         logits.add_(orientation_prior[:, None, None, :])
     class_scale = None
     if settings.scale_sigma > 0:
-        norm = norm.reshape(b, n_classes, n_rot)
+        norm = norm.reshape(b, n_classes, n_scored)
         class_scale = _class_scales(logits, norm, offset_prior, orientation_prior, settings.scale_sigma)
         # a·(c − n) + (a − a²)·n − (a − 1)²/2σ² + priors, from logits = c − n + priors; a > 0
         # keeps the unsearched orientations at −inf
@@ -470,14 +479,20 @@ def expectation(
         logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
     logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
     significant, best = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
+    significant = significant.reshape(b, t, n_classes, n_scored)
+    best_pair = best % (n_classes * n_scored)  # class · n_scored + scored orientation
+    if searched_rotations is not None:
+        # back to the grid's orientation numbers
+        best_pair = (best_pair // n_scored) * n_rot + searched_rotations[best_pair % n_scored]
+        significant = torch.zeros(b, t, n_classes, n_rot, dtype=torch.bool, device=significant.device).index_copy_(3, searched_rotations, significant)
     # particles whose best coarse orientations are neighbours share most significant samples:
     # in that order the fine pass's sub-batches score small unions of samples
-    order = torch.argsort(best % (n_classes * n_rot), stable=True)
+    order = torch.argsort(best_pair, stable=True)
     result = _fine_pass(
         batch.select(order),
         fine_projections,
         grid,
-        significant.reshape(b, t, n_classes, n_rot)[order],
+        significant[order],
         per_particle_prior[order],
         offset_sigma_angstrom,
         settings,

@@ -58,7 +58,7 @@ from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
 from cryotorch.ops.fourier import fourier_crop_3d, radial_average, shell_index_2d, shell_index_3d, translate_2d_ft
-from cryotorch.ops.healpix import angular_step_deg, order_from_angular_step, rotation_angle_deg
+from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
@@ -428,6 +428,8 @@ class Class3DJob:
         stats = SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device)
         forced = self.forced_classes(context, iteration)
         rows = self.active_rows(context, iteration)
+        if sampling["align"] and sampling["local_search_deg"] is not None:
+            rows = self.by_orientation(state, rows)
         per_rotation = grid.coarse_shifts_px.shape[0] * self.n_classes * grid.coarse_rotations.shape[0] if grid else self.n_classes
         batch_size = int(max(1, min(512, budget / 4 / max(1, per_rotation * 16 + frequencies.shape[0] * 64))))
         new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
@@ -458,6 +460,16 @@ class Class3DJob:
             model.volumes.copy_(references)
         self.report(context, model, state, new_state, iteration, radius, empty, n_coarse)
         return new_state
+
+    @staticmethod
+    def by_orientation(state: ParticleState, rows: np.ndarray) -> np.ndarray:
+        """``rows`` ordered by their current orientation (viewing direction on a HEALPix order-4
+        grid in nested order, then psi), so that the particles of a batch lie close together
+        and a local search scores only their neighbourhood's orientations."""
+        euler = torch.deg2rad(state.euler_deg[torch.as_tensor(rows, device=state.euler_deg.device)].double())
+        pixel = ang2pix_nest(4, euler[:, 1], euler[:, 0])
+        psi_bin = torch.floor(torch.remainder(torch.rad2deg(euler[:, 2]), 360.0) / 7.5).long()
+        return rows[np.argsort((pixel * 48 + psi_bin).cpu().numpy(), kind="stable")]
 
     def scale_sigma(self, align: bool) -> float:
         """Width of the intensity-scale prior: the setting, or 0.2 without alignment and 0 with.
