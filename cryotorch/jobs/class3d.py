@@ -158,7 +158,7 @@ class Class3DJob:
         # automatic: classes grown from one reference share its frame; maps given one per
         # class keep the frames they were given
         self.common_frame = len(self.references) <= 1 if common_frame is None else common_frame
-        self._pose_grid: PoseGrid | None = None
+        self._pose_grids: dict[int, PoseGrid] = {}
         # set by jobs whose schedule can end before n_iterations (class3d runs them all)
         self.finished = False
         self.continue_from = continue_from
@@ -190,12 +190,17 @@ class Class3DJob:
         return table
 
     def check_table(self, context: RunContext, table: ParticleTable) -> None:
-        """A reference is given; without alignment the particles have poses; the grid
-        perturbation is a fraction of a step."""
+        """A reference is given; without alignment the particles have poses; the final local
+        searches fit in the run; the grid perturbation is a fraction of a step."""
         if not self.references:
             raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
         if not context.sampling["align"] and not table.has_poses:
             raise InputError(f"{context.particles}: sampling.align=false needs particles with poses (rlnAngleRot/Tilt/Psi)")
+        final = int(context.sampling["final_local_iterations"])
+        if not 0 <= final <= self.n_iterations:
+            raise InputError(f"sampling.final_local_iterations={final} must lie in [0, job.n_iterations={self.n_iterations}] (0: no final local searches)")
+        if final and not (float(context.sampling["final_angular_step_deg"]) > 0 and float(context.sampling["final_local_search_deg"]) > 0):
+            raise InputError("sampling.final_angular_step_deg and sampling.final_local_search_deg must be positive (e.g. 3.75 and 10)")
         if not 0 <= float(context.sampling["perturb"]) <= 1:
             raise InputError(f"sampling.perturb={context.sampling['perturb']} is not a fraction of the coarse steps: give a value in [0, 1] (RELION's default 0.5, 0 for a fixed grid)")
 
@@ -396,7 +401,7 @@ class Class3DJob:
 
     def iterate(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> ParticleState:
         """One E-step over this rank's particles, all-reduce, M-step, outputs."""
-        sampling = context.sampling
+        sampling = self.sampling_at(context, iteration)
         device, box, pixel = self.device, self.box, self.pixel
         radius = self.current_radius(model, iteration)
         frequencies, component_index, shells = self.components(radius)
@@ -481,24 +486,34 @@ class Class3DJob:
             return self.scale_prior_sigma
         return 0.0 if align else 0.2
 
+    def sampling_at(self, context: RunContext, iteration: int) -> dict[str, Any]:
+        """The sampling settings of ``iteration``: those of the config, except in the last
+        ``sampling.final_local_iterations``, which search locally (``final_local_search_deg``)
+        at the finer ``final_angular_step_deg``."""
+        sampling = dict(context.sampling)
+        if sampling["align"] and iteration > self.n_iterations - int(sampling["final_local_iterations"]):
+            sampling["angular_step_deg"] = float(sampling["final_angular_step_deg"])
+            sampling["local_search_deg"] = float(sampling["final_local_search_deg"])
+        return sampling
+
     def pose_grid(self, context: RunContext, iteration: int) -> PoseGrid:
-        """The coarse/fine pose grid of the sampling settings (built once per run), moved by
-        this iteration's random perturbation (``sampling.perturb``, RELION's ``--perturb``)."""
-        sampling = context.sampling
-        order, coarse_step = self.coarse_sampling(context)
-        if self._pose_grid is None:
-            self._pose_grid = build_pose_grid(order, sampling["offset_range_px"], coarse_step, context.symmetry, int(sampling["oversampling"]), self.device)
+        """The coarse/fine pose grid of the iteration's sampling settings (each built once per
+        run), moved by this iteration's random perturbation (``sampling.perturb``, RELION's
+        ``--perturb``)."""
+        sampling = self.sampling_at(context, iteration)
+        order, coarse_step = self.coarse_sampling(sampling)
+        if order not in self._pose_grids:
+            self._pose_grids[order] = build_pose_grid(order, sampling["offset_range_px"], coarse_step, context.symmetry, int(sampling["oversampling"]), self.device)
         perturbation = grid_perturbation(context.seed, iteration, float(sampling["perturb"]))
-        return perturb_pose_grid(self._pose_grid, perturbation, coarse_step)
+        return perturb_pose_grid(self._pose_grids[order], perturbation, coarse_step)
 
     @staticmethod
-    def coarse_sampling(context: RunContext) -> tuple[int, float]:
-        """HEALPix order and translation step (px) of the coarse pass.
+    def coarse_sampling(sampling: dict[str, Any]) -> tuple[int, float]:
+        """HEALPix order and translation step (px) of the coarse pass of ``sampling``.
 
         The settings are the final, oversampled steps (RELION's GUI); the coarse pass runs at
         an order lower and a translation step 2^oversampling larger (relion_refine's).
         """
-        sampling = context.sampling
         oversampling = int(sampling["oversampling"])
         order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - oversampling)
         return order, float(sampling["offset_step_px"]) * 2**oversampling
@@ -750,8 +765,8 @@ class Class3DJob:
                 group_sigma2_noise=sigma2,
             ),
         )
-        sampling = context.sampling
-        order, coarse_step_px = self.coarse_sampling(context)
+        sampling = self.sampling_at(context, iteration)
+        order, coarse_step_px = self.coarse_sampling(sampling)
         write_sampling_star(
             out / f"{root}_sampling.star",
             SamplingSummary(
