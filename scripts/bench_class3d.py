@@ -15,7 +15,8 @@ holding most of its particles) keeps an FSC of 0.5 with its true map, and second
 iteration read from the run logs.
 
     python scripts/bench_class3d.py --map ../shared/data/maps/aspire_70S/clean70SRibosome_vol_65p.mrc \
-        --particles 4000 --snr 0.05 --iterations 25 --modes noalign align
+        --particles 4000 --snr 0.05 --iterations 25 --modes noalign align \
+        [--class3d-overrides sampling.final_local_iterations=5]
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--modes", nargs="+", default=["noalign", "align"], choices=["noalign", "align"])
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--class3d-overrides", nargs="*", default=[], help="extra key=value settings of the class3d runs, e.g. sampling.final_local_iterations=5")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_class3d_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -169,7 +171,7 @@ def main() -> None:
         for mode in args.modes:
             out = folder / mode
             train("+job=class3d", f"data.particles={particles}", f"job.reference={reference}", "job.K=3", f"job.n_iterations={args.iterations}",
-                  f"sampling.align={'true' if mode == 'align' else 'false'}", f"hydra.run.dir={out}")
+                  f"sampling.align={'true' if mode == 'align' else 'false'}", f"hydra.run.dir={out}", *args.class3d_overrides)
             result = read_particles(out / f"run_it{args.iterations:03d}_data.star").class_number
             times = seconds_per_iteration(out / "train.log")
             junk_label = int(truth.max())
