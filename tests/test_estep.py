@@ -22,6 +22,14 @@ def random_batch(b: int, n: int, generator: torch.Generator) -> PreparedBatch:
     )
 
 
+def sorted_frequencies(box: int, radius: float) -> torch.Tensor:
+    """``(M, 2)`` components of a ``box`` image with 0 < |f| ≤ ``radius``, sorted by radius."""
+    frequencies = fft_frequencies_2d(box).reshape(-1, 2)
+    radii = frequencies.norm(dim=-1)
+    order = torch.argsort(radii, stable=True)
+    return frequencies[order[(radii[order] > 0) & (radii[order] <= radius)]]
+
+
 def test_scores_equal_the_gaussian_log_likelihood_up_to_the_image_norm() -> None:
     generator = torch.Generator().manual_seed(0)
     box = 16
@@ -82,10 +90,7 @@ def _aligned_sums(budget: float) -> tuple[object, torch.Tensor]:
 
     generator = torch.Generator().manual_seed(3)
     box = 16
-    frequencies = fft_frequencies_2d(box).reshape(-1, 2)
-    radii = frequencies.norm(dim=-1)
-    order = torch.argsort(radii, stable=True)
-    frequencies = frequencies[order[(radii[order] > 0) & (radii[order] <= 6)]]
+    frequencies = sorted_frequencies(box, 6)
     # weak maps: broad posteriors over many samples, which fill the tables
     volumes_ft = prepare_fourier_volumes(0.02 * torch.randn(2, box, box, box, generator=generator))
     grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
@@ -178,10 +183,7 @@ def test_local_search_scores_the_batch_neighbourhood_as_each_particle_alone() ->
 
     generator = torch.Generator().manual_seed(5)
     box = 16
-    frequencies = fft_frequencies_2d(box).reshape(-1, 2)
-    radii = frequencies.norm(dim=-1)
-    order = torch.argsort(radii, stable=True)
-    frequencies = frequencies[order[(radii[order] > 0) & (radii[order] <= 6)]]
+    frequencies = sorted_frequencies(box, 6)
     volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
     grid = build_pose_grid(1, 2.0, 2.0, "C1", oversampling=1)
     batch = random_batch(5, frequencies.shape[0], generator)
