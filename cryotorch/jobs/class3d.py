@@ -471,10 +471,11 @@ class Class3DJob:
         """``rows`` ordered by their current orientation (viewing direction on a HEALPix order-4
         grid in nested order, then psi), so that the particles of a batch lie close together
         and a local search scores only their neighbourhood's orientations."""
+        n_psi_bins = 48  # 7.5° each
         euler = torch.deg2rad(state.euler_deg[torch.as_tensor(rows, device=state.euler_deg.device)].double())
         pixel = ang2pix_nest(4, euler[:, 1], euler[:, 0])
-        psi_bin = torch.floor(torch.remainder(torch.rad2deg(euler[:, 2]), 360.0) / 7.5).long()
-        return rows[np.argsort((pixel * 48 + psi_bin).cpu().numpy(), kind="stable")]
+        psi_bin = torch.floor(torch.remainder(euler[:, 2], 2 * math.pi) * (n_psi_bins / (2 * math.pi))).long().clamp(max=n_psi_bins - 1)
+        return rows[np.argsort((pixel * n_psi_bins + psi_bin).cpu().numpy(), kind="stable")]
 
     def scale_sigma(self, align: bool) -> float:
         """Width of the intensity-scale prior: the setting, or 0.2 without alignment and 0 with.
