@@ -178,6 +178,9 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}", "job.n_iterations=3",
                    "sampling.final_local_iterations=5", f"hydra.run.dir={tmp_path / 'c'}", check=False)
     assert result.returncode == 2 and "sampling.final_local_iterations=5" in result.stderr + result.stdout
+    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
+                   "sampling.max_significant_oversampled=0", f"hydra.run.dir={tmp_path / 'd'}", check=False)
+    assert result.returncode == 2 and "sampling.max_significant_oversampled=0" in result.stderr + result.stdout
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:

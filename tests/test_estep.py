@@ -120,6 +120,48 @@ def test_fine_pass_tables_of_any_size_give_the_same_posteriors_and_sums() -> Non
         torch.testing.assert_close(small_sums, roomy_sums, rtol=1e-4, atol=1e-4)
 
 
+def test_broad_particles_skip_oversampling_as_on_a_grid_without_it() -> None:
+    # a particle with more significant coarse samples than max_significant_oversampled is
+    # scored at the coarse samples themselves: exactly what a grid without oversampling gives
+    # it, while the other particles of the batch keep their oversampled result
+    from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(6)
+    box = 16
+    frequencies = sorted_frequencies(box, 6)
+    volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
+    grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
+    batch = random_batch(8, frequencies.shape[0], generator)
+    # half the particles are a thousand times noisier: broad posteriors
+    batch.inv_sigma2[::2] *= 1e-3
+    coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box)
+    log_prior = torch.log(torch.tensor([0.4, 0.6]))
+
+    def run(limit: int | None, oversampled: bool = True) -> object:
+        settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, max_significant_oversampled=limit)
+        used = grid if oversampled else grid.without_oversampling()
+        cache = FinePassCache(volumes_ft, used, frequencies, box, 2**26)
+        unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, 2**26)
+        return expectation(batch, volumes_ft, coarse, grid, cache, log_prior, 10.0, settings, unrefined_projections=unrefined)
+
+    refined, plain = run(None), run(None, oversampled=False)
+    everyone = run(0)
+    torch.testing.assert_close(everyone.class_posterior, plain.class_posterior)
+    torch.testing.assert_close(everyone.log_likelihood, plain.log_likelihood)
+    torch.testing.assert_close(everyone.best_euler_deg, plain.best_euler_deg)
+    mixed = run(10)
+    kinds = []
+    for i in range(8):
+        for kind, reference in (("refined", refined), ("plain", plain)):
+            if torch.allclose(mixed.log_likelihood[i], reference.log_likelihood[i]) and torch.allclose(mixed.class_posterior[i], reference.class_posterior[i]):
+                kinds.append(kind)
+                break
+    assert len(kinds) == 8 and set(kinds) == {"refined", "plain"}
+    # the weak (broad) particles are the ones left without oversampling
+    assert all(kinds[i] == "plain" for i in range(0, 8, 2))
+
+
 def test_class_scale_is_profiled_at_each_class_best_sample() -> None:
     from cryotorch.em.estep import _class_scales
 

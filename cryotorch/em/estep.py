@@ -81,6 +81,12 @@ class EStepSettings:
         Posterior mass kept by the coarse pass (RELION's adaptive oversampling fraction).
     max_significant
         Cap on coarse samples kept per particle.
+    max_significant_oversampled
+        Particles with more significant coarse samples than this are not oversampled: their
+        pose is uncertain over many coarse steps, so the finer children would add cost but
+        no precision. Their fine pass scores the coarse samples themselves at full resolution
+        (through the ``unrefined_projections`` of :func:`expectation`). None oversamples every
+        particle (RELION).
     local_sigma_deg
         Width of a Gaussian prior around each particle's current orientation (searches
         restricted to 3σ; the coarse pass scores only the orientations some particle of the
@@ -105,6 +111,7 @@ class EStepSettings:
     align: bool = True
     significance: float = 0.999
     max_significant: int = 500
+    max_significant_oversampled: int | None = None
     local_sigma_deg: float | None = None
     scale_sigma: float = 0.0
     memory_budget_bytes: float = 2**28
@@ -205,7 +212,7 @@ class FinePassCache:
         n_rot, n_sub = grid.fine_euler_deg.shape[:2]
         n = frequencies.shape[0]
         device = volumes_ft.device
-        self.volumes_ft, self.frequencies, self.box_size = volumes_ft, frequencies, box_size
+        self.volumes_ft, self.grid, self.frequencies, self.box_size = volumes_ft, grid, frequencies, box_size
         self.rotations = euler_deg_to_matrix(grid.fine_euler_deg.reshape(-1, 3)).float().reshape(n_rot, n_sub, 3, 3)
         self.memory_budget_bytes = memory_budget_bytes
         self.capacity = int(max(1, min(n_classes * n_rot, memory_budget_bytes // (n_sub * n * 8))))
@@ -376,9 +383,10 @@ def _significant(posterior: torch.Tensor, fraction: float, cap: int) -> torch.Te
     return torch.zeros(posterior.shape, dtype=torch.bool, device=posterior.device).scatter(-1, order, keep_sorted)
 
 
-def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_significant` of ``softmax(logits)`` ``(B, S)``, without forming the softmax,
-    and the index ``(B,)`` of each row's largest logit.
+    the index ``(B,)`` of each row's largest logit, and the ``(B,)`` counts of significant
+    samples.
 
     ``logits`` is consumed: it is overwritten while the normaliser is summed.
     """
@@ -391,7 +399,7 @@ def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tupl
     posterior = torch.exp(top - log_normaliser)
     keep_sorted = (posterior.cumsum(-1) - posterior) < fraction
     mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, keep_sorted)
-    return mask, order[:, 0]
+    return mask, order[:, 0], keep_sorted.sum(-1)
 
 
 def expectation(
@@ -405,6 +413,7 @@ def expectation(
     settings: EStepSettings,
     forced_class: torch.Tensor | None = None,
     class_offset: torch.Tensor | None = None,
+    unrefined_projections: FinePassCache | None = None,
 ) -> EStepResult:
     """Posteriors and M-step sums for one batch.
 
@@ -431,6 +440,11 @@ def expectation(
         initial split of identical references), or None.
     class_offset
         ``(B, K)`` per-particle additions to the class log-prior, or None.
+    unrefined_projections
+        Full-resolution projections and slice sums of the coarse samples themselves (a cache
+        over ``grid.without_oversampling()``), for the particles that
+        ``settings.max_significant_oversampled`` exempts from oversampling; drain it at the
+        end of the iteration too. None oversamples every particle.
     """
     per_particle_prior = log_class_prior[None, :].expand(batch.spectra.shape[0], -1)
     if class_offset is not None:
@@ -478,28 +492,38 @@ def expectation(
             logits.sub_((a - 1) * torch.where(torch.isfinite(orientation_prior), orientation_prior, 0)[:, None, None, :])
         logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
     logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
-    significant, best = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
+    significant, best, n_significant = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
     significant = significant.reshape(b, t, n_classes, n_scored)
     best_pair = best % (n_classes * n_scored)  # class · n_scored + scored orientation
     if searched_rotations is not None:
         # back to the grid's orientation numbers
         best_pair = (best_pair // n_scored) * n_rot + searched_rotations[best_pair % n_scored]
         significant = torch.zeros(b, t, n_classes, n_rot, dtype=torch.bool, device=significant.device).index_copy_(3, searched_rotations, significant)
-    # particles whose best coarse orientations are neighbours share most significant samples:
-    # in that order the fine pass's sub-batches score small unions of samples
-    order = torch.argsort(best_pair, stable=True)
-    result = _fine_pass(
-        batch.select(order),
-        fine_projections,
-        grid,
-        significant[order],
-        per_particle_prior[order],
-        offset_sigma_angstrom,
-        settings,
-        class_mask[order],
-        None if class_scale is None else class_scale[order],
-    )
-    return result.select(torch.argsort(order))
+    broad = torch.zeros(b, dtype=torch.bool, device=best_pair.device)
+    if unrefined_projections is not None and settings.max_significant_oversampled is not None:
+        broad = n_significant > settings.max_significant_oversampled
+    results, parts = [], []
+    for members, cache in ((~broad).nonzero()[:, 0], fine_projections), (broad.nonzero()[:, 0], unrefined_projections):
+        if not members.numel():
+            continue
+        assert cache is not None
+        # particles whose best coarse orientations are neighbours share most significant
+        # samples: in that order the fine pass's sub-batches score small unions of samples
+        members = members[torch.argsort(best_pair[members], stable=True)]
+        results.append(
+            _fine_pass(
+                batch.select(members),
+                cache,
+                significant[members],
+                per_particle_prior[members],
+                offset_sigma_angstrom,
+                settings,
+                class_mask[members],
+                None if class_scale is None else class_scale[members],
+            )
+        )
+        parts.append(members)
+    return _concatenate(results).select(torch.argsort(torch.cat(parts)))
 
 
 def _class_mask(forced_class: torch.Tensor | None, n: int, n_classes: int, device: torch.device) -> torch.Tensor:
@@ -512,7 +536,6 @@ def _class_mask(forced_class: torch.Tensor | None, n: int, n_classes: int, devic
 def _fine_pass(
     batch: PreparedBatch,
     fine_projections: FinePassCache,
-    grid: PoseGrid,
     significant: torch.Tensor,
     log_class_prior: torch.Tensor,
     offset_sigma_angstrom: float,
@@ -520,13 +543,15 @@ def _fine_pass(
     class_mask: torch.Tensor,
     class_scale: torch.Tensor | None,
 ) -> EStepResult:
-    """Rescore the oversampled children of the significant coarse samples, in sub-batches.
+    """Rescore the children (``fine_projections.grid``) of the significant coarse samples, in
+    sub-batches.
 
     A sub-batch scores its particles against the union of their significant samples, so it
     grows only while that dense score matrix fits ``settings.memory_budget_bytes``. The
     sub-batches' weighted slices are summed per fine orientation in ``fine_projections``;
     the result carries only the slices that its table handed back for insertion.
     """
+    grid = fine_projections.grid
     results: list[EStepResult] = []
     sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n_particles = significant.shape[0]
@@ -549,7 +574,6 @@ def _fine_pass(
         result, slice_sums = _fine_sub_batch(
             batch.select(index),
             fine_projections,
-            grid,
             significant[start:stop],
             log_class_prior[start:stop],
             offset_sigma_angstrom,
@@ -568,7 +592,6 @@ def _fine_pass(
 def _fine_sub_batch(
     batch: PreparedBatch,
     fine_projections: FinePassCache,
-    grid: PoseGrid,
     significant: torch.Tensor,
     log_class_prior: torch.Tensor,
     offset_sigma_angstrom: float,
@@ -579,6 +602,7 @@ def _fine_sub_batch(
     """Posteriors of one sub-batch, and its slice sums ``(ids, data, weight)`` per fine id;
     ``class_scale`` ``(b, K)`` is each particle's intensity per class (None: 1)."""
     device = batch.spectra.device
+    grid = fine_projections.grid
     n_classes = class_mask.shape[1]
     box = settings.box_size
     frequencies = settings.frequencies

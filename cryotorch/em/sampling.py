@@ -41,6 +41,17 @@ class PoseGrid:
     fine_shifts_px: torch.Tensor
     coarse_step_deg: float
 
+    def without_oversampling(self) -> "PoseGrid":
+        """The same coarse grid whose only child of each sample is the sample itself."""
+        return PoseGrid(
+            coarse_rotations=self.coarse_rotations,
+            coarse_euler_deg=self.coarse_euler_deg,
+            fine_euler_deg=self.coarse_euler_deg[:, None, :].to(self.fine_euler_deg.dtype),
+            coarse_shifts_px=self.coarse_shifts_px,
+            fine_shifts_px=self.coarse_shifts_px[:, None, :],
+            coarse_step_deg=self.coarse_step_deg,
+        )
+
 
 def translation_grid(range_px: float, step_px: float, device: torch.device | None = None) -> torch.Tensor:
     """``(T, 2)`` offsets on a square grid of ``step_px`` inside a disc of ``range_px`` (RELION's)."""

@@ -191,7 +191,8 @@ class Class3DJob:
 
     def check_table(self, context: RunContext, table: ParticleTable) -> None:
         """A reference is given; without alignment the particles have poses; the final local
-        searches fit in the run; the grid perturbation is a fraction of a step."""
+        searches fit in the run; the grid perturbation is a fraction of a step; the limit on
+        oversampled particles is a count."""
         if not self.references:
             raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
         if not context.sampling["align"] and not table.has_poses:
@@ -203,6 +204,9 @@ class Class3DJob:
             raise InputError("sampling.final_angular_step_deg and sampling.final_local_search_deg must be positive (e.g. 3.75 and 10)")
         if not 0 <= float(context.sampling["perturb"]) <= 1:
             raise InputError(f"sampling.perturb={context.sampling['perturb']} is not a fraction of the coarse steps: give a value in [0, 1] (RELION's default 0.5, 0 for a fixed grid)")
+        unrefined = context.sampling["max_significant_oversampled"]
+        if unrefined is not None and not int(unrefined) >= 1:
+            raise InputError(f"sampling.max_significant_oversampled={unrefined} must be a number of coarse samples ≥ 1 (e.g. 64), or null to oversample every particle")
 
     def set_up(self, context: RunContext, table: ParticleTable) -> None:
         """Geometry (the particles' box, or :meth:`working_box`), optics groups, this rank's
@@ -410,6 +414,7 @@ class Class3DJob:
         grid = None
         coarse = None
         fine = None
+        unrefined = None
         n_coarse = frequencies.shape[0]
         if sampling["align"]:
             grid = self.pose_grid(context, iteration)
@@ -417,6 +422,8 @@ class Class3DJob:
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
             coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget)
             fine = FinePassCache(volumes_ft, grid, frequencies, box, budget / 4)
+            if sampling["max_significant_oversampled"] is not None:
+                unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, budget / 8)
         settings = EStepSettings(
             frequencies=frequencies,
             n_coarse=n_coarse,
@@ -425,6 +432,7 @@ class Class3DJob:
             align=bool(sampling["align"]),
             significance=float(sampling["significance"]),
             max_significant=int(sampling["max_significant"]),
+            max_significant_oversampled=None if sampling["max_significant_oversampled"] is None else int(sampling["max_significant_oversampled"]),
             local_sigma_deg=None if sampling["local_search_deg"] is None else float(sampling["local_search_deg"]) / 3,
             scale_sigma=self.scale_sigma(bool(sampling["align"])),
             # dense fine-pass score matrices stay small enough to be cache- and memory-friendly
@@ -449,12 +457,13 @@ class Class3DJob:
             groups = torch.as_tensor(self.groups[chunk], device=device)
             forced_chunk = None if forced is None else forced[index]
             class_offset = self.self_fit_discount(model, batch, state, index, frequencies)
-            result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset)
+            result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined)
             self.expand_symmetry(result.slices)
             stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
             new_state.store(index, result)
-        if fine is not None:
-            stats.insert(self.expand_symmetry(fine.drain()), frequencies, box, budget / 4)
+        for cache in (fine, unrefined):
+            if cache is not None:
+                stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
         for tensor in stats.tensors():
             tensor.copy_(context.all_reduce_sum(tensor))
         new_state = self.gather_state(context, new_state, rows)
