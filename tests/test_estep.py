@@ -81,6 +81,22 @@ def test_pose_grid_counts_and_oversampling() -> None:
     torch.testing.assert_close(grid.fine_shifts_px.mean(dim=1), grid.coarse_shifts_px)
 
 
+def _alignment_problem(seed: int, healpix_order: int, n_particles: int) -> tuple:
+    """A box-16 search over two random maps: box, frequencies, prepared volumes, grid (±2 px,
+    one order of oversampling), random batch, coarse projections (20 components), class log
+    priors, and the generator for further draws."""
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(seed)
+    box = 16
+    frequencies = sorted_frequencies(box, 6)
+    volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
+    grid = build_pose_grid(healpix_order, 2.0, 2.0, "C1", oversampling=1)
+    batch = random_batch(n_particles, frequencies.shape[0], generator)
+    coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box)
+    return box, frequencies, volumes_ft, grid, batch, coarse, torch.log(torch.tensor([0.4, 0.6])), generator
+
+
 def _aligned_sums(budget: float) -> tuple[object, torch.Tensor]:
     """E-step of a fixed random batch on a small grid, with tables of ``budget`` bytes;
     returns the result and every slice handed back for insertion, back-projected."""
@@ -125,18 +141,10 @@ def test_broad_particles_skip_oversampling_as_on_a_grid_without_it() -> None:
     # scored at the coarse samples themselves: exactly what a grid without oversampling gives
     # it, while the other particles of the batch keep their oversampled result
     from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
-    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
 
-    generator = torch.Generator().manual_seed(6)
-    box = 16
-    frequencies = sorted_frequencies(box, 6)
-    volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
-    grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
-    batch = random_batch(8, frequencies.shape[0], generator)
+    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, _ = _alignment_problem(6, 0, 8)
     # half the particles are a thousand times noisier: broad posteriors
     batch.inv_sigma2[::2] *= 1e-3
-    coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box)
-    log_prior = torch.log(torch.tensor([0.4, 0.6]))
 
     def run(limit: int | None, oversampled: bool = True) -> object:
         settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, max_significant_oversampled=limit)
@@ -221,18 +229,10 @@ def test_local_search_scores_the_batch_neighbourhood_as_each_particle_alone() ->
     # neighbourhood only), with the best pose inside that neighbourhood
     from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
     from cryotorch.ops.healpix import rotation_angle_deg
-    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
 
-    generator = torch.Generator().manual_seed(5)
-    box = 16
-    frequencies = sorted_frequencies(box, 6)
-    volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
-    grid = build_pose_grid(1, 2.0, 2.0, "C1", oversampling=1)
-    batch = random_batch(5, frequencies.shape[0], generator)
+    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, generator = _alignment_problem(5, 1, 5)
     batch.prior_euler_deg = grid.coarse_euler_deg[torch.randint(0, grid.coarse_euler_deg.shape[0], (5,), generator=generator)].double() + 4.0
     settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, local_sigma_deg=10.0)
-    coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box)
-    log_prior = torch.log(torch.tensor([0.4, 0.6]))
 
     def run(index: torch.Tensor) -> object:
         cache = FinePassCache(volumes_ft, grid, frequencies, box, 2**26)
