@@ -246,3 +246,24 @@ def test_local_search_scores_the_batch_neighbourhood_as_each_particle_alone() ->
         torch.testing.assert_close(alone.log_likelihood[0], together.log_likelihood[i], rtol=1e-5, atol=1e-3)
     angles = rotation_angle_deg(together.best_euler_deg, batch.prior_euler_deg)
     assert float(angles.max()) <= 3 * 10.0 + grid.coarse_step_deg
+
+
+def test_significant_sample_lists_match_their_dense_mask() -> None:
+    from cryotorch.em.estep import SignificantSamples
+
+    generator = torch.Generator().manual_seed(7)
+    b, n_shifts, n_pairs, cap = 4, 5, 6, 7
+    index = torch.stack([torch.randperm(n_shifts * n_pairs, generator=generator)[:cap] for _ in range(b)])
+    valid = torch.rand(b, cap, generator=generator) < 0.5
+    valid[:, 0] = True
+    dense = torch.zeros(b, n_shifts * n_pairs, dtype=torch.bool)
+    dense[valid.nonzero()[:, 0], index[valid]] = True
+    dense = dense.reshape(b, n_shifts, n_pairs)
+    samples = SignificantSamples(index, valid, n_pairs)
+    pairs, shifts = samples.per_particle(n_shifts)
+    torch.testing.assert_close(pairs, dense.any(dim=1))
+    torch.testing.assert_close(shifts, dense.any(dim=2))
+    shift_used, pair_used, mask = samples.select(slice(1, 3)).union()
+    torch.testing.assert_close(shift_used, dense[1:3].any(dim=(0, 2)).nonzero()[:, 0])
+    torch.testing.assert_close(pair_used, dense[1:3].any(dim=(0, 1)).nonzero()[:, 0])
+    torch.testing.assert_close(mask, dense[1:3][:, shift_used][:, :, pair_used])

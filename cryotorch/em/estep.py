@@ -26,7 +26,7 @@ from cryotorch.em.sampling import PoseGrid
 from cryotorch.ops.healpix import rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "WeightedSlices", "EStepResult", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
 
 
 @dataclass
@@ -168,6 +168,50 @@ class EStepResult:
         """The per-particle fields of particles ``index`` (slices are sums, kept whole)."""
         fields = {name: getattr(self, name)[index] for name in self.__dataclass_fields__ if name != "slices"}
         return EStepResult(**fields, slices=self.slices)
+
+
+@dataclass
+class SignificantSamples:
+    """The significant coarse samples of B particles, as lists rather than a dense mask.
+
+    Attributes
+    ----------
+    index
+        ``(B, C)`` positions in the flattened ``(T, K·R)`` coarse samples (translation,
+        then class · R + orientation).
+    valid
+        ``(B, C)`` which of them are significant (the rest fill the rows).
+    n_pairs
+        ``K·R``, the number of (class, coarse orientation) pairs.
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    n_pairs: int
+
+    def select(self, rows: torch.Tensor | slice) -> "SignificantSamples":
+        """The samples of particles ``rows``."""
+        return SignificantSamples(self.index[rows], self.valid[rows], self.n_pairs)
+
+    def per_particle(self, n_shifts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, K·R)`` and ``(B, T)`` masks of the pairs and translations each particle has
+        significant samples in."""
+        b = self.index.shape[0]
+        weight = self.valid.int()
+        pairs = torch.zeros(b, self.n_pairs, dtype=torch.int32, device=self.index.device).scatter_add_(1, self.index % self.n_pairs, weight) > 0
+        shifts = torch.zeros(b, n_shifts, dtype=torch.int32, device=self.index.device).scatter_add_(1, self.index // self.n_pairs, weight) > 0
+        return pairs, shifts
+
+    def union(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sorted translations ``(Tu,)`` and pairs ``(Uc,)`` some particle has significant
+        samples in, and the ``(b, Tu, Uc)`` mask of each particle's significant samples."""
+        rows = self.valid.nonzero()[:, 0]
+        index = self.index[self.valid]
+        shift, pair = index // self.n_pairs, index % self.n_pairs
+        shift_used, pair_used = torch.unique(shift), torch.unique(pair)
+        mask = torch.zeros(self.index.shape[0], shift_used.numel(), pair_used.numel(), dtype=torch.bool, device=index.device)
+        mask[rows, torch.searchsorted(shift_used, shift), torch.searchsorted(pair_used, pair)] = True
+        return shift_used, pair_used, mask
 
 
 def phase_ramps(shifts_px: torch.Tensor, frequencies: torch.Tensor, box_size: int) -> torch.Tensor:
@@ -383,10 +427,10 @@ def _significant(posterior: torch.Tensor, fraction: float, cap: int) -> torch.Te
     return torch.zeros(posterior.shape, dtype=torch.bool, device=posterior.device).scatter(-1, order, keep_sorted)
 
 
-def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_significant` of ``softmax(logits)`` ``(B, S)``, without forming the softmax,
-    the index ``(B,)`` of each row's largest logit, and the ``(B,)`` counts of significant
-    samples.
+def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_significant` of ``softmax(logits)`` ``(B, S)`` without forming the softmax, as
+    lists: the positions ``(B, C)`` of each row's ``C = min(cap, S)`` largest logits, largest
+    first, and which of them are significant ``(B, C)``.
 
     ``logits`` is consumed: it is overwritten while the normaliser is summed.
     """
@@ -398,8 +442,7 @@ def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tupl
     log_normaliser = top[:, :1] + logits.sub_(top[:, :1]).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
     posterior = torch.exp(top - log_normaliser)
     keep_sorted = (posterior.cumsum(-1) - posterior) < fraction
-    mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, keep_sorted)
-    return mask, order[:, 0], keep_sorted.sum(-1)
+    return order, keep_sorted
 
 
 def expectation(
@@ -492,16 +535,16 @@ def expectation(
             logits.sub_((a - 1) * torch.where(torch.isfinite(orientation_prior), orientation_prior, 0)[:, None, None, :])
         logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
     logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
-    significant, best, n_significant = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
-    significant = significant.reshape(b, t, n_classes, n_scored)
-    best_pair = best % (n_classes * n_scored)  # class · n_scored + scored orientation
+    order, valid = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
     if searched_rotations is not None:
         # back to the grid's orientation numbers
-        best_pair = (best_pair // n_scored) * n_rot + searched_rotations[best_pair % n_scored]
-        significant = torch.zeros(b, t, n_classes, n_rot, dtype=torch.bool, device=significant.device).index_copy_(3, searched_rotations, significant)
+        shift_class, scored = order // n_scored, order % n_scored
+        order = shift_class * n_rot + searched_rotations[scored]
+    significant = SignificantSamples(order, valid, n_classes * n_rot)
+    best_pair = order[:, 0] % significant.n_pairs  # class · R + coarse orientation
     broad = torch.zeros(b, dtype=torch.bool, device=best_pair.device)
     if unrefined_projections is not None and settings.max_significant_oversampled is not None:
-        broad = n_significant > settings.max_significant_oversampled
+        broad = valid.sum(-1) > settings.max_significant_oversampled
     results, parts = [], []
     for members, cache in ((~broad).nonzero()[:, 0], fine_projections), (broad.nonzero()[:, 0], unrefined_projections):
         if not members.numel():
@@ -514,7 +557,7 @@ def expectation(
             _fine_pass(
                 batch.select(members),
                 cache,
-                significant[members],
+                significant.select(members),
                 per_particle_prior[members],
                 offset_sigma_angstrom,
                 settings,
@@ -536,7 +579,7 @@ def _class_mask(forced_class: torch.Tensor | None, n: int, n_classes: int, devic
 def _fine_pass(
     batch: PreparedBatch,
     fine_projections: FinePassCache,
-    significant: torch.Tensor,
+    significant: SignificantSamples,
     log_class_prior: torch.Tensor,
     offset_sigma_angstrom: float,
     settings: EStepSettings,
@@ -554,9 +597,8 @@ def _fine_pass(
     grid = fine_projections.grid
     results: list[EStepResult] = []
     sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    n_particles = significant.shape[0]
-    pairs = significant.any(dim=1).flatten(1)  # (B, K·R)
-    shifts = significant.any(dim=(2, 3))  # (B, T)
+    n_particles = significant.index.shape[0]
+    pairs, shifts = significant.per_particle(grid.coarse_shifts_px.shape[0])  # (B, K·R), (B, T)
     n_sub = grid.fine_shifts_px.shape[1] * grid.fine_euler_deg.shape[1]
     n_components = settings.frequencies.shape[0]
     start, window_size = 0, 16
@@ -570,11 +612,11 @@ def _fine_pass(
         cost = 4.0 * (count * union_shifts * (union_pairs * n_sub + 4 * n_components) + union_pairs * n_sub * 6 * n_components)
         stop = start + max(1, int((cost <= settings.memory_budget_bytes).sum()))
         window_size = max(16, 4 * (stop - start))
-        index = torch.arange(start, stop, device=significant.device)
+        index = torch.arange(start, stop, device=pairs.device)
         result, slice_sums = _fine_sub_batch(
             batch.select(index),
             fine_projections,
-            significant[start:stop],
+            significant.select(slice(start, stop)),
             log_class_prior[start:stop],
             offset_sigma_angstrom,
             settings,
@@ -592,7 +634,7 @@ def _fine_pass(
 def _fine_sub_batch(
     batch: PreparedBatch,
     fine_projections: FinePassCache,
-    significant: torch.Tensor,
+    significant: SignificantSamples,
     log_class_prior: torch.Tensor,
     offset_sigma_angstrom: float,
     settings: EStepSettings,
@@ -607,11 +649,11 @@ def _fine_sub_batch(
     box = settings.box_size
     frequencies = settings.frequencies
     n = frequencies.shape[0]
-    b = significant.shape[0]
-    shift_used = significant.any(dim=(0, 2, 3)).nonzero()[:, 0]  # (Tu,)
-    pair_used = significant.any(dim=(0, 1)).nonzero()  # (Uc, 2) (class, coarse rotation)
+    b = significant.index.shape[0]
     n_sub_shift = grid.fine_shifts_px.shape[1]
     n_rot, n_sub_rot = grid.fine_euler_deg.shape[:2]
+    shift_used, pairs, allowed = significant.union()  # (Tu,), (Uc,), (b, Tu, Uc)
+    pair_used = torch.stack([pairs // n_rot, pairs % n_rot], dim=-1)  # (Uc, 2) (class, coarse rotation)
     fine_shifts = grid.fine_shifts_px[shift_used].reshape(-1, 2)  # (Tu·S, 2)
     fine_euler = grid.fine_euler_deg[pair_used[:, 1]].reshape(-1, 3)  # (Uc·F, 3)
     fine_class = pair_used[:, 0].repeat_interleave(n_sub_rot)  # (Uc·F,)
@@ -620,7 +662,6 @@ def _fine_sub_batch(
     ramps = phase_ramps(fine_shifts, frequencies, box)
     scale = None if class_scale is None else class_scale[:, fine_class]
     scores, weighted = score_batch(batch, projections, ramps, n, scale, settings.scale_sigma)  # (b, Tu·S, Uc·F), (b, Tu·S, n)
-    allowed = significant[:, shift_used][:, :, pair_used[:, 0], pair_used[:, 1]]  # (b, Tu, Uc)
     allowed = allowed[:, :, None, :, None].expand(b, -1, n_sub_shift, -1, n_sub_rot).reshape(b, fine_shifts.shape[0], -1)
     allowed = allowed & class_mask[:, fine_class][:, None, :]
     origins = batch.prior_origin_px[:, None, :] + fine_shifts[None]  # (b, Tf, 2)
