@@ -229,7 +229,7 @@ def rigid_motion_basis(volume: torch.Tensor) -> torch.Tensor:
         gradient.append(torch.fft.fftshift(derivative.real))
     d_z, d_y, d_x = gradient
     axis_values = torch.arange(box, device=volume.device, dtype=volume.dtype) - box // 2
-    z, y, x = torch.meshgrid(axis_values, axis_values, axis_values, indexing="ij")
+    z, y, x = axis_values[:, None, None], axis_values[None, :, None], axis_values[None, None, :]
     return torch.stack([d_x, d_y, d_z, y * d_z - z * d_y, z * d_x - x * d_z, x * d_y - y * d_x])
 
 
@@ -246,12 +246,20 @@ def remove_rigid_differences(volumes: torch.Tensor, class_weights: torch.Tensor,
     """
     weights = class_weights.to(volumes.dtype).clamp(min=0)
     mean = (weights[:, None, None, None] * volumes).sum(0) / weights.sum().clamp(min=1e-30)
-    basis = rigid_motion_basis(mean).reshape(6, -1).double()
-    fitted = basis * mask.reshape(1, -1)
-    differences = ((volumes - mean) * mask).reshape(volumes.shape[0], -1).double()
-    gram = fitted @ fitted.T
-    coefficients = torch.linalg.solve(gram + 1e-9 * gram.diagonal().mean() * torch.eye(6, dtype=gram.dtype, device=gram.device), fitted @ differences.T)  # (6, K)
-    correction = (coefficients.T @ basis).reshape(volumes.shape).to(volumes.dtype)
+    basis = rigid_motion_basis(mean).reshape(6, -1)
+    flat_mask = mask.reshape(-1)
+    differences = (volumes - mean).reshape(volumes.shape[0], -1)
+    # normal equations summed in double over chunks of voxels: no double copy of the basis
+    gram = torch.zeros(6, 6, dtype=torch.float64, device=volumes.device)
+    right = torch.zeros(6, volumes.shape[0], dtype=torch.float64, device=volumes.device)
+    chunk = 2**20
+    for start in range(0, flat_mask.numel(), chunk):
+        part = slice(start, start + chunk)
+        fitted = (basis[:, part] * flat_mask[part]).double()
+        gram += fitted @ fitted.T
+        right += fitted @ (differences[:, part] * flat_mask[part]).double().T
+    coefficients = torch.linalg.solve(gram + 1e-9 * gram.diagonal().mean() * torch.eye(6, dtype=gram.dtype, device=gram.device), right)  # (6, K)
+    correction = (coefficients.T.to(volumes.dtype) @ basis).reshape(volumes.shape)
     return volumes - correction * mask
 
 
