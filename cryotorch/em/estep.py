@@ -414,22 +414,21 @@ def _offset_log_prior(origins_px: torch.Tensor, pixel_size_angstrom: float, sigm
     return -(origins_px**2).sum(-1) * pixel_size_angstrom**2 / (2 * sigma_angstrom**2)
 
 
-def _significant(posterior: torch.Tensor, fraction: float, cap: int) -> torch.Tensor:
-    """Boolean mask of the fewest samples per row holding ``fraction`` of its mass (≤ cap).
+def _significant_count(posterior: torch.Tensor, fraction: float, cap: int) -> torch.Tensor:
+    """``(B,)`` number of the fewest samples per row of ``posterior`` ``(B, S)`` holding
+    ``fraction`` of its mass (≤ cap).
 
     Only the ``cap`` largest values per row can qualify, so a partial ``topk`` replaces a
     full sort of every row.
     """
-    cap = min(cap, posterior.shape[-1])
-    ordered, order = torch.topk(posterior, cap, dim=-1)
+    ordered = torch.topk(posterior, min(cap, posterior.shape[-1]), dim=-1).values
     before = ordered.cumsum(-1) - ordered  # mass strictly above each sample
-    keep_sorted = before < fraction
-    return torch.zeros(posterior.shape, dtype=torch.bool, device=posterior.device).scatter(-1, order, keep_sorted)
+    return (before < fraction).sum(-1)
 
 
 def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_significant` of ``softmax(logits)`` ``(B, S)`` without forming the softmax, as
-    lists: the positions ``(B, C)`` of each row's ``C = min(cap, S)`` largest logits, largest
+    """The samples :func:`_significant_count` counts, for ``softmax(logits)`` ``(B, S)``
+    without forming the softmax, as lists: the positions ``(B, C)`` of each row's ``C = min(cap, S)`` largest logits, largest
     first, and which of them are significant ``(B, C)``.
 
     ``logits`` is consumed: it is overwritten while the normaliser is summed.
@@ -702,7 +701,7 @@ def _fine_sub_batch(
         best_euler_deg=best_euler.double(),
         best_origin_px=batch.prior_origin_px + fine_shifts[best_shift],
         max_posterior=posterior.reshape(b, -1).max(dim=-1).values,
-        n_significant=_significant(posterior.reshape(b, -1), settings.significance, settings.max_significant * n_sub_rot * n_sub_shift).sum(-1),
+        n_significant=_significant_count(posterior.reshape(b, -1), settings.significance, settings.max_significant * n_sub_rot * n_sub_shift),
         log_likelihood=log_evidence - image_norm,
         class_posterior=class_posterior,
         angular_spread_deg=spread,
@@ -758,7 +757,7 @@ def _expectation_fixed_pose(
         best_euler_deg=batch.prior_euler_deg,
         best_origin_px=batch.prior_origin_px,
         max_posterior=posterior.max(dim=-1).values,
-        n_significant=_significant(posterior, settings.significance, n_classes).sum(-1),
+        n_significant=_significant_count(posterior, settings.significance, n_classes),
         log_likelihood=log_evidence - image_norm,
         class_posterior=posterior,
         angular_spread_deg=torch.zeros(b, dtype=posterior.dtype, device=device),

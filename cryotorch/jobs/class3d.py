@@ -415,6 +415,7 @@ class Class3DJob:
         coarse = None
         fine = None
         unrefined = None
+        oversampled_limit = sampling["max_significant_oversampled"]
         n_coarse = frequencies.shape[0]
         if sampling["align"]:
             grid = self.pose_grid(context, iteration)
@@ -422,7 +423,7 @@ class Class3DJob:
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
             coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget)
             fine = FinePassCache(volumes_ft, grid, frequencies, box, budget / 4)
-            if sampling["max_significant_oversampled"] is not None:
+            if oversampled_limit is not None:
                 unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, budget / 8)
         settings = EStepSettings(
             frequencies=frequencies,
@@ -432,7 +433,7 @@ class Class3DJob:
             align=bool(sampling["align"]),
             significance=float(sampling["significance"]),
             max_significant=int(sampling["max_significant"]),
-            max_significant_oversampled=None if sampling["max_significant_oversampled"] is None else int(sampling["max_significant_oversampled"]),
+            max_significant_oversampled=None if oversampled_limit is None else int(oversampled_limit),
             local_sigma_deg=None if sampling["local_search_deg"] is None else float(sampling["local_search_deg"]) / 3,
             scale_sigma=self.scale_sigma(bool(sampling["align"])),
             # dense fine-pass score matrices stay small enough to be cache- and memory-friendly
