@@ -125,6 +125,20 @@ def test_classification_with_global_alignment(two_class_data: dict[str, Path], t
     assert float(errors.median()) < 12.0
 
 
+def test_broad_particles_skip_oversampling_in_a_run(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # first iteration from identical references: broad posteriors. Oversampled, a best origin
+    # is a coarse offset (a multiple of 2 px from the input origin) ± 0.5 px; a particle with
+    # more significant coarse samples than the limit keeps the coarse offset itself
+    def offsets_on_coarse_grid(limit: str) -> np.ndarray:
+        out = tmp_path / limit
+        classify(two_class_data, out, "job.n_iterations=1", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", f"sampling.max_significant_oversampled={limit}")
+        moved = (read_particles(out / "run_it001_data.star").origin_angstrom - read_particles(two_class_data["particles"]).origin_angstrom) / PIXEL
+        return (np.abs(moved / 2 - np.round(moved / 2)) < 1e-3).all(axis=1)
+
+    assert not offsets_on_coarse_grid("null").any()
+    assert offsets_on_coarse_grid("1").mean() > 0.5
+
+
 def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     classify(two_class_data, whole, "job.n_iterations=4", "sampling.align=false")
