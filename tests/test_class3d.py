@@ -75,6 +75,18 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_estep_limit_for_the_first_iterations_only(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "limited"
+    classify(two_class_data, out, "job.n_iterations=8", "sampling.align=false", "job.highres_limit_estep_A=30", "job.highres_limit_estep_iterations=2")
+    limits = [float(read_star(out / f"run_it{i:03d}_optimiser.star")["optimiser_general"]["rlnHighresLimitExpectation"]) for i in range(1, 9)]
+    sizes = [int(read_star(out / f"run_it{i:03d}_model.star")["model_general"]["rlnCurrentImageSize"]) for i in range(1, 9)]
+    assert limits == [30.0, 30.0] + [-1.0] * 6
+    # 30 Å is shell 32 · 6 / 30 = 6.4 of this box: images of at most 12 px, then RELION's rule
+    assert max(sizes[:2]) <= 12 < min(sizes[2:])
+    truth = read_particles(two_class_data["truth"]).class_number
+    assert accuracy(truth, final_classes(out, 8)) >= 0.95
+
+
 def test_classification_with_local_alignment_finds_classes_and_poses(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     # 15° sampling, then two iterations of local searches at 7.5°
     out = tmp_path / "align"
@@ -195,6 +207,9 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
                    "sampling.max_significant_oversampled=0", f"hydra.run.dir={tmp_path / 'd'}", check=False)
     assert result.returncode == 2 and "sampling.max_significant_oversampled=0" in result.stderr + result.stdout
+    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
+                   "job.highres_limit_estep_iterations=3", f"hydra.run.dir={tmp_path / 'e'}", check=False)
+    assert result.returncode == 2 and "job.highres_limit_estep_iterations=3 needs job.highres_limit_estep_A" in result.stderr + result.stdout
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:

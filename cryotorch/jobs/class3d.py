@@ -119,6 +119,7 @@ class Class3DJob:
         ignore_ctf_until_first_peak: bool = False,
         reference_ctf_corrected: bool = True,
         highres_limit_estep_A: float | None = None,
+        highres_limit_estep_iterations: int | None = None,
         increment_shells: int = 5,
         fast_subsets: bool = False,
         scale_prior_sigma: float | None = None,
@@ -132,6 +133,13 @@ class Class3DJob:
             raise InputError(f"job.n_iterations must be at least 1, got {n_iterations}")
         if tau2_fudge <= 0:
             raise InputError(f"job.tau2_fudge must be positive, got {tau2_fudge}")
+        if highres_limit_estep_A is not None and not highres_limit_estep_A > 0:
+            raise InputError(f"job.highres_limit_estep_A={highres_limit_estep_A} must be a resolution in Å (e.g. 30), or null for no limit")
+        if highres_limit_estep_iterations is not None and not (highres_limit_estep_A and 1 <= highres_limit_estep_iterations <= n_iterations):
+            raise InputError(
+                f"job.highres_limit_estep_iterations={highres_limit_estep_iterations} needs job.highres_limit_estep_A and must lie in "
+                f"[1, job.n_iterations={n_iterations}] (null: the limit holds in every iteration)"
+            )
         if scale_prior_sigma is not None and scale_prior_sigma < 0:
             raise InputError(f"job.scale_prior_sigma must be 0 (off), positive or null (automatic), got {scale_prior_sigma}")
         references = [] if reference is None else [reference] if isinstance(reference, str) else list(reference)
@@ -151,6 +159,7 @@ class Class3DJob:
         self.ignore_ctf_until_first_peak = ignore_ctf_until_first_peak
         self.reference_ctf_corrected = reference_ctf_corrected
         self.highres_limit_estep_A = highres_limit_estep_A
+        self.highres_limit_estep_iterations = highres_limit_estep_iterations
         self.increment_shells = increment_shells
         self.fast_subsets = fast_subsets
         self.scale_prior_sigma = scale_prior_sigma
@@ -384,13 +393,22 @@ class Class3DJob:
         order = order[(radii[order] > 0) & (radii[order] <= radius)]
         return frequencies[order], order, torch.round(radii[order]).long()
 
+    def estep_limit_A(self, iteration: int) -> float | None:
+        """The E-step resolution limit (Å) in this iteration: ``highres_limit_estep_A`` in
+        the first ``highres_limit_estep_iterations`` (in all of them when that is null), else none."""
+        if self.highres_limit_estep_iterations is not None and iteration > self.highres_limit_estep_iterations:
+            return None
+        return self.highres_limit_estep_A
+
     def current_radius(self, model: ClassModel, iteration: int) -> int:
         """Fourier radius (shells) used this iteration: RELION's rule, the best class
-        resolution (``ini_high_A`` in the first iteration) plus ``increment_shells``."""
+        resolution (``ini_high_A`` in the first iteration) plus ``increment_shells``, capped by
+        the iteration's E-step limit."""
         shell = self.box * self.pixel / self.ini_high_A if (iteration == 1 and self.ini_high_A) else float(model.resolution_shells().max())
         radius = int(min(self.box // 2, math.ceil(shell) + self.increment_shells))
-        if self.highres_limit_estep_A:
-            radius = min(radius, int(self.box * self.pixel / self.highres_limit_estep_A))
+        limit = self.estep_limit_A(iteration)
+        if limit:
+            radius = min(radius, int(self.box * self.pixel / limit))
         return max(radius, 3)
 
     def active_rows(self, context: RunContext, iteration: int) -> np.ndarray:
@@ -806,7 +824,7 @@ class Class3DJob:
                 zero_mask=self.zero_mask,
                 solvent_flattening=True,
                 solvent_mask=self.reference_mask or "None",
-                highres_limit_estep_angstrom=self.highres_limit_estep_A or -1.0,
+                highres_limit_estep_angstrom=self.estep_limit_A(iteration) or -1.0,
                 increment_image_size=2 * self.increment_shells,
                 fast_subsets=self.fast_subsets,
                 skip_align=not sampling["align"],
