@@ -17,6 +17,9 @@ iteration read from the run logs.
     python scripts/bench_class3d.py --map ../shared/data/maps/aspire_70S/clean70SRibosome_vol_65p.mrc \
         --particles 4000 --snr 0.05 --iterations 25 --modes noalign align \
         [--class3d-overrides sampling.final_local_iterations=5]
+
+The low-SNR schedule of docs/benchmarks.md (E-step limited to 30 Å in the first iterations):
+``--iterations 36 --class3d-overrides job.highres_limit_estep_A=30 job.highres_limit_estep_iterations=20``.
 """
 
 from __future__ import annotations
