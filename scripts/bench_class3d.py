@@ -1,4 +1,4 @@
-"""class3d benchmark: accuracy against the oracle, and seconds per iteration.
+r"""class3d benchmark: accuracy against the oracle, and seconds per iteration.
 
 Builds the benchmark data set with ``+job=simulate`` from the 70S ribosome map (5 Å/px,
 box 64): class A = the map, class B = the map with a compact region holding ~10 % of its
