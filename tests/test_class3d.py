@@ -81,6 +81,8 @@ def test_estep_limit_for_the_first_iterations_only(two_class_data: dict[str, Pat
     limits = [float(read_star(out / f"run_it{i:03d}_optimiser.star")["optimiser_general"]["rlnHighresLimitExpectation"]) for i in range(1, 9)]
     sizes = [int(read_star(out / f"run_it{i:03d}_model.star")["model_general"]["rlnCurrentImageSize"]) for i in range(1, 9)]
     assert limits == [30.0, 30.0] + [-1.0] * 6
+    # RELION's --incr_size, in shells, as written by relion_refine
+    assert int(read_star(out / "run_it008_optimiser.star")["optimiser_general"]["rlnIncrementImageSize"]) == 5
     # 30 Å is shell 32 · 6 / 30 = 6.4 of this box: images of at most 12 px, then RELION's rule
     assert max(sizes[:2]) <= 12 < min(sizes[2:])
     truth = read_particles(two_class_data["truth"]).class_number

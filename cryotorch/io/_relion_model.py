@@ -69,7 +69,7 @@ class OptimiserSummary:
     solvent_flattening: bool
     solvent_mask: str
     highres_limit_estep_angstrom: float
-    increment_image_size: int
+    increment_shells: int
     fast_subsets: bool
     skip_align: bool
     correct_ctf: bool
@@ -204,7 +204,7 @@ def write_optimiser_star(path: str | os.PathLike[str], optimiser: OptimiserSumma
                 "rlnDoSolventFlattening": int(o.solvent_flattening),
                 "rlnSolventMaskName": o.solvent_mask,
                 "rlnHighresLimitExpectation": o.highres_limit_estep_angstrom,
-                "rlnIncrementImageSize": o.increment_image_size,
+                "rlnIncrementImageSize": o.increment_shells,  # RELION's --incr_size, in Fourier shells
                 "rlnDoFastSubsetOptimisation": int(o.fast_subsets),
                 "rlnDoAutoRefine": 0,
                 "rlnDoSkipAlign": int(o.skip_align),

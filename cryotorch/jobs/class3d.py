@@ -825,7 +825,7 @@ class Class3DJob:
                 solvent_flattening=True,
                 solvent_mask=self.reference_mask or "None",
                 highres_limit_estep_angstrom=self.estep_limit_A(iteration) or -1.0,
-                increment_image_size=2 * self.increment_shells,
+                increment_shells=self.increment_shells,
                 fast_subsets=self.fast_subsets,
                 skip_align=not sampling["align"],
                 correct_ctf=self.ctf,
