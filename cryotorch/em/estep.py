@@ -486,7 +486,7 @@ def expectation(
         Full-resolution projections and slice sums of the coarse samples themselves (a cache
         over ``grid.without_oversampling()``), for the particles that
         ``settings.max_significant_oversampled`` exempts from oversampling; drain it at the
-        end of the iteration too. None oversamples every particle.
+        end of the iteration too. Needed when that limit is set, unused when it is None.
     """
     per_particle_prior = log_class_prior[None, :].expand(batch.spectra.shape[0], -1)
     if class_offset is not None:
@@ -542,7 +542,9 @@ def expectation(
     significant = SignificantSamples(order, valid, n_classes * n_rot)
     best_pair = order[:, 0] % significant.n_pairs  # class · R + coarse orientation
     broad = torch.zeros(b, dtype=torch.bool, device=best_pair.device)
-    if unrefined_projections is not None and settings.max_significant_oversampled is not None:
+    if settings.max_significant_oversampled is not None:
+        if unrefined_projections is None:
+            raise ValueError("settings.max_significant_oversampled needs unrefined_projections (a FinePassCache over grid.without_oversampling())")
         broad = valid.sum(-1) > settings.max_significant_oversampled
     results, parts = [], []
     for members, cache in ((~broad).nonzero()[:, 0], fine_projections), (broad.nonzero()[:, 0], unrefined_projections):
