@@ -18,6 +18,7 @@ from cryotorch.ops.healpix import (
     orientation_grid,
     orientations_within,
     oversample_orientations,
+    pairwise_rotation_angle_deg,
     pix2ang_nest,
     rotation_angle_deg,
 )
@@ -212,6 +213,19 @@ def test_rotation_angle(device: str) -> None:
     relative = euler_deg_to_matrix(a) @ euler_deg_to_matrix(b).transpose(-1, -2)
     reference = torch.rad2deg(torch.acos(((relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)))
     assert torch.allclose(rotation_angle_deg(a, b), reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pairwise_rotation_angle(device: str) -> None:
+    grid = orientation_grid(1, device=device).euler_deg  # (576, 3)
+    centres = torch.cat([grid[[0, 100, 400]], torch.tensor([[10.0, 20.0, 30.0], [0.0, 180.0, 0.0]], dtype=torch.float64, device=device)])
+    angles = pairwise_rotation_angle_deg(centres, grid)
+    assert angles.shape == (5, len(grid)) and angles.dtype == torch.float64
+    reference = rotation_angle_deg(centres[:, None], grid[None])
+    assert torch.allclose(angles, reference, atol=1e-5)
+    # a pose is at 0 from itself, and a half turn at 180
+    assert float(angles[[0, 1, 2], [0, 100, 400]].abs().max()) < 1e-5
+    assert abs(float(pairwise_rotation_angle_deg(torch.tensor([[0.0, 180.0, 0.0]]), torch.zeros(1, 3))[0, 0]) - 180.0) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -98,7 +98,7 @@ def insert_slices(
     weight_flat = weight.view(-1)
     slice_weights = slice_weights.expand(slices.shape)
     # per sample: coordinates, floors, fractions, and one corner's index/weight/value at a time
-    chunk = rotation_chunk_size(frequencies.shape[0], 160, memory_budget_bytes)
+    chunk = rotation_chunk_size(frequencies.shape[0], 160, memory_budget_bytes, data_ft.device)
     for start in range(0, rotations.shape[0], chunk):
         stop = start + chunk
         coordinates, conjugate = slice_coordinates(rotations[start:stop], frequencies, box_size, padded_size)

@@ -39,6 +39,7 @@ __all__ = [
     "orientation_grid",
     "oversample_orientations",
     "rotation_angle_deg",
+    "pairwise_rotation_angle_deg",
     "orientations_within",
 ]
 
@@ -528,6 +529,31 @@ def rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor) -> 
     )
     sin_2x = antisym.norm(dim=-1)
     return torch.rad2deg(torch.atan2(sin_2x, cos_2x))
+
+
+def pairwise_rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor) -> torch.Tensor:
+    """Angles of the rotations between every pose of ``a`` and every pose of ``b``.
+
+    ``arccos((trace(A B^T) - 1) / 2)`` with the traces of all pairs as one float64 matrix
+    product of the flattened matrices: the local searches' priors over whole orientation
+    grids. Within about 1e-6 degrees of :func:`rotation_angle_deg` (arccos loses digits near
+    0 and 180 degrees, which float64 leaves far below any sampling step).
+
+    Parameters
+    ----------
+    euler_a_deg
+        ``(A, 3)`` ``(rot, tilt, psi)`` in degrees.
+    euler_b_deg
+        ``(B, 3)`` ``(rot, tilt, psi)`` in degrees.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(A, B)`` float64 angles in degrees, in ``[0, 180]``.
+    """
+    a = euler_deg_to_matrix(euler_a_deg.double()).reshape(-1, 9)
+    b = euler_deg_to_matrix(euler_b_deg.double()).reshape(-1, 9)
+    return torch.rad2deg(torch.arccos(((a @ b.T - 1.0) * 0.5).clamp_(-1.0, 1.0)))
 
 
 def orientations_within(

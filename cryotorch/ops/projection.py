@@ -134,9 +134,17 @@ def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: in
             yield torch.where(valid, flat_index, 0), torch.where(valid, trilinear, 0)
 
 
-def rotation_chunk_size(n_values_per_rotation: int, bytes_per_value: int, memory_budget_bytes: float) -> int:
-    """Number of rotations per chunk so that one chunk's work arrays fit the memory budget."""
-    return max(1, int(memory_budget_bytes // max(1, n_values_per_rotation * bytes_per_value)))
+# Work arrays per chunk on a CPU. Larger chunks gain nothing there and lose to page faults and
+# cache misses: 20,000 slices of three volumes (box 64, 321 components) are extracted in 3.4 s
+# in chunks sized for 2 GiB and in 0.9 s in chunks of 16–64 MiB (2-core benchmark CPU).
+CPU_CHUNK_BYTES = 2**25
+
+
+def rotation_chunk_size(n_values_per_rotation: int, bytes_per_value: int, memory_budget_bytes: float, device: torch.device) -> int:
+    """Number of rotations per chunk so that one chunk's work arrays fit the memory budget
+    (and, on a CPU, :data:`CPU_CHUNK_BYTES`)."""
+    budget = min(memory_budget_bytes, CPU_CHUNK_BYTES) if device.type == "cpu" else memory_budget_bytes
+    return max(1, int(budget // max(1, n_values_per_rotation * bytes_per_value)))
 
 
 def extract_slices(
@@ -173,7 +181,7 @@ def extract_slices(
     # one row per voxel holding every class's (real, imaginary) pair: a view of the storage
     # that prepare_fourier_volumes lays out, so that the 8 neighbours of a sample are 8 rows
     table = torch.view_as_real(volumes_ft.permute(1, 2, 3, 0)).reshape(-1, 2 * n_classes)
-    chunk = rotation_chunk_size(n_freq, 8 * 12 + 8 * n_classes + 64, memory_budget_bytes)
+    chunk = rotation_chunk_size(n_freq, 8 * 12 + 8 * n_classes + 64, memory_budget_bytes, volumes_ft.device)
     out = volumes_ft.new_empty(rotations.shape[0], n_freq, n_classes)
     for start in range(0, rotations.shape[0], chunk):
         coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
@@ -197,7 +205,7 @@ def _extract_by_grid_sample(
     half_extent = torch.tensor([(half_size - 1) / 2, (padded_size - 1) / 2, (padded_size - 1) / 2], device=frequencies.device)
     offset = torch.tensor([0.0, centre, centre], device=frequencies.device)
     n_freq = frequencies.shape[0]
-    chunk = rotation_chunk_size(n_freq, 4 * (4 * n_classes + 8), memory_budget_bytes)
+    chunk = rotation_chunk_size(n_freq, 4 * (4 * n_classes + 8), memory_budget_bytes, volumes_ft.device)
     out = []
     for start in range(0, rotations.shape[0], chunk):
         coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
