@@ -267,3 +267,48 @@ def test_significant_sample_lists_match_their_dense_mask() -> None:
     torch.testing.assert_close(shift_used, dense[1:3].any(dim=(0, 2)).nonzero()[:, 0])
     torch.testing.assert_close(pair_used, dense[1:3].any(dim=(0, 1)).nonzero()[:, 0])
     torch.testing.assert_close(mask, dense[1:3][:, shift_used][:, :, pair_used])
+
+
+def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> None:
+    # with C4 the grid covers rot in [-45, 45]; a particle whose prior is a symmetry mate of
+    # its true pose (rot + 90) still finds that pose, as the search takes every grid pose's
+    # mates into account; the plain angles would keep it at the far side of the unit
+    import dataclasses
+
+    from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
+    from cryotorch.ops.healpix import pairwise_rotation_angle_deg
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(8)
+    box = 16
+    frequencies = sorted_frequencies(box, 6)
+    volume = torch.randn(box, box, box, generator=generator)
+    symmetric = sum(torch.rot90(volume, k, dims=(1, 2)) for k in range(4)) / 4  # C4 about z
+    volumes_ft = prepare_fourier_volumes(symmetric[None])
+    grid = build_pose_grid(2, 1.0, 1.0, "C4", oversampling=1)
+    border = int(torch.argmin(grid.coarse_euler_deg[:, 0] + 0.01 * (grid.coarse_euler_deg[:, 1] - 90).abs()))
+    truth = grid.fine_euler_deg[border, 3].double()  # a fine pose near rot = -45
+    from cryotorch.conventions import euler_deg_to_matrix
+
+    image = extract_slices(volumes_ft, euler_deg_to_matrix(truth[None]).float(), frequencies, box)[0]  # (1, M)
+    prior = truth + torch.tensor([90.0 + 3.0, 0.0, 0.0], dtype=torch.float64)
+    batch = PreparedBatch(
+        spectra=image,
+        ctf=torch.ones_like(image.real),
+        inv_sigma2=torch.full_like(image.real, 10.0),
+        scale=torch.ones(1),
+        prior_origin_px=torch.zeros(1, 2),
+        prior_euler_deg=prior[None],
+    )
+    coarse = extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box)
+    settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, local_sigma_deg=5.0)
+
+    def best_angle_to_truth(search_grid: object) -> float:
+        cache = FinePassCache(volumes_ft, search_grid, frequencies, box, 2**26)
+        result = expectation(batch, volumes_ft, coarse, search_grid, cache, torch.zeros(1), 10.0, settings)
+        return float(pairwise_rotation_angle_deg(result.best_euler_deg, truth[None], grid.symmetry_matrices)[0, 0])
+
+    assert float(pairwise_rotation_angle_deg(prior[None], truth[None], grid.symmetry_matrices)[0, 0]) < 3.5
+    assert best_angle_to_truth(grid) < 1e-3
+    plain = dataclasses.replace(grid, symmetry_matrices=grid.symmetry_matrices[:1])
+    assert best_angle_to_truth(plain) > 3.0

@@ -16,7 +16,6 @@ from cryotorch.ops.healpix import (
     healpix_nside,
     order_from_angular_step,
     orientation_grid,
-    orientations_within,
     oversample_orientations,
     pairwise_rotation_angle_deg,
     pix2ang_nest,
@@ -229,22 +228,24 @@ def test_pairwise_rotation_angle(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_orientations_within(device: str) -> None:
-    grid = orientation_grid(2, device=device).euler_deg
-    centre = grid[1000]
-    itself = orientations_within(centre, grid, 0.0)
-    assert itself.shape == (len(grid),) and bool(itself[1000]) and int(itself.sum()) == 1
-
-    centres = grid[[5, 1000, 3000]]
-    mask = orientations_within(centres, grid, 20.0)
-    assert mask.shape == (3, len(grid))
-    angles = rotation_angle_deg(centres[:, None], grid[None])  # (3, R)
-    clear = (angles - 20.0).abs() > 1e-6
-    assert torch.equal(mask[clear], (angles <= 20.0)[clear])
-    assert bool(mask[:, [5, 1000, 3000]].diagonal().all())
-
-    # A pose turned by a C4 operator (rot + 90) is only found when symmetry is given.
-    turned = centre + torch.tensor([90.0, 0.0, 0.0], dtype=torch.float64, device=device)
-    assert not bool(orientations_within(turned, grid, 1.0)[1000])
+def test_pairwise_rotation_angle_with_symmetry(device: str) -> None:
     c4 = symmetry_matrices("C4", device=device)
-    assert bool(orientations_within(turned, grid, 1.0, symmetry_matrices=c4)[1000])
+    grid = orientation_grid(2, "C4", device=device).euler_deg
+    centres = grid[[5, 100, 300]]
+    angles = pairwise_rotation_angle_deg(centres, grid, c4)
+    # oracle: the smallest angle to the explicit mates B·L
+    mates = euler_deg_to_matrix(grid)[:, None] @ c4[None]  # (R, G, 3, 3)
+    relative = euler_deg_to_matrix(centres)[:, None, None] @ mates.transpose(-1, -2)[None]
+    reference = torch.rad2deg(torch.acos(((relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1))).amin(-1)
+    assert torch.allclose(angles, reference, atol=1e-5)
+    assert torch.all(angles <= pairwise_rotation_angle_deg(centres, grid) + 1e-9)
+    # a pose turned by a C4 operator (rot + 90) is at 0 from its mate only with the symmetry
+    turned = grid[100] + torch.tensor([90.0, 0.0, 0.0], dtype=torch.float64, device=device)
+    assert float(pairwise_rotation_angle_deg(turned[None], grid[[100]])[0, 0]) > 89.0
+    assert float(pairwise_rotation_angle_deg(turned[None], grid[[100]], c4)[0, 0]) < 1e-5
+    # near the border of the asymmetric unit (rot in [-45, 45]), the neighbours across it are
+    # the grid poses at the other side (rot near -45)
+    border = torch.tensor([[44.0, 60.0, 30.0]], dtype=torch.float64, device=device)
+    across = grid[:, 0] < -30.0
+    assert bool((pairwise_rotation_angle_deg(border, grid, c4)[0, across] <= 20.0).any())
+    assert not bool((pairwise_rotation_angle_deg(border, grid)[0, across] <= 20.0).any())

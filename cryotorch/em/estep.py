@@ -503,7 +503,7 @@ def expectation(
     orientation_prior = None
     searched_rotations = None
     if settings.local_sigma_deg is not None:
-        angles = pairwise_rotation_angle_deg(batch.prior_euler_deg, grid.coarse_euler_deg)  # (B, R)
+        angles = pairwise_rotation_angle_deg(batch.prior_euler_deg, grid.coarse_euler_deg, grid.symmetry_matrices)  # (B, R)
         # searched: within 3σ, and never fewer than the coarse samples nearest to the prior
         searched = (angles <= 3 * settings.local_sigma_deg) | (angles <= angles.min(dim=1, keepdim=True).values + grid.coarse_step_deg)
         # only the orientations some particle of the batch searches are scored
@@ -670,7 +670,7 @@ def _fine_sub_batch(
     logits = scores.add_(log_class_prior[:, fine_class][:, None, :])
     logits.add_(_offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[:, :, None])
     if settings.local_sigma_deg is not None:
-        angles = pairwise_rotation_angle_deg(batch.prior_euler_deg, fine_euler)
+        angles = pairwise_rotation_angle_deg(batch.prior_euler_deg, fine_euler, grid.symmetry_matrices)
         logits.sub_((angles**2 / (2 * settings.local_sigma_deg**2))[:, None, :].to(logits.dtype))
     logits.masked_fill_(~allowed, -math.inf)
     flat = logits.reshape(b, -1)
@@ -686,7 +686,7 @@ def _fine_sub_batch(
     best_shift, best_rot = best // logits.shape[2], best % logits.shape[2]
     best_euler = fine_euler[best_rot]
     rotation_posterior = posterior.sum(1)  # (b, Rf)
-    angles_to_best = pairwise_rotation_angle_deg(best_euler, fine_euler)  # (b, Rf)
+    angles_to_best = pairwise_rotation_angle_deg(best_euler, fine_euler, grid.symmetry_matrices)  # (b, Rf)
     spread = torch.sqrt((rotation_posterior * angles_to_best.to(rotation_posterior.dtype) ** 2).sum(-1))
     class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).index_add_(1, fine_class, rotation_posterior)
     image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)

@@ -10,6 +10,7 @@ import torch
 
 from cryotorch.conventions import euler_deg_to_matrix, matrix_to_euler_deg
 from cryotorch.ops.healpix import angular_step_deg, orientation_grid, oversample_orientations
+from cryotorch.ops.symmetry import symmetry_matrices
 
 __all__ = ["PoseGrid", "build_pose_grid", "grid_perturbation", "perturb_pose_grid", "translation_grid", "coarse_radius_shells"]
 
@@ -32,6 +33,10 @@ class PoseGrid:
         ``(T, S, 2)`` the ``S`` oversampled translations of each coarse one.
     coarse_step_deg
         Angular step of the coarse grid.
+    symmetry_matrices
+        ``(G, 3, 3)`` float64 RELION matrices ``L`` of the point group whose asymmetric unit
+        the orientations cover (identity first): a grid pose ``A`` stands for all ``A·L``,
+        so a local search near the unit's border continues past it.
     """
 
     coarse_rotations: torch.Tensor
@@ -40,6 +45,7 @@ class PoseGrid:
     coarse_shifts_px: torch.Tensor
     fine_shifts_px: torch.Tensor
     coarse_step_deg: float
+    symmetry_matrices: torch.Tensor
 
     def without_oversampling(self) -> "PoseGrid":
         """The same coarse grid whose only child of each sample is the sample itself."""
@@ -50,6 +56,7 @@ class PoseGrid:
             coarse_shifts_px=self.coarse_shifts_px,
             fine_shifts_px=self.coarse_shifts_px[:, None, :],
             coarse_step_deg=self.coarse_step_deg,
+            symmetry_matrices=self.symmetry_matrices,
         )
 
 
@@ -92,6 +99,7 @@ def build_pose_grid(
         coarse_shifts_px=coarse_shifts,
         fine_shifts_px=coarse_shifts[:, None, :] + sub_offsets[None],
         coarse_step_deg=angular_step_deg(healpix_order),
+        symmetry_matrices=symmetry_matrices(symmetry, device=device),
     )
 
 
@@ -133,6 +141,7 @@ def perturb_pose_grid(grid: PoseGrid, perturbation: float, coarse_offset_step_px
         coarse_shifts_px=grid.coarse_shifts_px + shift,
         fine_shifts_px=grid.fine_shifts_px + shift,
         coarse_step_deg=grid.coarse_step_deg,
+        symmetry_matrices=grid.symmetry_matrices,
     )
 
 

@@ -40,7 +40,6 @@ __all__ = [
     "oversample_orientations",
     "rotation_angle_deg",
     "pairwise_rotation_angle_deg",
-    "orientations_within",
 ]
 
 # Pixel indices are int64 and hold 2 * order + 4 bits.
@@ -531,13 +530,15 @@ def rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor) -> 
     return torch.rad2deg(torch.atan2(sin_2x, cos_2x))
 
 
-def pairwise_rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor) -> torch.Tensor:
+def pairwise_rotation_angle_deg(
+    euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor, symmetry_matrices: torch.Tensor | None = None
+) -> torch.Tensor:
     """Angles of the rotations between every pose of ``a`` and every pose of ``b``.
 
-    ``arccos((trace(A B^T) - 1) / 2)`` with the traces of all pairs as one float64 matrix
-    product of the flattened matrices: the local searches' priors over whole orientation
-    grids. Within about 1e-6 degrees of :func:`rotation_angle_deg` (arccos loses digits near
-    0 and 180 degrees, which float64 leaves far below any sampling step).
+    ``arccos((trace(A B^T) - 1) / 2)`` with the traces of all pairs as float64 matrix products
+    of the flattened matrices: the local searches' priors over whole orientation grids. Within
+    about 1e-6 degrees of :func:`rotation_angle_deg` (arccos loses digits near 0 and 180
+    degrees, which float64 leaves far below any sampling step).
 
     Parameters
     ----------
@@ -545,55 +546,19 @@ def pairwise_rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Te
         ``(A, 3)`` ``(rot, tilt, psi)`` in degrees.
     euler_b_deg
         ``(B, 3)`` ``(rot, tilt, psi)`` in degrees.
+    symmetry_matrices
+        Optional ``(G, 3, 3)`` RELION symmetry matrices ``L`` (identity included): a pose ``B``
+        then stands for all its equivalent poses ``B·L``, and the angle is to the nearest of
+        them (``trace(A (B L)^T) = <A L^T, B>_F``, one product per matrix).
 
     Returns
     -------
     torch.Tensor
         ``(A, B)`` float64 angles in degrees, in ``[0, 180]``.
     """
-    a = euler_deg_to_matrix(euler_a_deg.double()).reshape(-1, 9)
+    a = euler_deg_to_matrix(euler_a_deg.double())  # (A, 3, 3)
     b = euler_deg_to_matrix(euler_b_deg.double()).reshape(-1, 9)
-    return torch.rad2deg(torch.arccos(((a @ b.T - 1.0) * 0.5).clamp_(-1.0, 1.0)))
-
-
-def orientations_within(
-    center_euler_deg: torch.Tensor,
-    grid_euler_deg: torch.Tensor,
-    radius_deg: float,
-    symmetry_matrices: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Which grid orientations lie within an angular radius of each centre (local searches).
-
-    Parameters
-    ----------
-    center_euler_deg
-        ``(3,)`` or ``(B, 3)`` centre poses ``(rot, tilt, psi)`` in degrees.
-    grid_euler_deg
-        ``(R, 3)`` grid poses in degrees.
-    radius_deg
-        Largest relative rotation angle to accept, in degrees (inclusive).
-    symmetry_matrices
-        Optional ``(G, 3, 3)`` RELION symmetry matrices (identity included); a grid pose
-        ``A`` then counts if any equivalent pose ``A @ R`` is within the radius.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B, R)`` bool mask, or ``(R,)`` for a ``(3,)`` centre.
-    """
-    single = center_euler_deg.dim() == 1
-    centers = euler_deg_to_matrix(center_euler_deg.double().reshape(-1, 3))  # (B, 3, 3)
-    grid = euler_deg_to_matrix(grid_euler_deg.double()).reshape(-1, 9)  # (R, 9)
     if symmetry_matrices is None:
-        symmetry_matrices = torch.eye(3, dtype=torch.float64, device=grid.device)[None]
-    symmetry_matrices = symmetry_matrices.to(device=grid.device, dtype=torch.float64)
-
-    # angle <= radius  <=>  trace(A_c (A_g R)^T) = <A_c R^T, A_g>_F >= 1 + 2 cos(radius);
-    # the slack absorbs rounding so that a pose always contains itself at radius 0.
-    threshold = 1.0 + 2.0 * math.cos(math.radians(radius_deg)) - 1e-9
-    best = torch.full((centers.shape[0], grid.shape[0]), -3.0, dtype=torch.float64, device=grid.device)
-    for matrix in symmetry_matrices:
-        turned = (centers @ matrix.T).reshape(-1, 9)  # (B, 9)
-        best = torch.maximum(best, turned @ grid.T)
-    mask = best >= threshold
-    return mask[0] if single else mask
+        symmetry_matrices = torch.eye(3, dtype=torch.float64, device=b.device)[None]
+    trace = torch.stack([(a @ mate.T).reshape(-1, 9) @ b.T for mate in symmetry_matrices.to(b)]).amax(0)
+    return torch.rad2deg(torch.arccos(((trace - 1.0) * 0.5).clamp_(-1.0, 1.0)))
