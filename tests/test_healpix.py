@@ -243,6 +243,8 @@ def test_pairwise_rotation_angle_with_symmetry(device: str) -> None:
     turned = grid[100] + torch.tensor([90.0, 0.0, 0.0], dtype=torch.float64, device=device)
     assert float(pairwise_rotation_angle_deg(turned[None], grid[[100]])[0, 0]) > 89.0
     assert float(pairwise_rotation_angle_deg(turned[None], grid[[100]], c4)[0, 0]) < 1e-5
+    assert float(rotation_angle_deg(turned, grid[100])) > 89.0 and float(rotation_angle_deg(turned, grid[100], c4)) < 1e-9
+    torch.testing.assert_close(rotation_angle_deg(centres[:, None], grid[None], c4), reference, atol=1e-5, rtol=0)
     # near the border of the asymmetric unit (rot in [-45, 45]), the neighbours across it are
     # the grid poses at the other side (rot near -45)
     border = torch.tensor([[44.0, 60.0, 30.0]], dtype=torch.float64, device=device)

@@ -681,7 +681,7 @@ class Class3DJob:
         pixel = self.pixel
         assigned = previous.class_number > 0
         changes_classes = float((previous.class_number[assigned] != state.class_number[assigned]).float().mean()) if assigned.any() else 1.0
-        changes_orientations = float(rotation_angle_deg(previous.euler_deg, state.euler_deg).mean())
+        changes_orientations = float(rotation_angle_deg(previous.euler_deg, state.euler_deg, self.symmetry).mean())
         changes_offsets = float((previous.origin_px - state.origin_px).norm(dim=-1).mean()) * pixel
         counts = torch.bincount(state.class_number - 1, minlength=self.n_classes).double()
         distribution = model.class_weights.cpu().numpy()

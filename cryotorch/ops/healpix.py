@@ -498,7 +498,7 @@ def oversample_orientations(
     return euler_deg.reshape(n, n_pix * n_sub, 3)
 
 
-def rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor) -> torch.Tensor:
+def rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor, symmetry_matrices: torch.Tensor | None = None) -> torch.Tensor:
     """Angle of the rotation taking pose ``b`` to pose ``a``.
 
     Equals ``arccos((trace(A B^T) - 1) / 2)``, evaluated as ``atan2`` of the sine (from the
@@ -508,6 +508,10 @@ def rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor) -> 
     ----------
     euler_a_deg, euler_b_deg
         ``(..., 3)`` broadcastable ``(rot, tilt, psi)`` in degrees.
+    symmetry_matrices
+        Optional ``(G, 3, 3)`` RELION symmetry matrices ``L`` (identity included): the angle
+        is then to the nearest equivalent pose ``B·L``, as RELION measures changes of
+        orientations.
 
     Returns
     -------
@@ -516,18 +520,21 @@ def rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor) -> 
     """
     a = euler_deg_to_matrix(euler_a_deg.double())
     b = euler_deg_to_matrix(euler_b_deg.double())
-    relative = a @ b.transpose(-1, -2)  # (..., 3, 3)
-    cos_2x = relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0
-    antisym = torch.stack(
-        [
-            relative[..., 2, 1] - relative[..., 1, 2],
-            relative[..., 0, 2] - relative[..., 2, 0],
-            relative[..., 1, 0] - relative[..., 0, 1],
-        ],
-        dim=-1,
-    )
-    sin_2x = antisym.norm(dim=-1)
-    return torch.rad2deg(torch.atan2(sin_2x, cos_2x))
+    mates = [None] if symmetry_matrices is None else list(symmetry_matrices.to(b))
+    angles = []
+    for mate in mates:
+        relative = a @ (b if mate is None else b @ mate).transpose(-1, -2)  # (..., 3, 3)
+        cos_2x = relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0
+        antisym = torch.stack(
+            [
+                relative[..., 2, 1] - relative[..., 1, 2],
+                relative[..., 0, 2] - relative[..., 2, 0],
+                relative[..., 1, 0] - relative[..., 0, 1],
+            ],
+            dim=-1,
+        )
+        angles.append(torch.rad2deg(torch.atan2(antisym.norm(dim=-1), cos_2x)))
+    return torch.stack(angles).amin(0)
 
 
 def pairwise_rotation_angle_deg(
