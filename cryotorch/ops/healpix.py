@@ -567,5 +567,9 @@ def pairwise_rotation_angle_deg(
     b = euler_deg_to_matrix(euler_b_deg.double()).reshape(-1, 9)
     if symmetry_matrices is None:
         symmetry_matrices = torch.eye(3, dtype=torch.float64, device=b.device)[None]
-    trace = torch.stack([(a @ mate.T).reshape(-1, 9) @ b.T for mate in symmetry_matrices.to(b)]).amax(0)
+    trace = None
+    for mate in symmetry_matrices.to(b):
+        mate_trace = (a @ mate.T).reshape(-1, 9) @ b.T  # (A, B)
+        trace = mate_trace if trace is None else torch.maximum(trace, mate_trace, out=trace)
+    assert trace is not None
     return torch.rad2deg(torch.arccos(((trace - 1.0) * 0.5).clamp_(-1.0, 1.0)))
