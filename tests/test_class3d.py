@@ -263,8 +263,8 @@ def test_classification_with_symmetry_and_local_searches(tmp_path: Path) -> None
     assert float(errors.median()) < 12.0
     for k in (1, 2):
         # the first row and column of an even box have no mate under a quarter turn; the rest
-        # is C4 to 1e-3 (the common frame's small rigid corrections aside: 2e-4; C1 runs of
-        # the same data: 1e-2)
+        # is C4 to 1e-3 (2e-4 here, from the common frame's discretised turn about z; 3e-7
+        # without it; C1 runs of the same data: 1e-2)
         volume = torch.as_tensor(np.array(read_mrc(out / f"run_it006_class{k:03d}.mrc").data))
         inner = volume.clone()
         inner[:, 0, :] = 0

@@ -76,3 +76,21 @@ def test_common_frame_removes_turns_and_shifts_and_keeps_structure() -> None:
     assert abs(float(kept.norm() / truth.norm()) - 1) < 0.1
     # an empty (junk) class stays nearly empty
     assert float(volumes[2].norm()) < 0.05 * float(reference.norm())
+
+
+def test_common_frame_of_symmetric_maps_moves_them_only_along_the_symmetry() -> None:
+    # C4 (about z) leaves turns about z and shifts along z unchanged: the common frame removes
+    # those and nothing else; D2 leaves no rigid motion unchanged, so nothing is removed
+    from cryotorch.ops.symmetry import symmetry_matrices
+
+    points = centres(seed=2)
+    mask = soft_spherical_mask(BOX, 16, 3.0).double()
+    reference = gaussian_blobs(points) * mask
+    along_z = gaussian_blobs(points @ turn(math.radians(3), 2).T + torch.tensor([0.0, 0.0, 0.4], dtype=torch.float64)) * mask
+    across = gaussian_blobs(points @ turn(math.radians(3), 0).T + torch.tensor([0.4, 0.0, 0.0], dtype=torch.float64)) * mask
+    weights = torch.tensor([0.5, 0.5])
+    c4, d2 = symmetry_matrices("C4"), symmetry_matrices("D2")
+    for moved, group, removed in ((along_z, c4, True), (across, c4, False), (along_z, d2, False), (across, None, True)):
+        volumes = remove_rigid_differences(torch.stack([reference, moved]), weights, mask, group)
+        ratio = float((volumes[1] - volumes[0]).norm() / (moved - reference).norm())
+        assert ratio < 0.15 if removed else ratio > 0.99

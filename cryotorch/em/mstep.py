@@ -179,6 +179,7 @@ def maximization(
     max_shell: int,
     mask: torch.Tensor,
     common_frame: bool = False,
+    symmetry_matrices: torch.Tensor | None = None,
 ) -> list[int]:
     """Update ``model`` in place from the summed statistics; returns the empty classes.
 
@@ -192,6 +193,9 @@ def maximization(
     common_frame
         Remove from the new maps their small rigid turns and shifts against each other
         (:func:`remove_rigid_differences`), before τ² is measured.
+    symmetry_matrices
+        ``(G, 3, 3)`` point group of the maps: the common frame then moves them only in ways
+        the group leaves unchanged.
     """
     box = model.box_size
     n_shells = box // 2 + 1
@@ -204,7 +208,7 @@ def maximization(
         model.volumes[k] = volume * mask
     update_noise_and_weights(model, stats, max_shell)
     if common_frame and model.n_classes > 1:
-        model.volumes.copy_(remove_rigid_differences(model.volumes, model.class_weights, mask))
+        model.volumes.copy_(remove_rigid_differences(model.volumes, model.class_weights, mask, symmetry_matrices))
     for k in range(model.n_classes):
         if k not in empty:
             model.tau2[k] = 0.5 * radial_average(rfft3_centered(model.volumes[k]).abs().double() ** 2, shell_index_3d(box, model.volumes.device), n_shells)
@@ -233,7 +237,9 @@ def rigid_motion_basis(volume: torch.Tensor) -> torch.Tensor:
     return torch.stack([d_x, d_y, d_z, y * d_z - z * d_y, z * d_x - x * d_z, x * d_y - y * d_x])
 
 
-def remove_rigid_differences(volumes: torch.Tensor, class_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def remove_rigid_differences(
+    volumes: torch.Tensor, class_weights: torch.Tensor, mask: torch.Tensor, symmetry_matrices: torch.Tensor | None = None
+) -> torch.Tensor:
     """Class maps ``(K, N, N, N)`` with their small rigid motions against the weighted mean
     map removed: each map loses the least-squares fit (inside ``mask``) of its difference
     from the mean by the mean's :func:`rigid_motion_basis`.
@@ -243,6 +249,11 @@ def remove_rigid_differences(volumes: torch.Tensor, class_weights: torch.Tensor,
     degrees, or take up the particles' pose errors, instead of their structural
     differences. Kept in the mean's frame to first order, they can differ only in ways that
     are not rigid motions; a structural difference loses only its small rigid-motion part.
+
+    With ``symmetry_matrices`` ``(G, 3, 3)`` (RELION's, identity included) the fitted shifts
+    and turns keep only their part that every symmetry operator leaves unchanged (their
+    projection by the group mean ``Σ_g L_g / G``: along the axis for Cn, none for Dn, T, O,
+    I), so that symmetric maps stay symmetric.
     """
     weights = class_weights.to(volumes.dtype).clamp(min=0)
     mean = (weights[:, None, None, None] * volumes).sum(0) / weights.sum().clamp(min=1e-30)
@@ -259,6 +270,9 @@ def remove_rigid_differences(volumes: torch.Tensor, class_weights: torch.Tensor,
         gram += fitted @ fitted.T
         right += fitted @ (differences[:, part] * flat_mask[part]).double().T
     coefficients = torch.linalg.solve(gram + 1e-9 * gram.diagonal().mean() * torch.eye(6, dtype=gram.dtype, device=gram.device), right)  # (6, K)
+    if symmetry_matrices is not None:
+        invariant = symmetry_matrices.to(coefficients).mean(0)  # (3, 3) projector onto the fixed vectors
+        coefficients = torch.cat([invariant @ coefficients[:3], invariant @ coefficients[3:]])
     correction = (coefficients.T.to(volumes.dtype) @ basis).reshape(volumes.shape)
     return volumes - correction * mask
 

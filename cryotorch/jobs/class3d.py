@@ -487,7 +487,7 @@ class Class3DJob:
             tensor.copy_(context.all_reduce_sum(tensor))
         new_state = self.gather_state(context, new_state, rows)
         references = model.volumes.clone()
-        empty = maximization(model, stats, context.padding_factor, self.tau2_fudge, radius, self.mask, self.common_frame)
+        empty = maximization(model, stats, context.padding_factor, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry)
         if not self.update_references:
             # classification against fixed maps: only noise, scales and class weights are learnt
             model.volumes.copy_(references)
