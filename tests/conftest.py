@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 # devices every device-aware test runs on; the CUDA cases carry the `gpu` mark, so the
 # default run (-m "not gpu") deselects them and `pytest -m gpu` runs them on a GPU machine
@@ -23,3 +24,21 @@ def shared_data() -> Path:
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"shared real test data not found at {SHARED_DATA_DIR} (it is read in place, not copied into tests/)")
     return SHARED_DATA_DIR
+
+
+def quarter_turn(volume: torch.Tensor) -> torch.Tensor:
+    """``(z, y, x)`` volume turned by 90° about z through the map centre ``N // 2`` (the
+    voxel grid is taken as periodic, so that the turn permutes voxels)."""
+    n = volume.shape[-1]
+    index = torch.arange(n, device=volume.device)
+    # out[z, y, x] = volume[z, (2c − x) mod n, y] with c = n // 2
+    return volume[:, ((2 * (n // 2) - index) % n)[None, :], index[:, None]]
+
+
+def c4_average(volume: torch.Tensor) -> torch.Tensor:
+    """``volume`` made C4-symmetric about z through the map centre: the mean of its 4 turns."""
+    total, turned = volume.clone(), volume
+    for _ in range(3):
+        turned = quarter_turn(turned)
+        total += turned
+    return total / 4

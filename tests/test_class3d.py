@@ -15,6 +15,7 @@ from cryotorch.data.phantom import blob_phantom
 from cryotorch.io import read_mrc, read_particles, read_star, write_mrc
 from cryotorch.ops.healpix import rotation_angle_deg
 
+from conftest import c4_average, quarter_turn
 from test_jobs import REPO, train
 
 BOX, PIXEL = 32, 6.0
@@ -33,13 +34,17 @@ def accuracy(truth: np.ndarray, assigned: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def two_class_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("class3d")
-    maps = [blob_phantom(BOX, PIXEL, seed=seed) for seed in (11, 12)]
+    return simulate_two_classes(folder, [blob_phantom(BOX, PIXEL, seed=seed) for seed in (11, 12)], 240)
+
+
+def simulate_two_classes(folder: Path, maps: list[torch.Tensor], n_particles: int) -> dict[str, Path]:
+    """Particles of two maps at SNR 0.5 (written with their mean as the reference) in ``folder``."""
     for index, volume in enumerate(maps):
         write_mrc(folder / f"map{index}.mrc", volume, PIXEL)
     write_mrc(folder / "reference.mrc", (maps[0] + maps[1]) / 2, PIXEL)
     sim = folder / "sim"
     train(
-        "+job=simulate", f"job.maps=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]", "job.n_particles=240",
+        "+job=simulate", f"job.maps=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]", f"job.n_particles={n_particles}",
         "job.snr=0.5", "job.origin_sigma_angstrom=4", "job.defocus_min_angstrom=10000", "job.defocus_max_angstrom=20000",
         f"hydra.run.dir={sim}",
     )
@@ -240,22 +245,11 @@ def test_classification_with_symmetry_and_local_searches(tmp_path: Path) -> None
     # border of the asymmetric unit; classes, poses (up to the symmetry) and C4 maps come back
     from cryotorch.ops.symmetry import symmetry_matrices
 
-    maps = [blob_phantom(BOX, PIXEL, seed=seed) for seed in (21, 22)]
-    maps = [(volume + quarter_turn(volume) + quarter_turn(quarter_turn(volume)) + quarter_turn(quarter_turn(quarter_turn(volume)))) / 4 for volume in maps]
-    for index, volume in enumerate(maps):
-        write_mrc(tmp_path / f"map{index}.mrc", volume, PIXEL)
-    write_mrc(tmp_path / "reference.mrc", (maps[0] + maps[1]) / 2, PIXEL)
-    sim = tmp_path / "sim"
-    train(
-        "+job=simulate", f"job.maps=[{tmp_path / 'map0.mrc'},{tmp_path / 'map1.mrc'}]", "job.n_particles=200",
-        "job.snr=0.5", "job.origin_sigma_angstrom=4", "job.defocus_min_angstrom=10000", "job.defocus_max_angstrom=20000",
-        f"hydra.run.dir={sim}",
-    )
-    data = {"particles": sim / "particles.star", "reference": tmp_path / "reference.mrc"}
+    data = simulate_two_classes(tmp_path, [c4_average(blob_phantom(BOX, PIXEL, seed=seed)) for seed in (21, 22)], 200)
     out = tmp_path / "c4"
     classify(data, out, "model.symmetry=C4", "job.n_iterations=6", "sampling.angular_step_deg=15", "sampling.offset_range_px=2",
              "sampling.final_local_iterations=2", "sampling.final_angular_step_deg=7.5", "sampling.final_local_search_deg=15")
-    truth = read_particles(sim / "truth.star")
+    truth = read_particles(data["truth"])
     result = read_particles(out / "run_it006_data.star")
     assert accuracy(truth.class_number, result.class_number) >= 0.9
     c4 = symmetry_matrices("C4")
@@ -271,11 +265,3 @@ def test_classification_with_symmetry_and_local_searches(tmp_path: Path) -> None
         inner[:, :, 0] = 0
         assert float((quarter_turn(inner) - inner).abs().max()) < 1e-3 * float(volume.abs().max())
 
-
-def quarter_turn(volume: torch.Tensor) -> torch.Tensor:
-    """``(z, y, x)`` volume turned by 90° about z through the map centre ``N // 2`` (the
-    voxel grid is taken as periodic, so that the turn permutes voxels)."""
-    n = volume.shape[-1]
-    index = torch.arange(n)
-    # out[z, y, x] = volume[z, (2c − x) mod n, y] with c = n // 2
-    return volume[:, ((2 * (n // 2) - index) % n)[None, :], index[:, None]]

@@ -6,9 +6,11 @@ import math
 
 import torch
 
-from cryotorch.conventions import fft_frequencies_2d
+from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d
 from cryotorch.em.estep import PreparedBatch, phase_ramps, profiled_scale, score_batch, score_terms, scaled_score
 from cryotorch.em.sampling import build_pose_grid, translation_grid
+
+from conftest import c4_average
 
 
 def random_batch(b: int, n: int, generator: torch.Generator) -> PreparedBatch:
@@ -283,13 +285,10 @@ def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> No
     box = 16
     frequencies = sorted_frequencies(box, 6)
     volume = torch.randn(box, box, box, generator=generator)
-    symmetric = sum(torch.rot90(volume, k, dims=(1, 2)) for k in range(4)) / 4  # C4 about z
-    volumes_ft = prepare_fourier_volumes(symmetric[None])
+    volumes_ft = prepare_fourier_volumes(c4_average(volume)[None])  # C4 about z through the centre
     grid = build_pose_grid(2, 1.0, 1.0, "C4", oversampling=1)
     border = int(torch.argmin(grid.coarse_euler_deg[:, 0] + 0.01 * (grid.coarse_euler_deg[:, 1] - 90).abs()))
     truth = grid.fine_euler_deg[border, 3].double()  # a fine pose near rot = -45
-    from cryotorch.conventions import euler_deg_to_matrix
-
     image = extract_slices(volumes_ft, euler_deg_to_matrix(truth[None]).float(), frequencies, box)[0]  # (1, M)
     prior = truth + torch.tensor([90.0 + 3.0, 0.0, 0.0], dtype=torch.float64)
     batch = PreparedBatch(

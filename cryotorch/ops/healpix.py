@@ -520,10 +520,11 @@ def rotation_angle_deg(euler_a_deg: torch.Tensor, euler_b_deg: torch.Tensor, sym
     """
     a = euler_deg_to_matrix(euler_a_deg.double())
     b = euler_deg_to_matrix(euler_b_deg.double())
-    mates = [None] if symmetry_matrices is None else list(symmetry_matrices.to(b))
+    if symmetry_matrices is None:
+        symmetry_matrices = torch.eye(3, dtype=torch.float64, device=b.device)[None]
     angles = []
-    for mate in mates:
-        relative = a @ (b if mate is None else b @ mate).transpose(-1, -2)  # (..., 3, 3)
+    for mate in symmetry_matrices.to(b):
+        relative = a @ (b @ mate).transpose(-1, -2)  # (..., 3, 3)
         cos_2x = relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0
         antisym = torch.stack(
             [
