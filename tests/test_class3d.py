@@ -82,9 +82,13 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
 
 def test_estep_limit_for_the_first_iterations_only(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "limited"
-    classify(two_class_data, out, "job.n_iterations=8", "sampling.align=false", "job.highres_limit_estep_A=30", "job.highres_limit_estep_iterations=2")
+    classify(two_class_data, out, "job.n_iterations=8", "sampling.align=false", "job.highres_limit_estep_A=30", "job.highres_limit_estep_iterations=2",
+             "job.tau2_estimate=posterior")
     limits = [float(read_star(out / f"run_it{i:03d}_optimiser.star")["optimiser_general"]["rlnHighresLimitExpectation"]) for i in range(1, 9)]
     sizes = [int(read_star(out / f"run_it{i:03d}_model.star")["model_general"]["rlnCurrentImageSize"]) for i in range(1, 9)]
+    # the posterior τ² is updated only in the shells each iteration measured (6 here)
+    tau2 = [read_star(out / f"run_it{i:03d}_model.star")["model_class_1"]["rlnReferenceTau2"].to_numpy() for i in (1, 2)]
+    assert np.array_equal(tau2[0][7:], tau2[1][7:]) and not np.allclose(tau2[0][1:7], tau2[1][1:7])
     assert limits == [30.0, 30.0] + [-1.0] * 6
     # RELION's --incr_size, in shells, as written by relion_refine
     assert int(read_star(out / "run_it008_optimiser.star")["optimiser_general"]["rlnIncrementImageSize"]) == 5
@@ -217,6 +221,9 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
                    "job.highres_limit_estep_iterations=3", f"hydra.run.dir={tmp_path / 'e'}", check=False)
     assert result.returncode == 2 and "job.highres_limit_estep_iterations=3 needs job.highres_limit_estep_A" in result.stderr + result.stdout
+    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
+                   "job.tau2_estimate=fsc", f"hydra.run.dir={tmp_path / 'f'}", check=False)
+    assert result.returncode == 2 and "job.tau2_estimate must be one of map, posterior" in result.stderr + result.stdout
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""M-step constraint tests: rigid-motion derivatives and the common frame of the classes."""
+"""M-step tests: the prior's signal power, rigid-motion derivatives and the common frame of the classes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import math
 
 import torch
 
-from cryotorch.em.mstep import remove_rigid_differences, rigid_motion_basis
+from cryotorch.conventions import fft_frequencies_2d, rfft3_centered
+from cryotorch.data.phantom import blob_phantom
+from cryotorch.em.mstep import expected_signal_power, reconstruct_class, remove_rigid_differences, rigid_motion_basis
+from cryotorch.ops.backprojection import insert_slices
 from cryotorch.ops.filters import soft_spherical_mask
+from cryotorch.ops.fourier import radial_average, shell_index_3d
+from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+from cryotorch.ops.rotations import random_rotations
 
 BOX = 40
 
@@ -94,3 +100,40 @@ def test_common_frame_of_symmetric_maps_moves_them_only_along_the_symmetry() -> 
         volumes = remove_rigid_differences(torch.stack([reference, moved]), weights, mask, group)
         ratio = float((volumes[1] - volumes[0]).norm() / (moved - reference).norm())
         assert ratio < 0.15 if removed else ratio > 0.99
+
+
+def test_signal_power_update_finds_the_power_of_the_signal() -> None:
+    """Slices of a known map with noise of known variance (σ² per real and imaginary part, as the
+    E-step's sums): the fixed point of the τ² update is the map's power wherever the data hold
+    signal, and stays within half the noise power where they do not. Half the power of the
+    solvent-masked map (RELION's Class3D estimate) falls below 60 % of it at an SSNR of 2."""
+    box, padded, sigma2 = 24, 48, 1000.0
+    generator = torch.Generator().manual_seed(0)
+    volume = blob_phantom(box, 5.0, seed=3)
+    n_shells = box // 2 + 1
+    shells = shell_index_3d(box)
+    power = 0.5 * radial_average(rfft3_centered(volume).abs().double() ** 2, shells, n_shells)
+    frequencies = fft_frequencies_2d(box).reshape(-1, 2).float()
+    frequencies = frequencies[frequencies.norm(dim=-1) <= box // 2]
+    rotations = random_rotations(1500, generator).float()
+    slices = extract_slices(prepare_fourier_volumes(volume[None].float(), 2.0), rotations, frequencies, box)[0]
+    noisy = slices + math.sqrt(sigma2) * torch.complex(torch.randn(slices.shape, generator=generator), torch.randn(slices.shape, generator=generator))
+    data = torch.zeros(padded, padded, padded // 2 + 1, dtype=torch.complex64)
+    weight = torch.zeros(padded, padded, padded // 2 + 1)
+    insert_slices(data, weight, noisy / sigma2, torch.full(slices.shape, 1 / sigma2), rotations, frequencies, box)
+    _, ssnr, _ = reconstruct_class(data, weight, power, box, 1.0)
+    noise_power = power / ssnr
+
+    mask = soft_spherical_mask(box, 0.45 * box, 2.0)
+    estimate, map_power = power.clone(), power.clone()
+    for _ in range(50):
+        estimate = expected_signal_power(data, weight, estimate, box)
+        masked_map = reconstruct_class(data, weight, map_power, box, 1.0)[0] * mask
+        map_power = 0.5 * radial_average(rfft3_centered(masked_map).abs().double() ** 2, shells, n_shells)
+
+    measured = slice(2, n_shells)  # shells 0 and 1 hold too few components for a power to be measured
+    assert ssnr[measured].max() > 100 and ssnr[measured].min() < 0.01  # from clear signal to noise alone
+    error = (estimate - power).abs()
+    assert torch.all(error[measured] <= 0.1 * power[measured] + 0.5 * noise_power[measured]), (estimate / power)[measured]
+    near_two = int(torch.argmin((ssnr[measured].log() - math.log(2.0)).abs())) + 2
+    assert map_power[near_two] < 0.6 * power[near_two] and error[near_two] < 0.2 * power[near_two]

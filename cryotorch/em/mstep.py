@@ -20,7 +20,10 @@ from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, s
 from cryotorch.ops.fourier import radial_average, shell_index_3d, shells_to_padded_grid
 from cryotorch.ops.fsc import fourier_shell_correlation
 
-__all__ = ["SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_set_reconstruction"]
+__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "expected_signal_power", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_set_reconstruction"]
+
+#: ways to update the prior's signal power τ² (see :func:`maximization`)
+TAU2_ESTIMATES = ("map", "posterior")
 
 
 @dataclass
@@ -174,12 +177,12 @@ def reconstruct_class(
 def maximization(
     model: ClassModel,
     stats: SufficientStatistics,
-    padding_factor: float,
     tau2_fudge: float,
     max_shell: int,
     mask: torch.Tensor,
     common_frame: bool = False,
     symmetry_matrices: torch.Tensor | None = None,
+    tau2_estimate: str = "map",
 ) -> list[int]:
     """Update ``model`` in place from the summed statistics; returns the empty classes.
 
@@ -192,13 +195,17 @@ def maximization(
         ``(N, N, N)`` reference mask applied to each new class map (solvent flattening).
     common_frame
         Remove from the new maps their small rigid turns and shifts against each other
-        (:func:`remove_rigid_differences`), before τ² is measured.
+        (:func:`remove_rigid_differences`).
     symmetry_matrices
         ``(G, 3, 3)`` point group of the maps: the common frame then moves them only in ways
         the group leaves unchanged.
+    tau2_estimate
+        How the prior's signal power τ² is updated: ``"map"``, half the power of the new
+        solvent-masked map in every shell (RELION's Class3D); ``"posterior"``, its expected
+        value given the data (:func:`expected_signal_power`) in the measured shells (beyond,
+        τ² keeps its value).
     """
     box = model.box_size
-    n_shells = box // 2 + 1
     empty = []
     for k in range(model.n_classes):
         if float(stats.weight[k].sum()) <= 0:
@@ -206,13 +213,50 @@ def maximization(
             continue
         volume, model.ssnr[k], model.inverse_denominator[k] = reconstruct_class(stats.data[k], stats.weight[k], model.tau2[k], box, tau2_fudge)
         model.volumes[k] = volume * mask
+        if tau2_estimate == "posterior":
+            measured = expected_signal_power(stats.data[k], stats.weight[k], model.tau2[k], box)
+            model.tau2[k, : max_shell + 1] = measured[: max_shell + 1]
     update_noise_and_weights(model, stats, max_shell)
     if common_frame and model.n_classes > 1:
         model.volumes.copy_(remove_rigid_differences(model.volumes, model.class_weights, mask, symmetry_matrices))
-    for k in range(model.n_classes):
-        if k not in empty:
-            model.tau2[k] = 0.5 * radial_average(rfft3_centered(model.volumes[k]).abs().double() ** 2, shell_index_3d(box, model.volumes.device), n_shells)
+    if tau2_estimate == "map":
+        for k in range(model.n_classes):
+            if k not in empty:
+                model.tau2[k] = 0.5 * radial_average(rfft3_centered(model.volumes[k]).abs().double() ** 2, shell_index_3d(box, model.volumes.device), box // 2 + 1)
     return empty
+
+
+def expected_signal_power(data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, box_size: int) -> torch.Tensor:
+    """Update of the prior's signal power τ²: ``E[|V|²/2 | data]`` per shell.
+
+    The posterior under the current prior (``T = 1``) has mean ``m`` and, per component,
+    variance ``v = 1/(Σ w·2Q + 1/(p³ τ²))``; ``E[|V|²/2] = |m|²/2 + v`` is the EM update of τ²,
+    whose fixed point is the power of the signal. The power of the map alone (``|m|²/2`` of the
+    solvent-masked map, RELION's Class3D estimate) has a fixed point only where the data's
+    SSNR exceeds about ``1 − (masked share of the noise)``: beyond, τ² falls to what the mask
+    leaks into the shell, and the map there holds mostly leaked noise (``docs/architecture.md``).
+
+    Parameters
+    ----------
+    data, weight
+        ``(P, P, P // 2 + 1)`` back-projected sums of one class on the padded grid.
+    tau2
+        ``(N // 2 + 1,)`` current signal power per unpadded shell.
+    box_size
+        Unpadded box size N.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(N // 2 + 1,)`` float64 expected signal power per unpadded shell.
+    """
+    padded = data.shape[0]
+    n_shells = box_size // 2 + 1
+    mean, _, variance = reconstruct_class(data, weight, tau2, box_size, 1.0)
+    mean_power = 0.5 * radial_average(rfft3_centered(mean).abs().double() ** 2, shell_index_3d(box_size, data.device), n_shells)
+    shell_variance = radial_average(variance.double(), shell_index_3d(padded, data.device), padded // 2 + 1)
+    unpadded_to_padded = (torch.arange(n_shells, device=data.device) * padded / box_size).round().long().clamp(max=padded // 2)
+    return mean_power + shell_variance[unpadded_to_padded] / (padded / box_size) ** 3
 
 
 def rigid_motion_basis(volume: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from cryotorch.conventions import (
 )
 from cryotorch.data.particles import ctf_parameters, shard_rows, uniform_geometry
 from cryotorch.em.estep import EStepResult, EStepSettings, FinePassCache, PreparedBatch, WeightedSlices, class_ess, expectation
-from cryotorch.em.mstep import SufficientStatistics, maximization
+from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, maximization
 from cryotorch.em.sampling import PoseGrid, build_pose_grid, coarse_radius_shells, grid_perturbation, perturb_pose_grid
 from cryotorch.errors import InputError
 from cryotorch.io import (
@@ -110,6 +110,7 @@ class Class3DJob:
         K: int,
         n_iterations: int = 25,
         tau2_fudge: float = 4.0,
+        tau2_estimate: str = "map",
         mask_diameter_A: float | None = None,
         reference_mask: str | None = None,
         zero_mask: bool = True,
@@ -133,6 +134,8 @@ class Class3DJob:
             raise InputError(f"job.n_iterations must be at least 1, got {n_iterations}")
         if tau2_fudge <= 0:
             raise InputError(f"job.tau2_fudge must be positive, got {tau2_fudge}")
+        if tau2_estimate not in TAU2_ESTIMATES:
+            raise InputError(f"job.tau2_estimate must be one of {', '.join(TAU2_ESTIMATES)}, got {tau2_estimate!r}")
         if highres_limit_estep_A is not None and not highres_limit_estep_A > 0:
             raise InputError(f"job.highres_limit_estep_A={highres_limit_estep_A} must be a resolution in Å (e.g. 30), or null for no limit")
         if highres_limit_estep_iterations is not None and not (highres_limit_estep_A and 1 <= highres_limit_estep_iterations <= n_iterations):
@@ -150,6 +153,7 @@ class Class3DJob:
         self.n_classes = K
         self.n_iterations = n_iterations
         self.tau2_fudge = tau2_fudge
+        self.tau2_estimate = tau2_estimate
         self.mask_diameter_A = mask_diameter_A
         self.reference_mask = reference_mask
         self.zero_mask = zero_mask
@@ -487,7 +491,7 @@ class Class3DJob:
             tensor.copy_(context.all_reduce_sum(tensor))
         new_state = self.gather_state(context, new_state, rows)
         references = model.volumes.clone()
-        empty = maximization(model, stats, context.padding_factor, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry)
+        empty = maximization(model, stats, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry, self.tau2_estimate)
         if not self.update_references:
             # classification against fixed maps: only noise, scales and class weights are learnt
             model.volumes.copy_(references)
