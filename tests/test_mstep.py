@@ -14,6 +14,7 @@ from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import radial_average, shell_index_3d
 from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
 from cryotorch.ops.rotations import random_rotations
+from cryotorch.ops.symmetry import symmetry_matrices
 
 BOX = 40
 
@@ -87,8 +88,6 @@ def test_common_frame_removes_turns_and_shifts_and_keeps_structure() -> None:
 def test_common_frame_of_symmetric_maps_moves_them_only_along_the_symmetry() -> None:
     # C4 (about z) leaves turns about z and shifts along z unchanged: the common frame removes
     # those and nothing else; D2 leaves no rigid motion unchanged, so nothing is removed
-    from cryotorch.ops.symmetry import symmetry_matrices
-
     points = centres(seed=2)
     mask = soft_spherical_mask(BOX, 16, 3.0).double()
     reference = gaussian_blobs(points) * mask

@@ -17,10 +17,10 @@ from cryotorch.conventions import rfft3_centered
 from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
 from cryotorch.model.class_model import ClassModel
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
-from cryotorch.ops.fourier import radial_average, shell_index_3d, shells_to_padded_grid
+from cryotorch.ops.fourier import radial_average, shell_index_3d, shell_power_3d, shells_to_padded_grid
 from cryotorch.ops.fsc import fourier_shell_correlation
 
-__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "expected_signal_power", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_set_reconstruction"]
+__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_set_reconstruction"]
 
 #: ways to update the prior's signal power τ² (see :func:`maximization`)
 TAU2_ESTIMATES = ("map", "posterior")
@@ -159,7 +159,6 @@ def reconstruct_class(
     """
     padded = data.shape[0]
     padded_shells = shell_index_3d(padded, data.device)
-    unpadded_to_padded = (torch.arange(box_size // 2 + 1, device=data.device) * padded / box_size).round().long().clamp(max=padded // 2)
     p3 = (padded / box_size) ** 3
     data = symmetrize_hermitian_plane(data, conjugate=True)
     weight = symmetrize_hermitian_plane(weight, conjugate=False)
@@ -169,7 +168,7 @@ def reconstruct_class(
     regularisation[0] = 0.0
     volume = reconstruct_from_sums(data, weight, box_size, regularisation.float())
     mean_weight = radial_average(weight.double(), padded_shells, padded // 2 + 1)
-    ssnr = (p3 * tau2_fudge * tau2_padded * mean_weight)[unpadded_to_padded]
+    ssnr = (p3 * tau2_fudge * tau2_padded * mean_weight)[padded_shell_of_unpadded(box_size, padded, data.device)]
     inverse_denominator = 1.0 / (weight + regularisation.float()[padded_shells.clamp(max=padded // 2)]).clamp(min=1e-30)
     return volume, ssnr, inverse_denominator
 
@@ -222,7 +221,7 @@ def maximization(
     if tau2_estimate == "map":
         for k in range(model.n_classes):
             if k not in empty:
-                model.tau2[k] = 0.5 * radial_average(rfft3_centered(model.volumes[k]).abs().double() ** 2, shell_index_3d(box, model.volumes.device), box // 2 + 1)
+                model.tau2[k] = 0.5 * shell_power_3d(rfft3_centered(model.volumes[k]).to(torch.complex128))
     return empty
 
 
@@ -251,12 +250,15 @@ def expected_signal_power(data: torch.Tensor, weight: torch.Tensor, tau2: torch.
         ``(N // 2 + 1,)`` float64 expected signal power per unpadded shell.
     """
     padded = data.shape[0]
-    n_shells = box_size // 2 + 1
     mean, _, variance = reconstruct_class(data, weight, tau2, box_size, 1.0)
-    mean_power = 0.5 * radial_average(rfft3_centered(mean).abs().double() ** 2, shell_index_3d(box_size, data.device), n_shells)
+    mean_power = 0.5 * shell_power_3d(rfft3_centered(mean).to(torch.complex128))
     shell_variance = radial_average(variance.double(), shell_index_3d(padded, data.device), padded // 2 + 1)
-    unpadded_to_padded = (torch.arange(n_shells, device=data.device) * padded / box_size).round().long().clamp(max=padded // 2)
-    return mean_power + shell_variance[unpadded_to_padded] / (padded / box_size) ** 3
+    return mean_power + shell_variance[padded_shell_of_unpadded(box_size, padded, data.device)] / (padded / box_size) ** 3
+
+
+def padded_shell_of_unpadded(box_size: int, padded_size: int, device: torch.device) -> torch.Tensor:
+    """``(N // 2 + 1,)`` nearest padded-grid shell of each unpadded shell (``r · P / N``, rounded)."""
+    return (torch.arange(box_size // 2 + 1, device=device) * padded_size / box_size).round().long().clamp(max=padded_size // 2)
 
 
 def rigid_motion_basis(volume: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ from cryotorch.monitor import log_central_slices, log_scalars, progress
 from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
-from cryotorch.ops.fourier import fourier_crop_3d, radial_average, shell_index_2d, shell_index_3d, translate_2d_ft
+from cryotorch.ops.fourier import fourier_crop_3d, shell_index_2d, shell_power_3d, translate_2d_ft
 from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes
 from cryotorch.ops.rotations import random_rotations
@@ -307,11 +307,9 @@ class Class3DJob:
         nonzero = volumes.flatten(1).abs().amax(dim=1) > 0
         factor = 1.0 if self.reference_absolute_greyscale or not nonzero.any() else self.greyscale_factor(volumes[nonzero].mean(0), signal_var)
         model.volumes.copy_((volumes * factor).expand_as(model.volumes))
-        n_shells = box // 2 + 1
         # the prior's power comes from the unfiltered reference: the low-pass only sets where the
         # first iteration looks, it must not forbid the resolution from growing past it
-        power_spectrum = radial_average(rfft3_centered(unfiltered * factor).abs().double() ** 2, shell_index_3d(box, self.device), n_shells)
-        model.tau2.copy_(0.5 * power_spectrum.expand_as(model.tau2))
+        model.tau2.copy_(0.5 * shell_power_3d(rfft3_centered(unfiltered * factor).to(torch.complex128)).expand_as(model.tau2))
         # RELION starts from half the images' mean power spectrum (signal assumed small)
         model.sigma2_noise.copy_(0.5 * power / counts.clamp(min=1))
         model.offset_sigma_angstrom.fill_(context.sampling["offset_range_px"] * pixel / 2)
