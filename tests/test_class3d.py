@@ -80,6 +80,23 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_random_split_of_identical_particles_is_neither_held_nor_repelled(tmp_path: Path) -> None:
+    # one structure, two classes from RELION's random split: once each particle's fit to its
+    # own contribution is discounted, its own class and the other are equally likely, so about
+    # half of the particles change class in the second iteration (nearly all stay without the
+    # discount; 91 % left when it used the current noise variances and every current component)
+    volume = blob_phantom(BOX, PIXEL, seed=11)
+    write_mrc(tmp_path / "map.mrc", volume, PIXEL)
+    sim = tmp_path / "sim"
+    train("+job=simulate", f"job.maps=[{tmp_path / 'map.mrc'}]", "job.n_particles=600", "job.snr=0.5", "job.origin_sigma_angstrom=4",
+          "job.defocus_min_angstrom=10000", "job.defocus_max_angstrom=20000", f"hydra.run.dir={sim}")
+    out = tmp_path / "split"
+    train("+job=class3d", f"data.particles={sim / 'particles.star'}", f"job.reference={tmp_path / 'map.mrc'}", "job.K=2", "job.ini_high_A=30",
+          "job.n_iterations=2", "sampling.align=false", f"hydra.run.dir={out}")
+    changes = float(read_star(out / "run_it002_optimiser.star")["optimiser_general"]["rlnChangesOptimalClasses"])
+    assert 0.3 <= changes <= 0.7
+
+
 def test_estep_limit_for_the_first_iterations_only(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "limited"
     classify(two_class_data, out, "job.n_iterations=8", "sampling.align=false", "job.highres_limit_estep_A=30", "job.highres_limit_estep_iterations=2",

@@ -206,6 +206,9 @@ def maximization(
     """
     box = model.box_size
     empty = []
+    # what the sums were made with, for the self-fit discount of the next E-step
+    model.inserted_sigma2.copy_(model.sigma2_noise)
+    model.inserted_radius.fill_(max_shell)
     for k in range(model.n_classes):
         if float(stats.weight[k].sum()) <= 0:
             empty.append(k)

@@ -560,28 +560,36 @@ class Class3DJob:
         """``(B, K)`` log-likelihood each particle gains from its own share of its last class map.
 
         A particle that helped to make map k fits it better by its own noise. Its inserted
-        ``L`` (weight ``2Q``) returns in the projection at the same pose as ``L · share``, with
+        ``L' = s·CTF·X/σ'²`` (weight ``2Q'``, with the noise variances ``σ'²`` of the last
+        E-step) returns in the projection at the same pose as ``L' · share``, with
         ``share = kept · Σ_v c_v/(weight_v + 1/τ²)`` from the last reconstruction
         (:func:`~cryotorch.ops.backprojection.self_overlap_sum`; ``kept`` and the neighbour
         overlap account for the crop to the unpadded box, the gridding correction and the
-        solvent mask). That raises the score by about ``4Q · share`` per component (the noise
-        power ``2σ²`` times ``2Q/σ²``), times the weight ``p(k | X)`` with which the particle
-        went into that map. Removing this expected self-fit — a leave-one-out estimate at the
-        particle's last pose — stops the initial random class split from holding particles in
-        place.
+        solvent mask). Scored with ``L = s·CTF·X/σ²``, that raises the score by
+        ``Re(L̄·L')·share``, whose noise part is ``2σ²·s²CTF²/(σ²σ'²) = 4Q'`` per component,
+        times the weight ``p(k | X)`` with which the particle went into that map, and only in
+        the components the last iteration inserted (its radius). Removing this expected
+        self-fit — a leave-one-out estimate at the particle's last pose — stops the initial
+        random class split from holding particles in place; after a random split of identical
+        particles, half of them change class (``tests/test_class3d.py``).
         """
         previous = state.class_number[index]
-        if int(previous.max()) == 0 or float(model.inverse_denominator.abs().max()) == 0:
+        if int(previous.max()) == 0 or float(model.inserted_radius) == 0:
             return None
-        q = 0.5 * (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2  # (B, M)
+        inserted = frequencies.norm(dim=-1) <= float(model.inserted_radius)
+        frequencies = frequencies[inserted]
+        groups = torch.as_tensor(self.groups[index.cpu().numpy()], device=index.device)
+        shells = torch.round(frequencies.norm(dim=-1)).long()
+        # 4Q' = 2·(s·CTF)²/σ'², with the noise variances the sums were weighted with
+        four_q = 2.0 * (batch.scale[:, None] * batch.ctf[:, inserted]) ** 2 / model.inserted_sigma2[groups][:, shells].float().clamp(min=1e-30)
         rotations = euler_deg_to_matrix(state.euler_deg[index]).float()
-        discount = torch.zeros(previous.shape[0], self.n_classes, device=q.device)
+        discount = torch.zeros(previous.shape[0], self.n_classes, device=four_q.device)
         for k in range(self.n_classes):
             members = (previous == k + 1).nonzero()[:, 0]
             if members.numel():
                 share = self_overlap_sum(model.inverse_denominator[k], rotations[members], frequencies, self.box, self.self_overlap)
                 weight = state.class_probability[index[members]]  # its share of the class's sums
-                discount[members, k] = -self.self_kept * weight * (4.0 * q[members] * share).sum(-1)
+                discount[members, k] = -self.self_kept * weight * (four_q[members] * share).sum(-1)
         return discount
 
     def self_fit_geometry(self, padded: int) -> tuple[float, float]:

@@ -19,6 +19,12 @@ class ClassModel(nn.Module):
         ``(K, P, P, P // 2 + 1)`` float32 ``1/(weight + 1/τ²)`` of the last reconstruction on
         the padded Fourier grid: a particle's own share of its class map, which the E-step
         uses to discount the particle's fit to the map it helped to make.
+    inserted_sigma2
+        ``(G, N // 2 + 1)`` float64 noise variances the last reconstruction's sums were weighted
+        with (the E-step's ``sigma2_noise``, before the M-step updated it).
+    inserted_radius
+        ``()`` float64 Fourier radius (shells) of the components the last reconstruction's sums
+        hold; 0 before the first.
     class_weights
         ``(K,)`` float64 prior class probabilities (RELION's rlnClassDistribution).
     sigma2_noise
@@ -36,6 +42,8 @@ class ClassModel(nn.Module):
 
     volumes: torch.Tensor
     inverse_denominator: torch.Tensor
+    inserted_sigma2: torch.Tensor
+    inserted_radius: torch.Tensor
     class_weights: torch.Tensor
     sigma2_noise: torch.Tensor
     group_scale: torch.Tensor
@@ -50,6 +58,8 @@ class ClassModel(nn.Module):
         self.pixel_size_angstrom = pixel_size_angstrom
         self.register_buffer("volumes", torch.zeros(n_classes, box_size, box_size, box_size))
         self.register_buffer("inverse_denominator", torch.zeros(n_classes, padded_size, padded_size, padded_size // 2 + 1))
+        self.register_buffer("inserted_sigma2", torch.ones(n_groups, n_shells, dtype=torch.float64))
+        self.register_buffer("inserted_radius", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("class_weights", torch.full((n_classes,), 1.0 / n_classes, dtype=torch.float64))
         self.register_buffer("sigma2_noise", torch.ones(n_groups, n_shells, dtype=torch.float64))
         self.register_buffer("group_scale", torch.ones(n_groups, dtype=torch.float64))
