@@ -80,7 +80,8 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_random_split_of_identical_particles_is_neither_held_nor_repelled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tau2_estimate", ["map", "fsc"])
+def test_random_split_of_identical_particles_is_neither_held_nor_repelled(tmp_path: Path, tau2_estimate: str) -> None:
     # one structure, two classes from RELION's random split: once each particle's fit to its
     # own contribution is discounted, its own class and the other are equally likely, so about
     # half of the particles change class in the second iteration (nearly all stay without the
@@ -92,7 +93,7 @@ def test_random_split_of_identical_particles_is_neither_held_nor_repelled(tmp_pa
           "job.defocus_min_angstrom=10000", "job.defocus_max_angstrom=20000", f"hydra.run.dir={sim}")
     out = tmp_path / "split"
     train("+job=class3d", f"data.particles={sim / 'particles.star'}", f"job.reference={tmp_path / 'map.mrc'}", "job.K=2", "job.ini_high_A=30",
-          "job.n_iterations=2", "sampling.align=false", f"hydra.run.dir={out}")
+          "job.n_iterations=2", "sampling.align=false", f"job.tau2_estimate={tau2_estimate}", f"hydra.run.dir={out}")
     changes = float(read_star(out / "run_it002_optimiser.star")["optimiser_general"]["rlnChangesOptimalClasses"])
     assert 0.3 <= changes <= 0.7
 
@@ -239,8 +240,8 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
                    "job.highres_limit_estep_iterations=3", f"hydra.run.dir={tmp_path / 'e'}", check=False)
     assert result.returncode == 2 and "job.highres_limit_estep_iterations=3 needs job.highres_limit_estep_A" in result.stderr + result.stdout
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
-                   "job.tau2_estimate=fsc", f"hydra.run.dir={tmp_path / 'f'}", check=False)
-    assert result.returncode == 2 and "job.tau2_estimate must be one of map, posterior" in result.stderr + result.stdout
+                   "job.tau2_estimate=power", f"hydra.run.dir={tmp_path / 'f'}", check=False)
+    assert result.returncode == 2 and "job.tau2_estimate must be one of map, posterior, fsc" in result.stderr + result.stdout
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:

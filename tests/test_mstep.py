@@ -8,7 +8,7 @@ import torch
 
 from cryotorch.conventions import fft_frequencies_2d, rfft3_centered
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.em.mstep import expected_signal_power, reconstruct_class, remove_rigid_differences, rigid_motion_basis
+from cryotorch.em.mstep import expected_signal_power, half_set_signal_power, reconstruct_class, remove_rigid_differences, rigid_motion_basis
 from cryotorch.ops.backprojection import insert_slices
 from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import radial_average, shell_index_3d
@@ -136,3 +136,41 @@ def test_signal_power_update_finds_the_power_of_the_signal() -> None:
     assert torch.all(error[measured] <= 0.1 * power[measured] + 0.5 * noise_power[measured]), (estimate / power)[measured]
     near_two = int(torch.argmin((ssnr[measured].log() - math.log(2.0)).abs())) + 2
     assert map_power[near_two] < 0.6 * power[near_two] and error[near_two] < 0.2 * power[near_two]
+
+
+def test_half_set_signal_power_follows_the_signal_and_vanishes_without_it() -> None:
+    """Slices of a known map with noise of known variance, split into two half sets: τ² from
+    their FSC follows the map's power (within a factor 2.5, the mask raising the FSC) where the
+    data hold signal, and stays near 0 in every shell of pure-noise slices."""
+    box, padded, sigma2 = 24, 48, 1000.0
+    generator = torch.Generator().manual_seed(0)
+    volume = blob_phantom(box, 5.0, seed=3)
+    n_shells = box // 2 + 1
+    power = 0.5 * radial_average(rfft3_centered(volume).abs().double() ** 2, shell_index_3d(box), n_shells)
+    frequencies = fft_frequencies_2d(box).reshape(-1, 2).float()
+    frequencies = frequencies[frequencies.norm(dim=-1) <= box // 2]
+    rotations = random_rotations(1500, generator).float()
+    slices = extract_slices(prepare_fourier_volumes(volume[None].float(), 2.0), rotations, frequencies, box)[0]
+    mask = soft_spherical_mask(box, 0.45 * box, 2.0)
+
+    def half_sums(signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noisy = signal + math.sqrt(sigma2) * torch.complex(torch.randn(signal.shape, generator=generator), torch.randn(signal.shape, generator=generator))
+        data = torch.zeros(2, padded, padded, padded // 2 + 1, dtype=torch.complex64)
+        weight = torch.zeros(2, padded, padded, padded // 2 + 1)
+        for half in (0, 1):
+            rows = slice(half, None, 2)
+            insert_slices(data[half], weight[half], noisy[rows] / sigma2, torch.full(signal[rows].shape, 1 / sigma2), rotations[rows], frequencies, box)
+        return data, weight
+
+    data, weight = half_sums(slices)
+    _, ssnr, _ = reconstruct_class(data.sum(0), weight.sum(0), power, box, 1.0)
+    noise_power = power / ssnr
+    tau2, fsc = half_set_signal_power(data, weight, box, mask)
+    assert fsc[1] > 0.99 and fsc[-1] < 0.1
+    with_signal = (ssnr > 0.2) & (ssnr < 100)
+    assert int(with_signal.sum()) >= 4
+    ratio = (tau2 / power)[with_signal]
+    assert torch.all(ratio > 0.5) and torch.all(ratio < 2.5), ratio
+    tau2_noise, _ = half_set_signal_power(*half_sums(torch.zeros_like(slices)), box, mask)
+    relative = (tau2_noise / noise_power)[2:]
+    assert float(relative.mean()) < 0.1 and float(relative.max()) < 0.5, relative

@@ -20,10 +20,10 @@ from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, s
 from cryotorch.ops.fourier import radial_average, shell_index_3d, shell_power_3d, shells_to_padded_grid
 from cryotorch.ops.fsc import fourier_shell_correlation
 
-__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_set_reconstruction"]
+__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
 
 #: ways to update the prior's signal power τ² (see :func:`maximization`)
-TAU2_ESTIMATES = ("map", "posterior")
+TAU2_ESTIMATES = ("map", "posterior", "fsc")
 
 
 @dataclass
@@ -182,6 +182,7 @@ def maximization(
     common_frame: bool = False,
     symmetry_matrices: torch.Tensor | None = None,
     tau2_estimate: str = "map",
+    second_half: SufficientStatistics | None = None,
 ) -> list[int]:
     """Update ``model`` in place from the summed statistics; returns the empty classes.
 
@@ -202,7 +203,10 @@ def maximization(
         How the prior's signal power τ² is updated: ``"map"``, half the power of the new
         solvent-masked map in every shell (RELION's Class3D); ``"posterior"``, its expected
         value given the data (:func:`expected_signal_power`) in the measured shells (beyond,
-        τ² keeps its value).
+        τ² keeps its value); ``"fsc"``, from the FSC of the class's two half sets
+        (:func:`half_set_signal_power`, RELION's Refine3D update), before the map is made.
+    second_half
+        With ``"fsc"``: the sums of the particles of half set 2 (``stats`` holds all).
     """
     box = model.box_size
     empty = []
@@ -213,6 +217,12 @@ def maximization(
         if float(stats.weight[k].sum()) <= 0:
             empty.append(k)
             continue
+        if tau2_estimate == "fsc":
+            if second_half is None:
+                raise ValueError("tau2_estimate='fsc' needs the sums of half set 2 (second_half)")
+            data = torch.stack([stats.data[k] - second_half.data[k], second_half.data[k]])
+            weight = torch.stack([stats.weight[k] - second_half.weight[k], second_half.weight[k]])
+            model.tau2[k] = half_set_signal_power(data, weight, box, mask)[0]
         volume, model.ssnr[k], model.inverse_denominator[k] = reconstruct_class(stats.data[k], stats.weight[k], model.tau2[k], box, tau2_fudge)
         model.volumes[k] = volume * mask
         if tau2_estimate == "posterior":
@@ -410,21 +420,89 @@ def half_set_reconstruction(
         Reconstruct the half maps again with the FSC-based τ²; False returns the first ones
         (when only the full map is wanted).
     """
-    data = torch.stack([symmetrize_hermitian_plane(d, conjugate=True) for d in data])
-    weight = torch.stack([symmetrize_hermitian_plane(w, conjugate=False) for w in weight])
+    data, weight = _symmetrized_halves(data, weight)
     padded = data.shape[1]
     n_padded_shells = padded // 2 + 1
     padded_shells = shell_index_3d(padded, data.device)
-    first = [reconstruct_from_sums(data[h], weight[h], box_size, wiener_constant * float(weight[h].mean())) for h in (0, 1)]
-    weighting = 1.0 if mask is None else mask
-    fsc = fourier_shell_correlation(rfft3_centered(first[0] * weighting), rfft3_centered(first[1] * weighting))
+    first, fsc = half_map_fsc(data, weight, box_size, wiener_constant, mask)
     halves = first
     if final_halves:
-        halves = []
-        for h in (0, 1):
-            mean_weight = radial_average(weight[h].double(), padded_shells, n_padded_shells)
-            halves.append(reconstruct_from_sums(data[h], weight[h], box_size, fsc_regularisation(fsc, mean_weight, box_size, padded, tau2_fudge).float()))
+        halves = torch.stack([
+            reconstruct_from_sums(data[h], weight[h], box_size, fsc_regularisation(fsc, radial_average(weight[h].double(), padded_shells, n_padded_shells), box_size, padded, tau2_fudge).float())
+            for h in (0, 1)
+        ])
     fsc_full = 2 * fsc.clamp(min=0) / (1 + fsc.clamp(min=0))
     mean_weight = radial_average(weight.sum(0).double(), padded_shells, n_padded_shells)
     full = reconstruct_from_sums(data.sum(0), weight.sum(0), box_size, fsc_regularisation(fsc_full, mean_weight, box_size, padded, tau2_fudge).float())
-    return HalfSetMaps(torch.stack(halves), full, fsc)
+    return HalfSetMaps(halves, full, fsc)
+
+
+def _symmetrized_halves(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-set sums ``(2, P, P, P // 2 + 1)`` with their Hermitian planes made consistent."""
+    return (
+        torch.stack([symmetrize_hermitian_plane(d, conjugate=True) for d in data]),
+        torch.stack([symmetrize_hermitian_plane(w, conjugate=False) for w in weight]),
+    )
+
+
+def half_map_fsc(
+    data: torch.Tensor, weight: torch.Tensor, box_size: int, wiener_constant: float = 1e-3, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lightly regularised half maps and their FSC.
+
+    Parameters
+    ----------
+    data, weight
+        ``(2, P, P, P // 2 + 1)`` back-projected sums of the two half sets, Hermitian planes
+        symmetrised.
+    wiener_constant
+        Each half map's regularisation, as a fraction of its mean weight.
+    mask
+        ``(N, N, N)`` mask applied to both half maps before their FSC, or None.
+
+    Returns
+    -------
+    halves
+        ``(2, N, N, N)`` half maps (unmasked).
+    fsc
+        ``(N // 2 + 1,)`` their FSC per shell.
+    """
+    halves = torch.stack([reconstruct_from_sums(data[h], weight[h], box_size, wiener_constant * float(weight[h].mean())) for h in (0, 1)])
+    weighting = 1.0 if mask is None else mask
+    return halves, fourier_shell_correlation(rfft3_centered(halves[0] * weighting), rfft3_centered(halves[1] * weighting))
+
+
+def half_set_signal_power(data: torch.Tensor, weight: torch.Tensor, box_size: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior's signal power τ² of a structure from the FSC of its two half sets.
+
+    The full map's SSNR is ``2·FSC/(1 − FSC)`` (FSC clamped to [0.001, 0.999]) and its noise
+    power per component is the inverse of the shell's mean weight, so ``τ² = SSNR /
+    (p³ · mean weight)``, ``p³`` because a padded voxel collects ``p³`` times less weight
+    (RELION's Refine3D update, before its ``T``). Noise and signal are both measured in the
+    maps, so that shells without signal get τ² ≈ 0, whatever gridding and interpolation do
+    to the noise.
+
+    Parameters
+    ----------
+    data, weight
+        ``(2, P, P, P // 2 + 1)`` back-projected sums of the two half sets.
+    box_size
+        Unpadded box size N.
+    mask
+        ``(N, N, N)`` mask the FSC is measured in (the one the maps are multiplied by), or None.
+
+    Returns
+    -------
+    tau2
+        ``(N // 2 + 1,)`` float64 signal power per unpadded shell; 0 where no data were inserted.
+    fsc
+        ``(N // 2 + 1,)`` FSC of the half maps.
+    """
+    data, weight = _symmetrized_halves(data, weight)
+    padded = data.shape[1]
+    _, fsc = half_map_fsc(data, weight, box_size, mask=mask)
+    clamped = fsc.clamp(0.001, 0.999)
+    ssnr = 2 * clamped / (1 - clamped)
+    mean_weight = radial_average(weight.sum(0).double(), shell_index_3d(padded, data.device), padded // 2 + 1)
+    per_unpadded = mean_weight[padded_shell_of_unpadded(box_size, padded, data.device)] * (padded / box_size) ** 3
+    return torch.where(per_unpadded > 0, ssnr / per_unpadded.clamp(min=1e-300), torch.zeros_like(ssnr)), fsc

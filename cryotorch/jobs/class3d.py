@@ -29,7 +29,7 @@ from cryotorch.conventions import (
     rfft2_centered,
     rfft3_centered,
 )
-from cryotorch.data.particles import ctf_parameters, shard_rows, uniform_geometry
+from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, uniform_geometry
 from cryotorch.em.estep import EStepResult, EStepSettings, FinePassCache, PreparedBatch, WeightedSlices, class_ess, expectation
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, maximization
 from cryotorch.em.sampling import PoseGrid, build_pose_grid, coarse_radius_shells, grid_perturbation, perturb_pose_grid
@@ -234,6 +234,7 @@ class Class3DJob:
         self.group_names = [f"opticsGroup{g}" for g in group_ids]
         self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
         self.reader = self.image_reader(table, context.preload)
+        self.half_sets = half_set_labels(table, context.seed) if self.tau2_estimate == "fsc" else None
         self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
         self.padded = padded_box_size(box, context.padding_factor)
         if self.reference_mask:
@@ -459,18 +460,19 @@ class Class3DJob:
             # dense fine-pass score matrices stay small enough to be cache- and memory-friendly
             memory_budget_bytes=min(budget / 4, 2**26),
         )
-        stats = SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device)
         forced = self.forced_classes(context, iteration)
         rows = self.active_rows(context, iteration)
         if sampling["align"] and sampling["local_search_deg"] is not None:
             rows = self.by_orientation(state, rows)
+        # with the FSC-based τ² each half set is summed on its own, one after the other
+        row_sets = [rows] if self.half_sets is None else [rows[self.half_sets[rows] == h] for h in (1, 2)]
+        sets = [SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device) for _ in row_sets]
         per_rotation = grid.coarse_shifts_px.shape[0] * self.n_classes * grid.coarse_rotations.shape[0] if grid else self.n_classes
         batch_size = int(max(1, min(512, budget / 4 / max(1, per_rotation * 16 + frequencies.shape[0] * 64))))
         new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
         log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
-        starts = range(0, len(rows), batch_size)
-        for start in progress(starts, len(starts), f"iteration {iteration}", enabled=context.is_main, unit="batch"):
-            chunk = rows[start : start + batch_size]
+        chunks = [(stats, part[start : start + batch_size]) for stats, part in zip(sets, row_sets) for start in range(0, len(part), batch_size)]
+        for number, (stats, chunk) in enumerate(progress(chunks, len(chunks), f"iteration {iteration}", enabled=context.is_main, unit="batch")):
             index = torch.as_tensor(chunk, device=device)
             # as RELION: a reference that is not CTF-corrected is compared without CTFs in the first iteration
             use_ctf = self.ctf and (iteration > 1 or self.reference_ctf_corrected)
@@ -482,14 +484,18 @@ class Class3DJob:
             self.expand_symmetry(result.slices)
             stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
             new_state.store(index, result)
-        for cache in (fine, unrefined):
-            if cache is not None:
-                stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
-        for tensor in stats.tensors():
-            tensor.copy_(context.all_reduce_sum(tensor))
+            if number + 1 == len(chunks) or chunks[number + 1][0] is not stats:
+                # the slice sums held by the caches belong to this set
+                for cache in (fine, unrefined):
+                    if cache is not None:
+                        stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
+        for stats in sets:
+            for tensor in stats.tensors():
+                tensor.copy_(context.all_reduce_sum(tensor))
+        stats = sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
         new_state = self.gather_state(context, new_state, rows)
         references = model.volumes.clone()
-        empty = maximization(model, stats, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry, self.tau2_estimate)
+        empty = maximization(model, stats, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry, self.tau2_estimate, sets[-1] if len(sets) > 1 else None)
         if not self.update_references:
             # classification against fixed maps: only noise, scales and class weights are learnt
             model.volumes.copy_(references)
