@@ -194,13 +194,15 @@ def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path]
         np.testing.assert_allclose(read_mrc(resumed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data, atol=1e-6)
 
 
-def test_two_processes_give_the_same_classes_and_maps(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("tau2_estimate", ["map", "fsc"])
+def test_two_processes_give_the_same_classes_and_maps(two_class_data: dict[str, Path], tmp_path: Path, tau2_estimate: str) -> None:
+    # with fsc each rank sums its share of both half sets apart
     one, two = tmp_path / "one", tmp_path / "two"
-    classify(two_class_data, one, "job.n_iterations=3", "sampling.align=false")
+    classify(two_class_data, one, "job.n_iterations=3", "sampling.align=false", f"job.tau2_estimate={tau2_estimate}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
     result = subprocess.run(
         [*torchrun, "+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
-         "job.K=2", "job.ini_high_A=30", "job.n_iterations=3", "sampling.align=false", f"hydra.run.dir={two}"],
+         "job.K=2", "job.ini_high_A=30", "job.n_iterations=3", "sampling.align=false", f"job.tau2_estimate={tau2_estimate}", f"hydra.run.dir={two}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -262,6 +264,16 @@ def test_fixed_references_classify_against_known_maps(two_class_data: dict[str, 
     np.testing.assert_array_equal(read_mrc(out / "run_it001_class001.mrc").data, read_mrc(out / "run_it002_class001.mrc").data)
     truth = read_particles(two_class_data["truth"]).class_number
     assert float(np.mean(final_classes(out, 2) == truth)) >= 0.95  # labels follow the references
+    # the fixed maps hold none of the particles, so a particle's last class neither helps nor
+    # hurts it: against two copies of one map every class posterior stays 1/2
+    same = tmp_path / "same"
+    train(
+        "+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference=[{folder / 'map0.mrc'},{folder / 'map0.mrc'}]",
+        "job.K=2", "job.ini_high_A=null", "job.n_iterations=3", "job.update_references=false", "sampling.align=false", f"hydra.run.dir={same}",
+    )
+    for iteration in (2, 3):
+        pmax = read_star(same / f"run_it00{iteration}_data.star")["particles"]["rlnMaxValueProbDistribution"].to_numpy(float)
+        np.testing.assert_allclose(pmax, 0.5, atol=1e-3)
 
 
 def test_classification_with_symmetry_and_local_searches(tmp_path: Path) -> None:

@@ -497,8 +497,10 @@ class Class3DJob:
         references = model.volumes.clone()
         empty = maximization(model, stats, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry, self.tau2_estimate, sets[-1] if len(sets) > 1 else None)
         if not self.update_references:
-            # classification against fixed maps: only noise, scales and class weights are learnt
+            # classification against fixed maps: only noise, scales and class weights are learnt;
+            # the maps hold none of the particles' data, so nothing is discounted as self-fit
             model.volumes.copy_(references)
+            model.inserted_radius.zero_()
         self.report(context, model, state, new_state, iteration, radius, empty, n_coarse)
         return new_state
 
