@@ -311,3 +311,36 @@ def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> No
     assert best_angle_to_truth(grid) < 1e-3
     plain = dataclasses.replace(grid, symmetry_matrices=grid.symmetry_matrices[:1])
     assert best_angle_to_truth(plain) > 3.0
+
+
+def test_class_offsets_act_on_the_cross_term_at_the_profiled_intensity() -> None:
+    # a class offset (the self-fit discount) is a change of the particle's cross term with the
+    # class: with a profiled intensity a it enters the score as a·D, and a is profiled with it.
+    # Direct oracle: the Gaussian log-likelihood maximised over a on a fine grid
+    from cryotorch.em.estep import EStepSettings, expectation
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(7)
+    box, sigma = 16, 0.3
+    frequencies = sorted_frequencies(box, 6)
+    n = frequencies.shape[0]
+    volumes_ft = prepare_fourier_volumes(0.05 * torch.randn(2, box, box, box, generator=generator))
+    batch = random_batch(4, n, generator)
+    batch.prior_euler_deg = torch.rand(4, 3, generator=generator, dtype=torch.float64) * torch.tensor([360.0, 180.0, 360.0], dtype=torch.float64)
+    log_prior = torch.log(torch.tensor([0.4, 0.6]))
+    offset = -20 * torch.rand(4, 2, generator=generator)
+    settings = EStepSettings(frequencies=frequencies, n_coarse=n, box_size=box, pixel_size_angstrom=4.0, align=False, scale_sigma=sigma)
+    result = expectation(batch, volumes_ft, None, None, None, log_prior, 10.0, settings, class_offset=offset)
+    projections = extract_slices(volumes_ft, euler_deg_to_matrix(batch.prior_euler_deg).float(), frequencies, box)  # (K, B, n)
+    scales = torch.linspace(-1, 3, 8001, dtype=torch.float64)
+    for i in range(4):
+        scores = []
+        for k in range(2):
+            model = (batch.scale[i] * batch.ctf[i] * projections[k, i]).to(torch.complex128)
+            residual = batch.spectra[i].to(torch.complex128)[None] - scales[:, None] * model[None]
+            likelihood = -0.5 * (residual.abs() ** 2 * batch.inv_sigma2[i]).sum(-1)
+            scores.append((likelihood + scales * offset[i, k] - (scales - 1) ** 2 / (2 * sigma**2)).max() + log_prior[k])
+        direct = torch.stack(scores)
+        torch.testing.assert_close(result.class_posterior[i].double(), torch.softmax(direct, 0), rtol=1e-3, atol=1e-3)
+        # rlnLogLikeliContribution: with the ‖X‖² term, as the direct likelihood has it
+        torch.testing.assert_close(result.log_likelihood[i].double(), torch.logsumexp(direct, 0), rtol=1e-4, atol=1e-2)

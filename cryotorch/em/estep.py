@@ -481,7 +481,9 @@ def expectation(
         ``(B,)`` class per particle to assign instead of its posterior (RELION's random
         initial split of identical references), or None.
     class_offset
-        ``(B, K)`` per-particle additions to the class log-prior, or None.
+        ``(B, K)`` per-particle additions to each class's cross term (the self-fit discount),
+        or None. Like the cross term they are multiplied by the class's intensity when one is
+        profiled (``settings.scale_sigma``), since that is how much of them the score holds.
     unrefined_projections
         Full-resolution projections and slice sums of the coarse samples themselves (a cache
         over ``grid.without_oversampling()``), for the particles that
@@ -489,10 +491,8 @@ def expectation(
         end of the iteration too. Needed when that limit is set, unused when it is None.
     """
     per_particle_prior = log_class_prior[None, :].expand(batch.spectra.shape[0], -1)
-    if class_offset is not None:
-        per_particle_prior = per_particle_prior + class_offset
     if not settings.align:
-        return _expectation_fixed_pose(batch, volumes_ft, per_particle_prior, settings, forced_class)
+        return _expectation_fixed_pose(batch, volumes_ft, per_particle_prior, settings, forced_class, class_offset)
     assert grid is not None and coarse_projections is not None and fine_projections is not None
     n_classes = volumes_ft.shape[0]
     class_mask = _class_mask(forced_class, batch.spectra.shape[0], n_classes, batch.spectra.device)
@@ -522,6 +522,8 @@ def expectation(
     if orientation_prior is not None:
         orientation_prior = orientation_prior.to(logits.dtype)
         logits.add_(orientation_prior[:, None, None, :])
+    if class_offset is not None:
+        logits.add_(class_offset[:, None, :, None].to(logits.dtype))
     class_scale = None
     if settings.scale_sigma > 0:
         norm = norm.reshape(b, n_classes, n_scored)
@@ -534,6 +536,9 @@ def expectation(
             logits.sub_((a - 1) * torch.where(torch.isfinite(orientation_prior), orientation_prior, 0)[:, None, None, :])
         logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
     logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
+    if class_offset is not None:
+        # the fine pass adds them after scaling its scores
+        per_particle_prior = per_particle_prior + class_offset * (1.0 if class_scale is None else class_scale)
     order, valid = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
     if searched_rotations is not None:
         # back to the grid's orientation numbers
@@ -719,8 +724,10 @@ def _expectation_fixed_pose(
     log_class_prior: torch.Tensor,
     settings: EStepSettings,
     forced_class: torch.Tensor | None,
+    class_offset: torch.Tensor | None,
 ) -> EStepResult:
-    """Classification without alignment: one orientation and translation per particle."""
+    """Classification without alignment: one orientation and translation per particle;
+    ``class_offset`` ``(b, K)`` is added to the cross terms (None: nothing)."""
     device = batch.spectra.device
     n_classes = volumes_ft.shape[0]
     frequencies = settings.frequencies
@@ -733,6 +740,8 @@ def _expectation_fixed_pose(
     # diagonal of the same GEMMs: each particle against its own orientation only
     cross = torch.einsum("bn,kbn->bk", weighted.real, projections.real) + torch.einsum("bn,kbn->bk", weighted.imag, projections.imag)
     norm = torch.einsum("bn,kbn->bk", q, projections.abs() ** 2)
+    if class_offset is not None:
+        cross = cross + class_offset
     if settings.scale_sigma > 0:
         cross = scaled_score(cross, norm, profiled_scale(cross, norm, settings.scale_sigma), settings.scale_sigma)
     else:

@@ -565,7 +565,7 @@ class Class3DJob:
         return torch.as_tensor(labels, device=self.device)
 
     def self_fit_discount(self, model: ClassModel, batch: PreparedBatch, state: ParticleState, index: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor | None:
-        """``(B, K)`` log-likelihood each particle gains from its own share of its last class map.
+        """``(B, K)`` cross-term each particle gains from its own share of its last class map.
 
         A particle that helped to make map k fits it better by its own noise. Its inserted
         ``L' = s·CTF·X/σ'²`` (weight ``2Q'``, with the noise variances ``σ'²`` of the last
@@ -579,7 +579,8 @@ class Class3DJob:
         the components the last iteration inserted (its radius). Removing this expected
         self-fit — a leave-one-out estimate at the particle's last pose — stops the initial
         random class split from holding particles in place; after a random split of identical
-        particles, half of them change class (``tests/test_class3d.py``).
+        particles, half of them change class (``tests/test_class3d.py``). The E-step adds it
+        to the cross term, so that a profiled intensity scales it as it scales the self-fit.
         """
         previous = state.class_number[index]
         if int(previous.max()) == 0 or float(model.inserted_radius) == 0:
