@@ -190,13 +190,19 @@ def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path]
     (resumed / "run_it002_class001.mrc").unlink()  # outputs may be lost; the checkpoint is what counts
     classify(two_class_data, resumed, "job.n_iterations=4", "sampling.align=false")
     np.testing.assert_array_equal(final_classes(resumed, 4), final_classes(whole, 4))
+    # the same command run twice gives maps that now and then differ by ~1e-4 of their
+    # maximum already in iteration 1 (float32 rounding that varies from run to run on 2 cores,
+    # also without any resume); a resume that lost state would differ far more
     for k in (1, 2):
-        np.testing.assert_allclose(read_mrc(resumed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data, atol=1e-6)
+        whole_map = read_mrc(whole / f"run_it004_class00{k}.mrc").data
+        np.testing.assert_allclose(read_mrc(resumed / f"run_it004_class00{k}.mrc").data, whole_map, atol=1e-3 * float(np.abs(whole_map).max()))
 
 
 @pytest.mark.parametrize("tau2_estimate", ["map", "fsc"])
 def test_two_processes_give_the_same_classes_and_maps(two_class_data: dict[str, Path], tmp_path: Path, tau2_estimate: str) -> None:
-    # with fsc each rank sums its share of both half sets apart
+    # with fsc each rank sums its share of both half sets apart; its τ² (from SSNR =
+    # 2 FSC/(1 − FSC), steep near FSC = 1) amplifies the rounding of the different summation
+    # order, to ~1e-3 of the map's maximum after three iterations (1e-5 with the map's power)
     one, two = tmp_path / "one", tmp_path / "two"
     classify(two_class_data, one, "job.n_iterations=3", "sampling.align=false", f"job.tau2_estimate={tau2_estimate}")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
@@ -209,7 +215,7 @@ def test_two_processes_give_the_same_classes_and_maps(two_class_data: dict[str, 
     np.testing.assert_array_equal(final_classes(two, 3), final_classes(one, 3))
     for k in (1, 2):
         a = read_mrc(one / f"run_it003_class00{k}.mrc").data
-        np.testing.assert_allclose(read_mrc(two / f"run_it003_class00{k}.mrc").data, a, atol=1e-4 * float(np.abs(a).max()))
+        np.testing.assert_allclose(read_mrc(two / f"run_it003_class00{k}.mrc").data, a, atol=(1e-4 if tau2_estimate == "map" else 1e-2) * float(np.abs(a).max()))
 
 
 def test_select_writes_the_chosen_classes(two_class_data: dict[str, Path], tmp_path: Path) -> None:

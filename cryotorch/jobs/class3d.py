@@ -336,7 +336,10 @@ class Class3DJob:
             flat = torch.as_tensor(self.groups[chunk], device=self.device)[:, None] * (n_shells + 1) + shells[None]
             power.view(-1).index_add_(0, flat.reshape(-1), (spectra.abs().double() ** 2).reshape(-1))
             counts.view(-1).index_add_(0, flat.reshape(-1), torch.ones_like(flat, dtype=torch.float64).reshape(-1))
-            variance_in, variance_out = images[:, inside].var(dim=1), images[:, ~inside].var(dim=1)
+            # in float64: the signal variance is a small difference of two large ones, and the
+            # grey scale of the reference follows it (float32 sums, whose order may vary from
+            # run to run with the threads, changed it by 1e-5)
+            variance_in, variance_out = images[:, inside].double().var(dim=1), images[:, ~inside].double().var(dim=1)
             signal.append(variance_in - variance_out)
             noise.append(variance_out)
         return power[:, :n_shells], counts[:, :n_shells], float(torch.cat(signal).mean().clamp(min=1e-12)), float(torch.cat(noise).mean())
@@ -352,7 +355,7 @@ class Class3DJob:
             projections = projections * compute_ctf(ctf_parameters(self.table, rows, self.device), frequencies, self.box, self.pixel)
         images = irfft2_centered(projections.reshape(len(rows), self.box, self.box // 2 + 1), self.box)
         inside = self.image_mask > 0.5
-        projection_variance = float(images[:, inside].var(dim=1).mean())
+        projection_variance = float(images[:, inside].double().var(dim=1).mean())
         return math.sqrt(signal_variance / max(projection_variance, 1e-30))
 
     # ------------------------------------------------------------------ resume
