@@ -368,10 +368,15 @@ def fsc_regularisation(fsc: torch.Tensor, mean_weight_padded: torch.Tensor, box_
     mean_weight_padded
         ``(n_padded_shells,)`` mean accumulated weight per padded shell.
     """
-    clamped = fsc.clamp(0.001, 0.999)
-    ssnr = tau2_fudge * clamped / (1 - clamped)
-    ssnr_padded = shells_to_padded_grid(ssnr, mean_weight_padded.shape[0], box_size, padded_size)
+    ssnr_padded = shells_to_padded_grid(_ssnr_from_fsc(fsc, tau2_fudge), mean_weight_padded.shape[0], box_size, padded_size)
     return mean_weight_padded.double() / ssnr_padded
+
+
+def _ssnr_from_fsc(fsc: torch.Tensor, factor: float) -> torch.Tensor:
+    """``factor · FSC/(1 − FSC)`` per shell, the FSC clamped to [0.001, 0.999] (RELION's
+    bounds); factor 2 gives the SSNR of the map from both half sets."""
+    clamped = fsc.clamp(0.001, 0.999)
+    return factor * clamped / (1 - clamped)
 
 
 @dataclass
@@ -501,8 +506,7 @@ def half_set_signal_power(data: torch.Tensor, weight: torch.Tensor, box_size: in
     data, weight = _symmetrized_halves(data, weight)
     padded = data.shape[1]
     _, fsc = half_map_fsc(data, weight, box_size, mask=mask)
-    clamped = fsc.clamp(0.001, 0.999)
-    ssnr = 2 * clamped / (1 - clamped)
+    ssnr = _ssnr_from_fsc(fsc, 2.0)
     mean_weight = radial_average(weight.sum(0).double(), shell_index_3d(padded, data.device), padded // 2 + 1)
     per_unpadded = mean_weight[padded_shell_of_unpadded(box_size, padded, data.device)] * (padded / box_size) ** 3
     return torch.where(per_unpadded > 0, ssnr / per_unpadded.clamp(min=1e-300), torch.zeros_like(ssnr)), fsc

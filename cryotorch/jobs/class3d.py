@@ -482,7 +482,7 @@ class Class3DJob:
             batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
             groups = torch.as_tensor(self.groups[chunk], device=device)
             forced_chunk = None if forced is None else forced[index]
-            class_offset = self.self_fit_discount(model, batch, state, index, frequencies)
+            class_offset = self.self_fit_discount(model, batch, state, index, frequencies, shells, groups)
             result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined)
             self.expand_symmetry(result.slices)
             stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
@@ -567,8 +567,13 @@ class Class3DJob:
         labels = np.random.default_rng(context.seed).integers(self.n_classes, size=len(self.table))
         return torch.as_tensor(labels, device=self.device)
 
-    def self_fit_discount(self, model: ClassModel, batch: PreparedBatch, state: ParticleState, index: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor | None:
+    def self_fit_discount(
+        self, model: ClassModel, batch: PreparedBatch, state: ParticleState, index: torch.Tensor, frequencies: torch.Tensor, shells: torch.Tensor, groups: torch.Tensor
+    ) -> torch.Tensor | None:
         """``(B, K)`` cross-term each particle gains from its own share of its last class map.
+
+        ``frequencies`` ``(M, 2)`` and ``shells`` ``(M,)`` are the iteration's components and
+        their shells, ``groups`` ``(B,)`` the particles' optics groups.
 
         A particle that helped to make map k fits it better by its own noise. Its inserted
         ``L' = s·CTF·X/σ'²`` (weight ``2Q'``, with the noise variances ``σ'²`` of the last
@@ -590,10 +595,8 @@ class Class3DJob:
             return None
         inserted = frequencies.norm(dim=-1) <= float(model.inserted_radius)
         frequencies = frequencies[inserted]
-        groups = torch.as_tensor(self.groups[index.cpu().numpy()], device=index.device)
-        shells = torch.round(frequencies.norm(dim=-1)).long()
         # 4Q' = 2·(s·CTF)²/σ'², with the noise variances the sums were weighted with
-        four_q = 2.0 * (batch.scale[:, None] * batch.ctf[:, inserted]) ** 2 / model.inserted_sigma2[groups][:, shells].float().clamp(min=1e-30)
+        four_q = 2.0 * (batch.scale[:, None] * batch.ctf[:, inserted]) ** 2 / model.inserted_sigma2[groups][:, shells[inserted]].float().clamp(min=1e-30)
         rotations = euler_deg_to_matrix(state.euler_deg[index]).float()
         discount = torch.zeros(previous.shape[0], self.n_classes, device=four_q.device)
         for k in range(self.n_classes):
