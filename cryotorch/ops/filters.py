@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from cryotorch.ops.fourier import radius_grid_3d
@@ -26,17 +25,11 @@ def real_space_radius(box_size: int, ndim: int, device: torch.device | None = No
 
 
 def raised_cosine(distance: torch.Tensor, edge_start: float, edge_width: float) -> torch.Tensor:
-    """1 below ``edge_start``, 0 beyond ``edge_start + edge_width``, a cosine ramp between.
-
-    The cosine is taken by NumPy: on some CPUs ``torch.cos`` gives other last bits in about
-    one process in ten (a masked or low-passed reference then differs between runs of the same
-    command), and masks and filters are small enough to make on the host.
-    """
+    """1 below ``edge_start``, 0 beyond ``edge_start + edge_width``, a cosine ramp between."""
     if edge_width <= 0:
         return (distance <= edge_start).to(distance.dtype)
     ramp = ((distance - edge_start) / edge_width).clamp(0, 1)
-    cosine = torch.from_numpy(np.cos(np.pi * ramp.detach().cpu().numpy())).to(device=distance.device, dtype=distance.dtype)
-    return 0.5 * (1 + cosine)
+    return 0.5 * (1 + torch.cos(torch.pi * ramp))
 
 
 def soft_spherical_mask(
