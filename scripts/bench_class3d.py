@@ -40,6 +40,7 @@ from cryotorch.conventions import irfft3_centered, rfft3_centered
 from cryotorch.io import read_mrc, read_particles, write_mrc
 from cryotorch.ops.filters import crop_or_pad_3d, lowpass_filter_3d
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
+from cryotorch.runtime import start_thread_pool
 
 PIXEL, BOX = 5.0, 64
 
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--class3d-overrides", nargs="*", default=[], help="extra key=value settings of the class3d runs, e.g. sampling.final_local_iterations=5")
     args = parser.parse_args()
+    start_thread_pool()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_class3d_"))
     work.mkdir(parents=True, exist_ok=True)
     class_a, class_b, junk = make_maps(args.map, work)

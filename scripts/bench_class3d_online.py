@@ -35,6 +35,7 @@ import torch
 from bench_class3d import BOX, PIXEL, adjusted_rand_index, load_map, matched_accuracy, oracle_classes, seconds_per_iteration, simulate_set, train
 from cryotorch.io import read_particles, write_mrc
 from cryotorch.ops.filters import raised_cosine
+from cryotorch.runtime import start_thread_pool
 
 
 def make_maps(map_path: Path, folder: Path, n_variants: int = 6, mass_fraction: float = 0.05) -> tuple[list[Path], Path, Path]:
@@ -184,6 +185,7 @@ def main() -> None:
     speed_parser.add_argument("--repeats", type=int, default=3)
     speed_parser.add_argument("--passes", type=int, default=10)
     args = parser.parse_args()
+    start_thread_pool()
     accuracy(args) if args.command == "accuracy" else speed(args)
 
 

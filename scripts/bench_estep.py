@@ -22,6 +22,7 @@ from cryotorch.em.estep import PreparedBatch, phase_ramps, score_batch
 from cryotorch.em.sampling import build_pose_grid
 from cryotorch.monitor.timing import best_wall_time
 from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+from cryotorch.runtime import start_thread_pool
 
 
 def main() -> None:
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--offset-range", type=float, default=5.0)
     parser.add_argument("--offset-step", type=float, default=2.0)
     args = parser.parse_args()
+    start_thread_pool()
     device = torch.device(args.device)
     box = args.box
     grid = build_pose_grid(args.order, args.offset_range, args.offset_step, "C1", 1, device)

@@ -22,6 +22,7 @@ from cryotorch.monitor.timing import best_wall_time
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes, project_volumes
 from cryotorch.ops.rotations import random_rotations
+from cryotorch.runtime import start_thread_pool
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--boxes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--n-slices", type=int, default=1000)
     args = parser.parse_args()
+    start_thread_pool()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     bandwidth = copy_bandwidth(device)

@@ -7,11 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from cryotorch.runtime import start_thread_pool
+
 # devices every device-aware test runs on; the CUDA cases carry the `gpu` mark, so the
 # default run (-m "not gpu") deselects them and `pytest -m gpu` runs them on a GPU machine
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# the first parallel math op of a process is unsafe (cryotorch/runtime.py); tests that compute in
+# process take it only after this
+start_thread_pool()
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +53,15 @@ def simulate_two_classes(folder: Path, maps: list[torch.Tensor], n_particles: in
     return {"folder": folder, "particles": sim / "particles.star", "truth": sim / "truth.star", "reference": folder / "reference.mrc"}
 
 
-def classify(data: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return train(
+def class3d_overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
         "+job=class3d", f"data.particles={data['particles']}", f"job.reference={data['reference']}", "job.K=2",
         "job.ini_high_A=30", f"hydra.run.dir={out}", *extra,
-    )
+    ]
+
+
+def classify(data: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return train(*class3d_overrides(data, out, *extra))
 
 
 def final_classes(out: Path, iteration: int) -> np.ndarray:
@@ -181,17 +187,22 @@ def test_broad_particles_skip_oversampling_in_a_run(two_class_data: dict[str, Pa
 
 
 def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path], tmp_path: Path) -> None:
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
     classify(two_class_data, whole, "job.n_iterations=4", "sampling.align=false")
-    classify(two_class_data, resumed, "job.n_iterations=2", "sampling.align=false")
+    overrides = class3d_overrides(two_class_data, killed, "job.n_iterations=4", "sampling.align=false")
+    process = subprocess.Popen([sys.executable, "-m", "cryotorch.train", *overrides], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (killed / "run_it002_data.star").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL while iteration 2 is written or iteration 3 runs
+    assert process.wait() == -signal.SIGKILL
     continued = tmp_path / "continued"
-    classify(two_class_data, continued, "job.n_iterations=3", "sampling.align=false", f"job.continue_from={resumed}")
+    classify(two_class_data, continued, "job.n_iterations=3", "sampling.align=false", f"job.continue_from={killed}")
     assert (continued / "run_it003_data.star").is_file() and not (continued / "run_it001_data.star").exists()
-    (resumed / "run_it002_class001.mrc").unlink()  # outputs may be lost; the checkpoint is what counts
-    classify(two_class_data, resumed, "job.n_iterations=4", "sampling.align=false")
-    np.testing.assert_array_equal(final_classes(resumed, 4), final_classes(whole, 4))
+    train(*overrides)  # the same command again resumes in its folder
+    np.testing.assert_array_equal(final_classes(killed, 4), final_classes(whole, 4))
     for k in (1, 2):
-        np.testing.assert_array_equal(read_mrc(resumed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data)
+        np.testing.assert_array_equal(read_mrc(killed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data)
 
 
 @pytest.mark.parametrize("tau2_estimate", ["map", "fsc"])
