@@ -10,7 +10,7 @@ from torch_fourier_slice import project_3d_to_2d
 
 from cryotorch.conventions import fft_frequencies_2d, rfft3_centered
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
+from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, self_overlap_sum, symmetrize_hermitian_plane
 from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import radius_grid_3d
 from cryotorch.ops.fsc import fourier_shell_correlation
@@ -117,6 +117,39 @@ def test_insertion_is_the_adjoint_of_extraction(phantom: torch.Tensor) -> None:
     lhs = float((extracted * slices.conj()).sum().real)
     rhs = float((volume_ft * data.conj()).sum().real)
     assert lhs == pytest.approx(rhs, rel=1e-4)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.3])
+def test_self_overlap_is_insertion_then_extraction(overlap: float) -> None:
+    # a unit value inserted at A·f, multiplied by the grid, spread to each voxel's axis
+    # neighbours by `overlap` and extracted at A'·f comes back as self_overlap_sum's value
+    padded = padded_box_size(BOX, 2)
+    generator = torch.Generator().manual_seed(8)
+    grid = torch.rand(padded, padded, padded // 2 + 1, generator=generator) + 0.5
+    inserted = random_rotations(3, generator).float()
+    axis_angle = torch.tensor([[0.03, -0.02, 0.04], [0.0, 0.0, 0.0], [-0.05, 0.01, 0.02]])
+    small_turns = torch.matrix_exp(torch.cross(axis_angle[:, :, None].expand(-1, -1, 3), torch.eye(3).expand(3, -1, -1), dim=1))
+    extracted = inserted @ small_turns
+    frequencies = fft_frequencies_2d(BOX).reshape(-1, 2)
+    frequencies = frequencies[(frequencies.norm(dim=-1) > 3) & (frequencies.norm(dim=-1) < BOX // 3)]
+    frequencies = frequencies[torch.randperm(frequencies.shape[0], generator=generator)[:12]]
+    kernel = torch.tensor([overlap, 1.0, overlap])
+    kernel_3d = (kernel[:, None, None] * kernel[None, :, None] * kernel[None, None, :])[None, None]
+    expected = torch.zeros(3, frequencies.shape[0])
+    for r in range(3):
+        for m in range(frequencies.shape[0]):
+            data = torch.zeros(padded, padded, padded // 2 + 1, dtype=torch.complex64)
+            insert_slices(data, torch.zeros(grid.shape), torch.ones(1, 1, dtype=torch.complex64), torch.ones(1), inserted[r : r + 1], frequencies[m : m + 1], BOX)
+            spread = F.conv3d((data.real * grid)[None, None], kernel_3d, padding=1)[0, 0]
+            expected[r, m] = extract_slices(spread.to(torch.complex64)[None], extracted[r : r + 1], frequencies[m : m + 1], BOX)[0, 0, 0].real
+    got = self_overlap_sum(grid, inserted, frequencies, BOX, overlap, extracted)
+    # samples that fall on different sides of the folded x = 0 plane are not compared
+    folded = (torch.einsum("md,rdc->rmc", frequencies, inserted[:, :2]))[..., 0].abs() > 2
+    assert folded.sum() > 20
+    torch.testing.assert_close(got[folded], expected[folded], rtol=1e-4, atol=1e-6)
+    unturned = self_overlap_sum(grid, inserted, frequencies, BOX, overlap)
+    torch.testing.assert_close(unturned[1], got[1])  # the second turn is none
+    assert float((unturned[[0, 2]] - got[[0, 2]]).abs().max()) > 0.1 * float(unturned.max())
 
 
 @pytest.mark.parametrize("device", DEVICES)

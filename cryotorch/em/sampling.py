@@ -12,7 +12,16 @@ from cryotorch.conventions import euler_deg_to_matrix, matrix_to_euler_deg
 from cryotorch.ops.healpix import angular_step_deg, orientation_grid, oversample_orientations
 from cryotorch.ops.symmetry import symmetry_matrices
 
-__all__ = ["PoseGrid", "build_pose_grid", "grid_perturbation", "perturb_pose_grid", "translation_grid", "coarse_radius_shells"]
+__all__ = [
+    "PoseGrid",
+    "build_pose_grid",
+    "grid_perturbation",
+    "perturb_pose_grid",
+    "nearest_orientations",
+    "nearest_translation_px",
+    "translation_grid",
+    "coarse_radius_shells",
+]
 
 
 @dataclass
@@ -143,6 +152,35 @@ def perturb_pose_grid(grid: PoseGrid, perturbation: float, coarse_offset_step_px
         coarse_step_deg=grid.coarse_step_deg,
         symmetry_matrices=grid.symmetry_matrices,
     )
+
+
+def nearest_orientations(rotations: torch.Tensor, candidates: torch.Tensor, chunk_size: int = 32768) -> torch.Tensor:
+    """``(B, 3, 3)`` the candidate nearest to each rotation (smallest angle between them).
+
+    ``rotations`` ``(B, 3, 3)``, ``candidates`` ``(C, 3, 3)``; the angle falls as the trace of
+    ``Aᵀ·C`` rises, a ``(B, 9) @ (9, C)`` product taken in chunks of candidates.
+    """
+    flat = rotations.reshape(-1, 9).to(candidates.dtype)
+    best = torch.full((flat.shape[0],), -torch.inf, dtype=candidates.dtype, device=candidates.device)
+    index = torch.zeros(flat.shape[0], dtype=torch.long, device=candidates.device)
+    for start in range(0, candidates.shape[0], chunk_size):
+        trace = flat @ candidates[start : start + chunk_size].reshape(-1, 9).T
+        value, position = trace.max(dim=1)
+        better = value > best
+        best = torch.where(better, value, best)
+        index = torch.where(better, position + start, index)
+    return candidates[index]
+
+
+def nearest_translation_px(grid: PoseGrid) -> torch.Tensor:
+    """``(2,)`` the x and the y of the grid's fine translations nearest to its centre (px).
+
+    The grid is centred on each particle's position, which its fine translations (the
+    children of the coarse ones) miss: by half the fine step with one order of
+    oversampling, and by the perturbation's remainder on a perturbed grid.
+    """
+    shifts = grid.fine_shifts_px.reshape(-1, 2)
+    return shifts.gather(0, shifts.abs().argmin(0, keepdim=True))[0]
 
 
 def coarse_radius_shells(box_size: int, pixel_size_angstrom: float, particle_diameter_angstrom: float, angular_step: float) -> float:

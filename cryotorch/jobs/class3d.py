@@ -32,7 +32,15 @@ from cryotorch.conventions import (
 from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, uniform_geometry
 from cryotorch.em.estep import EStepResult, EStepSettings, FinePassCache, PreparedBatch, WeightedSlices, class_ess, expectation
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, maximization
-from cryotorch.em.sampling import PoseGrid, build_pose_grid, coarse_radius_shells, grid_perturbation, perturb_pose_grid
+from cryotorch.em.sampling import (
+    PoseGrid,
+    build_pose_grid,
+    coarse_radius_shells,
+    grid_perturbation,
+    nearest_orientations,
+    nearest_translation_px,
+    perturb_pose_grid,
+)
 from cryotorch.errors import InputError
 from cryotorch.io import (
     ClassSummary,
@@ -464,6 +472,7 @@ class Class3DJob:
             memory_budget_bytes=min(budget / 4, 2**26),
         )
         forced = self.forced_classes(context, iteration)
+        moved = self.grid_move(iteration, grid)
         rows = self.active_rows(context, iteration)
         if sampling["align"] and sampling["local_search_deg"] is not None:
             rows = self.by_orientation(state, rows)
@@ -482,7 +491,7 @@ class Class3DJob:
             batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
             groups = torch.as_tensor(self.groups[chunk], device=device)
             forced_chunk = None if forced is None else forced[index]
-            class_offset = self.self_fit_discount(model, batch, state, index, frequencies, shells, groups)
+            class_offset = self.self_fit_discount(model, batch, state, index, frequencies, shells, groups, moved)
             result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined)
             self.expand_symmetry(result.slices)
             stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
@@ -560,6 +569,16 @@ class Class3DJob:
         order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - oversampling)
         return order, float(sampling["offset_step_px"]) * 2**oversampling
 
+    def grid_move(self, iteration: int, grid: PoseGrid | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The samples of this iteration's ``grid`` that a particle's last pose can be nearest
+        to: its fine orientations ``(F, 3, 3)`` and the shift ``(2,)`` px from the particle's
+        position to the nearest fine translation
+        (:func:`~cryotorch.em.sampling.nearest_translation_px`); None without alignment or in
+        the first iteration."""
+        if grid is None or iteration == 1:
+            return None
+        return euler_deg_to_matrix(grid.fine_euler_deg.reshape(-1, 3)).float(), nearest_translation_px(grid).float()
+
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
         """RELION's random class split of identical initial references (first iteration only)."""
         if iteration != 1 or self.n_classes == 1 or len(self.references) > 1:
@@ -568,12 +587,22 @@ class Class3DJob:
         return torch.as_tensor(labels, device=self.device)
 
     def self_fit_discount(
-        self, model: ClassModel, batch: PreparedBatch, state: ParticleState, index: torch.Tensor, frequencies: torch.Tensor, shells: torch.Tensor, groups: torch.Tensor
+        self,
+        model: ClassModel,
+        batch: PreparedBatch,
+        state: ParticleState,
+        index: torch.Tensor,
+        frequencies: torch.Tensor,
+        shells: torch.Tensor,
+        groups: torch.Tensor,
+        moved: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """``(B, K)`` cross-term each particle gains from its own share of its last class map.
 
         ``frequencies`` ``(M, 2)`` and ``shells`` ``(M,)`` are the iteration's components and
-        their shells, ``groups`` ``(B,)`` the particles' optics groups.
+        their shells, ``groups`` ``(B,)`` the particles' optics groups, ``moved`` the fine
+        orientations of this iteration's grid and the shift to its nearest translation
+        (:meth:`grid_move`).
 
         A particle that helped to make map k fits it better by its own noise. Its inserted
         ``L' = s·CTF·X/σ'²`` (weight ``2Q'``, with the noise variances ``σ'²`` of the last
@@ -589,6 +618,12 @@ class Class3DJob:
         random class split from holding particles in place; after a random split of identical
         particles, half of them change class (``tests/test_class3d.py``). The E-step adds it
         to the cross term, so that a profiled intensity scales it as it scales the self-fit.
+        With alignment the particle's own contribution returns at the grid's sample nearest to
+        its last pose: the share is taken between the last orientation and the nearest fine
+        orientation (on a perturbed grid none lies at the last pose), and each component's
+        self-fit turns by the phase of the shift Δs to the nearest fine translation (the grid,
+        centred on the particle's position, misses it by half a fine step),
+        ``cos(2π f·Δs / N)``.
         """
         previous = state.class_number[index]
         if int(previous.max()) == 0 or float(model.inserted_radius) == 0:
@@ -598,11 +633,18 @@ class Class3DJob:
         # 4Q' = 2·(s·CTF)²/σ'², with the noise variances the sums were weighted with
         four_q = 2.0 * (batch.scale[:, None] * batch.ctf[:, inserted]) ** 2 / model.inserted_sigma2[groups][:, shells[inserted]].float().clamp(min=1e-30)
         rotations = euler_deg_to_matrix(state.euler_deg[index]).float()
+        extracted = None
+        if moved is not None:
+            orientations, shift_px = moved
+            extracted = nearest_orientations(rotations, orientations)
+            four_q = four_q * torch.cos(2 * math.pi / self.box * (frequencies @ shift_px))
         discount = torch.zeros(previous.shape[0], self.n_classes, device=four_q.device)
         for k in range(self.n_classes):
             members = (previous == k + 1).nonzero()[:, 0]
             if members.numel():
-                share = self_overlap_sum(model.inverse_denominator[k], rotations[members], frequencies, self.box, self.self_overlap)
+                share = self_overlap_sum(
+                    model.inverse_denominator[k], rotations[members], frequencies, self.box, self.self_overlap, None if extracted is None else extracted[members]
+                )
                 weight = state.class_probability[index[members]]  # its share of the class's sums
                 discount[members, k] = -self.self_kept * weight * (four_q[members] * share).sum(-1)
         return discount

@@ -17,7 +17,12 @@ from cryotorch.ops.projection import CORNERS, gridding_kernel_3d, rotation_chunk
 __all__ = ["insert_slices", "self_overlap_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
 
 def self_overlap_sum(
-    grid: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int, neighbour_overlap: float = 0.0
+    grid: torch.Tensor,
+    rotations: torch.Tensor,
+    frequencies: torch.Tensor,
+    box_size: int,
+    neighbour_overlap: float = 0.0,
+    extracted_rotations: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Σ_v c_v · grid_v`` over the trilinear corners v of each slice sample.
 
@@ -26,18 +31,22 @@ def self_overlap_sum(
     ``c_v = t_v²`` (t the trilinear weights). Cropping the padded reconstruction to the
     unpadded box spreads each voxel onto its neighbours, which then carry
     ``neighbour_overlap`` of its value along each axis; per axis the corner weight becomes
-    ``t·(t + (1 − t)·overlap)``.
+    ``t·(t + (1 − t)·overlap)``. Extracted at another orientation (``extracted_rotations``),
+    per axis ``c = t·Σ_u t'_u·K(v − u)`` over the extraction's corners u, with ``K(0) = 1``,
+    ``K(±1) = overlap`` and 0 beyond (the grid value taken at the inserted corner).
 
     Parameters
     ----------
     grid
         ``(P, P, P // 2 + 1)`` real values in the centred rfft layout (e.g. ``1/w``).
     rotations
-        ``(R, 3, 3)`` RELION matrices A.
+        ``(R, 3, 3)`` RELION matrices A the slices were inserted at.
     frequencies
         ``(M, 2)`` ``(kx, ky)`` in cycles per unpadded box.
     neighbour_overlap
         Fraction of a voxel's value its axis neighbours receive (0: none).
+    extracted_rotations
+        ``(R, 3, 3)`` matrices the slices are extracted at; None: ``rotations``.
 
     Returns
     -------
@@ -45,18 +54,31 @@ def self_overlap_sum(
         ``(R, M)`` sums.
     """
     padded_size, half_size = grid.shape[0], grid.shape[-1]
-    coordinates, _ = slice_coordinates(rotations, frequencies, box_size, padded_size)
-    coordinates = coordinates.reshape(-1, 3)
-    fraction = coordinates + torch.tensor([0.0, padded_size // 2, padded_size // 2], device=coordinates.device)
-    fraction = fraction - torch.floor(fraction)  # (S, 3)
-    # per axis and corner side: t·(t + (1 − t)·overlap), with t = 1 − f or f
-    low = (1 - fraction) * ((1 - fraction) + fraction * neighbour_overlap)
-    high = fraction * (fraction + (1 - fraction) * neighbour_overlap)
+    coordinates, conjugate = slice_coordinates(rotations, frequencies, box_size, padded_size)
+    extracted = coordinates
+    if extracted_rotations is not None:
+        # the same half space as the inserted sample (folded with it, not on its own)
+        scale = padded_size / box_size
+        unfolded = torch.einsum("md,rdc->rmc", frequencies, extracted_rotations[:, :2, :].to(frequencies.dtype)) * scale
+        extracted = torch.where(conjugate[..., None], -unfolded, unfolded)
+    coordinates, extracted = coordinates.reshape(-1, 3), extracted.reshape(-1, 3)
+    lower = torch.floor(coordinates)
+    fraction = coordinates - lower  # (S, 3)
+    extracted_lower = torch.floor(extracted)
+    extracted_fraction = extracted - extracted_lower
+
+    def kernel(distance: torch.Tensor) -> torch.Tensor:
+        return torch.where(distance == 0, 1.0, torch.where(distance.abs() == 1, neighbour_overlap, 0.0))
+
+    # per axis, for the lower and upper inserted corner: Σ_u t'_u·K(v − u) over the extraction's two corners
+    offset = lower - extracted_lower
+    reach = [(1 - extracted_fraction) * kernel(offset + side) + extracted_fraction * kernel(offset + side - 1) for side in (0, 1)]
+    sides = ((1 - fraction) * reach[0], fraction * reach[1])
     flat = grid.reshape(-1)
     total = torch.zeros(coordinates.shape[0], dtype=grid.dtype, device=grid.device)
     corners = CORNERS.tolist()
     for (flat_index, trilinear), (dx, dy, dz) in zip(trilinear_corners(coordinates, padded_size, half_size), corners):
-        weight = (high[:, 0] if dx else low[:, 0]) * (high[:, 1] if dy else low[:, 1]) * (high[:, 2] if dz else low[:, 2])
+        weight = sides[dx][:, 0] * sides[dy][:, 1] * sides[dz][:, 2]
         total += torch.where(trilinear > 0, weight, 0).to(grid.dtype) * flat[flat_index]
     return total.reshape(rotations.shape[0], -1)
 
