@@ -623,7 +623,9 @@ class Class3DJob:
         orientation (on a perturbed grid none lies at the last pose), and each component's
         self-fit turns by the phase of the shift Δs to the nearest fine translation (the grid,
         centred on the particle's position, misses it by half a fine step),
-        ``cos(2π f·Δs / N)``.
+        ``cos(2π f·Δs / N)``. That self-fit ``s`` raises one pose's score, so the class's
+        evidence rises by ``log(1 − q + q·e^s)`` with ``q`` the pose's share of the class's
+        posterior in the last iteration (``max_posterior / class_probability``).
         """
         previous = state.class_number[index]
         if int(previous.max()) == 0 or float(model.inserted_radius) == 0:
@@ -646,7 +648,13 @@ class Class3DJob:
                     model.inverse_denominator[k], rotations[members], frequencies, self.box, self.self_overlap, None if extracted is None else extracted[members]
                 )
                 weight = state.class_probability[index[members]]  # its share of the class's sums
-                discount[members, k] = -self.self_kept * weight * (four_q[members] * share).sum(-1)
+                self_fit = self.self_kept * weight * (four_q[members] * share).sum(-1)
+                if moved is not None:
+                    # the self-fit raises one pose's score: the class's evidence rises by
+                    # log(1 − q + q·e^s), q that pose's share of the class's posterior
+                    pose_share = (state.max_posterior[index[members]] / weight.clamp(min=1e-30)).clamp(1e-6, 1)
+                    self_fit = torch.logaddexp(torch.log1p(-pose_share.clamp(max=1 - 1e-6)), torch.log(pose_share) + self_fit)
+                discount[members, k] = -self_fit
         return discount
 
     def self_fit_geometry(self, padded: int) -> tuple[float, float]:
