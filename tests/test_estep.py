@@ -226,17 +226,20 @@ def test_perturbed_grid_turns_every_orientation_by_the_same_rotation() -> None:
 
 
 def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
+    from cryotorch.conventions import matrix_to_euler_deg
     from cryotorch.em.sampling import nearest_orientations, nearest_translation_px, perturb_pose_grid
+    from cryotorch.ops.healpix import rotation_angle_deg
     from cryotorch.ops.rotations import random_rotations
 
     grid = build_pose_grid(1, 3.0, 2.0, "C1", oversampling=1)
     current = perturb_pose_grid(grid, -0.2, 2.0)
-    candidates = euler_deg_to_matrix(current.fine_euler_deg.reshape(-1, 3).double())
+    candidate_euler = current.fine_euler_deg.reshape(-1, 3).double()
+    candidates = euler_deg_to_matrix(candidate_euler)
     poses = random_rotations(6, torch.Generator().manual_seed(3))
     nearest = nearest_orientations(poses, candidates, chunk_size=1000)
-    for pose, found in zip(poses, nearest):
-        angles = rotation_angle_deg_between(pose, candidates)
-        assert abs(float(rotation_angle_deg_between(pose, found[None])[0]) - float(angles.min())) < 1e-6
+    for pose, found in zip(matrix_to_euler_deg(poses.double()), matrix_to_euler_deg(nearest)):
+        closest = float(rotation_angle_deg(pose[None], candidate_euler).min())
+        assert abs(float(rotation_angle_deg(pose, found)) - closest) < 1e-6
     # a pose of the grid is its own nearest orientation
     torch.testing.assert_close(nearest_orientations(candidates[[5, 700]], candidates), candidates[[5, 700]])
     # fine translations at step 1 px are the coarse ones (step 2 px) ± 0.5 px, here all moved
@@ -244,13 +247,6 @@ def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
     torch.testing.assert_close(nearest_translation_px(grid).abs(), torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(nearest_translation_px(current), torch.tensor([0.1, 0.1]))
     assert nearest_translation_px(build_pose_grid(1, 3.0, 1.0, "C1", oversampling=0)).abs().max() == 0
-
-
-def rotation_angle_deg_between(pose: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """``(C,)`` angles (degrees) of the rotations ``poseᵀ·C`` for the ``(C, 3, 3)`` others."""
-    relative = pose.T.double() @ others.double()
-    cosine = ((relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
-    return torch.rad2deg(torch.arccos(cosine))
 
 
 def test_local_search_scores_the_batch_neighbourhood_as_each_particle_alone() -> None:

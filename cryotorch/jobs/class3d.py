@@ -472,7 +472,7 @@ class Class3DJob:
             memory_budget_bytes=min(budget / 4, 2**26),
         )
         forced = self.forced_classes(context, iteration)
-        moved = self.grid_move(iteration, grid)
+        moved = self.grid_move(iteration, grid, fine)
         rows = self.active_rows(context, iteration)
         if sampling["align"] and sampling["local_search_deg"] is not None:
             rows = self.by_orientation(state, rows)
@@ -569,15 +569,16 @@ class Class3DJob:
         order = max(0, order_from_angular_step(sampling["angular_step_deg"]) - oversampling)
         return order, float(sampling["offset_step_px"]) * 2**oversampling
 
-    def grid_move(self, iteration: int, grid: PoseGrid | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    @staticmethod
+    def grid_move(iteration: int, grid: PoseGrid | None, fine: FinePassCache | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The samples of this iteration's ``grid`` that a particle's last pose can be nearest
-        to: its fine orientations ``(F, 3, 3)`` and the shift ``(2,)`` px from the particle's
-        position to the nearest fine translation
+        to: its fine orientations ``(F, 3, 3)`` (the matrices of its fine-pass cache) and the
+        shift ``(2,)`` px from the particle's position to the nearest fine translation
         (:func:`~cryotorch.em.sampling.nearest_translation_px`); None without alignment or in
         the first iteration."""
-        if grid is None or iteration == 1:
+        if grid is None or fine is None or iteration == 1:
             return None
-        return euler_deg_to_matrix(grid.fine_euler_deg.reshape(-1, 3)).float(), nearest_translation_px(grid).float()
+        return fine.rotations.reshape(-1, 3, 3), nearest_translation_px(grid).float()
 
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
         """RELION's random class split of identical initial references (first iteration only)."""

@@ -57,10 +57,9 @@ def self_overlap_sum(
     coordinates, conjugate = slice_coordinates(rotations, frequencies, box_size, padded_size)
     extracted = coordinates
     if extracted_rotations is not None:
-        # the same half space as the inserted sample (folded with it, not on its own)
-        scale = padded_size / box_size
-        unfolded = torch.einsum("md,rdc->rmc", frequencies, extracted_rotations[:, :2, :].to(frequencies.dtype)) * scale
-        extracted = torch.where(conjugate[..., None], -unfolded, unfolded)
+        # in the inserted sample's half space (folded with it, not on its own)
+        extracted, extracted_conjugate = slice_coordinates(extracted_rotations, frequencies, box_size, padded_size)
+        extracted = torch.where((conjugate != extracted_conjugate)[..., None], -extracted, extracted)
     coordinates, extracted = coordinates.reshape(-1, 3), extracted.reshape(-1, 3)
     lower = torch.floor(coordinates)
     fraction = coordinates - lower  # (S, 3)
