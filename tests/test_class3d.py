@@ -86,6 +86,18 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_fast_subsets_classify_a_subset_first(tmp_path: Path) -> None:
+    # RELION's fast subsets: of 1,500 particles, 1,000 in each of iterations 1-3 (10, 30, 60 %,
+    # at least 1,000), then all; the particles not yet seen are reported as class 0
+    data = simulate_two_classes(tmp_path, [blob_phantom(BOX, PIXEL, seed=seed) for seed in (11, 12)], 1500)
+    out = tmp_path / "subsets"
+    classify(data, out, "job.n_iterations=4", "sampling.align=false", "job.fast_subsets=true")
+    first = final_classes(out, 1)
+    assert (first > 0).sum() == 1000 and set(np.unique(first)) == {0, 1, 2}
+    truth = read_particles(data["truth"]).class_number
+    assert (final_classes(out, 4) > 0).all() and accuracy(truth, final_classes(out, 4)) >= 0.95
+
+
 @pytest.mark.parametrize(("tau2_estimate", "align"), [("map", "false"), ("fsc", "false"), ("map", "true")])
 def test_random_split_of_identical_particles_is_neither_held_nor_repelled(tmp_path: Path, tau2_estimate: str, align: str) -> None:
     # one structure, two classes from RELION's random split: once each particle's fit to its

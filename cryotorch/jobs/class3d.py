@@ -759,7 +759,8 @@ class Class3DJob:
         changes_classes = float((previous.class_number[assigned] != state.class_number[assigned]).float().mean()) if assigned.any() else 1.0
         changes_orientations = float(rotation_angle_deg(previous.euler_deg, state.euler_deg, self.symmetry).mean())
         changes_offsets = float((previous.origin_px - state.origin_px).norm(dim=-1).mean()) * pixel
-        counts = torch.bincount(state.class_number - 1, minlength=self.n_classes).double()
+        # particles no iteration has processed yet (RELION's fast subsets) hold class 0
+        counts = torch.bincount(state.class_number[state.class_number > 0] - 1, minlength=self.n_classes).double()
         distribution = model.class_weights.cpu().numpy()
         collapsing = [k for k in range(self.n_classes) if distribution[k] < 0.5 / (10 * self.n_classes)]
         for k in sorted(set(empty) | set(collapsing)):
