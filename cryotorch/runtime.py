@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["start_thread_pool"]
+__all__ = ["start_thread_pool", "use_deterministic_kernels"]
 
 # elements per task of PyTorch's element-wise CPU kernels (``at::internal::GRAIN_SIZE``)
 _GRAIN_SIZE = 32768
@@ -30,3 +32,20 @@ def start_thread_pool(num_threads: int | None = None) -> None:
     if num_threads:
         torch.set_num_threads(num_threads)
     torch.sqrt(torch.ones(torch.get_num_threads() * _GRAIN_SIZE + 1))
+
+
+def use_deterministic_kernels(device: torch.device) -> None:
+    """Make ``device``'s kernels give the same bits for the same inputs, run after run.
+
+    On a CPU every kernel cryotorch uses already does (after :func:`start_thread_pool`). On
+    CUDA, ``index_add_`` of floats (back-projection, radial averages, noise sums) adds with
+    atomics in whatever order the threads arrive, and cuBLAS may split sums by its workspace:
+    PyTorch's deterministic mode switches both to fixed-order kernels. An op with no
+    deterministic kernel warns instead of failing. Call this before the first matrix product
+    on the device (cuBLAS reads its workspace setting then).
+    """
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from cryotorch.errors import InputError
 from cryotorch.jobs.context import RunContext
 from cryotorch.ops.symmetry import symmetry_order
-from cryotorch.runtime import start_thread_pool
+from cryotorch.runtime import start_thread_pool, use_deterministic_kernels
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 log = logging.getLogger("cryotorch")
@@ -62,6 +62,7 @@ def run(cfg: DictConfig) -> None:
     fabric = build_fabric(cfg.compute)
     fabric.launch()  # under torchrun this may set the number of threads
     start_thread_pool(int(cfg.compute.num_threads) if cfg.compute.num_threads else None)
+    use_deterministic_kernels(fabric.device)
     fabric.seed_everything(cfg.seed, verbose=False)
     # every process must use rank 0's folder (timestamped folder names can differ by a second)
     output_dir = Path(fabric.broadcast(HydraConfig.get().runtime.output_dir, src=0))

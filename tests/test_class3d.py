@@ -239,6 +239,22 @@ def test_two_processes_give_the_same_classes_and_maps(two_class_data: dict[str, 
         np.testing.assert_allclose(read_mrc(two / f"run_it003_class00{k}.mrc").data, a, atol=(1e-4 if tau2_estimate == "map" else 1e-2) * float(np.abs(a).max()))
 
 
+@pytest.mark.gpu
+def test_cuda_runs_are_repeatable_and_agree_with_the_cpu(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # alignment with local searches: the same command twice on the GPU writes the same maps
+    # bit for bit (deterministic kernels), and finds the classes the CPU finds
+    settings = ("job.n_iterations=4", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.final_local_iterations=1",
+                "sampling.final_angular_step_deg=7.5", "sampling.final_local_search_deg=10")
+    runs = {name: tmp_path / name for name in ("cuda1", "cuda2", "cpu")}
+    for name, out in runs.items():
+        classify(two_class_data, out, *settings, f"compute.accelerator={name.rstrip('12')}")
+    for k in (1, 2):
+        maps = {name: read_mrc(out / f"run_it004_class00{k}.mrc").data for name, out in runs.items()}
+        np.testing.assert_array_equal(maps["cuda1"], maps["cuda2"])
+    np.testing.assert_array_equal(final_classes(runs["cuda1"], 4), final_classes(runs["cuda2"], 4))
+    assert accuracy(final_classes(runs["cpu"], 4), final_classes(runs["cuda1"], 4)) >= 0.95
+
+
 def test_select_writes_the_chosen_classes(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "noalign"
     classify(two_class_data, out, "job.n_iterations=2", "sampling.align=false")

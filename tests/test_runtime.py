@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from cryotorch.runtime import use_deterministic_kernels
 from test_jobs import REPO
 
 # the first parallel op of a fresh process: sqrt of a 32³ radius² grid, compared to NumPy's
@@ -26,3 +30,18 @@ def test_the_first_parallel_op_of_every_process_is_exact() -> None:
         for _ in range(16)
     ]
     assert results == ["True"] * 16
+
+
+@pytest.mark.gpu
+def test_cuda_scatter_adds_are_bitwise_repeatable() -> None:
+    # index_add_ of floats with many collisions: atomics add in arrival order unless the
+    # deterministic kernels are on
+    device = torch.device("cuda")
+    use_deterministic_kernels(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    values = torch.randn(2**22, device=device, generator=generator)
+    index = torch.randint(0, 1000, (2**22,), device=device, generator=generator)
+    sums = [torch.zeros(1000, device=device).index_add_(0, index, values) for _ in range(3)]
+    assert all(torch.equal(sums[0], other) for other in sums[1:])
+    exact = torch.zeros(1000, dtype=torch.float64, device=device).index_add_(0, index, values.double())
+    assert torch.allclose(sums[0].double(), exact, atol=1e-3)

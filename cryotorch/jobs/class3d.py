@@ -468,8 +468,8 @@ class Class3DJob:
             max_significant_oversampled=None if oversampled_limit is None else int(oversampled_limit),
             local_sigma_deg=None if sampling["local_search_deg"] is None else float(sampling["local_search_deg"]) / 3,
             scale_sigma=self.scale_sigma(bool(sampling["align"])),
-            # dense fine-pass score matrices stay small enough to be cache- and memory-friendly
-            memory_budget_bytes=min(budget / 4, 2**26),
+            # dense fine-pass score matrices: on a CPU small enough to stay in cache
+            memory_budget_bytes=min(budget / 4, 2**26) if device.type == "cpu" else budget / 4,
         )
         forced = self.forced_classes(context, iteration)
         moved = self.grid_move(iteration, grid, fine)
