@@ -6,7 +6,10 @@ import os
 
 import torch
 
-__all__ = ["start_thread_pool", "use_deterministic_kernels"]
+__all__ = ["start_thread_pool", "use_deterministic_kernels", "memory_budget_bytes"]
+
+#: working memory of a CPU process when ``compute.memory_budget_gb`` is not set
+CPU_MEMORY_BUDGET_BYTES = 2 * 2**30
 
 # elements per task of PyTorch's element-wise CPU kernels (``at::internal::GRAIN_SIZE``)
 _GRAIN_SIZE = 32768
@@ -49,3 +52,25 @@ def use_deterministic_kernels(device: torch.device) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+
+
+def memory_budget_bytes(device: torch.device, budget_gb: float | None) -> float:
+    """Working memory per process for chunked work, in bytes.
+
+    Parameters
+    ----------
+    device
+        The process's device.
+    budget_gb
+        The configured budget (GiB); ``None``: a quarter of the GPU memory free now on CUDA
+        (chunks sized from the budget can be alive together, beside the volumes, the sums and
+        PyTorch's cache), :data:`CPU_MEMORY_BUDGET_BYTES` on a CPU.
+    """
+    if budget_gb is not None:
+        if not budget_gb > 0:
+            raise ValueError(f"compute.memory_budget_gb={budget_gb} must be positive (GiB), or null for the device's default")
+        return float(budget_gb) * 2**30
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.25 * free
+    return float(CPU_MEMORY_BUDGET_BYTES)

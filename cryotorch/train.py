@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from cryotorch.errors import InputError
 from cryotorch.jobs.context import RunContext
 from cryotorch.ops.symmetry import symmetry_order
-from cryotorch.runtime import start_thread_pool, use_deterministic_kernels
+from cryotorch.runtime import memory_budget_bytes, start_thread_pool, use_deterministic_kernels
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 log = logging.getLogger("cryotorch")
@@ -63,6 +63,10 @@ def run(cfg: DictConfig) -> None:
     fabric.launch()  # under torchrun this may set the number of threads
     start_thread_pool(int(cfg.compute.num_threads) if cfg.compute.num_threads else None)
     use_deterministic_kernels(fabric.device)
+    try:
+        budget = memory_budget_bytes(fabric.device, cfg.compute.memory_budget_gb)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     fabric.seed_everything(cfg.seed, verbose=False)
     # every process must use rank 0's folder (timestamped folder names can differ by a second)
     output_dir = Path(fabric.broadcast(HydraConfig.get().runtime.output_dir, src=0))
@@ -76,7 +80,7 @@ def run(cfg: DictConfig) -> None:
         output_dir=output_dir,
         writer=writer,
         seed=int(cfg.seed),
-        memory_budget_bytes=float(cfg.compute.memory_budget_gb) * 2**30,
+        memory_budget_bytes=budget,
         particles=Path(cfg.data.particles) if cfg.data.particles else None,
         project_dir=Path(cfg.data.project_dir) if cfg.data.project_dir else None,
         preload=bool(cfg.data.preload),

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from cryotorch.runtime import use_deterministic_kernels
+from cryotorch.runtime import memory_budget_bytes, use_deterministic_kernels
 from test_jobs import REPO
 
 # the first parallel op of a fresh process: sqrt of a 32³ radius² grid, compared to NumPy's
@@ -45,3 +45,18 @@ def test_cuda_scatter_adds_are_bitwise_repeatable() -> None:
     assert all(torch.equal(sums[0], other) for other in sums[1:])
     exact = torch.zeros(1000, dtype=torch.float64, device=device).index_add_(0, index, values.double())
     assert torch.allclose(sums[0].double(), exact, atol=1e-3)
+
+
+def test_memory_budget_defaults_and_checks() -> None:
+    cpu = torch.device("cpu")
+    assert memory_budget_bytes(cpu, None) == 2 * 2**30
+    assert memory_budget_bytes(cpu, 0.5) == 2**29
+    with pytest.raises(ValueError, match="memory_budget_gb=0"):
+        memory_budget_bytes(cpu, 0)
+
+
+@pytest.mark.gpu
+def test_cuda_memory_budget_is_a_share_of_the_free_memory() -> None:
+    device = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    assert 0.2 * free <= memory_budget_bytes(device, None) <= 0.3 * total
