@@ -137,16 +137,20 @@ def test_estep_limit_for_the_first_iterations_only(two_class_data: dict[str, Pat
 
 
 def test_classification_with_local_alignment_finds_classes_and_poses(two_class_data: dict[str, Path], tmp_path: Path) -> None:
-    # 15° sampling, then two iterations of local searches at 7.5°
+    # 15° sampling, then two iterations of local searches at 7.5°, with translations of ±1 px
+    # at a final step of 0.5 px (coarse 1 px) instead of ±2 px at 1 px (coarse 2 px)
     out = tmp_path / "align"
     classify(two_class_data, out, "job.n_iterations=10", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.local_search_deg=20",
-             "sampling.final_local_iterations=2", "sampling.final_angular_step_deg=7.5", "sampling.final_local_search_deg=10")
+             "sampling.final_local_iterations=2", "sampling.final_angular_step_deg=7.5", "sampling.final_local_search_deg=10",
+             "sampling.final_offset_range_px=1", "sampling.final_offset_step_px=0.5")
     truth = read_particles(two_class_data["truth"])
     coarse = read_particles(out / "run_it008_data.star")
     result = read_particles(out / "run_it010_data.star")
     assert accuracy(truth.class_number, result.class_number) >= 0.9
-    for iteration, order in ((8, 1), (9, 2), (10, 2)):
-        assert int(read_star(out / f"run_it{iteration:03d}_sampling.star")["sampling_general"]["rlnHealpixOrder"]) == order
+    for iteration, order, step_px, range_px in ((8, 1, 2, 2), (9, 2, 1, 1), (10, 2, 1, 1)):
+        sampling = read_star(out / f"run_it{iteration:03d}_sampling.star")["sampling_general"]
+        assert int(sampling["rlnHealpixOrder"]) == order
+        assert float(sampling["rlnOffsetStep"]) == pytest.approx(step_px * PIXEL) and float(sampling["rlnOffsetRange"]) == pytest.approx(range_px * PIXEL)
     errors = rotation_angle_deg(torch.as_tensor(truth.euler_deg), torch.as_tensor(result.euler_deg))
     coarse_errors = rotation_angle_deg(torch.as_tensor(truth.euler_deg), torch.as_tensor(coarse.euler_deg))
     # the finer local searches cut the median angular error by a quarter (9.5° → 6.9°)
@@ -287,6 +291,9 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
                    "job.tau2_estimate=power", f"hydra.run.dir={tmp_path / 'f'}", check=False)
     assert result.returncode == 2 and "job.tau2_estimate must be one of map, posterior, fsc" in result.stderr + result.stdout
+    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
+                   "sampling.final_offset_step_px=0", f"hydra.run.dir={tmp_path / 'g'}", check=False)
+    assert result.returncode == 2 and "sampling.final_offset_step_px=0 must be positive" in result.stderr + result.stdout
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:

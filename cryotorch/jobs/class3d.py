@@ -179,7 +179,7 @@ class Class3DJob:
         # automatic: classes grown from one reference share its frame; maps given one per
         # class keep the frames they were given
         self.common_frame = len(self.references) <= 1 if common_frame is None else common_frame
-        self._pose_grids: dict[int, PoseGrid] = {}
+        self._pose_grids: dict[tuple[int, float, float], PoseGrid] = {}
         # set by jobs whose schedule can end before n_iterations (class3d runs them all)
         self.finished = False
         self.continue_from = continue_from
@@ -212,8 +212,8 @@ class Class3DJob:
 
     def check_table(self, context: RunContext, table: ParticleTable) -> None:
         """A reference is given; without alignment the particles have poses; the final local
-        searches fit in the run; the grid perturbation is a fraction of a step; the limit on
-        oversampled particles is a count."""
+        searches fit in the run and their translations are positive; the grid perturbation is a
+        fraction of a step; the limit on oversampled particles is a count."""
         if not self.references:
             raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
         if not context.sampling["align"] and not table.has_poses:
@@ -223,6 +223,10 @@ class Class3DJob:
             raise InputError(f"sampling.final_local_iterations={final} must lie in [0, job.n_iterations={self.n_iterations}] (0: no final local searches)")
         if final and not (float(context.sampling["final_angular_step_deg"]) > 0 and float(context.sampling["final_local_search_deg"]) > 0):
             raise InputError("sampling.final_angular_step_deg and sampling.final_local_search_deg must be positive (e.g. 3.75 and 10)")
+        for name in ("final_offset_range_px", "final_offset_step_px"):
+            value = context.sampling.get(name)
+            if value is not None and not float(value) > 0:
+                raise InputError(f"sampling.{name}={value} must be positive (px), or null to keep sampling.{name.removeprefix('final_')}")
         if not 0 <= float(context.sampling["perturb"]) <= 1:
             raise InputError(f"sampling.perturb={context.sampling['perturb']} is not a fraction of the coarse steps: give a value in [0, 1] (RELION's default 0.5, 0 for a fixed grid)")
         unrefined = context.sampling["max_significant_oversampled"]
@@ -540,11 +544,15 @@ class Class3DJob:
     def sampling_at(self, context: RunContext, iteration: int) -> dict[str, Any]:
         """The sampling settings of ``iteration``: those of the config, except in the last
         ``sampling.final_local_iterations``, which search locally (``final_local_search_deg``)
-        at the finer ``final_angular_step_deg``."""
+        at the finer ``final_angular_step_deg``, and translations over ``final_offset_range_px``
+        at ``final_offset_step_px`` where these are set."""
         sampling = dict(context.sampling)
         if sampling["align"] and iteration > self.n_iterations - int(sampling["final_local_iterations"]):
             sampling["angular_step_deg"] = float(sampling["final_angular_step_deg"])
             sampling["local_search_deg"] = float(sampling["final_local_search_deg"])
+            for name in ("offset_range_px", "offset_step_px"):
+                if sampling.get(f"final_{name}") is not None:
+                    sampling[name] = float(sampling[f"final_{name}"])
         return sampling
 
     def pose_grid(self, context: RunContext, iteration: int) -> PoseGrid:
@@ -553,10 +561,11 @@ class Class3DJob:
         ``--perturb``)."""
         sampling = self.sampling_at(context, iteration)
         order, coarse_step = self.coarse_sampling(sampling)
-        if order not in self._pose_grids:
-            self._pose_grids[order] = build_pose_grid(order, sampling["offset_range_px"], coarse_step, context.symmetry, int(sampling["oversampling"]), self.device)
+        key = order, float(sampling["offset_range_px"]), coarse_step
+        if key not in self._pose_grids:
+            self._pose_grids[key] = build_pose_grid(order, key[1], coarse_step, context.symmetry, int(sampling["oversampling"]), self.device)
         perturbation = grid_perturbation(context.seed, iteration, float(sampling["perturb"]))
-        return perturb_pose_grid(self._pose_grids[order], perturbation, coarse_step)
+        return perturb_pose_grid(self._pose_grids[key], perturbation, coarse_step)
 
     @staticmethod
     def coarse_sampling(sampling: dict[str, Any]) -> tuple[int, float]:
