@@ -121,8 +121,9 @@ def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: in
     axes = [(1 - fraction[:, a], fraction[:, a]) for a in range(3)]
     limits = [(x0, half_size), (y0, padded_size), (z0, padded_size)]
     # samples well inside the grid (all of them, but for the outermost shells) need no masks
-    lowest, highest = base.amin(0), base.amax(0)
-    all_inside = bool((lowest >= 0).all()) and all(float(highest[a]) + 1 < size for a, (_, size) in enumerate(limits))
+    # (one device sync: the bounds are compared on the device)
+    sizes = torch.tensor([size for _, size in limits], dtype=base.dtype, device=base.device)
+    all_inside = bool(((base.amin(0) >= 0) & (base.amax(0) + 1 < sizes)).all())
     inside = [] if all_inside else [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
     for dx, dy, dz in CORNERS.tolist():
         trilinear = axes[0][dx] * axes[1][dy] * axes[2][dz]
