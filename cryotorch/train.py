@@ -48,7 +48,7 @@ def build_fabric(compute: DictConfig) -> Fabric:
         from lightning.fabric.strategies import DDPStrategy
 
         strategy = DDPStrategy(process_group_backend=backend)
-    return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=compute.precision)
+    return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
 
 
 def run(cfg: DictConfig) -> None:

@@ -267,8 +267,13 @@ def test_select_writes_the_chosen_classes(two_class_data: dict[str, Path], tmp_p
     train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[2]", f"hydra.run.dir={selected}")
     subset = read_particles(selected / "particles.star")
     assert len(subset) == int((classes == 2).sum()) and (subset.class_number == 2).all()
+    # an output name with folders makes them
+    train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[1,2]", "job.output_name=subsets/both.star", f"hydra.run.dir={selected}")
+    assert len(read_particles(selected / "subsets" / "both.star")) == len(classes)
     empty = train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[]", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
     assert empty.returncode == 2 and "job.classes" in empty.stderr + empty.stdout
+    none = train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[5]", f"hydra.run.dir={tmp_path / 'none'}", check=False)
+    assert none.returncode == 2 and "job.classes=[5] select no particle" in none.stderr + none.stdout
 
 
 def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path: Path) -> None:
@@ -294,6 +299,9 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
                    "sampling.final_offset_step_px=0", f"hydra.run.dir={tmp_path / 'g'}", check=False)
     assert result.returncode == 2 and "sampling.final_offset_step_px=0 must be positive" in result.stderr + result.stdout
+    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
+                   "sampling.offset_step_px=0", f"hydra.run.dir={tmp_path / 'h'}", check=False)
+    assert result.returncode == 2 and "sampling.offset_step_px=0 must be positive" in result.stderr + result.stdout
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:

@@ -109,6 +109,16 @@ def test_a_killed_online_run_resumes_to_the_same_result(three_class_data: dict[s
     np.testing.assert_array_equal(read_mrc(resumed / "run_it003_class002.mrc").data, read_mrc(uninterrupted / "run_it003_class002.mrc").data)
 
 
+def test_a_converged_run_goes_on_under_other_stopping_criteria(three_class_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "converged"
+    lenient = ["job.n_online_epochs=2", "job.max_full_iterations=2", "job.switch_threshold=1.0", "job.rms_change_threshold=10"]
+    classify(three_class_data, out, *lenient)  # converges in its first full-batch iteration (3)
+    classify(three_class_data, out, *lenient)  # the same command finds it finished
+    assert (out / "run_it003_data.star").is_file() and not (out / "run_it004_data.star").exists()
+    classify(three_class_data, out, "job.n_online_epochs=2", "job.max_full_iterations=2", "job.switch_threshold=null", "job.rms_change_threshold=null")
+    assert (out / "run_it004_data.star").is_file()
+
+
 def test_two_processes_give_the_same_classes(three_class_data: dict[str, Path], uninterrupted: Path, tmp_path: Path) -> None:
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
@@ -131,6 +141,9 @@ def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: P
     # a STAR file carries no per-particle scale to take as input
     result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.per_particle_scale=input", f"hydra.run.dir={tmp_path / 'c'}", check=False)
     assert result.returncode == 2 and "particles.star" in result.stderr + result.stdout and "alignments3D/alpha" in result.stderr + result.stdout
+    # it classifies at the given poses: asking it to align is an error, not silently ignored
+    result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "sampling.align=true", f"hydra.run.dir={tmp_path / 'd'}", check=False)
+    assert result.returncode == 2 and "sampling.align=false" in result.stderr + result.stdout
 
 
 def test_class_temperature_reaches_the_target_ess() -> None:

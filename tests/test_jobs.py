@@ -114,6 +114,10 @@ def test_bad_input_fails_with_a_clear_message(tmp_path: Path) -> None:
     star = tmp_path / "c" / "particles.star"
     result = train("+job=reconstruct", f"data.particles={star}", "model.symmetry=X7", f"hydra.run.dir={tmp_path / 'd'}", check=False)
     assert result.returncode == 2 and "X7" in result.stderr + result.stdout
+    result = train("+job=reconstruct", f"data.particles={star}", "job.max_resolution_angstrom=0", f"hydra.run.dir={tmp_path / 'e'}", check=False)
+    assert result.returncode == 2 and "job.max_resolution_angstrom=0 must be positive" in result.stderr + result.stdout
+    result = train("+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=-1", f"hydra.run.dir={tmp_path / 'f'}", check=False)
+    assert result.returncode == 2 and "compute.memory_budget_gb=-1" in result.stderr + result.stdout
 
 
 def test_two_processes_give_the_same_map_as_one(tmp_path: Path) -> None:

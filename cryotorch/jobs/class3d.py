@@ -211,9 +211,10 @@ class Class3DJob:
         return table
 
     def check_table(self, context: RunContext, table: ParticleTable) -> None:
-        """A reference is given; without alignment the particles have poses; the final local
-        searches fit in the run and their translations are positive; the grid perturbation is a
-        fraction of a step; the limit on oversampled particles is a count."""
+        """A reference is given; without alignment the particles have poses; with alignment the
+        sampling steps are positive; the final local searches fit in the run and their
+        translations are positive; the grid perturbation is a fraction of a step; the limit on
+        oversampled particles is a count."""
         if not self.references:
             raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
         if not context.sampling["align"] and not table.has_poses:
@@ -223,8 +224,19 @@ class Class3DJob:
             raise InputError(f"sampling.final_local_iterations={final} must lie in [0, job.n_iterations={self.n_iterations}] (0: no final local searches)")
         if final and not (float(context.sampling["final_angular_step_deg"]) > 0 and float(context.sampling["final_local_search_deg"]) > 0):
             raise InputError("sampling.final_angular_step_deg and sampling.final_local_search_deg must be positive (e.g. 3.75 and 10)")
+        sampling = context.sampling
+        if sampling["align"]:
+            for name in ("angular_step_deg", "offset_step_px"):
+                if not float(sampling[name]) > 0:
+                    raise InputError(f"sampling.{name}={sampling[name]} must be positive")
+            if not float(sampling["offset_range_px"]) >= 0:
+                raise InputError(f"sampling.offset_range_px={sampling['offset_range_px']} must be ≥ 0 (px; 0: no translations searched)")
+            if not int(sampling["oversampling"]) >= 0:
+                raise InputError(f"sampling.oversampling={sampling['oversampling']} must be ≥ 0 (orders of adaptive oversampling)")
+            if not (0 < float(sampling["significance"]) <= 1 and int(sampling["max_significant"]) >= 1):
+                raise InputError(f"sampling.significance={sampling['significance']} must lie in (0, 1] and sampling.max_significant={sampling['max_significant']} be ≥ 1")
         for name in ("final_offset_range_px", "final_offset_step_px"):
-            value = context.sampling.get(name)
+            value = sampling.get(name)
             if value is not None and not float(value) > 0:
                 raise InputError(f"sampling.{name}={value} must be positive (px), or null to keep sampling.{name.removeprefix('final_')}")
         if not 0 <= float(context.sampling["perturb"]) <= 1:

@@ -142,6 +142,8 @@ class OnlineClass3DJob(Class3DJob):
     def check_table(self, context: RunContext, table: ParticleTable) -> None:
         """The particles have poses (and scales, for ``per_particle_scale=input``); no
         reference is needed."""
+        if context.sampling["align"]:
+            raise InputError("class3d_online classifies at the particles' poses and does not align: set sampling.align=false (or use +job=class3d)")
         if not table.has_poses:
             raise InputError(f"{context.particles}: no poses (rlnAngleRot/Tilt/Psi or alignments3D/pose); class3d_online classifies the particles of a consensus refinement")
         if self.per_particle_scale == "input" and table.intensity_scale is None:
@@ -444,12 +446,17 @@ class OnlineClass3DJob(Class3DJob):
     def extra_state(self) -> dict[str, Any]:
         assert self.running is not None and self.consensus is not None and self.particle_scale is not None
         return {
-            "step": self.step, "finished": self.finished, "consensus": self.consensus.cpu(), "particle_scale": self.particle_scale.cpu(),
+            "step": self.step, "finished": self.finished, "stopping": self.stopping_criteria(), "consensus": self.consensus.cpu(), "particle_scale": self.particle_scale.cpu(),
             "running": [[tensor.cpu() for tensor in stats.tensors()] for stats in self.running],
         }
 
+    def stopping_criteria(self) -> list[float | None]:
+        """The thresholds that end the full-batch iterations (``job.switch_threshold``, ``job.rms_change_threshold``)."""
+        return [self.switch_threshold, self.rms_change_threshold]
+
     def load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.step, self.finished = int(extra["step"]), bool(extra["finished"])
+        # a run that converged goes on when it is continued with other stopping criteria
+        self.step, self.finished = int(extra["step"]), bool(extra["finished"]) and extra.get("stopping") == self.stopping_criteria()
         self.consensus, self.particle_scale = extra["consensus"].to(self.device), extra["particle_scale"].to(self.device)
         self.running = [SufficientStatistics(*[tensor.to(self.device) for tensor in stats]) for stats in extra["running"]]
 

@@ -51,6 +51,13 @@ class ReconstructJob:
     ) -> None:
         if tau2_fudge <= 0:
             raise InputError(f"job.tau2_fudge must be positive, got {tau2_fudge}")
+        for key, value in (("max_resolution_angstrom", max_resolution_angstrom), ("mask_diameter_angstrom", mask_diameter_angstrom)):
+            if value is not None and not value > 0:
+                raise InputError(f"job.{key}={value} must be positive (Å), or null for none")
+        if not wiener_constant >= 0:
+            raise InputError(f"job.wiener_constant={wiener_constant} must be ≥ 0")
+        if not 0 < fsc_threshold < 1:
+            raise InputError(f"job.fsc_threshold={fsc_threshold} must lie in (0, 1), e.g. 0.143")
         self.name = name
         self.ctf = ctf
         self.max_resolution_angstrom = max_resolution_angstrom

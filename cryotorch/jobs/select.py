@@ -39,10 +39,14 @@ class SelectJob:
             if int(table.class_number.max(initial=0)) == 0:
                 raise InputError(f"{context.particles}: no rlnClassNumber column; select reads a class3d run_itNNN_data.star")
             keep = np.isin(table.class_number, self.classes)
-            missing = sorted(set(self.classes) - set(np.unique(table.class_number).tolist()))
+            present = np.unique(table.class_number).tolist()
+            if not keep.any():
+                raise InputError(f"{context.particles}: job.classes={self.classes} select no particle (its particles are in classes {present})")
+            missing = sorted(set(self.classes) - set(present))
             if missing:
                 log.warning("classes %s hold no particles in %s", missing, context.particles)
             subset = table.select(np.nonzero(keep)[0])
+            (context.output_dir / self.output_name).parent.mkdir(parents=True, exist_ok=True)
             write_particles(context.output_dir / self.output_name, subset)
             log.info("selected %d of %d particles (classes %s) into %s", len(subset), len(table), self.classes, context.output_dir / self.output_name)
         context.fabric.barrier()
