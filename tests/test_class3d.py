@@ -158,6 +158,17 @@ def test_classification_with_local_alignment_finds_classes_and_poses(two_class_d
     assert float(np.median(np.linalg.norm(truth.origin_angstrom - result.origin_angstrom, axis=1))) < PIXEL
 
 
+def test_alignment_without_a_translation_search(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # offsets of range 0: only the fine pass's half-step children around each origin (the
+    # offset prior's width starts at half a pixel, as the M-step keeps it; 0 gave no samples)
+    out = tmp_path / "no_shifts"
+    classify(two_class_data, out, "job.n_iterations=2", "sampling.angular_step_deg=15", "sampling.offset_range_px=0")
+    sampling = read_star(out / "run_it002_sampling.star")["sampling_general"]
+    assert float(sampling["rlnOffsetRange"]) == 0.0
+    start, result = (read_particles(path).origin_angstrom for path in (two_class_data["particles"], out / "run_it002_data.star"))
+    assert np.abs(result - start).max() <= 2 * 0.5 * PIXEL + 1e-3
+
+
 def test_local_alignment_with_class_intensity_scales(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     # one intensity per particle and class, profiled at the class's best coarse sample, with
     # the unsearched orientations of a local search left out, and RELION's random perturbation

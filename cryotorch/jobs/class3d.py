@@ -337,7 +337,8 @@ class Class3DJob:
         model.tau2.copy_(0.5 * shell_power_3d(rfft3_centered(unfiltered * factor).to(torch.complex128)).expand_as(model.tau2))
         # RELION starts from half the images' mean power spectrum (signal assumed small)
         model.sigma2_noise.copy_(0.5 * power / counts.clamp(min=1))
-        model.offset_sigma_angstrom.fill_(context.sampling["offset_range_px"] * pixel / 2)
+        # at least half a pixel, as the M-step keeps it (a range of 0 searches no translations)
+        model.offset_sigma_angstrom.fill_(max(float(context.sampling["offset_range_px"]), 1.0) * pixel / 2)
         log.info("references %s: signal/noise variance of the data %.3g/%.3g", self.references, signal_var, noise_var)
 
     def data_statistics(self, context: RunContext, n_max: int = 2000) -> tuple[torch.Tensor, torch.Tensor, float, float]:
