@@ -292,27 +292,20 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     write_mrc(wrong_box, torch.zeros(40, 40, 40), PIXEL)
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={wrong_box}", f"hydra.run.dir={tmp_path / 'a'}", check=False)
     assert result.returncode == 2 and "big.mrc" in result.stderr + result.stdout and "box" in result.stderr + result.stdout
-    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}", "sampling.perturb=1.5",
-                   f"hydra.run.dir={tmp_path / 'b'}", check=False)
-    assert result.returncode == 2 and "sampling.perturb=1.5" in result.stderr + result.stdout and "[0, 1]" in result.stderr + result.stdout
-    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}", "job.n_iterations=3",
-                   "sampling.final_local_iterations=5", f"hydra.run.dir={tmp_path / 'c'}", check=False)
-    assert result.returncode == 2 and "sampling.final_local_iterations=5" in result.stderr + result.stdout
-    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
-                   "sampling.max_significant_oversampled=0", f"hydra.run.dir={tmp_path / 'd'}", check=False)
-    assert result.returncode == 2 and "sampling.max_significant_oversampled=0" in result.stderr + result.stdout
-    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
-                   "job.highres_limit_estep_iterations=3", f"hydra.run.dir={tmp_path / 'e'}", check=False)
-    assert result.returncode == 2 and "job.highres_limit_estep_iterations=3 needs job.highres_limit_estep_A" in result.stderr + result.stdout
-    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
-                   "job.tau2_estimate=power", f"hydra.run.dir={tmp_path / 'f'}", check=False)
-    assert result.returncode == 2 and "job.tau2_estimate must be one of map, posterior, fsc" in result.stderr + result.stdout
-    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
-                   "sampling.final_offset_step_px=0", f"hydra.run.dir={tmp_path / 'g'}", check=False)
-    assert result.returncode == 2 and "sampling.final_offset_step_px=0 must be positive" in result.stderr + result.stdout
-    result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
-                   "sampling.offset_step_px=0", f"hydra.run.dir={tmp_path / 'h'}", check=False)
-    assert result.returncode == 2 and "sampling.offset_step_px=0 must be positive" in result.stderr + result.stdout
+    # each wrong setting, and a phrase its message must hold
+    cases = [
+        (["sampling.perturb=1.5"], "sampling.perturb=1.5 is not a fraction of the coarse steps: give a value in [0, 1]"),
+        (["job.n_iterations=3", "sampling.final_local_iterations=5"], "sampling.final_local_iterations=5"),
+        (["sampling.max_significant_oversampled=0"], "sampling.max_significant_oversampled=0"),
+        (["job.highres_limit_estep_iterations=3"], "job.highres_limit_estep_iterations=3 needs job.highres_limit_estep_A"),
+        (["job.tau2_estimate=power"], "job.tau2_estimate must be one of map, posterior, fsc"),
+        (["sampling.final_offset_step_px=0"], "sampling.final_offset_step_px=0 must be positive"),
+        (["sampling.offset_step_px=0"], "sampling.offset_step_px=0 must be positive"),
+    ]
+    for number, (overrides, message) in enumerate(cases):
+        result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
+                       *overrides, f"hydra.run.dir={tmp_path / str(number)}", check=False)
+        assert result.returncode == 2 and message in result.stderr + result.stdout, overrides
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:
