@@ -116,6 +116,12 @@ def test_random_split_of_identical_particles_is_neither_held_nor_repelled(tmp_pa
           "job.n_iterations=2", f"sampling.align={align}", f"job.tau2_estimate={tau2_estimate}", f"hydra.run.dir={out}")
     changes = float(read_star(out / "run_it002_optimiser.star")["optimiser_general"]["rlnChangesOptimalClasses"])
     assert 0.3 <= changes <= 0.7
+    if tau2_estimate == "map" and align == "false":
+        # RELION's plain likelihood: a particle fits its own contribution, and stays
+        plain = tmp_path / "plain"
+        train("+job=class3d", f"data.particles={sim / 'particles.star'}", f"job.reference={tmp_path / 'map.mrc'}", "job.K=2", "job.ini_high_A=30",
+              "job.n_iterations=2", "sampling.align=false", "job.self_fit_discount=false", f"hydra.run.dir={plain}")
+        assert float(read_star(plain / "run_it002_optimiser.star")["optimiser_general"]["rlnChangesOptimalClasses"]) < 0.2
 
 
 def test_estep_limit_for_the_first_iterations_only(two_class_data: dict[str, Path], tmp_path: Path) -> None:

@@ -134,6 +134,7 @@ class Class3DJob:
         scale_prior_sigma: float | None = None,
         update_references: bool = True,
         common_frame: bool | None = None,
+        self_fit_discount: bool = True,
         continue_from: str | None = None,
     ) -> None:
         if K < 1:
@@ -176,6 +177,7 @@ class Class3DJob:
         self.fast_subsets = fast_subsets
         self.scale_prior_sigma = scale_prior_sigma
         self.update_references = update_references
+        self.discount_self_fit = self_fit_discount
         # automatic: classes grown from one reference share its frame; maps given one per
         # class keep the frames they were given
         self.common_frame = len(self.references) <= 1 if common_frame is None else common_frame
@@ -508,7 +510,7 @@ class Class3DJob:
             batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
             groups = torch.as_tensor(self.groups[chunk], device=device)
             forced_chunk = None if forced is None else forced[index]
-            class_offset = self.self_fit_discount(model, batch, state, index, frequencies, shells, groups, moved)
+            class_offset = self.self_fit_discount(model, batch, state, index, frequencies, shells, groups, moved) if self.discount_self_fit else None
             result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined)
             self.expand_symmetry(result.slices)
             stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
