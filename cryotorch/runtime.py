@@ -62,15 +62,17 @@ def memory_budget_bytes(device: torch.device, budget_gb: float | None) -> float:
     device
         The process's device.
     budget_gb
-        The configured budget (GiB); ``None``: a quarter of the GPU memory free now on CUDA
-        (chunks sized from the budget can be alive together, beside the volumes, the sums and
-        PyTorch's cache), :data:`CPU_MEMORY_BUDGET_BYTES` on a CPU.
+        The configured budget (GiB); ``None``: a quarter of the GPU's memory on CUDA (chunks
+        sized from the budget can be alive together, beside the volumes, the sums and
+        PyTorch's cache), :data:`CPU_MEMORY_BUDGET_BYTES` on a CPU. The device's total, not
+        what is free at the start, so that batches, and with them the results, do not change
+        with what else runs on the GPU.
     """
     if budget_gb is not None:
         if not budget_gb > 0:
             raise ValueError(f"compute.memory_budget_gb={budget_gb} must be positive (GiB), or null for the device's default")
         return float(budget_gb) * 2**30
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return 0.25 * free
+        _, total = torch.cuda.mem_get_info(device)
+        return 0.25 * total
     return float(CPU_MEMORY_BUDGET_BYTES)

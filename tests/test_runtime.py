@@ -56,7 +56,8 @@ def test_memory_budget_defaults_and_checks() -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_memory_budget_is_a_share_of_the_free_memory() -> None:
+def test_cuda_memory_budget_is_a_share_of_the_device_memory() -> None:
+    # of the total, not the free memory: the same batches whatever else runs on the GPU
     device = torch.device("cuda")
-    free, total = torch.cuda.mem_get_info(device)
-    assert 0.2 * free <= memory_budget_bytes(device, None) <= 0.3 * total
+    _, total = torch.cuda.mem_get_info(device)
+    assert memory_budget_bytes(device, None) == 0.25 * total

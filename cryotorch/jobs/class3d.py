@@ -217,16 +217,16 @@ class Class3DJob:
         sampling steps are positive; the final local searches fit in the run and their
         translations are positive; the grid perturbation is a fraction of a step; the limit on
         oversampled particles is a count."""
+        sampling = context.sampling
         if not self.references:
             raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
-        if not context.sampling["align"] and not table.has_poses:
+        if not sampling["align"] and not table.has_poses:
             raise InputError(f"{context.particles}: sampling.align=false needs particles with poses (rlnAngleRot/Tilt/Psi)")
-        final = int(context.sampling["final_local_iterations"])
+        final = int(sampling["final_local_iterations"])
         if not 0 <= final <= self.n_iterations:
             raise InputError(f"sampling.final_local_iterations={final} must lie in [0, job.n_iterations={self.n_iterations}] (0: no final local searches)")
-        if final and not (float(context.sampling["final_angular_step_deg"]) > 0 and float(context.sampling["final_local_search_deg"]) > 0):
+        if final and not (float(sampling["final_angular_step_deg"]) > 0 and float(sampling["final_local_search_deg"]) > 0):
             raise InputError("sampling.final_angular_step_deg and sampling.final_local_search_deg must be positive (e.g. 3.75 and 10)")
-        sampling = context.sampling
         if sampling["align"]:
             for name in ("angular_step_deg", "offset_step_px"):
                 if not float(sampling[name]) > 0:
@@ -241,9 +241,9 @@ class Class3DJob:
             value = sampling.get(name)
             if value is not None and not float(value) > 0:
                 raise InputError(f"sampling.{name}={value} must be positive (px), or null to keep sampling.{name.removeprefix('final_')}")
-        if not 0 <= float(context.sampling["perturb"]) <= 1:
-            raise InputError(f"sampling.perturb={context.sampling['perturb']} is not a fraction of the coarse steps: give a value in [0, 1] (RELION's default 0.5, 0 for a fixed grid)")
-        unrefined = context.sampling["max_significant_oversampled"]
+        if not 0 <= float(sampling["perturb"]) <= 1:
+            raise InputError(f"sampling.perturb={sampling['perturb']} is not a fraction of the coarse steps: give a value in [0, 1] (RELION's default 0.5, 0 for a fixed grid)")
+        unrefined = sampling["max_significant_oversampled"]
         if unrefined is not None and not int(unrefined) >= 1:
             raise InputError(f"sampling.max_significant_oversampled={unrefined} must be a number of coarse samples ≥ 1 (e.g. 64), or null to oversample every particle")
 
