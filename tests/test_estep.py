@@ -138,6 +138,35 @@ def test_fine_pass_tables_of_any_size_give_the_same_posteriors_and_sums() -> Non
         torch.testing.assert_close(small_sums, roomy_sums, rtol=1e-4, atol=1e-4)
 
 
+def test_pass_offsets_act_on_their_own_pass() -> None:
+    # the self-fit discount differs between the passes: an offset of the fine pass moves the
+    # class log-odds by exactly its difference when the coarse pass keeps every sample, and
+    # leaves the selection alone; one of the coarse pass only decides which samples survive
+    from cryotorch.em.estep import EStepSettings, FinePassCache, PassOffsets, expectation
+
+    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, generator = _alignment_problem(6, 0, 8)
+    batch.inv_sigma2 *= 1e-3  # noisy particles: both classes keep some posterior
+
+    def run(offsets: PassOffsets | None, significance: float) -> torch.Tensor:
+        settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, significance=significance, max_significant=100000)
+        cache = FinePassCache(volumes_ft, grid, frequencies, box, 2**26)
+        return expectation(batch, volumes_ft, coarse, grid, cache, log_prior, 10.0, settings, class_offset=offsets).class_posterior.double()
+
+    def log_odds(posterior: torch.Tensor) -> torch.Tensor:
+        return torch.log(posterior[:, 1]) - torch.log(posterior[:, 0])
+
+    offset = -3 * torch.rand(8, 2, generator=generator)
+    plain = run(None, 1.0)
+    fine = run(PassOffsets(None, offset, offset), 1.0)
+    torch.testing.assert_close(log_odds(fine), log_odds(plain) + (offset[:, 1] - offset[:, 0]).double(), rtol=0, atol=1e-3)
+    # a coarse penalty far beyond the significant mass drops the class before the fine pass
+    penalty = torch.zeros(8, 2)
+    penalty[:, 0] = -1e4
+    kept = run(None, 0.999)
+    dropped = run(PassOffsets(penalty, None, None), 0.999)
+    assert (kept[:, 0] > 1e-3).sum() >= 3 and (dropped[:, 0] == 0).all()
+
+
 def test_broad_particles_skip_oversampling_as_on_a_grid_without_it() -> None:
     # a particle with more significant coarse samples than max_significant_oversampled is
     # scored at the coarse samples themselves: exactly what a grid without oversampling gives

@@ -26,7 +26,7 @@ from cryotorch.em.sampling import PoseGrid
 from cryotorch.ops.healpix import pairwise_rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
 
 
 @dataclass
@@ -117,6 +117,32 @@ class EStepSettings:
     memory_budget_bytes: float = 2**28
     target_class_ess: float | None = None
     hard_classification: bool = False
+
+
+@dataclass
+class PassOffsets:
+    """Per-particle additions ``(B, K)`` to each class's cross term in each pass of an aligned
+    E-step (None: nothing in that pass).
+
+    The self-fit discount differs between the passes: a particle's own contribution to its
+    last class returns in each pass at that pass's sample nearest to its last pose, and only
+    in the components the pass scores.
+
+    Attributes
+    ----------
+    coarse
+        In the coarse pass (its orientations and translations, its first ``n_coarse``
+        components).
+    fine
+        In the fine pass over the oversampled children of the significant coarse samples.
+    unrefined
+        In the fine pass of the particles that ``max_significant_oversampled`` exempts from
+        oversampling (the coarse samples, every component).
+    """
+
+    coarse: torch.Tensor | None
+    fine: torch.Tensor | None
+    unrefined: torch.Tensor | None
 
 
 @dataclass
@@ -454,7 +480,7 @@ def expectation(
     offset_sigma_angstrom: float,
     settings: EStepSettings,
     forced_class: torch.Tensor | None = None,
-    class_offset: torch.Tensor | None = None,
+    class_offset: torch.Tensor | PassOffsets | None = None,
     unrefined_projections: FinePassCache | None = None,
 ) -> EStepResult:
     """Posteriors and M-step sums for one batch.
@@ -482,8 +508,10 @@ def expectation(
         initial split of identical references), or None.
     class_offset
         ``(B, K)`` per-particle additions to each class's cross term (the self-fit discount),
-        or None. Like the cross term they are multiplied by the class's intensity when one is
-        profiled (``settings.scale_sigma``), since that is how much of them the score holds.
+        or None; with alignment a :class:`PassOffsets` gives each pass its own (a tensor is
+        added in every pass). Like the cross term they are multiplied by the class's intensity
+        when one is profiled (``settings.scale_sigma``), since that is how much of them the
+        score holds.
     unrefined_projections
         Full-resolution projections and slice sums of the coarse samples themselves (a cache
         over ``grid.without_oversampling()``), for the particles that
@@ -492,7 +520,10 @@ def expectation(
     """
     per_particle_prior = log_class_prior[None, :].expand(batch.spectra.shape[0], -1)
     if not settings.align:
+        if isinstance(class_offset, PassOffsets):
+            raise ValueError("without alignment class_offset is one (B, K) tensor")
         return _expectation_fixed_pose(batch, volumes_ft, per_particle_prior, settings, forced_class, class_offset)
+    offsets = PassOffsets(class_offset, class_offset, class_offset) if isinstance(class_offset, torch.Tensor) else class_offset
     assert grid is not None and coarse_projections is not None and fine_projections is not None
     n_classes = volumes_ft.shape[0]
     class_mask = _class_mask(forced_class, batch.spectra.shape[0], n_classes, batch.spectra.device)
@@ -522,8 +553,8 @@ def expectation(
     if orientation_prior is not None:
         orientation_prior = orientation_prior.to(logits.dtype)
         logits.add_(orientation_prior[:, None, None, :])
-    if class_offset is not None:
-        logits.add_(class_offset[:, None, :, None].to(logits.dtype))
+    if offsets is not None and offsets.coarse is not None:
+        logits.add_(offsets.coarse[:, None, :, None].to(logits.dtype))
     class_scale = None
     if settings.scale_sigma > 0:
         norm = norm.reshape(b, n_classes, n_scored)
@@ -536,9 +567,6 @@ def expectation(
             logits.sub_((a - 1) * torch.where(torch.isfinite(orientation_prior), orientation_prior, 0)[:, None, None, :])
         logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
     logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
-    if class_offset is not None:
-        # the fine pass adds them after scaling its scores
-        per_particle_prior = per_particle_prior + class_offset * (1.0 if class_scale is None else class_scale)
     order, valid = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
     if searched_rotations is not None:
         # back to the grid's orientation numbers
@@ -552,19 +580,27 @@ def expectation(
             raise ValueError("settings.max_significant_oversampled needs unrefined_projections (a FinePassCache over grid.without_oversampling())")
         broad = valid.sum(-1) > settings.max_significant_oversampled
     results, parts = [], []
-    for members, cache in ((~broad).nonzero()[:, 0], fine_projections), (broad.nonzero()[:, 0], unrefined_projections):
+    passes = (
+        ((~broad).nonzero()[:, 0], fine_projections, None if offsets is None else offsets.fine),
+        (broad.nonzero()[:, 0], unrefined_projections, None if offsets is None else offsets.unrefined),
+    )
+    for members, cache, offset in passes:
         if not members.numel():
             continue
         assert cache is not None
         # particles whose best coarse orientations are neighbours share most significant
         # samples: in that order the fine pass's sub-batches score small unions of samples
         members = members[torch.argsort(best_pair[members], stable=True)]
+        prior = per_particle_prior[members]
+        if offset is not None:
+            # the fine pass adds them after scaling its scores
+            prior = prior + offset[members] * (1.0 if class_scale is None else class_scale[members])
         results.append(
             _fine_pass(
                 batch.select(members),
                 cache,
                 significant.select(members),
-                per_particle_prior[members],
+                prior,
                 offset_sigma_angstrom,
                 settings,
                 class_mask[members],
