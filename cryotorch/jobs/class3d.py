@@ -502,7 +502,7 @@ class Class3DJob:
             memory_budget_bytes=min(budget / 4, 2**26) if device.type == "cpu" else budget / 4,
         )
         forced = self.forced_classes(context, iteration)
-        moved = self.grid_move(iteration, grid, fine, unrefined, n_coarse, frequencies.shape[0])
+        passes = self.pass_samples(iteration, grid, fine, unrefined, n_coarse, frequencies.shape[0])
         rows = self.active_rows(context, iteration)
         if sampling["align"] and sampling["local_search_deg"] is not None:
             rows = self.by_orientation(state, rows)
@@ -521,7 +521,7 @@ class Class3DJob:
             batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
             groups = torch.as_tensor(self.groups[chunk], device=device)
             forced_chunk = None if forced is None else forced[index]
-            class_offset = self.self_fit_discount(model, batch, state, index, frequencies, shells, groups, moved) if self.discount_self_fit else None
+            class_offset = self.self_fit_discount(model, batch, state, index, frequencies, shells, groups, passes) if self.discount_self_fit else None
             result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined)
             self.expand_symmetry(result.slices)
             stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
@@ -605,7 +605,7 @@ class Class3DJob:
         return order, float(sampling["offset_step_px"]) * 2**oversampling
 
     @staticmethod
-    def grid_move(
+    def pass_samples(
         iteration: int, grid: PoseGrid | None, fine: FinePassCache | None, unrefined: FinePassCache | None, n_coarse: int, n_components: int
     ) -> tuple[PassSamples, PassSamples, PassSamples | None] | None:
         """The samples of this iteration's coarse pass, fine pass and unrefined fine pass (None
@@ -646,7 +646,7 @@ class Class3DJob:
 
         ``frequencies`` ``(M, 2)`` and ``shells`` ``(M,)`` are the iteration's components and
         their shells, ``groups`` ``(B,)`` the particles' optics groups, ``passes`` the
-        samples of this iteration's coarse, fine and unrefined passes (:meth:`grid_move`).
+        samples of this iteration's coarse, fine and unrefined passes (:meth:`pass_samples`).
 
         A particle that helped to make map k fits it better by its own noise. Its inserted
         ``L' = s·CTF·X/σ'²`` (weight ``2Q'``, with the noise variances ``σ'²`` of the last
