@@ -246,6 +246,20 @@ def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path]
     np.testing.assert_array_equal(final_classes(killed, 4), final_classes(whole, 4))
     for k in (1, 2):
         np.testing.assert_array_equal(read_mrc(killed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data)
+    # a damaged checkpoint, or one of another version, is an input error that names it
+    checkpoint = torch.load(whole / "run_checkpoint.pt", weights_only=True)
+    del checkpoint["model"]["inserted_radius"]
+    damaged = {"truncated": (whole / "run_checkpoint.pt").read_bytes()[:1000], "older": None}
+    for name, content in damaged.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        if content is None:
+            torch.save(checkpoint, folder / "run_checkpoint.pt")
+        else:
+            (folder / "run_checkpoint.pt").write_bytes(content)
+        result = train(*class3d_overrides(two_class_data, tmp_path / f"{name}_run", "sampling.align=false", f"job.continue_from={folder}"), check=False)
+        output = result.stderr + result.stdout
+        assert result.returncode == 2 and f"{folder / 'run_checkpoint.pt'}" in output and "start the run in a new folder" in output, output[-2000:]
 
 
 @pytest.mark.parametrize(("tau2_estimate", "align"), [("map", "false"), ("fsc", "false"), ("map", "true")])

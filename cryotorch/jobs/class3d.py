@@ -405,10 +405,23 @@ class Class3DJob:
             if self.continue_from:
                 raise InputError(f"{self.continue_from}: no {CHECKPOINT} to continue from; point job.continue_from at a class3d output folder")
             return None, 1
-        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        fix = "start the run in a new folder, or remove the checkpoint to start this one again"
+        try:
+            checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as error:
+            raise InputError(f"{path}: not a readable class3d checkpoint ({error}); {fix}") from error
+        missing = [key for key in ("iteration", "model", "particles") if not isinstance(checkpoint, dict) or key not in checkpoint]
+        if missing:
+            raise InputError(f"{path}: not a class3d checkpoint (no {', '.join(missing)}); {fix}")
         if tuple(checkpoint["model"]["volumes"].shape) != tuple(model.volumes.shape):
             raise InputError(f"{path}: checkpoint holds {tuple(checkpoint['model']['volumes'].shape)} volumes, this run needs {tuple(model.volumes.shape)}; use the same K and particles")
-        model.load_state_dict(checkpoint["model"])
+        fields = set(ParticleState.__dataclass_fields__)
+        try:
+            model.load_state_dict(checkpoint["model"])
+            if set(checkpoint["particles"]) != fields:
+                raise KeyError(f"particle fields {sorted(set(checkpoint['particles']) ^ fields)}")
+        except (KeyError, RuntimeError) as error:
+            raise InputError(f"{path}: checkpoint written by another version of cryotorch ({error}); {fix}") from error
         state = ParticleState(**{k: v.to(self.device) for k, v in checkpoint["particles"].items()})
         self.load_extra_state({k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in checkpoint.get("extra", {}).items()})
         iteration = int(checkpoint["iteration"])
