@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d
@@ -165,6 +166,11 @@ def test_pass_offsets_act_on_their_own_pass() -> None:
     kept = run(None, 0.999)
     dropped = run(PassOffsets(penalty, None, None), 0.999)
     assert (kept[:, 0] > 1e-3).sum() >= 3 and (dropped[:, 0] == 0).all()
+    # each pass holds a different share of the cross term: one tensor for all is refused
+    settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0)
+    cache = FinePassCache(volumes_ft, grid, frequencies, box, 2**26)
+    with pytest.raises(ValueError, match="PassOffsets"):
+        expectation(batch, volumes_ft, coarse, grid, cache, log_prior, 10.0, settings, class_offset=offset)
 
 
 def test_broad_particles_skip_oversampling_as_on_a_grid_without_it() -> None:

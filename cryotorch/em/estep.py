@@ -508,10 +508,9 @@ def expectation(
         initial split of identical references), or None.
     class_offset
         ``(B, K)`` per-particle additions to each class's cross term (the self-fit discount),
-        or None; with alignment a :class:`PassOffsets` gives each pass its own (a tensor is
-        added in every pass). Like the cross term they are multiplied by the class's intensity
-        when one is profiled (``settings.scale_sigma``), since that is how much of them the
-        score holds.
+        or None; with alignment a :class:`PassOffsets` gives each pass its own. Like the cross
+        term they are multiplied by the class's intensity when one is profiled
+        (``settings.scale_sigma``), since that is how much of them the score holds.
     unrefined_projections
         Full-resolution projections and slice sums of the coarse samples themselves (a cache
         over ``grid.without_oversampling()``), for the particles that
@@ -523,7 +522,9 @@ def expectation(
         if isinstance(class_offset, PassOffsets):
             raise ValueError("without alignment class_offset is one (B, K) tensor")
         return _expectation_fixed_pose(batch, volumes_ft, per_particle_prior, settings, forced_class, class_offset)
-    offsets = PassOffsets(class_offset, class_offset, class_offset) if isinstance(class_offset, torch.Tensor) else class_offset
+    if isinstance(class_offset, torch.Tensor):
+        raise ValueError("with alignment class_offset is a PassOffsets: each pass holds a different share of the cross term")
+    offsets = class_offset
     assert grid is not None and coarse_projections is not None and fine_projections is not None
     n_classes = volumes_ft.shape[0]
     class_mask = _class_mask(forced_class, batch.spectra.shape[0], n_classes, batch.spectra.device)
