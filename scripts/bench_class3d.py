@@ -7,16 +7,20 @@ mass removed, noise-only junk; realistic defocus 0.8–2.5 µm. Then runs
 - the oracle: the same E-step with the TRUE maps (A, B and an empty map for junk) held
   fixed at the true poses, three iterations so that the noise model is learnt, whose
   class accuracy is the best this likelihood can reach on this data;
-- class3d from a 40 Å low-passed consensus reconstruction, without and/or with alignment,
+- class3d from a 40 Å low-passed consensus reconstruction, without and/or with alignment;
+- with ``--aligned-oracle``, the aligned oracle: the true maps held fixed, searched with the
+  same alignment schedule as class3d (the best this sampling can do without knowing the
+  poses),
 
 and prints oracle accuracy, achieved accuracy (labels matched), the adjusted Rand index,
 the share of the junk in one class, the resolution at which each real class's map (the class
-holding most of its particles) keeps an FSC of 0.5 with its true map, and seconds per
+holding most of its particles) keeps an FSC of 0.5 with its true map, with alignment the
+median angle between the real particles' true and found orientations, and seconds per
 iteration read from the run logs.
 
     python scripts/bench_class3d.py --map ../shared/data/maps/aspire_70S/clean70SRibosome_vol_65p.mrc \
         --particles 4000 --snr 0.05 --iterations 25 --modes noalign align \
-        [--class3d-overrides sampling.final_local_iterations=5]
+        [--class3d-overrides sampling.final_local_iterations=5] [--aligned-oracle]
 
 The low-SNR schedule of docs/benchmarks.md (E-step limited to 30 Å in the first iterations):
 ``--iterations 36 --class3d-overrides job.highres_limit_estep_A=30 job.highres_limit_estep_iterations=20``.
@@ -40,6 +44,7 @@ from cryotorch.conventions import irfft3_centered, rfft3_centered
 from cryotorch.io import read_mrc, read_particles, write_mrc
 from cryotorch.ops.filters import crop_or_pad_3d, lowpass_filter_3d
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
+from cryotorch.ops.healpix import rotation_angle_deg
 from cryotorch.runtime import start_thread_pool
 
 PIXEL, BOX = 5.0, 64
@@ -140,6 +145,21 @@ def class_map_resolutions(out: Path, iteration: int, truth: np.ndarray, assigned
     return resolutions
 
 
+def junk_share(truth: np.ndarray, assigned: np.ndarray) -> float:
+    """Fraction of the junk (the last true class) in the class holding most of it."""
+    junk = truth == truth.max()
+    return float(np.bincount(assigned[junk]).max() / max(1, int(junk.sum())))
+
+
+def median_angular_error_deg(truth_star: Path, out: Path, iteration: int) -> float:
+    """Median angle (degrees) between the true orientations of the real (not junk)
+    particles and those of ``out``'s iteration ``iteration``."""
+    true, found = read_particles(truth_star), read_particles(out / f"run_it{iteration:03d}_data.star")
+    real = true.class_number < true.class_number.max()
+    angles = rotation_angle_deg(torch.as_tensor(true.euler_deg[real]), torch.as_tensor(found.euler_deg[real]))
+    return float(angles.median())
+
+
 def seconds_per_iteration(log_path: Path) -> list[float]:
     stamps = [
         datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
@@ -158,6 +178,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--modes", nargs="+", default=["noalign", "align"], choices=["noalign", "align"])
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--aligned-oracle", action="store_true", help="also run the aligned oracle (the true maps, fixed, searched as class3d searches)")
     parser.add_argument("--class3d-overrides", nargs="*", default=[], help="extra key=value settings of the class3d runs, e.g. sampling.final_local_iterations=5")
     args = parser.parse_args()
     start_thread_pool()
@@ -179,13 +200,20 @@ def main() -> None:
                   f"sampling.align={'true' if mode == 'align' else 'false'}", f"hydra.run.dir={out}", *args.class3d_overrides)
             result = read_particles(out / f"run_it{args.iterations:03d}_data.star").class_number
             times = seconds_per_iteration(out / "train.log")
-            junk_label = int(truth.max())
-            junk_share = np.bincount(result[truth == junk_label]).max() / max(1, int((truth == junk_label).sum()))
             resolutions = class_map_resolutions(out, args.iterations, truth, result, [class_a, class_b])
+            angles = f"median angular error {median_angular_error_deg(folder / 'sim' / 'truth.star', out, args.iterations):.2f}°; " if mode == "align" else ""
             print(f"  {mode}: accuracy {matched_accuracy(truth, result):.3f} (ARI {adjusted_rand_index(truth, result):.3f}); "
-                  f"junk in one class {junk_share:.3f}; FSC 0.5 to the true maps at {', '.join(f'{r:.1f}' for r in resolutions)} Å; "
-                  f"{np.mean(times):.1f} s/iteration, {sum(times):.0f} s total, "
+                  f"junk in one class {junk_share(truth, result):.3f}; FSC 0.5 to the true maps at {', '.join(f'{r:.1f}' for r in resolutions)} Å; "
+                  f"{angles}{np.mean(times):.1f} s/iteration, {sum(times):.0f} s total, "
                   f"{1e3 * np.mean(times) / args.particles:.2f} ms per particle-iteration")
+        if args.aligned_oracle and "align" in args.modes:
+            out = folder / "oracle_align"
+            train("+job=class3d", f"data.particles={particles}", f"job.reference=[{class_a},{class_b},{junk}]", "job.K=3", f"job.n_iterations={args.iterations}",
+                  "job.ini_high_A=null", "job.update_references=false", "sampling.align=true", f"hydra.run.dir={out}", *args.class3d_overrides)
+            result = read_particles(out / f"run_it{args.iterations:03d}_data.star").class_number
+            print(f"  aligned oracle: accuracy {matched_accuracy(truth, result):.3f} (ARI {adjusted_rand_index(truth, result):.3f}); "
+                  f"junk in one class {junk_share(truth, result):.3f}; "
+                  f"median angular error {median_angular_error_deg(folder / 'sim' / 'truth.star', out, args.iterations):.2f}°")
 
 
 if __name__ == "__main__":
