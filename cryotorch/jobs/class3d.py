@@ -80,13 +80,13 @@ CHECKPOINT = "run_checkpoint.pt"
 
 @dataclass(frozen=True)
 class PassSamples:
-    """Where one pass of an aligned E-step brings back a particle's own contribution to its
-    last class map: at the pass's orientation nearest to the particle's last one, at the pass's
-    translation nearest to its position, in the pass's components."""
+    """Where passes of an aligned E-step that score the same samples bring back a particle's
+    own contribution to its last class map: at their orientation nearest to the particle's
+    last one, at their translation nearest to its position, in each pass's components."""
 
-    orientations: torch.Tensor  # (F, 3, 3) the pass's orientations
-    shift_px: torch.Tensor  # (2,) from the particle's position to the pass's nearest translation
-    n_components: int  # the pass scores the iteration's first n components
+    orientations: torch.Tensor  # (F, 3, 3) the passes' orientations
+    shift_px: torch.Tensor  # (2,) from the particle's position to their nearest translation
+    component_counts: tuple[int, ...]  # each pass scores the iteration's first n components
 
 
 @dataclass
@@ -620,20 +620,20 @@ class Class3DJob:
     @staticmethod
     def pass_samples(
         iteration: int, grid: PoseGrid | None, fine: FinePassCache | None, unrefined: FinePassCache | None, n_coarse: int, n_components: int
-    ) -> tuple[PassSamples, PassSamples, PassSamples | None] | None:
-        """The samples of this iteration's coarse pass, fine pass and unrefined fine pass (None
-        without ``unrefined``) that a particle's last pose can be nearest to: their
-        orientations (the fine pass's those of its cache), the shift from the particle's
-        position to their nearest translation
-        (:func:`~cryotorch.em.sampling.nearest_translation_px`) and their numbers of
-        components; None without alignment or in the first iteration."""
+    ) -> tuple[PassSamples, PassSamples] | None:
+        """The samples of this iteration's passes that a particle's last pose can be nearest
+        to: the coarse samples, scored by the coarse pass (its first ``n_coarse`` components)
+        and by the unrefined fine pass (every component; only with ``unrefined``), and the fine
+        samples (the orientations of the fine-pass cache, every component). Each with the
+        shift from the particle's position to their nearest translation
+        (:func:`~cryotorch.em.sampling.nearest_translation_px`); None without alignment or in
+        the first iteration."""
         if grid is None or fine is None or iteration == 1:
             return None
-        coarse_shift_px = nearest_translation_px(grid.without_oversampling()).float()
+        coarse_counts = (n_coarse,) if unrefined is None else (n_coarse, n_components)
         return (
-            PassSamples(grid.coarse_rotations, coarse_shift_px, n_coarse),
-            PassSamples(fine.rotations.reshape(-1, 3, 3), nearest_translation_px(grid).float(), n_components),
-            None if unrefined is None else PassSamples(grid.coarse_rotations, coarse_shift_px, n_components),
+            PassSamples(grid.coarse_rotations, nearest_translation_px(grid.without_oversampling()).float(), coarse_counts),
+            PassSamples(fine.rotations.reshape(-1, 3, 3), nearest_translation_px(grid).float(), (n_components,)),
         )
 
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
@@ -652,14 +652,14 @@ class Class3DJob:
         frequencies: torch.Tensor,
         shells: torch.Tensor,
         groups: torch.Tensor,
-        passes: tuple[PassSamples, PassSamples, PassSamples | None] | None = None,
+        passes: tuple[PassSamples, PassSamples] | None = None,
     ) -> torch.Tensor | PassOffsets | None:
         """``(B, K)`` cross-term each particle gains from its own share of its last class map;
         with alignment one for each pass of the E-step.
 
         ``frequencies`` ``(M, 2)`` and ``shells`` ``(M,)`` are the iteration's components and
         their shells, ``groups`` ``(B,)`` the particles' optics groups, ``passes`` the
-        samples of this iteration's coarse, fine and unrefined passes (:meth:`pass_samples`).
+        coarse and the fine samples of this iteration (:meth:`pass_samples`).
 
         A particle that helped to make map k fits it better by its own noise. Its inserted
         ``L' = s·CTF·X/σ'²`` (weight ``2Q'``, with the noise variances ``σ'²`` of the last
@@ -698,16 +698,11 @@ class Class3DJob:
         four_q = 2.0 * (batch.scale[:, None] * batch.ctf) ** 2 / model.inserted_sigma2[groups][:, shells].float().clamp(min=1e-30)
         rotations = euler_deg_to_matrix(state.euler_deg[index]).float()
         if passes is None:
-            return self.self_fit(model, state, index, rotations, frequencies[inserted], four_q[:, inserted])
-        offsets = []
-        for samples in passes:
-            if samples is None:
-                offsets.append(None)
-                continue
-            used = inserted.clone()
-            used[samples.n_components :] = False
-            offsets.append(self.self_fit(model, state, index, rotations, frequencies[used], four_q[:, used], samples))
-        return PassOffsets(*offsets)
+            return self.self_fit(model, state, index, rotations, frequencies[inserted], four_q[:, inserted])[0]
+        coarse_samples, fine_samples = passes
+        coarse = self.self_fit(model, state, index, rotations, frequencies[inserted], four_q[:, inserted], coarse_samples)
+        (fine,) = self.self_fit(model, state, index, rotations, frequencies[inserted], four_q[:, inserted], fine_samples)
+        return PassOffsets(coarse[0], fine, coarse[1] if len(coarse) > 1 else None)
 
     def self_fit(
         self,
@@ -718,17 +713,21 @@ class Class3DJob:
         frequencies: torch.Tensor,
         four_q: torch.Tensor,
         samples: PassSamples | None = None,
-    ) -> torch.Tensor:
-        """``(B, K)`` minus the self-fit of :meth:`self_fit_discount` in the components
-        ``frequencies`` ``(m, 2)`` (``four_q`` ``(B, m)`` their 4Q'), for particles at their
-        last orientations ``rotations`` ``(B, 3, 3)``, returning at the nearest of the pass's
-        ``samples`` (None: at the last pose itself, without alignment)."""
+    ) -> list[torch.Tensor]:
+        """``(B, K)`` minus the self-fit of :meth:`self_fit_discount` in the inserted
+        components ``frequencies`` ``(m, 2)`` (sorted by radius; ``four_q`` ``(B, m)`` their
+        4Q'), for particles at their last orientations ``rotations`` ``(B, 3, 3)``, returning
+        at the nearest of ``samples`` (None: at the last pose itself, without alignment): one
+        for each pass of ``samples``, over the inserted components among its first ones
+        (without alignment one, over all)."""
         previous = state.class_number[index]
+        counts = [frequencies.shape[0]]
         extracted = None
         if samples is not None:
+            counts = [min(n, frequencies.shape[0]) for n in samples.component_counts]
             extracted = nearest_orientations(rotations, samples.orientations)
             four_q = four_q * torch.cos(2 * math.pi / self.box * (frequencies @ samples.shift_px))
-        discount = torch.zeros(previous.shape[0], self.n_classes, device=four_q.device)
+        discounts = [torch.zeros(previous.shape[0], self.n_classes, device=four_q.device) for _ in counts]
         for k in range(self.n_classes):
             members = (previous == k + 1).nonzero()[:, 0]
             if members.numel():
@@ -736,14 +735,16 @@ class Class3DJob:
                     model.inverse_denominator[k], rotations[members], frequencies, self.box, self.self_overlap, None if extracted is None else extracted[members]
                 )
                 weight = state.class_probability[index[members]]  # its share of the class's sums
-                self_fit = self.self_kept * weight * (four_q[members] * share).sum(-1)
-                if samples is not None:
-                    # the self-fit raises one pose's score: the class's evidence rises by
-                    # log(1 − q + q·e^s), q that pose's share of the class's posterior
-                    pose_share = (state.max_posterior[index[members]] / weight.clamp(min=1e-30)).clamp(1e-6, 1)
-                    self_fit = torch.logaddexp(torch.log1p(-pose_share.clamp(max=1 - 1e-6)), torch.log(pose_share) + self_fit)
-                discount[members, k] = -self_fit
-        return discount
+                terms = four_q[members] * share
+                for discount, count in zip(discounts, counts):
+                    self_fit = self.self_kept * weight * terms[:, :count].sum(-1)
+                    if samples is not None:
+                        # the self-fit raises one pose's score: the class's evidence rises by
+                        # log(1 − q + q·e^s), q that pose's share of the class's posterior
+                        pose_share = (state.max_posterior[index[members]] / weight.clamp(min=1e-30)).clamp(1e-6, 1)
+                        self_fit = torch.logaddexp(torch.log1p(-pose_share.clamp(max=1 - 1e-6)), torch.log(pose_share) + self_fit)
+                    discount[members, k] = -self_fit
+        return discounts
 
     def self_fit_geometry(self, padded: int) -> tuple[float, float]:
         """Fraction of a single padded-grid voxel change kept by crop, gridding and mask, and
