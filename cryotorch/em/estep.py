@@ -26,7 +26,7 @@ from cryotorch.em.sampling import PoseGrid
 from cryotorch.ops.healpix import pairwise_rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "ScoreProjections", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
 
 
 @dataclass
@@ -143,6 +143,38 @@ class PassOffsets:
     coarse: torch.Tensor | None
     fine: torch.Tensor | None
     unrefined: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class ScoreProjections:
+    """Projections laid out for the score GEMMs of :func:`score_terms`.
+
+    The coarse pass scores every batch of an iteration against the same projections, so they
+    are laid out once per iteration rather than once per batch.
+
+    Attributes
+    ----------
+    stacked
+        ``(..., C, 2n)`` real and imaginary parts side by side, the cross term's operand.
+    power
+        ``(..., C, n)`` ``|P|²``, the norm term's operand.
+    """
+
+    stacked: torch.Tensor
+    power: torch.Tensor
+
+    @classmethod
+    def of(cls, projections: torch.Tensor) -> ScoreProjections:
+        """The layout of complex projections ``(..., C, n)``."""
+        return cls(torch.cat([projections.real, projections.imag], dim=-1), projections.abs() ** 2)
+
+    def select(self, dim: int, index: torch.Tensor) -> ScoreProjections:
+        """The projections at ``index`` along the leading dimension ``dim``."""
+        return ScoreProjections(self.stacked.index_select(dim, index), self.power.index_select(dim, index))
+
+    def flatten(self) -> ScoreProjections:
+        """All leading dimensions as one: ``(C, 2n)`` and ``(C, n)``."""
+        return ScoreProjections(self.stacked.reshape(-1, self.stacked.shape[-1]), self.power.reshape(-1, self.power.shape[-1]))
 
 
 @dataclass
@@ -361,8 +393,9 @@ class FinePassCache:
         ]
 
 
-def score_terms(batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The two GEMMs of the score of B particles × T translations against C projections.
+def score_terms(batch: PreparedBatch, projections: ScoreProjections, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two GEMMs of the score of B particles × T translations against C projections
+    (``projections`` laid out as ``(C, 2n)`` and ``(C, n)``).
 
     Returns the cross term ``Σ Re(conj(L)·P)`` ``(B, T, C)``, the norm term ``Σ Q·|P|²``
     ``(B, 1, C)`` and ``L`` ``(B, T, n)`` for the M-step; the score is ``cross − norm``.
@@ -372,10 +405,9 @@ def score_terms(batch: PreparedBatch, projections: torch.Tensor, ramps: torch.Te
     weighted = shifted * factor[:, None, :]  # L
     b, t = weighted.shape[:2]
     stacked = torch.cat([weighted.real, weighted.imag], dim=-1).reshape(b * t, 2 * n)
-    projections_stacked = torch.cat([projections.real, projections.imag], dim=-1)  # (C, 2n)
-    cross = (stacked @ projections_stacked.T).reshape(b, t, -1)
+    cross = (stacked @ projections.stacked.T).reshape(b, t, -1)
     q = 0.5 * (batch.scale[:, None] * batch.ctf[:, :n]) ** 2 * batch.inv_sigma2[:, :n]  # (B, n)
-    norm = (q @ (projections.abs() ** 2).T)[:, None, :]  # (B, 1, C)
+    norm = (q @ projections.power.T)[:, None, :]  # (B, 1, C)
     return cross, norm, weighted
 
 
@@ -388,7 +420,7 @@ def score_batch(
     the prior ``N(1, σ²)`` of :func:`scaled_score`. Returns the scores without the ‖X‖²
     constant, and ``L`` ``(B, T, n)`` for the M-step.
     """
-    cross, norm, weighted = score_terms(batch, projections, ramps, n)
+    cross, norm, weighted = score_terms(batch, ScoreProjections.of(projections), ramps, n)
     if scale is None:
         return cross.sub_(norm), weighted
     return scaled_score(cross, norm, scale[:, None, :], scale_sigma), weighted
@@ -473,7 +505,7 @@ def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tupl
 def expectation(
     batch: PreparedBatch,
     volumes_ft: torch.Tensor,
-    coarse_projections: torch.Tensor | None,
+    coarse_projections: ScoreProjections | None,
     grid: PoseGrid | None,
     fine_projections: FinePassCache | None,
     log_class_prior: torch.Tensor,
@@ -493,7 +525,8 @@ def expectation(
         ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes (projected at the fixed poses
         without alignment).
     coarse_projections
-        ``(K, R, n_coarse)`` projections along the grid's coarse orientations (alignment only).
+        ``(K, R, n_coarse)`` projections along the grid's coarse orientations, laid out for
+        scoring once per iteration (alignment only).
     grid
         The pose grid (alignment only).
     fine_projections
@@ -542,9 +575,9 @@ def expectation(
         searched_rotations = searched.any(dim=0).nonzero()[:, 0]  # (U,)
         angles, searched = angles[:, searched_rotations], searched[:, searched_rotations]
         orientation_prior = torch.where(searched, -(angles**2) / (2 * settings.local_sigma_deg**2), -math.inf)  # (B, U)
-        coarse_projections = coarse_projections[:, searched_rotations]
-    n_scored = coarse_projections.shape[1]
-    cross, norm, _ = score_terms(batch, coarse_projections.reshape(n_classes * n_scored, n_coarse), ramps_coarse, n_coarse)
+        coarse_projections = coarse_projections.select(1, searched_rotations)
+    n_scored = coarse_projections.power.shape[1]
+    cross, norm, _ = score_terms(batch, coarse_projections.flatten(), ramps_coarse, n_coarse)
     b, t = cross.shape[:2]
     logits = cross.sub_(norm).reshape(b, t, n_classes, n_scored)
     # origin and orientation priors, then the class priors (and mask), added in place
