@@ -330,6 +330,24 @@ def test_significant_sample_lists_match_their_dense_mask() -> None:
     torch.testing.assert_close(mask, dense[1:3][:, shift_used][:, :, pair_used])
 
 
+@pytest.mark.parametrize("cap", [3, 25, 500])
+def test_significant_samples_are_the_smallest_set_holding_the_mass(cap: int) -> None:
+    from cryotorch.em.estep import _significant_logits
+
+    generator = torch.Generator().manual_seed(3)
+    b, n_shifts, n_pairs = 6, 7, 40
+    logits = torch.randn(b, n_shifts, n_pairs, generator=generator) * torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0, 100.0])[:, None, None]
+    logits[0, :, :30] = -math.inf  # unsearched samples, as in a local search
+    posterior = torch.softmax(logits.reshape(b, -1).double(), dim=-1)
+    order, keep = _significant_logits(logits.clone(), 0.999, cap)
+    # reference: a full sort of the posterior, and the fewest samples holding 99.9 % of it
+    reference = torch.argsort(posterior, dim=-1, descending=True)[:, : min(cap, n_shifts * n_pairs)]
+    ranked = posterior.gather(1, reference)
+    torch.testing.assert_close(posterior.gather(1, order), ranked, rtol=0, atol=0)
+    # the same samples in the same order; those of zero posterior tie and may come in any order
+    torch.testing.assert_close(order[ranked > 0], reference[ranked > 0], rtol=0, atol=0)
+    torch.testing.assert_close(keep, (ranked.cumsum(-1) - ranked) < 0.999)
+
 def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> None:
     # with C4 the grid covers rot in [-45, 45]; a particle whose prior is a symmetry mate of
     # its true pose (rot + 90) still finds that pose, as the search takes every grid pose's

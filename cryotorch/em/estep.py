@@ -485,18 +485,27 @@ def _significant_count(posterior: torch.Tensor, fraction: float, cap: int) -> to
 
 
 def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples :func:`_significant_count` counts, for ``softmax(logits)`` ``(B, S)``
-    without forming the softmax, as lists: the positions ``(B, C)`` of each row's ``C = min(cap, S)`` largest logits, largest
-    first, and which of them are significant ``(B, C)``.
+    """The samples :func:`_significant_count` counts, for the softmax of ``logits``
+    ``(B, T, P)`` (T translations × P class-orientation pairs) without forming it, as lists:
+    the flat positions ``t·P + p`` ``(B, C)`` of each row's ``C = min(cap, T·P)`` largest
+    logits, largest first, and which of them are significant ``(B, C)``.
 
     ``logits`` is consumed: it is overwritten while the normaliser is summed.
     """
-    cap = min(cap, logits.shape[-1])
-    top, order = torch.topk(logits, cap, dim=-1)
+    b, t, p = logits.shape
+    cap = min(cap, t * p)
+    # the C largest samples lie in the C pairs whose maxima over translations are largest: a
+    # sample outside them is below C pair maxima, i.e. below C other samples. Top-k over the
+    # pairs' maxima and then over their C·T samples costs half a top-k over all T·P samples
+    pairs = torch.topk(logits.amax(dim=1), min(cap, p), dim=-1).indices  # (B, Pc)
+    candidates = logits.gather(2, pairs[:, None, :].expand(b, t, -1)).reshape(b, -1)  # (B, T·Pc)
+    top, position = torch.topk(candidates, cap, dim=-1)
+    order = position // pairs.shape[1] * p + pairs.gather(1, position % pairs.shape[1])
     # log-sum-exp from the row maxima that top-k already found, in place: no copy. Terms below
     # e^-80 change the sum by less than float precision; clamped, exp avoids its slow path for
     # very negative arguments (several times slower on CPU)
-    log_normaliser = top[:, :1] + logits.sub_(top[:, :1]).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
+    flat = logits.reshape(b, -1)
+    log_normaliser = top[:, :1] + flat.sub_(top[:, :1]).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
     posterior = torch.exp(top - log_normaliser)
     keep_sorted = (posterior.cumsum(-1) - posterior) < fraction
     return order, keep_sorted
@@ -601,7 +610,7 @@ def expectation(
             logits.sub_((a - 1) * torch.where(torch.isfinite(orientation_prior), orientation_prior, 0)[:, None, None, :])
         logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
     logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
-    order, valid = _significant_logits(logits.reshape(b, -1), settings.significance, settings.max_significant)
+    order, valid = _significant_logits(logits.reshape(b, t, -1), settings.significance, settings.max_significant)
     if searched_rotations is not None:
         # back to the grid's orientation numbers
         shift_class, scored = order // n_scored, order % n_scored
