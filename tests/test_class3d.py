@@ -77,7 +77,9 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
         assert (out / name).is_file(), name
     model = read_star(out / "run_it010_model.star")
     assert model["model_classes"]["rlnClassDistribution"].sum() == pytest.approx(1.0)
-    assert {"model_general", "model_class_1", "model_class_2", "model_groups", "model_group_1"} <= set(model)
+    assert {"model_general", "model_class_1", "model_class_2", "model_groups", "model_optics_group_1"} <= set(model)
+    # relion_refine writes the best class's resolution here, in Å
+    assert float(model["model_general"]["rlnCurrentResolution"]) == pytest.approx(model["model_classes"]["rlnEstimatedResolution"].min())
     optimiser = read_star(out / "run_it010_optimiser.star")["optimiser_general"]
     assert int(optimiser["rlnCurrentIteration"]) == 10 and int(optimiser["rlnDoSkipAlign"]) == 1
     data = read_star(out / "run_it010_data.star")["particles"]

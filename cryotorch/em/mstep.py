@@ -2,7 +2,8 @@
 
 The class volumes are MAP reconstructions ``V = Σ w·L / (Σ w·2Q + 1/(p³·T·τ²))`` on the
 padded grid (``p`` the padding factor, ``T`` RELION's tau2_fudge, τ² = ½·shell mean |V|² of
-the current reference; ``p³`` because a padded voxel collects ``p³`` times less weight). The
+the current reference as the projector holds it, :func:`map_signal_power`; ``p³`` because a
+padded voxel collects ``p³`` times less weight). The
 noise spectra, group scales, class weights and origin prior follow from the maximum-posterior
 samples, as RELION's sums over significant samples do to first order.
 """
@@ -17,10 +18,11 @@ from cryotorch.conventions import rfft3_centered
 from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
 from cryotorch.model.class_model import ClassModel
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
-from cryotorch.ops.fourier import radial_average, shell_index_3d, shell_power_3d, shells_to_padded_grid
+from cryotorch.ops.projection import prepare_fourier_volumes
+from cryotorch.ops.fourier import radial_average, radius_grid_3d, shell_index_3d, shell_power_3d, shells_to_padded_grid
 from cryotorch.ops.fsc import fourier_shell_correlation
 
-__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
+__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "map_signal_power", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
 
 #: ways to update the prior's signal power τ² (see :func:`maximization`)
 TAU2_ESTIMATES = ("map", "posterior", "fsc")
@@ -234,8 +236,39 @@ def maximization(
     if tau2_estimate == "map":
         for k in range(model.n_classes):
             if k not in empty:
-                model.tau2[k] = 0.5 * shell_power_3d(rfft3_centered(model.volumes[k]).to(torch.complex128))
+                model.tau2[k] = map_signal_power(model.volumes[k][None], stats.data.shape[1] / box)[0]
     return empty
+
+
+def map_signal_power(volumes: torch.Tensor, padding_factor: float) -> torch.Tensor:
+    """The prior's signal power τ² of maps, as RELION's Class3D takes it from its references.
+
+    Half the mean ``|F|²`` per shell of each map as the projector holds it: gridding-corrected,
+    zero-padded and transformed (:func:`prepare_fourier_volumes`), with the padded grid's
+    component at radius ``r`` in unpadded shell ``round(r / p)`` (RELION's
+    ``Projector::computeFourierTransformMap``). The gridding correction divides the map by a
+    kernel that falls towards the box edge, which raises the power by ~15 % at low resolution
+    and by up to ~50 % in the shells where the map fades; taken from the plain map instead, τ²
+    shrinks the outer shells of the next map more, and that map's τ² still more, so that the
+    maps settle about half an Ångström below RELION's (``docs/benchmarks.md``).
+
+    Parameters
+    ----------
+    volumes
+        ``(K, N, N, N)`` real maps.
+    padding_factor
+        Oversampling ``p`` of the projector's Fourier grid.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(K, N // 2 + 1)`` float64 signal power per unpadded shell.
+    """
+    box_size = volumes.shape[-1]
+    prepared = prepare_fourier_volumes(volumes, padding_factor)
+    padded_size = prepared.shape[1]
+    shells = torch.round(radius_grid_3d(padded_size, volumes.device) * box_size / padded_size).long()
+    return 0.5 * radial_average(prepared.abs().double() ** 2, shells, box_size // 2 + 1)
 
 
 def expected_signal_power(data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, box_size: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ class ClassSummary:
     resolution_angstrom: float
     ssnr: np.ndarray
     tau2: np.ndarray
-    sigma2: np.ndarray
+    sigma2: np.ndarray  # noise power per component of the reconstruction (RELION's rlnReferenceSigma2)
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ModelSummary:
 
     box_size: int
     pixel_size_angstrom: float
-    current_resolution_angstrom: float
+    current_resolution_angstrom: float  # the best class resolution (SSNR ≥ 1), as RELION records it
     current_image_size: int
     padding_factor: float
     tau2_fudge: float
@@ -129,7 +129,8 @@ def write_model_star(path: str | os.PathLike[str], model: ModelSummary) -> None:
             "rlnReferenceDimensionality": 3,
             "rlnDataDimensionality": 2,
             "rlnOriginalImageSize": model.box_size,
-            "rlnCurrentResolution": 1.0 / model.current_resolution_angstrom,
+            # in Å, as relion_refine writes it (its label text says 1/Å)
+            "rlnCurrentResolution": model.current_resolution_angstrom,
             "rlnCurrentImageSize": model.current_image_size,
             "rlnPaddingFactor": model.padding_factor,
             "rlnIsHelix": 0,
@@ -139,6 +140,7 @@ def write_model_star(path: str | os.PathLike[str], model: ModelSummary) -> None:
             "rlnNrClasses": n_classes,
             "rlnNrBodies": 1,
             "rlnNrGroups": len(model.group_names),
+            "rlnNrOpticsGroups": len(model.group_sigma2_noise),
             "rlnTau2FudgeFactor": model.tau2_fudge,
             "rlnNormCorrectionAverage": 1.0,
             "rlnSigmaOffsetsAngst": model.sigma_offsets_angstrom,
@@ -178,7 +180,7 @@ def write_model_star(path: str | os.PathLike[str], model: ModelSummary) -> None:
     )
     for index, sigma2 in enumerate(model.group_sigma2_noise, start=1):
         columns = _spectral_columns(model.box_size, model.pixel_size_angstrom, n_shells)
-        blocks[f"model_group_{index}"] = pd.DataFrame(columns | {"rlnSigma2Noise": sigma2})
+        blocks[f"model_optics_group_{index}"] = pd.DataFrame(columns | {"rlnSigma2Noise": sigma2})
     write_star(path, blocks)
 
 

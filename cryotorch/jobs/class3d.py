@@ -31,7 +31,7 @@ from cryotorch.conventions import (
 )
 from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, uniform_geometry
 from cryotorch.em.estep import EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, ScoreProjections, WeightedSlices, class_ess, expectation
-from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, maximization
+from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
 from cryotorch.em.sampling import (
     PoseGrid,
     build_pose_grid,
@@ -65,7 +65,7 @@ from cryotorch.monitor import log_central_slices, log_scalars, progress
 from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
-from cryotorch.ops.fourier import fourier_crop_3d, shell_index_2d, shell_power_3d, translate_2d_ft
+from cryotorch.ops.fourier import fourier_crop_3d, shell_index_2d, translate_2d_ft
 from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes
 from cryotorch.ops.rotations import random_rotations
@@ -347,7 +347,7 @@ class Class3DJob:
         model.volumes.copy_((volumes * factor).expand_as(model.volumes))
         # the prior's power comes from the unfiltered reference: the low-pass only sets where the
         # first iteration looks, it must not forbid the resolution from growing past it
-        model.tau2.copy_(0.5 * shell_power_3d(rfft3_centered(unfiltered * factor).to(torch.complex128)).expand_as(model.tau2))
+        model.tau2.copy_(map_signal_power((unfiltered * factor), context.padding_factor).expand_as(model.tau2))
         # RELION starts from half the images' mean power spectrum (signal assumed small)
         model.sigma2_noise.copy_(0.5 * power / counts.clamp(min=1))
         # at least half a pixel, as the M-step keeps it (a range of 0 searches no translations)
@@ -933,7 +933,7 @@ class Class3DJob:
             ModelSummary(
                 box_size=self.box,
                 pixel_size_angstrom=pixel,
-                current_resolution_angstrom=self.box * pixel / radius,
+                current_resolution_angstrom=float(model.resolution_angstrom().min()),
                 current_image_size=2 * radius,
                 padding_factor=context.padding_factor,
                 tau2_fudge=self.tau2_fudge,
@@ -949,7 +949,8 @@ class Class3DJob:
                         resolution_angstrom=float(resolution[k]),
                         ssnr=model.ssnr[k].cpu().numpy(),
                         tau2=model.tau2[k].cpu().numpy(),
-                        sigma2=sigma2.mean(0),
+                        # 1/(p³·mean weight) = T·τ²/SSNR, the noise left in the reconstruction
+                        sigma2=torch.where(model.ssnr[k] > 0, self.tau2_fudge * model.tau2[k] / model.ssnr[k].clamp(min=1e-30), 0.0).cpu().numpy(),
                     )
                     for k in range(self.n_classes)
                 ],
