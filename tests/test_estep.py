@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d
-from cryotorch.em.estep import PreparedBatch, ScoreProjections, phase_ramps, profiled_scale, score_batch, score_terms, scaled_score
+from cryotorch.em.estep import CoarseProjections, PreparedBatch, ScoreProjections, phase_ramps, profiled_scale, score_batch, score_terms, scaled_score
 from cryotorch.em.sampling import build_pose_grid, translation_grid
 
 from conftest import c4_average
@@ -96,7 +96,7 @@ def _alignment_problem(seed: int, healpix_order: int, n_particles: int) -> tuple
     volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
     grid = build_pose_grid(healpix_order, 2.0, 2.0, "C1", oversampling=1)
     batch = random_batch(n_particles, frequencies.shape[0], generator)
-    coarse = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box))
+    coarse = CoarseProjections(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box))
     return box, frequencies, volumes_ft, grid, batch, coarse, torch.log(torch.tensor([0.4, 0.6])), generator
 
 
@@ -115,7 +115,7 @@ def _aligned_sums(budget: float) -> tuple[object, torch.Tensor]:
     grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
     batch = random_batch(6, frequencies.shape[0], generator)
     settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, memory_budget_bytes=2e4)
-    coarse = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box))
+    coarse = CoarseProjections(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box))
     cache = FinePassCache(volumes_ft, grid, frequencies, box, budget)
     result = expectation(batch, volumes_ft, coarse, grid, cache, torch.log(torch.tensor([0.4, 0.6])), 10.0, settings)
     padded = volumes_ft.shape[1]
@@ -376,7 +376,7 @@ def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> No
         prior_origin_px=torch.zeros(1, 2),
         prior_euler_deg=prior[None],
     )
-    coarse = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box))
+    coarse = CoarseProjections(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box))
     settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, local_sigma_deg=5.0)
 
     def best_angle_to_truth(search_grid: object) -> float:

@@ -26,7 +26,7 @@ from cryotorch.em.sampling import PoseGrid
 from cryotorch.ops.healpix import pairwise_rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "ScoreProjections", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "ScoreProjections", "CoarseProjections", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
 
 
 @dataclass
@@ -168,13 +168,33 @@ class ScoreProjections:
         """The layout of complex projections ``(..., C, n)``."""
         return cls(torch.cat([projections.real, projections.imag], dim=-1), projections.abs() ** 2)
 
-    def select(self, dim: int, index: torch.Tensor) -> ScoreProjections:
-        """The projections at ``index`` along the leading dimension ``dim``."""
-        return ScoreProjections(self.stacked.index_select(dim, index), self.power.index_select(dim, index))
-
     def flatten(self) -> ScoreProjections:
         """All leading dimensions as one: ``(C, 2n)`` and ``(C, n)``."""
         return ScoreProjections(self.stacked.reshape(-1, self.stacked.shape[-1]), self.power.reshape(-1, self.power.shape[-1]))
+
+
+class CoarseProjections:
+    """The coarse pass's projections of an iteration, ``(K, R, n)`` complex, and their layout
+    for the score GEMMs.
+
+    A global search scores every orientation in every batch: their layout is made once, on
+    first use, and kept. A local search scores the few orientations near a batch's particles:
+    only those are laid out, batch by batch (on a fine grid the whole layout would cost more
+    than the batches' scores).
+    """
+
+    def __init__(self, projections: torch.Tensor) -> None:
+        self.projections = projections
+        self._all: ScoreProjections | None = None
+
+    def scoring(self, rotations: torch.Tensor | None = None) -> ScoreProjections:
+        """The layout ``(K·U, 2n)`` / ``(K·U, n)`` (classes outer) of the orientations
+        ``rotations`` ``(U,)``, or of all of them when None."""
+        if rotations is not None:
+            return ScoreProjections.of(self.projections[:, rotations]).flatten()
+        if self._all is None:
+            self._all = ScoreProjections.of(self.projections).flatten()
+        return self._all
 
 
 @dataclass
@@ -514,7 +534,7 @@ def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tupl
 def expectation(
     batch: PreparedBatch,
     volumes_ft: torch.Tensor,
-    coarse_projections: ScoreProjections | None,
+    coarse_projections: CoarseProjections | None,
     grid: PoseGrid | None,
     fine_projections: FinePassCache | None,
     log_class_prior: torch.Tensor,
@@ -534,8 +554,8 @@ def expectation(
         ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes (projected at the fixed poses
         without alignment).
     coarse_projections
-        ``(K, R, n_coarse)`` projections along the grid's coarse orientations, laid out for
-        scoring once per iteration (alignment only).
+        ``(K, R, n_coarse)`` projections along the grid's coarse orientations (alignment only),
+        shared by the batches of an iteration.
     grid
         The pose grid (alignment only).
     fine_projections
@@ -584,9 +604,8 @@ def expectation(
         searched_rotations = searched.any(dim=0).nonzero()[:, 0]  # (U,)
         angles, searched = angles[:, searched_rotations], searched[:, searched_rotations]
         orientation_prior = torch.where(searched, -(angles**2) / (2 * settings.local_sigma_deg**2), -math.inf)  # (B, U)
-        coarse_projections = coarse_projections.select(1, searched_rotations)
-    n_scored = coarse_projections.power.shape[1]
-    cross, norm, _ = score_terms(batch, coarse_projections.flatten(), ramps_coarse, n_coarse)
+    n_scored = n_rot if searched_rotations is None else searched_rotations.shape[0]
+    cross, norm, _ = score_terms(batch, coarse_projections.scoring(searched_rotations), ramps_coarse, n_coarse)
     b, t = cross.shape[:2]
     logits = cross.sub_(norm).reshape(b, t, n_classes, n_scored)
     # origin and orientation priors, then the class priors (and mask), added in place

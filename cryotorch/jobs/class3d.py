@@ -30,7 +30,7 @@ from cryotorch.conventions import (
     rfft3_centered,
 )
 from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, uniform_geometry
-from cryotorch.em.estep import EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, ScoreProjections, WeightedSlices, class_ess, expectation
+from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, WeightedSlices, class_ess, expectation
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
 from cryotorch.em.sampling import (
     PoseGrid,
@@ -496,7 +496,7 @@ class Class3DJob:
             grid = self.pose_grid(context, iteration)
             coarse_shell = min(radius, coarse_radius_shells(box, pixel, self.diameter_A, grid.coarse_step_deg))
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
-            coarse = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget))
+            coarse = CoarseProjections(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget))
             fine = FinePassCache(volumes_ft, grid, frequencies, box, budget / 4)
             if oversampled_limit is not None:
                 unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, budget / 8)
