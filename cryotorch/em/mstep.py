@@ -3,9 +3,9 @@
 The class volumes are MAP reconstructions ``V = Σ w·L / (Σ w·2Q + 1/(p³·T·τ²))`` on the
 padded grid (``p`` the padding factor, ``T`` RELION's tau2_fudge, τ² = ½·shell mean |V|² of
 the current reference as the projector holds it, :func:`map_signal_power`; ``p³`` because a
-padded voxel collects ``p³`` times less weight). The
-noise spectra, group scales, class weights and origin prior follow from the maximum-posterior
-samples, as RELION's sums over significant samples do to first order.
+padded voxel collects ``p³`` times less weight). The noise spectra, group scales, class
+weights and origin prior follow from the maximum-posterior samples, as RELION's sums over
+significant samples do to first order.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from cryotorch.conventions import rfft3_centered
 from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
 from cryotorch.model.class_model import ClassModel
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
-from cryotorch.ops.projection import prepare_fourier_volumes
 from cryotorch.ops.fourier import radial_average, radius_grid_3d, shell_index_3d, shell_power_3d, shells_to_padded_grid
 from cryotorch.ops.fsc import fourier_shell_correlation
+from cryotorch.ops.projection import prepare_fourier_volumes
 
 __all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "map_signal_power", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
 
@@ -249,8 +249,8 @@ def map_signal_power(volumes: torch.Tensor, padding_factor: float) -> torch.Tens
     ``Projector::computeFourierTransformMap``). The gridding correction divides the map by a
     kernel that falls towards the box edge, which raises the power by ~15 % at low resolution
     and by up to ~50 % in the shells where the map fades; taken from the plain map instead, τ²
-    shrinks the outer shells of the next map more, and that map's τ² still more, so that the
-    maps settle about half an Ångström below RELION's (``docs/benchmarks.md``).
+    shrinks the outer shells of the next map more, and that map's τ² still more: on the
+    benchmark set the maps settled 0.6 Å short of RELION's (``docs/benchmarks.md``).
 
     Parameters
     ----------
