@@ -347,7 +347,7 @@ class Class3DJob:
         model.volumes.copy_((volumes * factor).expand_as(model.volumes))
         # the prior's power comes from the unfiltered reference: the low-pass only sets where the
         # first iteration looks, it must not forbid the resolution from growing past it
-        model.tau2.copy_(map_signal_power((unfiltered * factor), context.padding_factor).expand_as(model.tau2))
+        model.tau2.copy_(map_signal_power(unfiltered * factor, context.padding_factor).expand_as(model.tau2))
         # RELION starts from half the images' mean power spectrum (signal assumed small)
         model.sigma2_noise.copy_(0.5 * power / counts.clamp(min=1))
         # at least half a pixel, as the M-step keeps it (a range of 0 searches no translations)
@@ -736,12 +736,12 @@ class Class3DJob:
                 )
                 weight = state.class_probability[index[members]]  # its share of the class's sums
                 terms = four_q[members] * share
+                # with alignment the self-fit raises one pose's score: the class's evidence rises
+                # by log(1 − q + q·e^s), q that pose's share of the class's posterior
+                pose_share = None if samples is None else (state.max_posterior[index[members]] / weight.clamp(min=1e-30)).clamp(1e-6, 1)
                 for discount, count in zip(discounts, counts):
                     self_fit = self.self_kept * weight * terms[:, :count].sum(-1)
-                    if samples is not None:
-                        # the self-fit raises one pose's score: the class's evidence rises by
-                        # log(1 − q + q·e^s), q that pose's share of the class's posterior
-                        pose_share = (state.max_posterior[index[members]] / weight.clamp(min=1e-30)).clamp(1e-6, 1)
+                    if pose_share is not None:
                         self_fit = torch.logaddexp(torch.log1p(-pose_share.clamp(max=1 - 1e-6)), torch.log(pose_share) + self_fit)
                     discount[members, k] = -self_fit
         return discounts
