@@ -88,7 +88,7 @@ def _alignment_problem(seed: int, healpix_order: int, n_particles: int) -> tuple
     """A box-16 search over two random maps: box, frequencies, prepared volumes, grid (±2 px,
     one order of oversampling), random batch, coarse projections (20 components), class log
     priors, and the generator for further draws."""
-    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+    from cryotorch.ops.projection import prepare_fourier_volumes
 
     generator = torch.Generator().manual_seed(seed)
     box = 16
@@ -96,7 +96,7 @@ def _alignment_problem(seed: int, healpix_order: int, n_particles: int) -> tuple
     volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
     grid = build_pose_grid(healpix_order, 2.0, 2.0, "C1", oversampling=1)
     batch = random_batch(n_particles, frequencies.shape[0], generator)
-    coarse = CoarseProjections(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box))
+    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies[:20], box, 2**28)
     return box, frequencies, volumes_ft, grid, batch, coarse, torch.log(torch.tensor([0.4, 0.6])), generator
 
 
@@ -105,7 +105,7 @@ def _aligned_sums(budget: float) -> tuple[object, torch.Tensor]:
     returns the result and every slice handed back for insertion, back-projected."""
     from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
     from cryotorch.ops.backprojection import insert_slices
-    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+    from cryotorch.ops.projection import prepare_fourier_volumes
 
     generator = torch.Generator().manual_seed(3)
     box = 16
@@ -115,7 +115,7 @@ def _aligned_sums(budget: float) -> tuple[object, torch.Tensor]:
     grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
     batch = random_batch(6, frequencies.shape[0], generator)
     settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, memory_budget_bytes=2e4)
-    coarse = CoarseProjections(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box))
+    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies[:20], box, 2**28)
     cache = FinePassCache(volumes_ft, grid, frequencies, box, budget)
     result = expectation(batch, volumes_ft, coarse, grid, cache, torch.log(torch.tensor([0.4, 0.6])), 10.0, settings)
     padded = volumes_ft.shape[1]
@@ -320,7 +320,8 @@ def test_significant_sample_lists_match_their_dense_mask() -> None:
     dense = torch.zeros(b, n_shifts * n_pairs, dtype=torch.bool)
     dense[valid.nonzero()[:, 0], index[valid]] = True
     dense = dense.reshape(b, n_shifts, n_pairs)
-    samples = SignificantSamples(index, valid, n_pairs)
+    scored = torch.tensor([4, 9, 17])  # the grid numbers of the U = 3 scored orientations of K = 2 classes
+    samples = SignificantSamples(index, valid, n_pairs, scored)
     pairs, shifts = samples.per_particle(n_shifts)
     torch.testing.assert_close(pairs, dense.any(dim=1))
     torch.testing.assert_close(shifts, dense.any(dim=2))
@@ -328,6 +329,9 @@ def test_significant_sample_lists_match_their_dense_mask() -> None:
     torch.testing.assert_close(shift_used, dense[1:3].any(dim=(0, 2)).nonzero()[:, 0])
     torch.testing.assert_close(pair_used, dense[1:3].any(dim=(0, 1)).nonzero()[:, 0])
     torch.testing.assert_close(mask, dense[1:3][:, shift_used][:, :, pair_used])
+    classes, rotations = samples.class_and_rotation(torch.arange(n_pairs))
+    torch.testing.assert_close(classes, torch.tensor([0, 0, 0, 1, 1, 1]))
+    torch.testing.assert_close(rotations, torch.tensor([4, 9, 17, 4, 9, 17]))
 
 
 @pytest.mark.parametrize("cap", [3, 25, 500])
@@ -376,7 +380,7 @@ def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> No
         prior_origin_px=torch.zeros(1, 2),
         prior_euler_deg=prior[None],
     )
-    coarse = CoarseProjections(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:20], box))
+    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies[:20], box, 2**28)
     settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, local_sigma_deg=5.0)
 
     def best_angle_to_truth(search_grid: object) -> float:
@@ -388,6 +392,64 @@ def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> No
     assert best_angle_to_truth(grid) < 1e-3
     plain = dataclasses.replace(grid, symmetry_matrices=grid.symmetry_matrices[:1])
     assert best_angle_to_truth(plain) > 3.0
+
+
+@pytest.mark.parametrize(("symmetry", "sigma_deg"), [("C1", 5.0), ("C1", 1.0), ("C4", 5.0), ("D2", 12.0)])
+def test_local_search_equals_the_angles_to_every_grid_pose(symmetry: str, sigma_deg: float) -> None:
+    # the search measures only candidates whose viewing direction is near a particle's; the
+    # oracle measures the angle to every pose of the grid. σ = 1° is narrower than the 15°
+    # grid, so that each particle searches its nearest poses and the candidates are widened
+    from cryotorch.em.sampling import local_search
+    from cryotorch.ops.healpix import pairwise_rotation_angle_deg
+
+    generator = torch.Generator().manual_seed(11)
+    grid = build_pose_grid(2, 1.0, 1.0, symmetry)
+    span = torch.tensor([360.0, 180.0, 360.0], dtype=torch.float64)
+    priors = torch.rand(6, 3, generator=generator, dtype=torch.float64) * span - torch.tensor([180.0, 0.0, 180.0], dtype=torch.float64)
+    priors = torch.cat([priors, priors[:2] + 2.0])  # neighbours, as in a batch sorted by pose
+    angles = pairwise_rotation_angle_deg(priors, grid.coarse_euler_deg, grid.symmetry_matrices)  # (B, R)
+    searched = (angles <= 3 * sigma_deg) | (angles <= angles.amin(dim=1, keepdim=True) + grid.coarse_step_deg)
+    expected = searched.any(dim=0).nonzero()[:, 0]
+    local = local_search(grid, priors, sigma_deg)
+    torch.testing.assert_close(local.rotations, expected, rtol=0, atol=0)
+    reference = torch.where(searched, -(angles**2) / (2 * sigma_deg**2), -math.inf)[:, expected]
+    torch.testing.assert_close(local.log_prior, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_local_search_size_estimates_the_orientations_a_particle_searches() -> None:
+    from cryotorch.em.sampling import local_search, local_search_size
+
+    generator = torch.Generator().manual_seed(12)
+    grid = build_pose_grid(3, 1.0, 1.0, "C1")
+    span = torch.tensor([360.0, 180.0, 360.0], dtype=torch.float64)
+    priors = torch.rand(40, 3, generator=generator, dtype=torch.float64) * span
+    for sigma_deg in (2.0, 5.0, 10.0):
+        counts = torch.tensor([float(torch.isfinite(local_search(grid, prior[None], sigma_deg).log_prior).sum()) for prior in priors])
+        assert 0.5 < local_search_size(grid, sigma_deg) / float(counts.mean()) < 2.0
+
+
+def test_local_coarse_projections_come_from_a_bounded_table() -> None:
+    # a local search's coarse projections are extracted when a batch asks for them and kept
+    # in a table of a quarter of the budget; whatever the table holds, a batch gets the
+    # layout of the whole grid's projections (to rounding: slice coordinates come from
+    # matrix products of other shapes)
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(13)
+    box, n_classes = 16, 3
+    frequencies = sorted_frequencies(box, 6)[:20]
+    volumes_ft = prepare_fourier_volumes(torch.randn(n_classes, box, box, box, generator=generator))
+    grid = build_pose_grid(1, 1.0, 1.0, "C1")
+    full = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_rotations, frequencies, box))
+    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies, box, 4 * 10 * n_classes * 20 * 12)
+    assert coarse.capacity == 10
+    # new, partly held, overflowing (the table is emptied), more than the table holds
+    for rotations in (torch.arange(0, 6), torch.arange(3, 9), torch.arange(20, 26), torch.arange(0, 30)):
+        layout = coarse.scoring(rotations)
+        torch.testing.assert_close(layout.stacked, full.stacked[:, rotations].reshape(-1, 40), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layout.power, full.power[:, rotations].reshape(-1, 20), rtol=1e-5, atol=1e-5)
+        assert coarse.n_used <= coarse.capacity
+    torch.testing.assert_close(coarse.scoring().stacked, full.flatten().stacked, rtol=0, atol=0)
 
 
 def test_class_offsets_act_on_the_cross_term_at_the_profiled_intensity() -> None:

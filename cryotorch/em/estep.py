@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
-from cryotorch.em.sampling import PoseGrid
+from cryotorch.em.sampling import PoseGrid, local_search
 from cryotorch.ops.healpix import pairwise_rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
@@ -89,8 +89,8 @@ class EStepSettings:
         particle (RELION).
     local_sigma_deg
         Width of a Gaussian prior around each particle's current orientation (searches
-        restricted to 3σ; the coarse pass scores only the orientations some particle of the
-        batch searches); None searches globally.
+        restricted to 3σ, :func:`~cryotorch.em.sampling.local_search`; the coarse pass scores
+        only the orientations some particle of the batch searches); None searches globally.
     scale_sigma
         Width of the Gaussian prior ``N(1, σ²)`` on a per-particle, per-class intensity scale
         that is profiled out of each score (0: no such scale).
@@ -174,27 +174,71 @@ class ScoreProjections:
 
 
 class CoarseProjections:
-    """The coarse pass's projections of an iteration, ``(K, R, n)`` complex, and their layout
-    for the score GEMMs.
+    """The coarse pass's projections of an iteration, laid out for the score GEMMs.
 
-    A global search scores every orientation in every batch: their layout is made once, on
-    first use, and kept. A local search scores the few orientations near a batch's particles:
-    only those are laid out, batch by batch (on a fine grid the whole layout would cost more
-    than the batches' scores).
+    A global search scores every orientation in every batch: all ``R`` are extracted and laid
+    out once, on first use, and kept. A local search scores the few orientations near a
+    batch's particles: only those are extracted and laid out, when a batch first asks for
+    them, and kept in a table of at most ``memory_budget_bytes / 4`` (emptied when full), so
+    that the batches of a neighbourhood share them and a fine grid's projections are never
+    all held at once.
+
+    Parameters
+    ----------
+    volumes_ft
+        ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes.
+    rotations
+        ``(R, 3, 3)`` the grid's coarse orientations.
+    frequencies
+        ``(n, 2)`` the coarse pass's components.
+    box_size
+        Image size N.
+    memory_budget_bytes
+        Working memory of an extraction; a quarter of it holds a local search's table.
     """
 
-    def __init__(self, projections: torch.Tensor) -> None:
-        self.projections = projections
+    def __init__(self, volumes_ft: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
+        self.volumes_ft, self.rotations, self.frequencies, self.box_size = volumes_ft, rotations, frequencies, box_size
+        self.memory_budget_bytes = memory_budget_bytes
         self._all: ScoreProjections | None = None
+        n_classes, n = volumes_ft.shape[0], frequencies.shape[0]
+        # a (class, orientation) takes 2n floats stacked and n of |P|²
+        self.capacity = int(max(1, min(rotations.shape[0], memory_budget_bytes / 4 // (n_classes * n * 12))))
+        self.slot = torch.full((rotations.shape[0],), -1, dtype=torch.long, device=volumes_ft.device)
+        self._table: ScoreProjections | None = None
+        self.n_used = 0
+
+    def _layout(self, rotations: torch.Tensor) -> ScoreProjections:
+        """``(K, U, 2n)`` / ``(K, U, n)`` layout of the grid's orientations ``rotations``."""
+        return ScoreProjections.of(extract_slices(self.volumes_ft, self.rotations[rotations], self.frequencies, self.box_size, self.memory_budget_bytes))
 
     def scoring(self, rotations: torch.Tensor | None = None) -> ScoreProjections:
         """The layout ``(K·U, 2n)`` / ``(K·U, n)`` (classes outer) of the orientations
         ``rotations`` ``(U,)``, or of all of them when None."""
-        if rotations is not None:
-            return ScoreProjections.of(self.projections[:, rotations]).flatten()
-        if self._all is None:
-            self._all = ScoreProjections.of(self.projections).flatten()
-        return self._all
+        if rotations is None:
+            if self._all is None:
+                self._all = ScoreProjections.of(extract_slices(self.volumes_ft, self.rotations, self.frequencies, self.box_size, self.memory_budget_bytes)).flatten()
+            return self._all
+        if rotations.numel() > self.capacity:
+            return self._layout(rotations).flatten()
+        if self._table is None:
+            n_classes, n = self.volumes_ft.shape[0], self.frequencies.shape[0]
+            device = self.volumes_ft.device
+            self._table = ScoreProjections(torch.empty(n_classes, self.capacity, 2 * n, device=device), torch.empty(n_classes, self.capacity, n, device=device))
+        missing = rotations[self.slot[rotations] < 0]
+        if missing.numel():
+            if self.n_used + missing.numel() > self.capacity:
+                self.slot.fill_(-1)
+                self.n_used = 0
+                missing = rotations
+            rows = torch.arange(self.n_used, self.n_used + missing.numel(), device=rotations.device)
+            layout = self._layout(missing)
+            self._table.stacked[:, rows] = layout.stacked
+            self._table.power[:, rows] = layout.power
+            self.slot[missing] = rows
+            self.n_used += missing.numel()
+        rows = self.slot[rotations]
+        return ScoreProjections(self._table.stacked[:, rows], self._table.power[:, rows]).flatten()
 
 
 @dataclass
@@ -255,24 +299,34 @@ class SignificantSamples:
     Attributes
     ----------
     index
-        ``(B, C)`` positions in the flattened ``(T, K·R)`` coarse samples (translation,
-        then class · R + orientation).
+        ``(B, C)`` positions in the flattened ``(T, K·U)`` coarse samples (translation,
+        then class · U + scored orientation).
     valid
         ``(B, C)`` which of them are significant (the rest fill the rows).
     n_pairs
-        ``K·R``, the number of (class, coarse orientation) pairs.
+        ``K·U``, the number of (class, scored orientation) pairs.
+    rotations
+        ``(U,)`` ascending coarse orientation numbers of the scored orientations: all ``R``
+        in a global search, the batch's neighbourhood in a local one, so that the masks of
+        the fine pass stay the size of what was scored, not of the grid.
     """
 
     index: torch.Tensor
     valid: torch.Tensor
     n_pairs: int
+    rotations: torch.Tensor
 
     def select(self, rows: torch.Tensor | slice) -> "SignificantSamples":
         """The samples of particles ``rows``."""
-        return SignificantSamples(self.index[rows], self.valid[rows], self.n_pairs)
+        return SignificantSamples(self.index[rows], self.valid[rows], self.n_pairs, self.rotations)
+
+    def class_and_rotation(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classes and the grid's coarse orientation numbers of ``pairs``."""
+        n_scored = self.rotations.shape[0]
+        return pairs // n_scored, self.rotations[pairs % n_scored]
 
     def per_particle(self, n_shifts: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, K·R)`` and ``(B, T)`` masks of the pairs and translations each particle has
+        """``(B, K·U)`` and ``(B, T)`` masks of the pairs and translations each particle has
         significant samples in."""
         b = self.index.shape[0]
         weight = self.valid.int()
@@ -554,8 +608,8 @@ def expectation(
         ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes (projected at the fixed poses
         without alignment).
     coarse_projections
-        ``(K, R, n_coarse)`` projections along the grid's coarse orientations (alignment only),
-        shared by the batches of an iteration.
+        Projections along the grid's coarse orientations, ``n_coarse`` components (alignment
+        only), shared by the batches of an iteration.
     grid
         The pose grid (alignment only).
     fine_projections
@@ -597,13 +651,8 @@ def expectation(
     orientation_prior = None
     searched_rotations = None
     if settings.local_sigma_deg is not None:
-        angles = pairwise_rotation_angle_deg(batch.prior_euler_deg, grid.coarse_euler_deg, grid.symmetry_matrices)  # (B, R)
-        # searched: within 3σ, and never fewer than the coarse samples nearest to the prior
-        searched = (angles <= 3 * settings.local_sigma_deg) | (angles <= angles.min(dim=1, keepdim=True).values + grid.coarse_step_deg)
-        # only the orientations some particle of the batch searches are scored
-        searched_rotations = searched.any(dim=0).nonzero()[:, 0]  # (U,)
-        angles, searched = angles[:, searched_rotations], searched[:, searched_rotations]
-        orientation_prior = torch.where(searched, -(angles**2) / (2 * settings.local_sigma_deg**2), -math.inf)  # (B, U)
+        local = local_search(grid, batch.prior_euler_deg, settings.local_sigma_deg)
+        searched_rotations, orientation_prior = local.rotations, local.log_prior  # (U,), (B, U)
     n_scored = n_rot if searched_rotations is None else searched_rotations.shape[0]
     cross, norm, _ = score_terms(batch, coarse_projections.scoring(searched_rotations), ramps_coarse, n_coarse)
     b, t = cross.shape[:2]
@@ -630,12 +679,9 @@ def expectation(
         logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
     logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
     order, valid = _significant_logits(logits.reshape(b, t, -1), settings.significance, settings.max_significant)
-    if searched_rotations is not None:
-        # back to the grid's orientation numbers
-        shift_class, scored = order // n_scored, order % n_scored
-        order = shift_class * n_rot + searched_rotations[scored]
-    significant = SignificantSamples(order, valid, n_classes * n_rot)
-    best_pair = order[:, 0] % significant.n_pairs  # class · R + coarse orientation
+    scored_rotations = torch.arange(n_rot, device=order.device) if searched_rotations is None else searched_rotations
+    significant = SignificantSamples(order, valid, n_classes * n_scored, scored_rotations)
+    best_pair = order[:, 0] % significant.n_pairs  # class · U + scored orientation
     broad = torch.zeros(b, dtype=torch.bool, device=best_pair.device)
     if settings.max_significant_oversampled is not None:
         if unrefined_projections is None:
@@ -702,7 +748,7 @@ def _fine_pass(
     results: list[EStepResult] = []
     sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n_particles = significant.index.shape[0]
-    pairs, shifts = significant.per_particle(grid.coarse_shifts_px.shape[0])  # (B, K·R), (B, T)
+    pairs, shifts = significant.per_particle(grid.coarse_shifts_px.shape[0])  # (B, K·U), (B, T)
     n_sub = grid.fine_shifts_px.shape[1] * grid.fine_euler_deg.shape[1]
     n_components = settings.frequencies.shape[0]
     start, window_size = 0, 16
@@ -757,7 +803,7 @@ def _fine_sub_batch(
     n_sub_shift = grid.fine_shifts_px.shape[1]
     n_rot, n_sub_rot = grid.fine_euler_deg.shape[:2]
     shift_used, pairs, allowed = significant.union()  # (Tu,), (Uc,), (b, Tu, Uc)
-    pair_used = torch.stack([pairs // n_rot, pairs % n_rot], dim=-1)  # (Uc, 2) (class, coarse rotation)
+    pair_used = torch.stack(significant.class_and_rotation(pairs), dim=-1)  # (Uc, 2) (class, coarse rotation)
     fine_shifts = grid.fine_shifts_px[shift_used].reshape(-1, 2)  # (Tu·S, 2)
     fine_euler = grid.fine_euler_deg[pair_used[:, 1]].reshape(-1, 3)  # (Uc·F, 3)
     fine_class = pair_used[:, 0].repeat_interleave(n_sub_rot)  # (Uc·F,)

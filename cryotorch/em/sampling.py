@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix, matrix_to_euler_deg
-from cryotorch.ops.healpix import angular_step_deg, orientation_grid, oversample_orientations
+from cryotorch.ops.healpix import angular_step_deg, orientation_grid, oversample_orientations, pairwise_matrix_angle_deg
 from cryotorch.ops.symmetry import symmetry_matrices
 
 __all__ = [
     "PoseGrid",
+    "LocalSearch",
+    "local_search",
+    "local_search_size",
     "build_pose_grid",
     "grid_perturbation",
     "perturb_pose_grid",
@@ -56,6 +60,12 @@ class PoseGrid:
     coarse_step_deg: float
     symmetry_matrices: torch.Tensor
 
+    @cached_property
+    def coarse_matrices64(self) -> torch.Tensor:
+        """``(R, 3, 3)`` float64 matrices of the coarse orientations, converted once per grid
+        for the angles of local searches."""
+        return euler_deg_to_matrix(self.coarse_euler_deg.double())
+
     def without_oversampling(self) -> "PoseGrid":
         """The same coarse grid whose only child of each sample is the sample itself."""
         return PoseGrid(
@@ -67,6 +77,67 @@ class PoseGrid:
             coarse_step_deg=self.coarse_step_deg,
             symmetry_matrices=self.symmetry_matrices,
         )
+
+
+@dataclass(frozen=True)
+class LocalSearch:
+    """The coarse orientations a batch's local searches score, and their prior.
+
+    Attributes
+    ----------
+    rotations
+        ``(U,)`` ascending numbers of the coarse orientations some particle searches.
+    log_prior
+        ``(B, U)`` float64 ``−angle²/2σ²`` to each particle's prior orientation, ``−inf``
+        where the particle does not search.
+    """
+
+    rotations: torch.Tensor
+    log_prior: torch.Tensor
+
+
+def local_search(grid: PoseGrid, prior_euler_deg: torch.Tensor, sigma_deg: float) -> LocalSearch:
+    """The local searches of particles at ``prior_euler_deg`` ``(B, 3)`` (degrees) over the
+    coarse orientations of ``grid``: a Gaussian prior of width ``sigma_deg`` on the angle to
+    the nearest symmetry mate of each grid pose, cut at ``3σ``, and never fewer orientations
+    than those within one coarse step of the nearest (so that a search narrower than the grid
+    still finds a sample).
+
+    Only the candidates are measured: a rotation by θ turns the viewing direction by at most
+    θ, so an orientation whose direction lies farther than the cut from every particle's
+    cannot be searched. The cut is widened until it holds each particle's nearest
+    orientation plus a step; the result equals the angles of every pair.
+    """
+    prior = euler_deg_to_matrix(prior_euler_deg.double())  # (B, 3, 3)
+    mates = grid.symmetry_matrices.to(prior)
+    # the viewing direction of A is its third row; that of a mate B·L, Lᵀ times B's, so the
+    # cosine to it is that of L·(A's direction) to B's
+    directions = torch.einsum("gij,bj->gbi", mates, prior[:, 2]).reshape(-1, 3)
+    cosines = (directions @ grid.coarse_matrices64[:, 2].T).reshape(mates.shape[0], prior.shape[0], -1).amax(0)  # (B, R)
+    limit = 3 * sigma_deg + grid.coarse_step_deg
+    while True:
+        reach = -2.0 if limit >= 180 else math.cos(math.radians(limit + 1e-6))
+        candidates = (cosines >= reach).any(dim=0).nonzero()[:, 0]
+        angles = pairwise_matrix_angle_deg(prior, grid.coarse_matrices64[candidates], grid.symmetry_matrices)  # (B, C)
+        nearest = angles.amin(dim=1, keepdim=True) if candidates.numel() else torch.full_like(angles[:, :1], math.inf)
+        needed = max(3 * sigma_deg, float(nearest.max()) + grid.coarse_step_deg)
+        if needed <= limit or limit >= 180:
+            break
+        limit = min(needed, 180.0)
+    searched = (angles <= 3 * sigma_deg) | (angles <= nearest + grid.coarse_step_deg)
+    kept = searched.any(dim=0)
+    angles, searched = angles[:, kept], searched[:, kept]
+    return LocalSearch(candidates[kept], torch.where(searched, -(angles**2) / (2 * sigma_deg**2), -math.inf))
+
+
+def local_search_size(grid: PoseGrid, sigma_deg: float) -> int:
+    """About how many coarse orientations one particle's local search of width ``sigma_deg``
+    scores (:func:`local_search`): those within ``θ = max(3σ, 1.5 steps)`` of its pose, the
+    fraction ``(θ − sin θ)/π`` of all rotations, times the symmetry mates each grid pose
+    stands for; at most the grid."""
+    theta = math.radians(max(3 * sigma_deg, 1.5 * grid.coarse_step_deg))
+    n_rot = grid.coarse_rotations.shape[0]
+    return max(1, min(n_rot, math.ceil(n_rot * grid.symmetry_matrices.shape[0] * (theta - math.sin(theta)) / math.pi)))
 
 
 def translation_grid(range_px: float, step_px: float, device: torch.device | None = None) -> torch.Tensor:

@@ -37,6 +37,7 @@ from cryotorch.em.sampling import (
     build_pose_grid,
     coarse_radius_shells,
     grid_perturbation,
+    local_search_size,
     nearest_orientations,
     nearest_translation_px,
     perturb_pose_grid,
@@ -496,7 +497,7 @@ class Class3DJob:
             grid = self.pose_grid(context, iteration)
             coarse_shell = min(radius, coarse_radius_shells(box, pixel, self.diameter_A, grid.coarse_step_deg))
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
-            coarse = CoarseProjections(extract_slices(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget))
+            coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget)
             fine = FinePassCache(volumes_ft, grid, frequencies, box, budget / 4)
             if oversampled_limit is not None:
                 unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, budget / 8)
@@ -524,6 +525,15 @@ class Class3DJob:
         sets = [SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device) for _ in row_sets]
         per_rotation = grid.coarse_shifts_px.shape[0] * self.n_classes * grid.coarse_rotations.shape[0] if grid else self.n_classes
         batch_size = int(max(1, min(512, budget / 4 / max(1, per_rotation * 16 + frequencies.shape[0] * 64))))
+        if grid is not None and settings.local_sigma_deg is not None:
+            # a local search scores its batch against the union of the particles'
+            # neighbourhoods, up to B·S orientations for S each, so that its score matrix
+            # (B, T, K·B·S) grows as B², while larger batches share their fixed costs; on a
+            # CPU the matrix is kept to about 2^18 values (1 MiB), the fastest on the
+            # benchmark set at 7.5° and at 3.75° coarse steps (16 and 7 particles)
+            values = 2**18 if device.type == "cpu" else budget / 64
+            n_local = local_search_size(grid, settings.local_sigma_deg)
+            batch_size = int(max(1, min(512, math.sqrt(values / (grid.coarse_shifts_px.shape[0] * self.n_classes * n_local)))))
         new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
         log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
         chunks = [(stats, part[start : start + batch_size]) for stats, part in zip(sets, row_sets) for start in range(0, len(part), batch_size)]

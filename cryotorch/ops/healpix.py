@@ -40,6 +40,7 @@ __all__ = [
     "oversample_orientations",
     "rotation_angle_deg",
     "pairwise_rotation_angle_deg",
+    "pairwise_matrix_angle_deg",
 ]
 
 # Pixel indices are int64 and hold 2 * order + 4 bits.
@@ -564,8 +565,14 @@ def pairwise_rotation_angle_deg(
     torch.Tensor
         ``(A, B)`` float64 angles in degrees, in ``[0, 180]``.
     """
-    a = euler_deg_to_matrix(euler_a_deg.double())  # (A, 3, 3)
-    b = euler_deg_to_matrix(euler_b_deg.double()).reshape(-1, 9)
+    return pairwise_matrix_angle_deg(euler_deg_to_matrix(euler_a_deg.double()), euler_deg_to_matrix(euler_b_deg.double()), symmetry_matrices)
+
+
+def pairwise_matrix_angle_deg(a: torch.Tensor, b: torch.Tensor, symmetry_matrices: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`pairwise_rotation_angle_deg` of rotation matrices: ``a`` ``(A, 3, 3)`` and ``b``
+    ``(B, 3, 3)`` float64 RELION matrices (of a grid converted once, rather than on every
+    call); ``(A, B)`` float64 angles in degrees."""
+    b = b.reshape(-1, 9)
     if symmetry_matrices is None:
         symmetry_matrices = torch.eye(3, dtype=torch.float64, device=b.device)[None]
     trace = None
