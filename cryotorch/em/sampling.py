@@ -66,6 +66,14 @@ class PoseGrid:
         for the angles of local searches."""
         return euler_deg_to_matrix(self.coarse_euler_deg.double())
 
+    @cached_property
+    def coarse_directions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct viewing directions of the coarse orientations (the third rows of their
+        matrices; a HEALPix pixel's orientations share one), ``(D, 3)`` float64, and the
+        direction of each orientation, ``(R,)``."""
+        directions, direction_of = torch.unique(self.coarse_matrices64[:, 2], dim=0, return_inverse=True)
+        return directions, direction_of
+
     def without_oversampling(self) -> "PoseGrid":
         """The same coarse grid whose only child of each sample is the sample itself."""
         return PoseGrid(
@@ -112,12 +120,13 @@ def local_search(grid: PoseGrid, prior_euler_deg: torch.Tensor, sigma_deg: float
     mates = grid.symmetry_matrices.to(prior)
     # the viewing direction of A is its third row; that of a mate B·L, Lᵀ times B's, so the
     # cosine to it is that of L·(A's direction) to B's
-    directions = torch.einsum("gij,bj->gbi", mates, prior[:, 2]).reshape(-1, 3)
-    cosines = (directions @ grid.coarse_matrices64[:, 2].T).reshape(mates.shape[0], prior.shape[0], -1).amax(0)  # (B, R)
+    views = torch.einsum("gij,bj->gbi", mates, prior[:, 2]).reshape(-1, 3)
+    directions, direction_of = grid.coarse_directions
+    cosines = (views @ directions.T).reshape(mates.shape[0], prior.shape[0], -1).amax(0)  # (B, D)
     limit = 3 * sigma_deg + grid.coarse_step_deg
     while True:
         reach = -2.0 if limit >= 180 else math.cos(math.radians(limit + 1e-6))
-        candidates = (cosines >= reach).any(dim=0).nonzero()[:, 0]
+        candidates = (cosines >= reach).any(dim=0)[direction_of].nonzero()[:, 0]
         angles = pairwise_matrix_angle_deg(prior, grid.coarse_matrices64[candidates], grid.symmetry_matrices)  # (B, C)
         nearest = angles.amin(dim=1, keepdim=True) if candidates.numel() else torch.full_like(angles[:, :1], math.inf)
         needed = max(3 * sigma_deg, float(nearest.max()) + grid.coarse_step_deg)
