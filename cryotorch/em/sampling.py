@@ -128,7 +128,7 @@ def local_search(grid: PoseGrid, prior_euler_deg: torch.Tensor, sigma_deg: float
         reach = -2.0 if limit >= 180 else math.cos(math.radians(limit + 1e-6))
         candidates = (cosines >= reach).any(dim=0)[direction_of].nonzero()[:, 0]
         angles = pairwise_matrix_angle_deg(prior, grid.coarse_matrices64[candidates], grid.symmetry_matrices)  # (B, C)
-        nearest = angles.amin(dim=1, keepdim=True) if candidates.numel() else torch.full_like(angles[:, :1], math.inf)
+        nearest = angles.amin(dim=1, keepdim=True) if candidates.numel() else torch.full((prior.shape[0], 1), math.inf, dtype=prior.dtype, device=prior.device)
         needed = max(3 * sigma_deg, float(nearest.max()) + grid.coarse_step_deg)
         if needed <= limit or limit >= 180:
             break
