@@ -262,21 +262,25 @@ def test_perturbed_grid_turns_every_orientation_by_the_same_rotation() -> None:
 
 def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
     from cryotorch.conventions import matrix_to_euler_deg
-    from cryotorch.em.sampling import nearest_orientations, nearest_translation_px, perturb_pose_grid
+    from cryotorch.em.sampling import GridSamples, nearest_translation_px, perturb_pose_grid
     from cryotorch.ops.healpix import rotation_angle_deg
     from cryotorch.ops.rotations import random_rotations
 
     grid = build_pose_grid(1, 3.0, 2.0, "C1", oversampling=1)
     current = perturb_pose_grid(grid, -0.2, 2.0)
-    candidate_euler = current.fine_euler_deg.reshape(-1, 3).double()
-    candidates = euler_deg_to_matrix(candidate_euler)
-    poses = random_rotations(6, torch.Generator().manual_seed(3))
-    nearest = nearest_orientations(poses, candidates, chunk_size=1000)
-    for pose, found in zip(matrix_to_euler_deg(poses.double()), matrix_to_euler_deg(nearest)):
-        closest = float(rotation_angle_deg(pose[None], candidate_euler).min())
-        assert abs(float(rotation_angle_deg(pose, found)) - closest) < 1e-6
-    # a pose of the grid is its own nearest orientation
-    torch.testing.assert_close(nearest_orientations(candidates[[5, 700]], candidates), candidates[[5, 700]])
+    # the oversampled children of each coarse orientation, and the coarse orientations alone
+    fine = euler_deg_to_matrix(current.fine_euler_deg.double()).float()  # (R, F, 3, 3)
+    for children in (fine, current.coarse_rotations[:, None]):
+        samples = GridSamples(children, current)
+        candidate_euler = matrix_to_euler_deg(children.reshape(-1, 3, 3).double())
+        poses = random_rotations(40, torch.Generator().manual_seed(3))
+        nearest = samples.nearest(poses)
+        # the oracle: the angle to every candidate
+        closest = rotation_angle_deg(matrix_to_euler_deg(poses.double())[:, None], candidate_euler[None]).amin(dim=1)
+        torch.testing.assert_close(rotation_angle_deg(matrix_to_euler_deg(poses.double()), matrix_to_euler_deg(nearest.double())), closest, rtol=0, atol=1e-3)
+        # a sample is its own nearest orientation
+        own = children.reshape(-1, 3, 3)[[5, children.shape[0] * children.shape[1] - 3]]
+        torch.testing.assert_close(samples.nearest(own), own)
     # fine translations at step 1 px are the coarse ones (step 2 px) ± 0.5 px, here all moved
     # by -0.2 · 2 px: the nearest to the centre lies at 0.5 - 0.4 along x and along y
     torch.testing.assert_close(nearest_translation_px(grid).abs(), torch.tensor([0.5, 0.5]))

@@ -21,7 +21,7 @@ __all__ = [
     "build_pose_grid",
     "grid_perturbation",
     "perturb_pose_grid",
-    "nearest_orientations",
+    "GridSamples",
     "nearest_translation_px",
     "translation_grid",
     "coarse_radius_shells",
@@ -234,22 +234,43 @@ def perturb_pose_grid(grid: PoseGrid, perturbation: float, coarse_offset_step_px
     )
 
 
-def nearest_orientations(rotations: torch.Tensor, candidates: torch.Tensor, chunk_size: int = 32768) -> torch.Tensor:
-    """``(B, 3, 3)`` the candidate nearest to each rotation (smallest angle between them).
+class GridSamples:
+    """Samples grouped by a grid's coarse orientations, ``children`` ``(R, F, 3, 3)``: the
+    ``F`` samples of each of ``grid``'s ``R`` coarse orientations (its oversampled children,
+    or the orientation itself), for :meth:`nearest` queries.
 
-    ``rotations`` ``(B, 3, 3)``, ``candidates`` ``(C, 3, 3)``; the angle falls as the trace of
-    ``Aᵀ·C`` rises, a ``(B, 9) @ (9, C)`` product taken in chunks of candidates.
+    Only the children of coarse orientations whose viewing direction lies within ``L`` of a
+    rotation's are compared, ``L`` widened until it exceeds the best angle found plus the
+    farthest a child lies from its parent: a closer child's parent lies within that, and a
+    turn by θ moves a direction by at most θ. So a query costs a neighbourhood, not the grid.
     """
-    flat = rotations.reshape(-1, 9).to(candidates.dtype)
-    best = torch.full((flat.shape[0],), -torch.inf, dtype=candidates.dtype, device=candidates.device)
-    index = torch.zeros(flat.shape[0], dtype=torch.long, device=candidates.device)
-    for start in range(0, candidates.shape[0], chunk_size):
-        trace = flat @ candidates[start : start + chunk_size].reshape(-1, 9).T
-        value, position = trace.max(dim=1)
-        better = value > best
-        best = torch.where(better, value, best)
-        index = torch.where(better, position + start, index)
-    return candidates[index]
+
+    def __init__(self, children: torch.Tensor, grid: PoseGrid) -> None:
+        self.children, self.grid = children, grid
+        parents = grid.coarse_matrices64.to(children.dtype)[:, None]  # (R, 1, 3, 3)
+        traces = (children * parents).sum(dim=(-2, -1)).double()
+        self.spread_deg = float(torch.rad2deg(torch.arccos(((traces.min() - 1) / 2).clamp(-1, 1))))
+
+    def nearest(self, rotations: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 3)`` the sample nearest to each of ``rotations`` ``(B, 3, 3)`` (smallest
+        angle between them, no symmetry: the largest trace of ``Aᵀ·C``)."""
+        flat = rotations.reshape(-1, 9).to(self.children.dtype)
+        directions, direction_of = self.grid.coarse_directions
+        cosines = rotations[:, 2].double() @ directions.T  # (B, D)
+        limit = self.grid.coarse_step_deg + self.spread_deg
+        while True:
+            # 0.1° beyond: float32 traces hold small angles to ~0.03°
+            reach = -2.0 if limit >= 180 else math.cos(math.radians(limit + 0.1))
+            near = (cosines >= reach).any(dim=0)[direction_of].nonzero()[:, 0]  # (P,)
+            if near.numel():
+                candidates = self.children[near].reshape(-1, 9)  # (P·F, 9), in the grid's order
+                value, position = (flat @ candidates.T).max(dim=1)
+                worst_deg = float(torch.rad2deg(torch.arccos(((value.double().min() - 1) / 2).clamp(-1, 1))))
+                if worst_deg + self.spread_deg <= limit or limit >= 180:
+                    return candidates[position].reshape(-1, 3, 3)
+                limit = min(worst_deg + self.spread_deg, 180.0)
+            else:
+                limit = min(2 * limit, 180.0)
 
 
 def nearest_translation_px(grid: PoseGrid) -> torch.Tensor:

@@ -33,12 +33,12 @@ from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, WeightedSlices, class_ess, expectation
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
 from cryotorch.em.sampling import (
+    GridSamples,
     PoseGrid,
     build_pose_grid,
     coarse_radius_shells,
     grid_perturbation,
     local_search_size,
-    nearest_orientations,
     nearest_translation_px,
     perturb_pose_grid,
 )
@@ -85,7 +85,7 @@ class PassSamples:
     own contribution to its last class map: at their orientation nearest to the particle's
     last one, at their translation nearest to its position, in each pass's components."""
 
-    orientations: torch.Tensor  # (F, 3, 3) the passes' orientations
+    orientations: GridSamples  # the passes' orientations
     shift_px: torch.Tensor  # (2,) from the particle's position to their nearest translation
     component_counts: tuple[int, ...]  # each pass scores the iteration's first n components
 
@@ -642,8 +642,8 @@ class Class3DJob:
             return None
         coarse_counts = (n_coarse,) if unrefined is None else (n_coarse, n_components)
         return (
-            PassSamples(grid.coarse_rotations, nearest_translation_px(grid.without_oversampling()).float(), coarse_counts),
-            PassSamples(fine.rotations.reshape(-1, 3, 3), nearest_translation_px(grid).float(), (n_components,)),
+            PassSamples(GridSamples(grid.coarse_rotations[:, None], grid), nearest_translation_px(grid.without_oversampling()).float(), coarse_counts),
+            PassSamples(GridSamples(fine.rotations, grid), nearest_translation_px(grid).float(), (n_components,)),
         )
 
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
@@ -735,7 +735,7 @@ class Class3DJob:
         extracted = None
         if samples is not None:
             counts = [min(n, frequencies.shape[0]) for n in samples.component_counts]
-            extracted = nearest_orientations(rotations, samples.orientations)
+            extracted = samples.orientations.nearest(rotations)
             four_q = four_q * torch.cos(2 * math.pi / self.box * (frequencies @ samples.shift_px))
         discounts = [torch.zeros(previous.shape[0], self.n_classes, device=four_q.device) for _ in counts]
         for k in range(self.n_classes):
