@@ -446,13 +446,13 @@ def test_local_coarse_projections_come_from_a_bounded_table() -> None:
     grid = build_pose_grid(1, 1.0, 1.0, "C1")
     full = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_rotations, frequencies, box))
     coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies, box, 4 * 10 * n_classes * 20 * 12)
-    assert coarse.capacity == 10
+    assert coarse.slots.capacity == 10
     # new, partly held, overflowing (the table is emptied), more than the table holds
     for rotations in (torch.arange(0, 6), torch.arange(3, 9), torch.arange(20, 26), torch.arange(0, 30)):
         layout = coarse.scoring(rotations)
         torch.testing.assert_close(layout.stacked, full.stacked[:, rotations].reshape(-1, 40), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layout.power, full.power[:, rotations].reshape(-1, 20), rtol=1e-5, atol=1e-5)
-        assert coarse.n_used <= coarse.capacity
+        assert coarse.slots.n_used <= coarse.slots.capacity
     torch.testing.assert_close(coarse.scoring().stacked, full.flatten().stacked, rtol=0, atol=0)
 
 

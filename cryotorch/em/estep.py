@@ -173,6 +173,31 @@ class ScoreProjections:
         return ScoreProjections(self.stacked.reshape(-1, self.stacked.shape[-1]), self.power.reshape(-1, self.power.shape[-1]))
 
 
+class _TableSlots:
+    """Rows of a table of ``capacity`` rows for the keys ``0 … n_keys − 1``: a key keeps its
+    row until the table is full, which empties it."""
+
+    def __init__(self, n_keys: int, capacity: int, device: torch.device) -> None:
+        self.capacity = capacity
+        self.slot = torch.full((n_keys,), -1, dtype=torch.long, device=device)
+        self.n_used = 0
+
+    def assign(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows of the distinct ``keys`` ``(U,)``, and the positions in ``keys`` whose rows
+        are new and must be filled now; None when they are more than the table holds."""
+        if keys.numel() > self.capacity:
+            return None
+        missing = (self.slot[keys] < 0).nonzero()[:, 0]
+        if missing.numel():
+            if self.n_used + missing.numel() > self.capacity:
+                self.slot.fill_(-1)
+                self.n_used = 0
+                missing = torch.arange(keys.numel(), device=keys.device)
+            self.slot[keys[missing]] = torch.arange(self.n_used, self.n_used + missing.numel(), device=keys.device)
+            self.n_used += missing.numel()
+        return self.slot[keys], missing
+
+
 class CoarseProjections:
     """The coarse pass's projections of an iteration, laid out for the score GEMMs.
 
@@ -203,41 +228,35 @@ class CoarseProjections:
         self._all: ScoreProjections | None = None
         n_classes, n = volumes_ft.shape[0], frequencies.shape[0]
         # a (class, orientation) takes 2n floats stacked and n of |P|²
-        self.capacity = int(max(1, min(rotations.shape[0], memory_budget_bytes / 4 // (n_classes * n * 12))))
-        self.slot = torch.full((rotations.shape[0],), -1, dtype=torch.long, device=volumes_ft.device)
+        capacity = int(max(1, min(rotations.shape[0], memory_budget_bytes / 4 // (n_classes * n * 12))))
+        self.slots = _TableSlots(rotations.shape[0], capacity, volumes_ft.device)
         self._table: ScoreProjections | None = None
-        self.n_used = 0
 
-    def _layout(self, rotations: torch.Tensor) -> ScoreProjections:
-        """``(K, U, 2n)`` / ``(K, U, n)`` layout of the grid's orientations ``rotations``."""
-        return ScoreProjections.of(extract_slices(self.volumes_ft, self.rotations[rotations], self.frequencies, self.box_size, self.memory_budget_bytes))
+    def _layout(self, rotations: torch.Tensor | None) -> ScoreProjections:
+        """``(K, U, 2n)`` / ``(K, U, n)`` layout of the grid's orientations ``rotations`` (None: all)."""
+        chosen = self.rotations if rotations is None else self.rotations[rotations]
+        return ScoreProjections.of(extract_slices(self.volumes_ft, chosen, self.frequencies, self.box_size, self.memory_budget_bytes))
 
     def scoring(self, rotations: torch.Tensor | None = None) -> ScoreProjections:
         """The layout ``(K·U, 2n)`` / ``(K·U, n)`` (classes outer) of the orientations
         ``rotations`` ``(U,)``, or of all of them when None."""
         if rotations is None:
             if self._all is None:
-                self._all = ScoreProjections.of(extract_slices(self.volumes_ft, self.rotations, self.frequencies, self.box_size, self.memory_budget_bytes)).flatten()
+                self._all = self._layout(None).flatten()
             return self._all
-        if rotations.numel() > self.capacity:
+        assigned = self.slots.assign(rotations)
+        if assigned is None:
             return self._layout(rotations).flatten()
+        rows, missing = assigned
         if self._table is None:
             n_classes, n = self.volumes_ft.shape[0], self.frequencies.shape[0]
             device = self.volumes_ft.device
-            self._table = ScoreProjections(torch.empty(n_classes, self.capacity, 2 * n, device=device), torch.empty(n_classes, self.capacity, n, device=device))
-        missing = rotations[self.slot[rotations] < 0]
+            capacity = self.slots.capacity
+            self._table = ScoreProjections(torch.empty(n_classes, capacity, 2 * n, device=device), torch.empty(n_classes, capacity, n, device=device))
         if missing.numel():
-            if self.n_used + missing.numel() > self.capacity:
-                self.slot.fill_(-1)
-                self.n_used = 0
-                missing = rotations
-            rows = torch.arange(self.n_used, self.n_used + missing.numel(), device=rotations.device)
-            layout = self._layout(missing)
-            self._table.stacked[:, rows] = layout.stacked
-            self._table.power[:, rows] = layout.power
-            self.slot[missing] = rows
-            self.n_used += missing.numel()
-        rows = self.slot[rotations]
+            layout = self._layout(rotations[missing])
+            self._table.stacked[:, rows[missing]] = layout.stacked
+            self._table.power[:, rows[missing]] = layout.power
         return ScoreProjections(self._table.stacked[:, rows], self._table.power[:, rows]).flatten()
 
 
@@ -391,10 +410,9 @@ class FinePassCache:
         self.volumes_ft, self.grid, self.frequencies, self.box_size = volumes_ft, grid, frequencies, box_size
         self.rotations = euler_deg_to_matrix(grid.fine_euler_deg.reshape(-1, 3)).float().reshape(n_rot, n_sub, 3, 3)
         self.memory_budget_bytes = memory_budget_bytes
-        self.capacity = int(max(1, min(n_classes * n_rot, memory_budget_bytes // (n_sub * n * 8))))
-        self.slot = torch.full((n_classes * n_rot,), -1, dtype=torch.long, device=device)
-        self.table = torch.empty(self.capacity, n_sub, n, dtype=torch.complex64, device=device)
-        self.n_used = 0
+        capacity = int(max(1, min(n_classes * n_rot, memory_budget_bytes // (n_sub * n * 8))))
+        self.slots = _TableSlots(n_classes * n_rot, capacity, device)
+        self.table = torch.empty(capacity, n_sub, n, dtype=torch.complex64, device=device)
         self.sum_capacity = int(max(1, min(n_classes * n_rot * n_sub, memory_budget_bytes // (n * 12))))
         self.sum_slot = torch.full((n_classes * n_rot * n_sub,), -1, dtype=torch.long, device=device)
         # rows are zeroed when a fine id takes them, so untouched memory is never written
@@ -405,20 +423,13 @@ class FinePassCache:
 
     def projections(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
         """``(U, F, M)`` child projections of the pairs ``(classes[u], coarse_rotations[u])``."""
-        pairs = classes * self.rotations.shape[0] + coarse_rotations
-        if pairs.numel() > self.capacity:
+        assigned = self.slots.assign(classes * self.rotations.shape[0] + coarse_rotations)
+        if assigned is None:
             return self._extract(classes, coarse_rotations)
-        missing = (self.slot[pairs] < 0).nonzero()[:, 0]
+        rows, missing = assigned
         if missing.numel():
-            if self.n_used + missing.numel() > self.capacity:
-                self.slot.fill_(-1)
-                self.n_used = 0
-                missing = torch.arange(pairs.numel(), device=pairs.device)
-            slots = torch.arange(self.n_used, self.n_used + missing.numel(), device=pairs.device)
-            self.table[slots] = self._extract(classes[missing], coarse_rotations[missing])
-            self.slot[pairs[missing]] = slots
-            self.n_used += missing.numel()
-        return self.table[self.slot[pairs]]
+            self.table[rows[missing]] = self._extract(classes[missing], coarse_rotations[missing])
+        return self.table[rows]
 
     def _extract(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
         n_sub, n = self.rotations.shape[1], self.frequencies.shape[0]

@@ -74,6 +74,16 @@ class PoseGrid:
         directions, direction_of = torch.unique(self.coarse_matrices64[:, 2], dim=0, return_inverse=True)
         return directions, direction_of
 
+    def coarse_within(self, views: torch.Tensor, limit_deg: float) -> torch.Tensor:
+        """``(P,)`` ascending numbers of the coarse orientations whose viewing direction lies
+        within ``limit_deg`` of one of the unit vectors ``views`` ``(V, 3)`` (float64); every
+        orientation from 180° on."""
+        directions, direction_of = self.coarse_directions
+        if limit_deg >= 180:
+            return torch.arange(direction_of.shape[0], device=direction_of.device)
+        near = ((views @ directions.T) >= math.cos(math.radians(limit_deg))).any(dim=0)
+        return near[direction_of].nonzero()[:, 0]
+
     def without_oversampling(self) -> "PoseGrid":
         """The same coarse grid whose only child of each sample is the sample itself."""
         return PoseGrid(
@@ -121,12 +131,9 @@ def local_search(grid: PoseGrid, prior_euler_deg: torch.Tensor, sigma_deg: float
     # the viewing direction of A is its third row; that of a mate B·L, Lᵀ times B's, so the
     # cosine to it is that of L·(A's direction) to B's
     views = torch.einsum("gij,bj->gbi", mates, prior[:, 2]).reshape(-1, 3)
-    directions, direction_of = grid.coarse_directions
-    cosines = (views @ directions.T).reshape(mates.shape[0], prior.shape[0], -1).amax(0)  # (B, D)
     limit = 3 * sigma_deg + grid.coarse_step_deg
     while True:
-        reach = -2.0 if limit >= 180 else math.cos(math.radians(limit + 1e-6))
-        candidates = (cosines >= reach).any(dim=0)[direction_of].nonzero()[:, 0]
+        candidates = grid.coarse_within(views, limit + 1e-6)
         angles = pairwise_matrix_angle_deg(prior, grid.coarse_matrices64[candidates], grid.symmetry_matrices)  # (B, C)
         nearest = angles.amin(dim=1, keepdim=True) if candidates.numel() else torch.full((prior.shape[0], 1), math.inf, dtype=prior.dtype, device=prior.device)
         needed = max(3 * sigma_deg, float(nearest.max()) + grid.coarse_step_deg)
@@ -255,13 +262,11 @@ class GridSamples:
         """``(B, 3, 3)`` the sample nearest to each of ``rotations`` ``(B, 3, 3)`` (smallest
         angle between them, no symmetry: the largest trace of ``Aᵀ·C``)."""
         flat = rotations.reshape(-1, 9).to(self.children.dtype)
-        directions, direction_of = self.grid.coarse_directions
-        cosines = rotations[:, 2].double() @ directions.T  # (B, D)
+        views = rotations[:, 2].double()
         limit = self.grid.coarse_step_deg + self.spread_deg
         while True:
             # 0.1° beyond: float32 traces hold small angles to ~0.03°
-            reach = -2.0 if limit >= 180 else math.cos(math.radians(limit + 0.1))
-            near = (cosines >= reach).any(dim=0)[direction_of].nonzero()[:, 0]  # (P,)
+            near = self.grid.coarse_within(views, limit + 0.1)  # (P,)
             if near.numel():
                 candidates = self.children[near].reshape(-1, 9)  # (P·F, 9), in the grid's order
                 value, position = (flat @ candidates.T).max(dim=1)

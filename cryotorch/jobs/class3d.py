@@ -523,9 +523,10 @@ class Class3DJob:
         # with the FSC-based τ² each half set is summed on its own, one after the other
         row_sets = [rows] if self.half_sets is None else [rows[self.half_sets[rows] == h] for h in (1, 2)]
         sets = [SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device) for _ in row_sets]
-        per_rotation = grid.coarse_shifts_px.shape[0] * self.n_classes * grid.coarse_rotations.shape[0] if grid else self.n_classes
-        batch_size = int(max(1, min(512, budget / 4 / max(1, per_rotation * 16 + frequencies.shape[0] * 64))))
-        if grid is not None and settings.local_sigma_deg is not None:
+        if grid is None or settings.local_sigma_deg is None:
+            per_rotation = grid.coarse_shifts_px.shape[0] * self.n_classes * grid.coarse_rotations.shape[0] if grid else self.n_classes
+            batch_size = int(max(1, min(512, budget / 4 / max(1, per_rotation * 16 + frequencies.shape[0] * 64))))
+        else:
             # a local search scores its batch against the union of the particles'
             # neighbourhoods, up to B·S orientations for S each, so that its score matrix
             # (B, T, K·B·S) grows as B², while larger batches share their fixed costs; on a
