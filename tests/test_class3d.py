@@ -337,6 +337,8 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
         (["job.tau2_estimate=power"], "job.tau2_estimate must be one of map, posterior, fsc"),
         (["sampling.final_offset_step_px=0"], "sampling.final_offset_step_px=0 must be positive"),
         (["sampling.offset_step_px=0"], "sampling.offset_step_px=0 must be positive"),
+        (["job.mask_diameter_A=1000"], "job.mask_diameter_A=1000 Å does not fit the particles' box"),
+        (["job.mask_diameter_A=0"], "job.mask_diameter_A=0 Å does not fit the particles' box"),
     ]
     for number, (overrides, message) in enumerate(cases):
         result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",

@@ -144,6 +144,8 @@ def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: P
     # it classifies at the given poses: asking it to align is an error, not silently ignored
     result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "sampling.align=true", f"hydra.run.dir={tmp_path / 'd'}", check=False)
     assert result.returncode == 2 and "sampling.align=false" in result.stderr + result.stdout
+    result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.mask_diameter_A=5000", f"hydra.run.dir={tmp_path / 'e'}", check=False)
+    assert result.returncode == 2 and "job.mask_diameter_A=5000 Å does not fit the particles' box" in result.stderr + result.stdout
 
 
 def test_class_temperature_reaches_the_target_ess() -> None:

@@ -264,6 +264,12 @@ class Class3DJob:
         particles, the image reader and the masks."""
         full_box, full_pixel = uniform_geometry(table, str(context.particles))
         self.full_box, self.full_pixel = full_box, full_pixel
+        box_A = full_box * full_pixel
+        if self.mask_diameter_A is not None and not 0 < self.mask_diameter_A <= box_A:
+            raise InputError(
+                f"{context.particles}: job.mask_diameter_A={self.mask_diameter_A} Å does not fit the particles' box of {full_box} px × "
+                f"{full_pixel:.4g} Å = {box_A:.4g} Å; give the particle's diameter (at most {box_A:.4g} Å), or null for 0.9 × the box"
+            )
         self.box = box = self.working_box(full_box, full_pixel)
         self.table, self.pixel = table, full_pixel * full_box / box
         self.device = context.device
