@@ -14,13 +14,23 @@ mass removed, noise-only junk; realistic defocus 0.8–2.5 µm. Then runs
 
 and prints oracle accuracy, achieved accuracy (labels matched), the adjusted Rand index,
 the share of the junk in one class, the resolution at which each real class's map (the class
-holding most of its particles) keeps an FSC of 0.5 with its true map, with alignment the
-median angle between the real particles' true and found orientations, and seconds per
-iteration read from the run logs.
+holding most of its particles) keeps an FSC of 0.5 with its true map and their FSC at 20 Å
+(twice the Nyquist period), with alignment the median angle between the real particles' true
+and found orientations, and seconds per iteration read from the run logs. With
+``--continue-iterations`` the aligned run is then continued in its folder, as RELION runs are
+continued, with the settings of ``--continue-overrides``, and reported again.
 
     python scripts/bench_class3d.py --map ../shared/data/maps/aspire_70S/clean70SRibosome_vol_65p.mrc \
         --particles 4000 --snr 0.05 --iterations 25 --modes noalign align \
         [--class3d-overrides sampling.final_local_iterations=5] [--aligned-oracle]
+
+The best aligned maps of docs/benchmarks.md (local searches at 1.875°, then 0.9375°):
+``--iterations 25 --modes align --class3d-overrides sampling.final_local_iterations=5
+sampling.final_angular_step_deg=1.875 sampling.final_offset_step_px=0.25
+sampling.final_offset_range_px=1 job.tau2_estimate=posterior job.mask_diameter_A=250
+--continue-iterations 2 --continue-overrides sampling.angular_step_deg=0.9375
+sampling.local_search_deg=5 sampling.offset_step_px=0.25 sampling.offset_range_px=1
+job.tau2_estimate=posterior job.mask_diameter_A=250``.
 
 The low-SNR schedule of docs/benchmarks.md (E-step limited to 30 Å in the first iterations):
 ``--iterations 36 --class3d-overrides job.highres_limit_estep_A=30 job.highres_limit_estep_iterations=20``.
@@ -132,17 +142,18 @@ def adjusted_rand_index(truth: np.ndarray, assigned: np.ndarray) -> float:
     return (index - expected) / (maximum - expected)
 
 
-def class_map_resolutions(out: Path, iteration: int, truth: np.ndarray, assigned: np.ndarray, true_maps: list[Path]) -> list[float]:
-    """Resolution (Å) at FSC 0.5 between each true map (classes 1, 2, … of ``truth``) and the
-    map of the class holding most of its particles."""
-    resolutions = []
+def class_map_fsc(out: Path, iteration: int, truth: np.ndarray, assigned: np.ndarray, true_maps: list[Path]) -> list[tuple[float, float]]:
+    """For each true map (classes 1, 2, … of ``truth``) and the map of the class holding most
+    of its particles: the resolution (Å) at which their FSC falls to 0.5, and their FSC at
+    twice the Nyquist period (20 Å)."""
+    figures = []
     for label, true_map in enumerate(true_maps, start=1):
         chosen = int(np.bincount(assigned[truth == label]).argmax())
         estimate = torch.as_tensor(np.array(read_mrc(out / f"run_it{iteration:03d}_class{chosen:03d}.mrc").data), dtype=torch.float64)
         reference = torch.as_tensor(np.array(read_mrc(true_map).data), dtype=torch.float64)
         fsc = fourier_shell_correlation(rfft3_centered(estimate), rfft3_centered(reference))
-        resolutions.append(resolution_at_threshold(fsc, BOX, PIXEL, threshold=0.5))
-    return resolutions
+        figures.append((resolution_at_threshold(fsc, BOX, PIXEL, threshold=0.5), float(fsc[BOX // 4])))
+    return figures
 
 
 def junk_share(truth: np.ndarray, assigned: np.ndarray) -> float:
@@ -169,6 +180,19 @@ def seconds_per_iteration(log_path: Path) -> list[float]:
     return [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
 
 
+def report(label: str, folder: Path, out: Path, iteration: int, truth: np.ndarray, true_maps: list[Path], n_particles: int) -> None:
+    """Print the figures of the class3d run in ``out`` after ``iteration`` (times: every
+    iteration its log holds)."""
+    result = read_particles(out / f"run_it{iteration:03d}_data.star").class_number
+    times = seconds_per_iteration(out / "train.log")
+    maps = ", ".join(f"{resolution:.1f} Å (FSC {fsc:.3f} at 20 Å)" for resolution, fsc in class_map_fsc(out, iteration, truth, result, true_maps))
+    angles = f"median angular error {median_angular_error_deg(folder / 'sim' / 'truth.star', out, iteration):.2f}°; " if label.startswith("align") else ""
+    print(f"  {label}: accuracy {matched_accuracy(truth, result):.3f} (ARI {adjusted_rand_index(truth, result):.3f}); "
+          f"junk in one class {junk_share(truth, result):.3f}; FSC 0.5 to the true maps at {maps}; "
+          f"{angles}{np.mean(times):.1f} s/iteration, {sum(times):.0f} s total, "
+          f"{1e3 * np.mean(times) / n_particles:.2f} ms per particle-iteration")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--map", type=Path, required=True)
@@ -180,6 +204,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--aligned-oracle", action="store_true", help="also run the aligned oracle (the true maps, fixed, searched as class3d searches)")
     parser.add_argument("--class3d-overrides", nargs="*", default=[], help="extra key=value settings of the class3d runs, e.g. sampling.final_local_iterations=5")
+    parser.add_argument("--continue-iterations", type=int, default=0, help="then continue the aligned run in its folder for this many iterations")
+    parser.add_argument("--continue-overrides", nargs="*", default=[], help="key=value settings of the continuation (instead of --class3d-overrides)")
     args = parser.parse_args()
     start_thread_pool()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_class3d_"))
@@ -198,14 +224,13 @@ def main() -> None:
             out = folder / mode
             train("+job=class3d", f"data.particles={particles}", f"job.reference={reference}", "job.K=3", f"job.n_iterations={args.iterations}",
                   f"sampling.align={'true' if mode == 'align' else 'false'}", f"hydra.run.dir={out}", *args.class3d_overrides)
-            result = read_particles(out / f"run_it{args.iterations:03d}_data.star").class_number
-            times = seconds_per_iteration(out / "train.log")
-            resolutions = class_map_resolutions(out, args.iterations, truth, result, [class_a, class_b])
-            angles = f"median angular error {median_angular_error_deg(folder / 'sim' / 'truth.star', out, args.iterations):.2f}°; " if mode == "align" else ""
-            print(f"  {mode}: accuracy {matched_accuracy(truth, result):.3f} (ARI {adjusted_rand_index(truth, result):.3f}); "
-                  f"junk in one class {junk_share(truth, result):.3f}; FSC 0.5 to the true maps at {', '.join(f'{r:.1f}' for r in resolutions)} Å; "
-                  f"{angles}{np.mean(times):.1f} s/iteration, {sum(times):.0f} s total, "
-                  f"{1e3 * np.mean(times) / args.particles:.2f} ms per particle-iteration")
+            report(mode, folder, out, args.iterations, truth, [class_a, class_b], args.particles)
+            if mode == "align" and args.continue_iterations:
+                # RELION-style continuation in the same folder, with its own settings
+                total = args.iterations + args.continue_iterations
+                train("+job=class3d", f"data.particles={particles}", f"job.reference={reference}", "job.K=3", f"job.n_iterations={total}",
+                      "sampling.align=true", f"hydra.run.dir={out}", *args.continue_overrides)
+                report("align, continued", folder, out, total, truth, [class_a, class_b], args.particles)
         if args.aligned_oracle and "align" in args.modes:
             out = folder / "oracle_align"
             train("+job=class3d", f"data.particles={particles}", f"job.reference=[{class_a},{class_b},{junk}]", "job.K=3", f"job.n_iterations={args.iterations}",
