@@ -180,13 +180,13 @@ def seconds_per_iteration(log_path: Path) -> list[float]:
     return [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
 
 
-def report(label: str, folder: Path, out: Path, iteration: int, truth: np.ndarray, true_maps: list[Path], n_particles: int) -> None:
+def report(label: str, folder: Path, out: Path, iteration: int, truth: np.ndarray, true_maps: list[Path], n_particles: int, aligned: bool) -> None:
     """Print the figures of the class3d run in ``out`` after ``iteration`` (times: every
-    iteration its log holds)."""
+    iteration its log holds; with ``aligned``, the orientation error too)."""
     result = read_particles(out / f"run_it{iteration:03d}_data.star").class_number
     times = seconds_per_iteration(out / "train.log")
     maps = ", ".join(f"{resolution:.1f} Å (FSC {fsc:.3f} at 20 Å)" for resolution, fsc in class_map_fsc(out, iteration, truth, result, true_maps))
-    angles = f"median angular error {median_angular_error_deg(folder / 'sim' / 'truth.star', out, iteration):.2f}°; " if label.startswith("align") else ""
+    angles = f"median angular error {median_angular_error_deg(folder / 'sim' / 'truth.star', out, iteration):.2f}°; " if aligned else ""
     print(f"  {label}: accuracy {matched_accuracy(truth, result):.3f} (ARI {adjusted_rand_index(truth, result):.3f}); "
           f"junk in one class {junk_share(truth, result):.3f}; FSC 0.5 to the true maps at {maps}; "
           f"{angles}{np.mean(times):.1f} s/iteration, {sum(times):.0f} s total, "
@@ -224,13 +224,13 @@ def main() -> None:
             out = folder / mode
             train("+job=class3d", f"data.particles={particles}", f"job.reference={reference}", "job.K=3", f"job.n_iterations={args.iterations}",
                   f"sampling.align={'true' if mode == 'align' else 'false'}", f"hydra.run.dir={out}", *args.class3d_overrides)
-            report(mode, folder, out, args.iterations, truth, [class_a, class_b], args.particles)
+            report(mode, folder, out, args.iterations, truth, [class_a, class_b], args.particles, mode == "align")
             if mode == "align" and args.continue_iterations:
                 # RELION-style continuation in the same folder, with its own settings
                 total = args.iterations + args.continue_iterations
                 train("+job=class3d", f"data.particles={particles}", f"job.reference={reference}", "job.K=3", f"job.n_iterations={total}",
                       "sampling.align=true", f"hydra.run.dir={out}", *args.continue_overrides)
-                report("align, continued", folder, out, total, truth, [class_a, class_b], args.particles)
+                report("align, continued", folder, out, total, truth, [class_a, class_b], args.particles, True)
         if args.aligned_oracle and "align" in args.modes:
             out = folder / "oracle_align"
             train("+job=class3d", f"data.particles={particles}", f"job.reference=[{class_a},{class_b},{junk}]", "job.K=3", f"job.n_iterations={args.iterations}",
