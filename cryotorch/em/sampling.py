@@ -254,9 +254,11 @@ class GridSamples:
 
     def __init__(self, children: torch.Tensor, grid: PoseGrid) -> None:
         self.children, self.grid = children, grid
-        parents = grid.coarse_matrices64.to(children.dtype)[:, None]  # (R, 1, 3, 3)
-        traces = (children * parents).sum(dim=(-2, -1)).double()
-        self.spread_deg = float(torch.rad2deg(torch.arccos(((traces.min() - 1) / 2).clamp(-1, 1))))
+        n_parents, n_children = children.shape[:2]
+        # trace of (parent)ᵀ·child for every child: (R, F, 9) @ (R, 9, 1), no (R, F, 3, 3) product
+        parents = grid.coarse_matrices64.to(children.dtype).reshape(n_parents, 9, 1)
+        traces = torch.bmm(children.reshape(n_parents, n_children, 9), parents)
+        self.spread_deg = math.degrees(math.acos(min(1.0, max(-1.0, (float(traces.min()) - 1) / 2))))
 
     def nearest(self, rotations: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 3)`` the sample nearest to each of ``rotations`` ``(B, 3, 3)`` (smallest
