@@ -77,9 +77,21 @@ def test_profiled_intensity_scale_is_the_maximum_over_scales() -> None:
 
 
 def test_pose_grid_counts_and_oversampling() -> None:
+    from cryotorch.ops.healpix import oversample_orientations, rotation_angle_deg
+
     grid = build_pose_grid(1, 2.0, 1.0, "C1", oversampling=1)
     assert grid.coarse_rotations.shape[0] == 48 * 12  # 48 directions × 12 psi at order 1
-    assert grid.fine_euler_deg.shape[1:] == (8, 3)
+    every = torch.arange(grid.coarse_rotations.shape[0])
+    children = grid.children_euler_deg(every)
+    assert grid.n_children == 8 and children.shape[1:] == (8, 3)
+    # RELION's oversampled children, computed on demand for any subset of parents
+    torch.testing.assert_close(children, oversample_orientations(1, grid.pixel_index, grid.psi_index, 1), rtol=0, atol=0)
+    torch.testing.assert_close(grid.children_euler_deg(every[[7, 3]]), children[[7, 3]], rtol=0, atol=0)
+    # each parent's largest child angle, measured in chunks, is the angle over its children
+    angles = rotation_angle_deg(children.reshape(-1, 3), grid.coarse_euler_deg.repeat_interleave(8, dim=0)).reshape(-1, 8)
+    torch.testing.assert_close(grid.child_spread_deg.double(), angles.amax(dim=1), rtol=0, atol=0.05)
+    assert torch.all(grid.without_oversampling().child_spread_deg == 0)
+    torch.testing.assert_close(grid.without_oversampling().children_euler_deg(every)[:, 0], grid.coarse_euler_deg.double())
     assert grid.coarse_shifts_px.shape[0] == translation_grid(2.0, 1.0).shape[0] == 13
     torch.testing.assert_close(grid.fine_shifts_px.mean(dim=1), grid.coarse_shifts_px)
 
@@ -251,13 +263,18 @@ def test_perturbed_grid_turns_every_orientation_by_the_same_rotation() -> None:
     p = 0.3 * grid.coarse_step_deg
     turn = euler_deg_to_matrix(torch.tensor([p, p, p], dtype=torch.float64))
     expected_angle = rotation_angle_deg(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[p, p, p]], dtype=torch.float64))
-    for before, after in ((grid.coarse_euler_deg, moved.coarse_euler_deg), (grid.fine_euler_deg.reshape(-1, 3), moved.fine_euler_deg.reshape(-1, 3))):
+    every = torch.arange(grid.coarse_rotations.shape[0])
+    fine_before, fine_after = grid.children_euler_deg(every).reshape(-1, 3), moved.children_euler_deg(every).reshape(-1, 3)
+    for before, after in ((grid.coarse_euler_deg, moved.coarse_euler_deg), (fine_before, fine_after)):
         torch.testing.assert_close(euler_deg_to_matrix(after.double()), euler_deg_to_matrix(before.double()) @ turn, atol=1e-5, rtol=0)
         angles = rotation_angle_deg(before.double(), after.double())
         torch.testing.assert_close(angles, expected_angle.expand_as(angles), atol=1e-3, rtol=0)
     torch.testing.assert_close(moved.coarse_rotations, euler_deg_to_matrix(moved.coarse_euler_deg.double()).float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(moved.coarse_shifts_px, grid.coarse_shifts_px + 0.6)
     torch.testing.assert_close(moved.fine_shifts_px, grid.fine_shifts_px + 0.6)
+    # a turn does not move children relative to their parents
+    turned_spread = moved.child_spread_deg
+    torch.testing.assert_close(turned_spread, grid.child_spread_deg, rtol=0, atol=1e-3)
 
 
 def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
@@ -269,9 +286,9 @@ def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
     grid = build_pose_grid(1, 3.0, 2.0, "C1", oversampling=1)
     current = perturb_pose_grid(grid, -0.2, 2.0)
     # the oversampled children of each coarse orientation, and the coarse orientations alone
-    fine = euler_deg_to_matrix(current.fine_euler_deg.double()).float()  # (R, F, 3, 3)
-    for children in (fine, current.coarse_rotations[:, None]):
-        samples = GridSamples(children, current)
+    fine = current.children_matrices(torch.arange(current.coarse_rotations.shape[0]))  # (R, F, 3, 3)
+    for children, oversampled in ((fine, True), (current.coarse_rotations[:, None], False)):
+        samples = GridSamples(current, oversampled)
         candidate_euler = matrix_to_euler_deg(children.reshape(-1, 3, 3).double())
         poses = random_rotations(40, torch.Generator().manual_seed(3))
         nearest = samples.nearest(poses)
@@ -373,7 +390,7 @@ def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> No
     volumes_ft = prepare_fourier_volumes(c4_average(volume)[None])  # C4 about z through the centre
     grid = build_pose_grid(2, 1.0, 1.0, "C4", oversampling=1)
     border = int(torch.argmin(grid.coarse_euler_deg[:, 0] + 0.01 * (grid.coarse_euler_deg[:, 1] - 90).abs()))
-    truth = grid.fine_euler_deg[border, 3].double()  # a fine pose near rot = -45
+    truth = grid.children_euler_deg(torch.tensor([border]))[0, 3]  # a fine pose near rot = -45
     image = extract_slices(volumes_ft, euler_deg_to_matrix(truth[None]).float(), frequencies, box)[0]  # (1, M)
     prior = truth + torch.tensor([90.0 + 3.0, 0.0, 0.0], dtype=torch.float64)
     batch = PreparedBatch(
@@ -430,6 +447,35 @@ def test_local_search_size_estimates_the_orientations_a_particle_searches() -> N
     for sigma_deg in (2.0, 5.0, 10.0):
         counts = torch.tensor([float(torch.isfinite(local_search(grid, prior[None], sigma_deg).log_prior).sum()) for prior in priors])
         assert 0.5 < local_search_size(grid, sigma_deg) / float(counts.mean()) < 2.0
+
+
+def test_table_slots_map_keys_to_rows_as_a_dictionary_does() -> None:
+    # the rows of a table are found through its sorted keys, not a map over every possible
+    # key: against a dict, over random requests that refill, overflow and empty the table
+    from cryotorch.em.estep import _TableSlots
+
+    generator = torch.Generator().manual_seed(17)
+    slots, held = _TableSlots(50, torch.device("cpu")), {}
+    for _ in range(200):
+        # small keys recur (found again); huge ones test the sorted search
+        high = 10**12 if float(torch.rand(1, generator=generator)) < 0.3 else 120
+        keys = torch.unique(torch.randint(0, high, (int(torch.randint(1, 60, (1,), generator=generator)),), generator=generator))
+        keys = keys[torch.randperm(keys.numel(), generator=generator)]
+        assigned = slots.assign(keys)
+        if keys.numel() > 50:
+            assert assigned is None
+            continue
+        rows, missing = assigned
+        if len(held) + sum(int(k) not in held for k in keys) > 50:
+            held = {}
+        expected_missing = [i for i, k in enumerate(keys.tolist()) if k not in held]
+        assert missing.tolist() == expected_missing
+        for i in expected_missing:
+            held[int(keys[i])] = len(held)
+        assert rows.tolist() == [held[k] for k in keys.tolist()]
+        assert slots.n_used == len(held) and torch.all(slots.keys[1:] > slots.keys[:-1])
+    slots.clear()
+    assert slots.n_used == 0 and torch.all(slots.find(keys) == -1)
 
 
 def test_local_coarse_projections_come_from_a_bounded_table() -> None:

@@ -174,28 +174,58 @@ class ScoreProjections:
 
 
 class _TableSlots:
-    """Rows of a table of ``capacity`` rows for the keys ``0 … n_keys − 1``: a key keeps its
-    row until the table is full, which empties it."""
+    """Rows of a table of ``capacity`` rows for integer keys: a key keeps its row until the
+    table is full, which empties it. The keys held are kept sorted beside their rows, so the
+    map costs the table's size, not the number of possible keys."""
 
-    def __init__(self, n_keys: int, capacity: int, device: torch.device) -> None:
+    def __init__(self, capacity: int, device: torch.device) -> None:
         self.capacity = capacity
-        self.slot = torch.full((n_keys,), -1, dtype=torch.long, device=device)
-        self.n_used = 0
+        self.keys = torch.empty(0, dtype=torch.long, device=device)  # ascending
+        self.rows = torch.empty(0, dtype=torch.long, device=device)
+
+    @property
+    def n_used(self) -> int:
+        """Number of rows taken."""
+        return self.keys.numel()
+
+    def find(self, keys: torch.Tensor) -> torch.Tensor:
+        """``(U,)`` the rows of ``keys`` ``(U,)``, −1 where a key holds none."""
+        if not self.n_used:
+            return torch.full_like(keys, -1)
+        position = torch.searchsorted(self.keys, keys).clamp_(max=self.n_used - 1)
+        return torch.where(self.keys[position] == keys, self.rows[position], -1)
+
+    def insert(self, keys: torch.Tensor) -> torch.Tensor:
+        """The new rows, in order, of the distinct ``keys`` ``(U,)`` that hold none yet."""
+        rows = torch.arange(self.n_used, self.n_used + keys.numel(), device=keys.device)
+        new_keys, order = keys.sort()
+        # merge two ascending runs: each element moves by the number of the other's before it
+        merged = self.n_used + keys.numel()
+        at_old = torch.arange(self.n_used, device=keys.device) + torch.searchsorted(new_keys, self.keys)
+        at_new = torch.arange(keys.numel(), device=keys.device) + torch.searchsorted(self.keys, new_keys)
+        all_keys, all_rows = self.keys.new_empty(merged), self.rows.new_empty(merged)
+        all_keys[at_old], all_rows[at_old] = self.keys, self.rows
+        all_keys[at_new], all_rows[at_new] = new_keys, rows[order]
+        self.keys, self.rows = all_keys, all_rows
+        return rows
+
+    def clear(self) -> None:
+        """Free every row."""
+        self.keys, self.rows = self.keys[:0], self.rows[:0]
 
     def assign(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The rows of the distinct ``keys`` ``(U,)``, and the positions in ``keys`` whose rows
         are new and must be filled now; None when they are more than the table holds."""
         if keys.numel() > self.capacity:
             return None
-        missing = (self.slot[keys] < 0).nonzero()[:, 0]
+        rows = self.find(keys)
+        missing = (rows < 0).nonzero()[:, 0]
         if missing.numel():
             if self.n_used + missing.numel() > self.capacity:
-                self.slot.fill_(-1)
-                self.n_used = 0
+                self.clear()
                 missing = torch.arange(keys.numel(), device=keys.device)
-            self.slot[keys[missing]] = torch.arange(self.n_used, self.n_used + missing.numel(), device=keys.device)
-            self.n_used += missing.numel()
-        return self.slot[keys], missing
+            rows[missing] = self.insert(keys[missing])
+        return rows, missing
 
 
 class CoarseProjections:
@@ -229,7 +259,7 @@ class CoarseProjections:
         n_classes, n = volumes_ft.shape[0], frequencies.shape[0]
         # a (class, orientation) takes 2n floats stacked and n of |P|²
         capacity = int(max(1, min(rotations.shape[0], memory_budget_bytes / 4 // (n_classes * n * 12))))
-        self.slots = _TableSlots(rotations.shape[0], capacity, volumes_ft.device)
+        self.slots = _TableSlots(capacity, volumes_ft.device)
         self._table: ScoreProjections | None = None
 
     def _layout(self, rotations: torch.Tensor | None) -> ScoreProjections:
@@ -393,7 +423,7 @@ class FinePassCache:
     volumes_ft
         ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes.
     grid
-        The pose grid whose ``fine_euler_deg`` ``(R, F, 3)`` are projected.
+        The pose grid whose children (:meth:`PoseGrid.children_matrices`) are projected.
     frequencies
         ``(M, 2)`` components of the projections.
     box_size
@@ -404,26 +434,24 @@ class FinePassCache:
 
     def __init__(self, volumes_ft: torch.Tensor, grid: PoseGrid, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
         n_classes = volumes_ft.shape[0]
-        n_rot, n_sub = grid.fine_euler_deg.shape[:2]
+        n_rot, n_sub = grid.coarse_rotations.shape[0], grid.n_children
         n = frequencies.shape[0]
         device = volumes_ft.device
         self.volumes_ft, self.grid, self.frequencies, self.box_size = volumes_ft, grid, frequencies, box_size
-        self.rotations = euler_deg_to_matrix(grid.fine_euler_deg.reshape(-1, 3)).float().reshape(n_rot, n_sub, 3, 3)
         self.memory_budget_bytes = memory_budget_bytes
         capacity = int(max(1, min(n_classes * n_rot, memory_budget_bytes // (n_sub * n * 8))))
-        self.slots = _TableSlots(n_classes * n_rot, capacity, device)
+        self.slots = _TableSlots(capacity, device)
         self.table = torch.empty(capacity, n_sub, n, dtype=torch.complex64, device=device)
         self.sum_capacity = int(max(1, min(n_classes * n_rot * n_sub, memory_budget_bytes // (n * 12))))
-        self.sum_slot = torch.full((n_classes * n_rot * n_sub,), -1, dtype=torch.long, device=device)
+        self.sum_slots = _TableSlots(self.sum_capacity, device)
         # rows are zeroed when a fine id takes them, so untouched memory is never written
         self.sum_data = torch.empty(self.sum_capacity, n, dtype=torch.complex64, device=device)
         self.sum_weight = torch.empty(self.sum_capacity, n, device=device)
         self.sum_ids = torch.empty(self.sum_capacity, dtype=torch.long, device=device)
-        self.n_sums = 0
 
     def projections(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
         """``(U, F, M)`` child projections of the pairs ``(classes[u], coarse_rotations[u])``."""
-        assigned = self.slots.assign(classes * self.rotations.shape[0] + coarse_rotations)
+        assigned = self.slots.assign(classes * self.grid.coarse_rotations.shape[0] + coarse_rotations)
         if assigned is None:
             return self._extract(classes, coarse_rotations)
         rows, missing = assigned
@@ -432,45 +460,47 @@ class FinePassCache:
         return self.table[rows]
 
     def _extract(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
-        n_sub, n = self.rotations.shape[1], self.frequencies.shape[0]
+        n_sub, n = self.grid.n_children, self.frequencies.shape[0]
         values = torch.empty(classes.numel(), n_sub, n, dtype=torch.complex64, device=classes.device)
         for k in torch.unique(classes).tolist():
             members = (classes == k).nonzero()[:, 0]
-            rotations = self.rotations[coarse_rotations[members]].reshape(-1, 3, 3)
+            rotations = self.grid.children_matrices(coarse_rotations[members]).reshape(-1, 3, 3)
             values[members] = extract_slices(self.volumes_ft[k : k + 1], rotations, self.frequencies, self.box_size, self.memory_budget_bytes)[0].reshape(-1, n_sub, n)
         return values
 
     def add(self, ids: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> list[WeightedSlices]:
-        """Add slice sums of fine ids ``(k·R + r)·F + f``; returns the slices to insert now
-        (the table's contents when it is full, or these sums when they alone exceed it)."""
+        """Add slice sums of distinct fine ids ``(k·R + r)·F + f``; returns the slices to
+        insert now (the table's contents when it is full, or these sums when they alone
+        exceed it)."""
         if ids.numel() > self.sum_capacity:
             return self._slices(ids, data, weight)
         drained: list[WeightedSlices] = []
-        if self.n_sums + int((self.sum_slot[ids] < 0).sum()) > self.sum_capacity:
+        rows = self.sum_slots.find(ids)
+        if self.sum_slots.n_used + int((rows < 0).sum()) > self.sum_capacity:
             drained = self.drain()
-        new = ids[self.sum_slot[ids] < 0]
-        rows = slice(self.n_sums, self.n_sums + new.numel())
-        self.sum_slot[new] = torch.arange(rows.start, rows.stop, device=ids.device)
-        self.sum_ids[rows] = new
-        self.sum_data[rows] = 0
-        self.sum_weight[rows] = 0
-        self.n_sums += new.numel()
-        self.sum_data.index_add_(0, self.sum_slot[ids], data)
-        self.sum_weight.index_add_(0, self.sum_slot[ids], weight)
+            rows = torch.full_like(ids, -1)
+        new = (rows < 0).nonzero()[:, 0]
+        if new.numel():
+            rows[new] = self.sum_slots.insert(ids[new])
+            self.sum_ids[rows[new]] = ids[new]
+            self.sum_data[rows[new]] = 0
+            self.sum_weight[rows[new]] = 0
+        self.sum_data.index_add_(0, rows, data)
+        self.sum_weight.index_add_(0, rows, weight)
         return drained
 
     def drain(self) -> list[WeightedSlices]:
         """The summed slices held, per class; the table is emptied."""
-        used = slice(0, self.n_sums)
+        used = slice(0, self.sum_slots.n_used)
         slices = self._slices(self.sum_ids[used], self.sum_data[used].clone(), self.sum_weight[used].clone())
-        self.sum_slot[self.sum_ids[used]] = -1
-        self.n_sums = 0
+        self.sum_slots.clear()
         return slices
 
     def _slices(self, ids: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> list[WeightedSlices]:
-        n_rot, n_sub = self.rotations.shape[:2]
+        n_rot, n_sub = self.grid.coarse_rotations.shape[0], self.grid.n_children
         classes = ids // (n_rot * n_sub)
-        rotations = self.rotations.reshape(-1, 3, 3)[ids % (n_rot * n_sub)]
+        parents, of = torch.unique(ids // n_sub % n_rot, return_inverse=True)
+        rotations = self.grid.children_matrices(parents)[of, ids % n_sub]
         return [
             WeightedSlices(k, rotations[members], data[members], weight[members])
             for k in torch.unique(classes).tolist()
@@ -760,7 +790,7 @@ def _fine_pass(
     sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n_particles = significant.index.shape[0]
     pairs, shifts = significant.per_particle(grid.coarse_shifts_px.shape[0])  # (B, K·U), (B, T)
-    n_sub = grid.fine_shifts_px.shape[1] * grid.fine_euler_deg.shape[1]
+    n_sub = grid.fine_shifts_px.shape[1] * grid.n_children
     n_components = settings.frequencies.shape[0]
     start, window_size = 0, 16
     while start < n_particles:
@@ -812,11 +842,11 @@ def _fine_sub_batch(
     n = frequencies.shape[0]
     b = significant.index.shape[0]
     n_sub_shift = grid.fine_shifts_px.shape[1]
-    n_rot, n_sub_rot = grid.fine_euler_deg.shape[:2]
+    n_rot, n_sub_rot = grid.coarse_rotations.shape[0], grid.n_children
     shift_used, pairs, allowed = significant.union()  # (Tu,), (Uc,), (b, Tu, Uc)
     pair_used = torch.stack(significant.class_and_rotation(pairs), dim=-1)  # (Uc, 2) (class, coarse rotation)
     fine_shifts = grid.fine_shifts_px[shift_used].reshape(-1, 2)  # (Tu·S, 2)
-    fine_euler = grid.fine_euler_deg[pair_used[:, 1]].reshape(-1, 3)  # (Uc·F, 3)
+    fine_euler = grid.children_euler_deg(pair_used[:, 1]).reshape(-1, 3)  # (Uc·F, 3)
     fine_class = pair_used[:, 0].repeat_interleave(n_sub_rot)  # (Uc·F,)
     fine_id = ((pair_used[:, 0] * n_rot + pair_used[:, 1])[:, None] * n_sub_rot + torch.arange(n_sub_rot, device=device)).reshape(-1)
     projections = fine_projections.projections(pair_used[:, 0], pair_used[:, 1]).reshape(-1, n)  # (Uc·F, n)

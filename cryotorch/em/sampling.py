@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -27,19 +27,32 @@ __all__ = [
     "coarse_radius_shells",
 ]
 
+_SPREAD_CHUNK = 1 << 20  # children per chunk when a grid's child spread is measured
+_NEAREST_CHUNK = 64  # rotations per neighbourhood of a GridSamples query
+
 
 @dataclass
 class PoseGrid:
     """Coarse orientations and translations, and their adaptive-oversampling children.
+
+    The children of the coarse orientations are computed from their parents' HEALPix pixel
+    and psi sample when asked for (:meth:`children_euler_deg`), as RELION does, so that a
+    grid holds ``O(R)`` values and never its ``R·F`` children at once.
 
     Attributes
     ----------
     coarse_rotations
         ``(R, 3, 3)`` RELION matrices of the coarse orientations.
     coarse_euler_deg
-        ``(R, 3)`` their Euler angles.
-    fine_euler_deg
-        ``(R, F, 3)`` the ``F`` oversampled orientations of each coarse one.
+        ``(R, 3)`` float64 their Euler angles.
+    pixel_index, psi_index
+        ``(R,)`` int64 NESTED HEALPix pixel and psi sample of each coarse orientation
+        (before ``turn``).
+    healpix_order
+        HEALPix order of the coarse orientations.
+    oversampling
+        Orders of adaptive oversampling: each orientation has ``F = 4^os · 2^os`` children;
+        0: its only child is itself.
     coarse_shifts_px
         ``(T, 2)`` coarse translation offsets (added to the particle's prior origin).
     fine_shifts_px
@@ -50,15 +63,62 @@ class PoseGrid:
         ``(G, 3, 3)`` float64 RELION matrices ``L`` of the point group whose asymmetric unit
         the orientations cover (identity first): a grid pose ``A`` stands for all ``A·L``,
         so a local search near the unit's border continues past it.
+    turn
+        ``(3, 3)`` float64 matrix every orientation is multiplied by on the right (the
+        perturbation of :func:`perturb_pose_grid`), or None.
     """
 
     coarse_rotations: torch.Tensor
     coarse_euler_deg: torch.Tensor
-    fine_euler_deg: torch.Tensor
+    pixel_index: torch.Tensor
+    psi_index: torch.Tensor
+    healpix_order: int
+    oversampling: int
     coarse_shifts_px: torch.Tensor
     fine_shifts_px: torch.Tensor
     coarse_step_deg: float
     symmetry_matrices: torch.Tensor
+    turn: torch.Tensor | None = None
+
+    @property
+    def n_children(self) -> int:
+        """Number ``F`` of children of each coarse orientation."""
+        return 8**self.oversampling
+
+    def children_euler_deg(self, parents: torch.Tensor) -> torch.Tensor:
+        """``(P, F, 3)`` float64 Euler angles (degrees) of the children of the coarse
+        orientations ``parents`` ``(P,)``: RELION's oversampled pixels and psi values
+        (:func:`~cryotorch.ops.healpix.oversample_orientations`), turned as the grid is."""
+        if self.oversampling == 0:
+            return self.coarse_euler_deg[parents][:, None].double()
+        fine = oversample_orientations(self.healpix_order, self.pixel_index[parents], self.psi_index[parents], self.oversampling)
+        if self.turn is None:
+            return fine
+        return matrix_to_euler_deg(euler_deg_to_matrix(fine) @ self.turn)
+
+    def children_matrices(self, parents: torch.Tensor) -> torch.Tensor:
+        """``(P, F, 3, 3)`` float32 RELION matrices of the children of ``parents`` ``(P,)``."""
+        euler = self.children_euler_deg(parents)
+        return euler_deg_to_matrix(euler.reshape(-1, 3)).float().reshape(*euler.shape[:2], 3, 3)
+
+    @cached_property
+    def child_spread_deg(self) -> torch.Tensor:
+        """``(R,)`` float32 the largest angle (degrees) between each coarse orientation and
+        one of its children (float32 matrices, as they are scored), measured in chunks of
+        parents. Small for most; near the poles the children's rot, and with it their
+        angle, can differ by much more than a step."""
+        n_rot = self.coarse_rotations.shape[0]
+        if self.oversampling == 0:
+            return torch.zeros(n_rot, device=self.coarse_rotations.device)
+        chunk = max(1, _SPREAD_CHUNK // self.n_children)
+        lowest = []
+        for start in range(0, n_rot, chunk):
+            parents = torch.arange(start, min(n_rot, start + chunk), device=self.coarse_rotations.device)
+            children = self.children_matrices(parents).reshape(parents.numel(), self.n_children, 9)
+            # trace of (parent)ᵀ·child for every child: (P, F, 9) @ (P, 9, 1)
+            traces = torch.bmm(children, self.coarse_matrices64[parents].float().reshape(-1, 9, 1))
+            lowest.append(traces.amin(dim=(1, 2)))
+        return torch.rad2deg(torch.arccos(((torch.cat(lowest) - 1) / 2).clamp(-1, 1)))
 
     @cached_property
     def coarse_matrices64(self) -> torch.Tensor:
@@ -86,15 +146,7 @@ class PoseGrid:
 
     def without_oversampling(self) -> "PoseGrid":
         """The same coarse grid whose only child of each sample is the sample itself."""
-        return PoseGrid(
-            coarse_rotations=self.coarse_rotations,
-            coarse_euler_deg=self.coarse_euler_deg,
-            fine_euler_deg=self.coarse_euler_deg[:, None, :].to(self.fine_euler_deg.dtype),
-            coarse_shifts_px=self.coarse_shifts_px,
-            fine_shifts_px=self.coarse_shifts_px[:, None, :],
-            coarse_step_deg=self.coarse_step_deg,
-            symmetry_matrices=self.symmetry_matrices,
-        )
+        return replace(self, oversampling=0, fine_shifts_px=self.coarse_shifts_px[:, None, :])
 
 
 @dataclass(frozen=True)
@@ -182,7 +234,6 @@ def build_pose_grid(
     """
     grid = orientation_grid(healpix_order, symmetry, device=device)
     euler = grid.euler_deg.to(device)
-    fine = oversample_orientations(healpix_order, grid.pixel_index, grid.psi_index, oversampling).to(device)
     coarse_shifts = translation_grid(offset_range_px, offset_step_px, device)
     n_sub = 2**oversampling
     sub = (torch.arange(n_sub, dtype=torch.float32, device=device) + 0.5) / n_sub - 0.5  # centred sub-steps
@@ -191,7 +242,10 @@ def build_pose_grid(
     return PoseGrid(
         coarse_rotations=euler_deg_to_matrix(euler).float(),
         coarse_euler_deg=euler,
-        fine_euler_deg=fine,
+        pixel_index=grid.pixel_index.to(device),
+        psi_index=grid.psi_index.to(device),
+        healpix_order=healpix_order,
+        oversampling=oversampling,
         coarse_shifts_px=coarse_shifts,
         fine_shifts_px=coarse_shifts[:, None, :] + sub_offsets[None],
         coarse_step_deg=angular_step_deg(healpix_order),
@@ -228,54 +282,69 @@ def perturb_pose_grid(grid: PoseGrid, perturbation: float, coarse_offset_step_px
     angle = perturbation * grid.coarse_step_deg
     turn = euler_deg_to_matrix(torch.tensor([angle, angle, angle], dtype=torch.float64, device=grid.coarse_euler_deg.device))
     coarse = euler_deg_to_matrix(grid.coarse_euler_deg.double()) @ turn
-    fine = euler_deg_to_matrix(grid.fine_euler_deg.double()) @ turn
     shift = perturbation * coarse_offset_step_px
-    return PoseGrid(
+    moved = replace(
+        grid,
         coarse_rotations=coarse.float(),
         coarse_euler_deg=matrix_to_euler_deg(coarse).to(grid.coarse_euler_deg.dtype),
-        fine_euler_deg=matrix_to_euler_deg(fine).to(grid.fine_euler_deg.dtype),
         coarse_shifts_px=grid.coarse_shifts_px + shift,
         fine_shifts_px=grid.fine_shifts_px + shift,
-        coarse_step_deg=grid.coarse_step_deg,
-        symmetry_matrices=grid.symmetry_matrices,
+        turn=turn if grid.turn is None else grid.turn @ turn,
     )
+    if "child_spread_deg" in vars(grid):
+        # a turn of parent and children alike keeps every angle between them
+        vars(moved)["child_spread_deg"] = grid.child_spread_deg
+    return moved
 
 
 class GridSamples:
-    """Samples grouped by a grid's coarse orientations, ``children`` ``(R, F, 3, 3)``: the
-    ``F`` samples of each of ``grid``'s ``R`` coarse orientations (its oversampled children,
-    or the orientation itself), for :meth:`nearest` queries.
+    """The samples of a pass, grouped by the grid's coarse orientations, for :meth:`nearest`
+    queries: each coarse orientation's children (``oversampled``) or the orientation itself.
 
-    Only the children of coarse orientations whose viewing direction lies within ``L`` of a
-    rotation's are compared, ``L`` widened until it exceeds the best angle found plus the
-    farthest a child lies from its parent: a closer child's parent lies within that, and a
-    turn by θ moves a direction by at most θ. So a query costs a neighbourhood, not the grid.
+    Only the samples of coarse orientations within ``L`` plus their own child spread of a
+    rotation are compared, ``L`` widened until it exceeds the best angle found: a child
+    within ``L`` has its parent within ``L`` plus the parent's spread (the angle between
+    rotations is a metric). Candidates are found by their viewing direction first (a turn by
+    θ moves a direction by at most θ), then by their angle. So a query costs a
+    neighbourhood, not the grid, and the children are computed for that neighbourhood only.
     """
 
-    def __init__(self, children: torch.Tensor, grid: PoseGrid) -> None:
-        self.children, self.grid = children, grid
-        n_parents, n_children = children.shape[:2]
-        # trace of (parent)ᵀ·child for every child: (R, F, 9) @ (R, 9, 1), no (R, F, 3, 3) product
-        parents = grid.coarse_matrices64.to(children.dtype).reshape(n_parents, 9, 1)
-        traces = torch.bmm(children.reshape(n_parents, n_children, 9), parents)
-        self.spread_deg = math.degrees(math.acos(min(1.0, max(-1.0, (float(traces.min()) - 1) / 2))))
+    def __init__(self, grid: PoseGrid, oversampled: bool) -> None:
+        self.grid, self.oversampled = grid, oversampled
+        self.spread_deg = grid.child_spread_deg if oversampled else torch.zeros_like(grid.child_spread_deg)
+        self.max_spread_deg = float(self.spread_deg.max()) if self.spread_deg.numel() else 0.0
+
+    def _samples(self, parents: torch.Tensor) -> torch.Tensor:
+        """``(P, F, 3, 3)`` float32 samples of the coarse orientations ``parents``."""
+        if self.oversampled:
+            return self.grid.children_matrices(parents)
+        return self.grid.coarse_rotations[parents][:, None]
 
     def nearest(self, rotations: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 3)`` the sample nearest to each of ``rotations`` ``(B, 3, 3)`` (smallest
-        angle between them, no symmetry: the largest trace of ``Aᵀ·C``)."""
-        flat = rotations.reshape(-1, 9).to(self.children.dtype)
+        angle between them, no symmetry: the largest trace of ``Aᵀ·C``), for chunks of
+        :data:`_NEAREST_CHUNK` rotations at a time."""
+        return torch.cat([self._nearest(chunk) for chunk in rotations.split(_NEAREST_CHUNK)])
+
+    def _nearest(self, rotations: torch.Tensor) -> torch.Tensor:
+        flat = rotations.reshape(-1, 9).float()
         views = rotations[:, 2].double()
-        limit = self.grid.coarse_step_deg + self.spread_deg
+        limit = self.grid.coarse_step_deg
         while True:
             # 0.1° beyond: float32 traces hold small angles to ~0.03°
-            near = self.grid.coarse_within(views, limit + 0.1)  # (P,)
+            near = self.grid.coarse_within(views, min(limit + self.max_spread_deg + 0.1, 180.0))  # (P,)
             if near.numel():
-                candidates = self.children[near].reshape(-1, 9)  # (P·F, 9), in the grid's order
+                # of those, the coarse orientations within reach: limit + their own spread
+                reach = torch.deg2rad((limit + self.spread_deg[near].double() + 0.1).clamp(max=180.0))
+                traces = rotations.reshape(-1, 9).double() @ self.grid.coarse_matrices64[near].reshape(-1, 9).T  # (B, P)
+                near = near[(traces >= 1 + 2 * torch.cos(reach) - 1e-9).any(dim=0)]
+            if near.numel():
+                candidates = self._samples(near).reshape(-1, 9)  # (P·F, 9), in the grid's order
                 value, position = (flat @ candidates.T).max(dim=1)
                 worst_deg = float(torch.rad2deg(torch.arccos(((value.double().min() - 1) / 2).clamp(-1, 1))))
-                if worst_deg + self.spread_deg <= limit or limit >= 180:
+                if worst_deg <= limit or limit >= 180:
                     return candidates[position].reshape(-1, 3, 3)
-                limit = min(worst_deg + self.spread_deg, 180.0)
+                limit = min(worst_deg, 180.0)
             else:
                 limit = min(2 * limit, 180.0)
 

@@ -522,7 +522,7 @@ class Class3DJob:
             memory_budget_bytes=min(budget / 4, 2**26) if device.type == "cpu" else budget / 4,
         )
         forced = self.forced_classes(context, iteration)
-        passes = self.pass_samples(iteration, grid, fine, unrefined, n_coarse, frequencies.shape[0])
+        passes = self.pass_samples(iteration, grid, unrefined, n_coarse, frequencies.shape[0])
         rows = self.active_rows(context, iteration)
         if sampling["align"] and sampling["local_search_deg"] is not None:
             rows = self.by_orientation(state, rows)
@@ -636,21 +636,21 @@ class Class3DJob:
 
     @staticmethod
     def pass_samples(
-        iteration: int, grid: PoseGrid | None, fine: FinePassCache | None, unrefined: FinePassCache | None, n_coarse: int, n_components: int
+        iteration: int, grid: PoseGrid | None, unrefined: FinePassCache | None, n_coarse: int, n_components: int
     ) -> tuple[PassSamples, PassSamples] | None:
         """The samples of this iteration's passes that a particle's last pose can be nearest
         to: the coarse samples, scored by the coarse pass (its first ``n_coarse`` components)
         and by the unrefined fine pass (every component; only with ``unrefined``), and the fine
-        samples (the orientations of the fine-pass cache, every component). Each with the
+        samples (the grid's children, every component). Each with the
         shift from the particle's position to their nearest translation
         (:func:`~cryotorch.em.sampling.nearest_translation_px`); None without alignment or in
         the first iteration."""
-        if grid is None or fine is None or iteration == 1:
+        if grid is None or iteration == 1:
             return None
         coarse_counts = (n_coarse,) if unrefined is None else (n_coarse, n_components)
         return (
-            PassSamples(GridSamples(grid.coarse_rotations[:, None], grid), nearest_translation_px(grid.without_oversampling()).float(), coarse_counts),
-            PassSamples(GridSamples(fine.rotations, grid), nearest_translation_px(grid).float(), (n_components,)),
+            PassSamples(GridSamples(grid, oversampled=False), nearest_translation_px(grid.without_oversampling()).float(), coarse_counts),
+            PassSamples(GridSamples(grid, oversampled=True), nearest_translation_px(grid).float(), (n_components,)),
         )
 
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
