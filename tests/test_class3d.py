@@ -88,6 +88,52 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_particles_without_zero_masking_get_noise_outside_the_mask(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # RELION without --zero_mask: the solvent area of each particle is filled with noise of the
+    # current noise spectrum, drawn per particle from the seed; the classes still separate,
+    # and the maps differ from the zero-masked run's but not between two runs
+    runs = {"noise": (tmp_path / "noise", 10), "again": (tmp_path / "again", 2), "zeros": (tmp_path / "zeros", 2)}
+    for name, (out, n_iterations) in runs.items():
+        classify(two_class_data, out, f"job.n_iterations={n_iterations}", "sampling.align=false", *(() if name == "zeros" else ("job.zero_mask=false",)))
+    noise = runs["noise"][0]
+    truth = read_particles(two_class_data["truth"]).class_number
+    assert accuracy(truth, final_classes(noise, 10)) >= 0.95
+    assert int(read_star(noise / "run_it010_optimiser.star")["optimiser_general"]["rlnDoZeroMask"]) == 0
+    maps = {name: read_mrc(out / "run_it002_class001.mrc").data for name, (out, _) in runs.items()}
+    assert np.array_equal(maps["noise"], maps["again"])
+    assert not np.allclose(maps["noise"], maps["zeros"], rtol=0, atol=1e-3 * np.abs(maps["zeros"]).max())
+
+
+def test_reference_mask_and_grey_scale(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # a reference mask flattens the class maps outside it; a reference off the data's grey
+    # scale is put on it (RELION's default), so a reference 1000× brighter gives the same
+    # classes, unless it is declared on the absolute grey scale
+    folder = two_class_data["folder"]
+    centre = torch.arange(BOX, dtype=torch.float32) - BOX // 2
+    z, y, x = torch.meshgrid(centre, centre, centre, indexing="ij")
+    write_mrc(folder / "mask.mrc", ((x**2 + y**2 + z**2).sqrt() <= 9).float(), PIXEL)
+    out = tmp_path / "masked"
+    classify(two_class_data, out, "job.n_iterations=2", "sampling.align=false", f"job.reference_mask={folder / 'mask.mrc'}")
+    outside = ((x**2 + y**2 + z**2).sqrt() > 9).numpy()
+    for k in (1, 2):
+        volume = read_mrc(out / f"run_it002_class00{k}.mrc").data
+        assert np.abs(volume[outside]).max() < 1e-6 * np.abs(volume).max()
+    bright = folder / "bright.mrc"
+    write_mrc(bright, 1000 * torch.as_tensor(np.array(read_mrc(two_class_data["reference"]).data)), PIXEL)
+    results = {}
+    for name, extra in (("plain", ()), ("bright", (f"job.reference={bright}",)), ("absolute", (f"job.reference={bright}", "job.reference_absolute_greyscale=true"))):
+        run = tmp_path / name
+        train(*class3d_overrides(two_class_data, run, "job.n_iterations=1", "sampling.align=false"), *extra)
+        results[name] = read_mrc(run / "run_it001_class001.mrc").data
+    scale = np.abs(results["plain"]).max()
+    assert np.allclose(results["bright"], results["plain"], rtol=0, atol=1e-3 * scale)
+    assert not np.allclose(results["absolute"], results["plain"], rtol=0, atol=0.1 * scale)
+    bad = folder / "bad_mask.mrc"
+    write_mrc(bad, 2 * ((x**2 + y**2 + z**2).sqrt() <= 9).float(), PIXEL)
+    result = train(*class3d_overrides(two_class_data, tmp_path / "bad", f"job.reference_mask={bad}"), check=False)
+    assert result.returncode == 2 and "bad_mask.mrc" in result.stderr + result.stdout and "[0, 1]" in result.stderr + result.stdout
+
+
 def test_fast_subsets_classify_a_subset_first(tmp_path: Path) -> None:
     # RELION's fast subsets: of 1,500 particles, 1,000 in each of iterations 1-3 (10, 30, 60 %,
     # at least 1,000), then all; the particles not yet seen are reported as class 0

@@ -68,12 +68,13 @@ def test_online_em_separates_the_classes_from_random_subsets(three_class_data: d
     assert float(ess.mean()) < 1.2
 
 
-def test_pca_seeds_hard_assignment_focus_mask_and_crop(three_class_data: dict[str, Path], tmp_path: Path) -> None:
+def test_pca_seeds_hard_assignment_focus_mask_crop_and_noise_background(three_class_data: dict[str, Path], tmp_path: Path) -> None:
     focus = three_class_data["folder"] / "focus.mrc"
     write_mrc(focus, torch.ones(BOX, BOX, BOX), PIXEL)
     out = tmp_path / "pca"
+    # the particles' solvent area filled with noise (at the cropped box), not zeros
     classify(three_class_data, out, "job.init_mode=pca", "job.pca_n_reconstructions=9", "job.force_hard=true",
-             f"job.focus_mask={focus}", "job.target_resolution_A=18")
+             f"job.focus_mask={focus}", "job.target_resolution_A=18", "job.zero_mask=false")
     last = last_iteration(out)
     truth = read_particles(three_class_data["truth"]).class_number
     assert accuracy(truth, read_particles(out / f"run_it{last:03d}_data.star").class_number) >= 0.9

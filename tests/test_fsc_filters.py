@@ -15,7 +15,7 @@ from cryotorch.ops.filters import (
     soft_edge_mask,
     soft_spherical_mask,
 )
-from cryotorch.ops.fourier import radial_average, radius_grid_3d, shell_index_2d, shell_power_3d, translate_2d_ft
+from cryotorch.ops.fourier import coloured_noise_2d, radial_average, radius_grid_3d, shell_index_2d, shell_power_3d, translate_2d_ft
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 
 
@@ -63,6 +63,27 @@ def test_translation_moves_a_delta() -> None:
     moved = translate_2d_ft(rfft2_centered(image).reshape(1, -1), torch.tensor([[3.0, -2.0]]), frequencies, 16)
     result = irfft2_centered(moved.reshape(1, 16, 9), 16)[0]
     assert tuple((result == result.max()).nonzero()[0].tolist()) == (6, 11)  # (y, x) = (8 - 2, 8 + 3)
+
+
+def test_coloured_noise_has_the_requested_spectrum() -> None:
+    # the mean of |F|²/2 over each shell and many images is σ² of that shell (per image: two
+    # particles, two spectra), nothing beyond the last shell; the images are real and stay
+    # the same for the same white draw
+    box, n_images = 24, 400
+    generator = torch.Generator().manual_seed(5)
+    white = torch.randn(n_images, box, box, generator=generator)
+    n_shells = box // 2 + 1
+    shape = torch.exp(-torch.arange(n_shells) / 4.0)
+    sigma2 = torch.stack([shape * (3.0 if k % 2 else 1.0) for k in range(n_images)]).double()
+    noise = coloured_noise_2d(white, sigma2)
+    assert noise.shape == (n_images, box, box) and noise.dtype == white.dtype
+    shells = shell_index_2d(box)
+    power = rfft2_centered(noise).abs() ** 2 / 2
+    for parity, factor in ((0, 1.0), (1, 3.0)):
+        measured = radial_average(power[parity::2].mean(0), shells, n_shells)
+        torch.testing.assert_close(measured[1:].double(), factor * shape[1:].double(), rtol=0.08, atol=0)
+    assert power[:, shells > n_shells - 1].max() < 1e-6 * power.max()
+    torch.testing.assert_close(coloured_noise_2d(white[:3], sigma2[:3]), noise[:3])
 
 
 def test_radial_average_and_shell_power() -> None:

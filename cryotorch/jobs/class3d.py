@@ -66,7 +66,7 @@ from cryotorch.monitor import log_central_slices, log_scalars, progress
 from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
-from cryotorch.ops.fourier import fourier_crop_3d, shell_index_2d, translate_2d_ft
+from cryotorch.ops.fourier import coloured_noise_2d, fourier_crop_3d, shell_index_2d, translate_2d_ft
 from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes
 from cryotorch.ops.rotations import random_rotations
@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Class3DJob", "ParticleState"]
 
 CHECKPOINT = "run_checkpoint.pt"
+_BACKGROUND_NOISE_STREAM = 0x6E6F6973  # keeps the background noise's draws apart from the run's other random streams
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ class Class3DJob:
             )
         self.box = box = self.working_box(full_box, full_pixel)
         self.table, self.pixel = table, full_pixel * full_box / box
+        self.seed = context.seed
         self.device = context.device
         self.diameter_A = self.mask_diameter_A or 0.9 * full_box * full_pixel
         group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
@@ -799,6 +801,8 @@ class Class3DJob:
         images = torch.as_tensor(self.reader.read(rows), device=device)
         if self.zero_mask:
             images = images * self.image_mask
+        else:
+            images = images * self.image_mask + (1 - self.image_mask) * self.background_noise(model, rows)
         spectra = rfft2_centered(images).reshape(len(rows), -1)[:, component_index]
         index = torch.as_tensor(rows, device=device)
         origin = state.origin_px[index]
@@ -819,6 +823,15 @@ class Class3DJob:
             prior_origin_px=origin,
             prior_euler_deg=state.euler_deg[index],
         )
+
+    def background_noise(self, model: ClassModel, rows: np.ndarray) -> torch.Tensor:
+        """``(B, N, N)`` noise for the particles ``rows`` outside the mask, as RELION fills the
+        solvent area without ``--zero_mask``: each particle's own white Gaussian draw, seeded
+        by the run's seed and its row (the same in every iteration, batch and process),
+        coloured by its optics group's current noise spectrum σ²."""
+        white = np.stack([np.random.default_rng([self.seed, _BACKGROUND_NOISE_STREAM, int(row)]).standard_normal((self.box, self.box), dtype=np.float32) for row in rows])
+        groups = torch.as_tensor(self.groups[rows], device=self.device)
+        return coloured_noise_2d(torch.as_tensor(white, device=self.device), model.sigma2_noise[groups])
 
     def flatten_before_first_peak(self, ctf: torch.Tensor, frequencies: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """Set |CTF| to 1 below each particle's first CTF maximum (RELION's option)."""

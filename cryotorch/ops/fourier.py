@@ -13,6 +13,7 @@ __all__ = [
     "shell_index_2d",
     "shell_index_3d",
     "translate_2d_ft",
+    "coloured_noise_2d",
     "radial_average",
     "shell_power_3d",
     "shells_to_padded_grid",
@@ -65,6 +66,31 @@ def translate_2d_ft(spectrum: torch.Tensor, shifts_px: torch.Tensor, frequencies
     """
     phase = -2.0 * torch.pi / box_size * (shifts_px.to(frequencies.dtype) @ frequencies.T)  # (..., M)
     return spectrum * torch.polar(torch.ones_like(phase), phase)
+
+
+def coloured_noise_2d(white: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """Real noise images with a given spectrum, from white ones.
+
+    Parameters
+    ----------
+    white
+        ``(B, N, N)`` images of independent unit Gaussian pixels.
+    sigma2
+        ``(B, S)`` variance of the real and of the imaginary part of each centred rfft
+        component (:func:`~cryotorch.conventions.rfft2_centered`, unnormalised) per Fourier
+        shell; components in shells ``S`` and beyond get none.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, N, N)`` images whose components in shell ``s`` have ``E|F|² = 2 σ²(s)``.
+    """
+    box = white.shape[-1]
+    shells = shell_index_2d(box, white.device)
+    padded = torch.nn.functional.pad(sigma2.to(white.dtype), (0, 1))  # one zero shell for the rest
+    # a white image of unit variance holds E|F|² = N² in every component
+    gain = (2 * padded[:, shells.clamp(max=sigma2.shape[-1])] / box**2).sqrt()
+    return irfft2_centered(rfft2_centered(white) * gain, box)
 
 
 def radial_average(values: torch.Tensor, shell_index: torch.Tensor, n_shells: int) -> torch.Tensor:
