@@ -12,6 +12,7 @@ from cryotorch.ops.filters import (
     bfactor_filter_3d,
     crop_or_pad_3d,
     lowpass_filter_3d,
+    soft_disc_masks,
     soft_edge_mask,
     soft_spherical_mask,
 )
@@ -101,6 +102,23 @@ def test_soft_spherical_mask_profile() -> None:
     assert float(mask[16, 16, 16 + 8]) == 1.0
     assert float(mask[16, 16, 16 + 10]) == pytest.approx(0.5)
     assert float(mask[16, 16, 16 + 12]) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_soft_disc_masks_follow_their_centres() -> None:
+    # a disc centred at (x, y) is the centred disc moved x columns and y rows, where
+    # translate_2d_ft moves a particle by the shift (x, y)
+    centred = soft_spherical_mask(32, 7.0, 3.0, ndim=2)
+    masks = soft_disc_masks(32, 7.0, 3.0, torch.tensor([[0.0, 0.0], [3.0, -2.0]]))
+    torch.testing.assert_close(masks[0], centred)
+    torch.testing.assert_close(masks[1], torch.roll(centred, shifts=(-2, 3), dims=(0, 1)))
+    image = torch.zeros(32, 32)
+    image[16, 16] = 1.0
+    moved = translate_2d_ft(rfft2_centered(image[None]).reshape(1, -1), torch.tensor([[3.0, -2.0]]), fft_frequencies_2d(32).reshape(-1, 2).float(), 32)
+    moved = irfft2_centered(moved.reshape(1, 32, 17), 32)[0]
+    # a disc of one pixel at the shift holds the moved particle, and the centred one does not
+    points = soft_disc_masks(32, 0.5, 0.0, torch.tensor([[3.0, -2.0], [0.0, 0.0]]))
+    assert float((moved * points[0]).sum()) == pytest.approx(1.0, abs=1e-4)
+    assert abs(float((moved * points[1]).sum())) < 1e-4
 
 
 def test_soft_edge_mask_extends_and_softens() -> None:

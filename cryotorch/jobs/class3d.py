@@ -65,7 +65,7 @@ from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import log_central_slices, log_scalars, progress
 from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
-from cryotorch.ops.filters import lowpass_filter_3d, soft_spherical_mask
+from cryotorch.ops.filters import lowpass_filter_3d, soft_disc_masks, soft_spherical_mask
 from cryotorch.ops.fourier import coloured_noise_2d, fourier_crop_3d, shell_index_2d, translate_2d_ft
 from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes
@@ -799,14 +799,18 @@ class Class3DJob:
         ``use_ctf`` is False) and 1/σ²."""
         device, box = self.device, self.box
         images = torch.as_tensor(self.reader.read(rows), device=device)
-        if self.zero_mask:
-            images = images * self.image_mask
-        else:
-            images = images * self.image_mask + (1 - self.image_mask) * self.background_noise(model, rows)
-        spectra = rfft2_centered(images).reshape(len(rows), -1)[:, component_index]
         index = torch.as_tensor(rows, device=device)
         origin = state.origin_px[index]
-        spectra = translate_2d_ft(spectra, -image_shift_from_origin(origin), frequencies, box)
+        shift = image_shift_from_origin(origin)
+        # the mask follows each particle's current centre, as RELION masks the image once
+        # centred by its prior offset
+        masks = soft_disc_masks(box, self.diameter_A / (2 * self.pixel), 5.0, shift)
+        if self.zero_mask:
+            images = images * masks
+        else:
+            images = images * masks + (1 - masks) * self.background_noise(model, rows)
+        spectra = rfft2_centered(images).reshape(len(rows), -1)[:, component_index]
+        spectra = translate_2d_ft(spectra, -shift, frequencies, box)
         if use_ctf:
             ctf = compute_ctf(ctf_parameters(self.table, rows, device), frequencies, box, self.pixel)
             if self.ignore_ctf_until_first_peak:

@@ -9,6 +9,7 @@ from cryotorch.ops.fourier import radius_grid_3d
 __all__ = [
     "real_space_radius",
     "soft_spherical_mask",
+    "soft_disc_masks",
     "soft_edge_mask",
     "raised_cosine",
     "lowpass_filter_3d",
@@ -37,6 +38,16 @@ def soft_spherical_mask(
 ) -> torch.Tensor:
     """Sphere (or disc for ``ndim=2``) of ``radius_px`` with a raised-cosine edge, ``(N,) * ndim``."""
     return raised_cosine(real_space_radius(box_size, ndim, device), radius_px, edge_width_px)
+
+
+def soft_disc_masks(box_size: int, radius_px: float, edge_width_px: float, centres_px: torch.Tensor) -> torch.Tensor:
+    """``(B, N, N)`` discs of ``radius_px`` with a raised-cosine edge, each centred at
+    ``centres_px`` ``(B, 2)`` (x, y) pixels from the box centre (index ``N // 2``); images are
+    indexed ``[y, x]``."""
+    coordinate = torch.arange(box_size, device=centres_px.device, dtype=torch.float32) - box_size // 2
+    dx = coordinate[None, None, :] - centres_px[:, 0, None, None].float()
+    dy = coordinate[None, :, None] - centres_px[:, 1, None, None].float()
+    return raised_cosine(torch.sqrt(dx**2 + dy**2), radius_px, edge_width_px)
 
 
 def soft_edge_mask(volume: torch.Tensor, threshold: float, extend_px: int = 0, edge_width_px: float = 6.0) -> torch.Tensor:
