@@ -311,7 +311,7 @@ class GridSamples:
 
     def __init__(self, grid: PoseGrid, oversampled: bool) -> None:
         self.grid, self.oversampled = grid, oversampled
-        self.spread_deg = grid.child_spread_deg if oversampled else torch.zeros_like(grid.child_spread_deg)
+        self.spread_deg = grid.child_spread_deg if oversampled else torch.zeros(grid.coarse_rotations.shape[0], device=grid.coarse_rotations.device)
         self.max_spread_deg = float(self.spread_deg.max()) if self.spread_deg.numel() else 0.0
 
     def _samples(self, parents: torch.Tensor) -> torch.Tensor:
