@@ -327,7 +327,8 @@ class GridSamples:
         return torch.cat([self._nearest(chunk) for chunk in rotations.split(_NEAREST_CHUNK)])
 
     def _nearest(self, rotations: torch.Tensor) -> torch.Tensor:
-        flat = rotations.reshape(-1, 9).float()
+        flat64 = rotations.reshape(-1, 9).double()
+        flat = flat64.float()
         views = rotations[:, 2].double()
         limit = self.grid.coarse_step_deg
         while True:
@@ -336,7 +337,7 @@ class GridSamples:
             if near.numel():
                 # of those, the coarse orientations within reach: limit + their own spread
                 reach = torch.deg2rad((limit + self.spread_deg[near].double() + 0.1).clamp(max=180.0))
-                traces = rotations.reshape(-1, 9).double() @ self.grid.coarse_matrices64[near].reshape(-1, 9).T  # (B, P)
+                traces = flat64 @ self.grid.coarse_matrices64[near].reshape(-1, 9).T  # (B, P)
                 near = near[(traces >= 1 + 2 * torch.cos(reach) - 1e-9).any(dim=0)]
             if near.numel():
                 candidates = self._samples(near).reshape(-1, 9)  # (P·F, 9), in the grid's order

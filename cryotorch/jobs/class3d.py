@@ -276,6 +276,7 @@ class Class3DJob:
         self.seed = context.seed
         self.device = context.device
         self.diameter_A = self.mask_diameter_A or 0.9 * full_box * full_pixel
+        self.mask_radius_px = self.diameter_A / (2 * self.pixel)
         group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
         self.group_names = [f"opticsGroup{g}" for g in group_ids]
         self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
@@ -286,9 +287,9 @@ class Class3DJob:
         if self.reference_mask:
             self.mask = self.read_mask(self.reference_mask)
         else:
-            self.mask = soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, device=self.device)
+            self.mask = soft_spherical_mask(box, self.mask_radius_px, 5.0, device=self.device)
         self.self_kept, self.self_overlap = self.self_fit_geometry(self.padded)
-        self.image_mask = soft_spherical_mask(box, self.diameter_A / (2 * self.pixel), 5.0, ndim=2, device=self.device)
+        self.image_mask = soft_spherical_mask(box, self.mask_radius_px, 5.0, ndim=2, device=self.device)
 
     def working_box(self, box: int, pixel: float) -> int:
         """Box the job works at, for particles of ``box`` pixels of ``pixel`` Å: their own."""
@@ -804,7 +805,7 @@ class Class3DJob:
         shift = image_shift_from_origin(origin)
         # the mask follows each particle's current centre, as RELION masks the image once
         # centred by its prior offset
-        masks = soft_disc_masks(box, self.diameter_A / (2 * self.pixel), 5.0, shift)
+        masks = soft_disc_masks(box, self.mask_radius_px, 5.0, shift)
         if self.zero_mask:
             images = images * masks
         else:
