@@ -220,7 +220,7 @@ def test_broad_particles_skip_oversampling_as_on_a_grid_without_it() -> None:
 
 
 def test_class_scale_is_profiled_at_each_class_best_sample() -> None:
-    from cryotorch.em.estep import _class_scales
+    from cryotorch.em.estep import _class_best
 
     generator = torch.Generator().manual_seed(4)
     b, t, k, r = 3, 5, 2, 7
@@ -230,13 +230,13 @@ def test_class_scale_is_profiled_at_each_class_best_sample() -> None:
     orientation_prior = -torch.rand(b, r, generator=generator)
     orientation_prior[:, 0] = -math.inf  # not searched
     logits = plain + offset_prior[:, :, None, None] + orientation_prior[:, None, None, :]
-    scales = _class_scales(logits, norm, offset_prior, orientation_prior, 0.4)
+    best, best_cross, best_norm = _class_best(logits, norm, offset_prior, orientation_prior)
     for i in range(b):
         for c in range(k):
             shift, rotation = divmod(int(logits[i, :, c, :].argmax()), r)
-            cross = plain[i, shift, c, rotation] + norm[i, c, rotation]
-            expected = profiled_scale(cross, norm[i, c, rotation], 0.4).clamp(min=1e-3)
-            torch.testing.assert_close(scales[i, c], expected)
+            torch.testing.assert_close(best[i, c], logits[i, shift, c, rotation])
+            torch.testing.assert_close(best_cross[i, c], plain[i, shift, c, rotation] + norm[i, c, rotation])
+            torch.testing.assert_close(best_norm[i, c], norm[i, c, rotation])
 
 
 def test_grid_perturbation_walks_deterministically_within_the_factor() -> None:
@@ -357,14 +357,15 @@ def test_significant_sample_lists_match_their_dense_mask() -> None:
 
 @pytest.mark.parametrize("cap", [3, 25, 500])
 def test_significant_samples_are_the_smallest_set_holding_the_mass(cap: int) -> None:
-    from cryotorch.em.estep import _significant_logits
+    from cryotorch.em.estep import _significant, _top_logits
 
     generator = torch.Generator().manual_seed(3)
     b, n_shifts, n_pairs = 6, 7, 40
     logits = torch.randn(b, n_shifts, n_pairs, generator=generator) * torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0, 100.0])[:, None, None]
     logits[0, :, :30] = -math.inf  # unsearched samples, as in a local search
     posterior = torch.softmax(logits.reshape(b, -1).double(), dim=-1)
-    order, keep = _significant_logits(logits.clone(), 0.999, cap)
+    top, order, log_normaliser = _top_logits(logits.clone(), cap)
+    keep = _significant(top, log_normaliser, 0.999)
     # reference: a full sort of the posterior, and the fewest samples holding 99.9 % of it
     reference = torch.argsort(posterior, dim=-1, descending=True)[:, : min(cap, n_shifts * n_pairs)]
     ranked = posterior.gather(1, reference)
@@ -499,7 +500,117 @@ def test_local_coarse_projections_come_from_a_bounded_table() -> None:
         torch.testing.assert_close(layout.stacked, full.stacked[:, rotations].reshape(-1, 40), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layout.power, full.power[:, rotations].reshape(-1, 20), rtol=1e-5, atol=1e-5)
         assert coarse.slots.n_used <= coarse.slots.capacity
-    torch.testing.assert_close(coarse.scoring().stacked, full.flatten().stacked, rtol=0, atol=0)
+    (start, width, layout), *rest = coarse.pieces()
+    assert (start, width, rest) == (0, grid.coarse_rotations.shape[0], [])
+    torch.testing.assert_close(layout.stacked, full.flatten().stacked, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("budget", [2**28, 4 * 100 * 3 * 20 * 12])
+def test_global_coarse_projections_come_in_pieces_kept_only_within_the_budget(budget: float) -> None:
+    # a global search's projections are kept when all fit a quarter of the budget; otherwise
+    # each pass over the pieces extracts them anew, one piece at a time
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(14)
+    box, n_classes = 16, 3
+    frequencies = sorted_frequencies(box, 6)[:20]
+    volumes_ft = prepare_fourier_volumes(torch.randn(n_classes, box, box, box, generator=generator))
+    grid = build_pose_grid(1, 1.0, 1.0, "C1")
+    n_rot = grid.coarse_rotations.shape[0]
+    full = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_rotations, frequencies, box))
+    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies, box, budget)
+    assert coarse.holds_all == (budget == 2**28)
+    for _ in range(2):
+        pieces = list(coarse.pieces(250))
+        assert [(start, width) for start, width, _ in pieces] == [(0, 250), (250, 250), (500, n_rot - 500)]
+        for start, width, layout in pieces:
+            torch.testing.assert_close(layout.stacked, full.stacked[:, start : start + width].reshape(-1, 40), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layout.power, full.power[:, start : start + width].reshape(-1, 20), rtol=1e-5, atol=1e-5)
+    again = [layout for _, _, layout in coarse.pieces(250)]
+    assert all((first is second) == coarse.holds_all for (_, _, first), second in zip(pieces, again))
+
+
+def test_global_search_batches_fit_the_budget() -> None:
+    from cryotorch.em.estep import global_search_batches
+
+    t, k, r, n, n_coarse = 81, 3, 36864, 2000, 629
+    per_score = 16 * t * k
+    # roomy: every orientation at once, as many particles as fit (at most 512)
+    assert global_search_batches(t, k, 4608, n, n_coarse, 2**29, True) == (int(2**29 / (per_score * 4608 + 64 * n)), None)
+    assert global_search_batches(t, k, 12, n, n_coarse, 2**29, True) == (512, None)
+    # held projections, large grid: 13 particles (1,024 GEMM rows) in pieces that fit
+    batch, piece = global_search_batches(t, k, r, n, n_coarse, 2**29, True)
+    assert batch == 13 and piece is not None and 1 <= piece < r
+    assert batch * (piece * per_score + 64 * n) <= 2**29 < batch * ((piece + 1) * per_score + 64 * n)
+    # projections re-extracted by every batch: 405 particles (32,768 rows), pieces whose
+    # projections fit as well
+    batch, piece = global_search_batches(t, k, r, n, n_coarse, 2**29, False)
+    assert batch == 405 and piece is not None
+    assert batch * (piece * per_score + 64 * n) <= 2**29
+    batch, piece = global_search_batches(t, k, r, n, n_coarse, 2**20, False)
+    assert piece is not None and 12 * k * n_coarse * piece <= 2**20
+    # at least one orientation, whatever the budget
+    assert global_search_batches(t, k, r, n, n_coarse, 1.0, False) == (405, 1)
+
+
+@pytest.mark.parametrize("scale_sigma", [0.0, 0.3])
+@pytest.mark.parametrize("cap", [5, 500])
+def test_a_coarse_pass_in_pieces_keeps_the_samples_of_one_in_a_piece(scale_sigma: float, cap: int) -> None:
+    # scored in pieces of 50 of the 576 orientations (the last one short), each keeping only
+    # its best samples, the coarse pass selects the samples that one pass over all selects,
+    # and so the posteriors, poses, intensities and M-step sums are the same, with every
+    # class allowed or one forced
+    from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
+
+    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, generator = _alignment_problem(8, 1, 9)
+    batch.inv_sigma2[::3] *= 3e-3  # some broad posteriors: many significant samples
+    forced = torch.randint(0, 2, (9,), generator=generator)
+    for forced_class in (None, forced):
+        results = []
+        for piece in (None, 50):
+            settings = EStepSettings(
+                frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, max_significant=cap, scale_sigma=scale_sigma, coarse_piece_rotations=piece
+            )
+            cache = FinePassCache(volumes_ft, grid, frequencies, box, 2**26)
+            result = expectation(batch, volumes_ft, coarse, grid, cache, log_prior, 10.0, settings, forced_class)
+            results.append((result, sorted((item.class_index, tuple(item.rotations.flatten().tolist())) for item in result.slices + cache.drain())))
+        (whole, whole_slices), (pieces, piece_slices) = results
+        assert whole.n_significant.max() > 1
+        torch.testing.assert_close(pieces.class_posterior, whole.class_posterior, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pieces.log_likelihood, whole.log_likelihood, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(pieces.best_euler_deg, whole.best_euler_deg)
+        torch.testing.assert_close(pieces.best_origin_px, whole.best_origin_px)
+        torch.testing.assert_close(pieces.n_significant, whole.n_significant)
+        assert piece_slices == whole_slices
+
+
+def test_pieces_profile_each_class_intensity_at_its_best_sample_over_all_orientations() -> None:
+    # with an intensity scale the pieces first find each class's best sample over the whole
+    # grid: the intensities are those profiled there, from one dense score matrix
+    from cryotorch.em.estep import EStepSettings, _class_best, _coarse_pass, _offset_log_prior
+
+    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, _ = _alignment_problem(9, 1, 7)
+    batch.inv_sigma2 *= 30  # sharp posteriors: no near-ties at the edge of the selection
+    n_rot, n_classes = grid.coarse_rotations.shape[0], 2
+    ramps = phase_ramps(grid.coarse_shifts_px, frequencies[:20], box)
+    origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]
+    offset_prior = _offset_log_prior(origins, 4.0, 10.0).float()
+    (_, _, layout), *_ = coarse.pieces()
+    cross, norm, _ = score_terms(batch, layout, ramps, 20)
+    logits = (cross - norm).reshape(7, -1, n_classes, n_rot) + offset_prior[:, :, None, None]
+    _, best_cross, best_norm = _class_best(logits, norm.reshape(7, n_classes, n_rot), offset_prior, None)
+    expected = profiled_scale(best_cross, best_norm, 0.3).clamp(min=1e-3)
+    assert (expected - 1).abs().max() > 0.05
+    bias = log_prior[None].expand(7, -1)
+    selections = []
+    for piece in (None, 100):
+        settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, scale_sigma=0.3, coarse_piece_rotations=piece)
+        order, valid, scale = _coarse_pass(batch, lambda: coarse.pieces(piece), n_rot, ramps, settings, offset_prior, None, None, bias)
+        assert scale is not None
+        torch.testing.assert_close(scale, expected, rtol=1e-5, atol=1e-6)
+        selections.append([sorted(order[i][valid[i]].tolist()) for i in range(7)])
+    assert selections[0] == selections[1]
+    assert 1 < max(len(chosen) for chosen in selections[0]) < 500
 
 
 def test_class_offsets_act_on_the_cross_term_at_the_profiled_intensity() -> None:

@@ -16,7 +16,9 @@ sums come out of the same matrices: weighted slices ``W @ L`` and weights ``W @ 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +28,7 @@ from cryotorch.em.sampling import PoseGrid, local_search
 from cryotorch.ops.healpix import pairwise_rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "ScoreProjections", "CoarseProjections", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "ScoreProjections", "CoarseProjections", "global_search_batches", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
 
 
 @dataclass
@@ -96,6 +98,10 @@ class EStepSettings:
         that is profiled out of each score (0: no such scale).
     memory_budget_bytes
         Working memory for one fine-pass sub-batch.
+    coarse_piece_rotations
+        A global search's coarse pass scores this many orientations at a time and keeps only
+        each particle's ``max_significant`` best samples between the pieces, so that its
+        score matrix is ``(B, T, K·piece)`` however large the grid; None scores all at once.
     target_class_ess
         Without alignment: flatten the class posteriors, ``p ∝ p(X|k)^τ p(k)^τ`` with one
         temperature ``τ ≤ 1`` per batch, until the batch's mean class ESS ``1/Σ_k p²`` reaches
@@ -115,6 +121,7 @@ class EStepSettings:
     local_sigma_deg: float | None = None
     scale_sigma: float = 0.0
     memory_budget_bytes: float = 2**28
+    coarse_piece_rotations: int | None = None
     target_class_ess: float | None = None
     hard_classification: bool = False
 
@@ -231,12 +238,15 @@ class _TableSlots:
 class CoarseProjections:
     """The coarse pass's projections of an iteration, laid out for the score GEMMs.
 
-    A global search scores every orientation in every batch: all ``R`` are extracted and laid
-    out once, on first use, and kept. A local search scores the few orientations near a
-    batch's particles: only those are extracted and laid out, when a batch first asks for
-    them, and kept in a table of at most ``memory_budget_bytes / 4`` (emptied when full), so
-    that the batches of a neighbourhood share them and a fine grid's projections are never
-    all held at once.
+    A global search scores every orientation in every batch, in pieces of
+    ``settings.coarse_piece_rotations`` orientations (:meth:`pieces`). When all ``R``
+    projections fit a quarter of ``memory_budget_bytes`` they are extracted and laid out
+    once, on first use, and kept; otherwise each batch extracts each piece anew and drops it
+    once scored, so that only one piece is held at a time. A local search scores the few
+    orientations near a batch's particles: only those are extracted and laid out, when a
+    batch first asks for them, and kept in a table of at most ``memory_budget_bytes / 4``
+    (emptied when full), so that the batches of a neighbourhood share them and a fine grid's
+    projections are never all held at once.
 
     Parameters
     ----------
@@ -249,34 +259,58 @@ class CoarseProjections:
     box_size
         Image size N.
     memory_budget_bytes
-        Working memory of an extraction; a quarter of it holds a local search's table.
+        Working memory of an extraction; a quarter of it holds the projections of a global
+        search or a local search's table.
     """
 
     def __init__(self, volumes_ft: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
         self.volumes_ft, self.rotations, self.frequencies, self.box_size = volumes_ft, rotations, frequencies, box_size
         self.memory_budget_bytes = memory_budget_bytes
-        self._all: ScoreProjections | None = None
         n_classes, n = volumes_ft.shape[0], frequencies.shape[0]
+        self.holds_all = self.fit_whole(n_classes, rotations.shape[0], n, memory_budget_bytes)
+        self._pieces: tuple[int, list[ScoreProjections]] | None = None
         # a (class, orientation) takes 2n floats stacked and n of |P|²
         capacity = int(max(1, min(rotations.shape[0], memory_budget_bytes / 4 // (n_classes * n * 12))))
         self.slots = _TableSlots(capacity, volumes_ft.device)
         self._table: ScoreProjections | None = None
 
-    def _layout(self, rotations: torch.Tensor | None) -> ScoreProjections:
-        """``(K, U, 2n)`` / ``(K, U, n)`` layout of the grid's orientations ``rotations`` (None: all)."""
-        chosen = self.rotations if rotations is None else self.rotations[rotations]
-        return ScoreProjections.of(extract_slices(self.volumes_ft, chosen, self.frequencies, self.box_size, self.memory_budget_bytes))
+    @staticmethod
+    def fit_whole(n_classes: int, n_rotations: int, n_components: int, memory_budget_bytes: float) -> bool:
+        """Whether the laid-out projections of ``n_rotations`` orientations of ``n_classes``
+        maps at ``n_components`` components fit a quarter of ``memory_budget_bytes``."""
+        return n_classes * n_rotations * n_components * 12 <= memory_budget_bytes / 4
 
-    def scoring(self, rotations: torch.Tensor | None = None) -> ScoreProjections:
+    def _layout(self, rotations: torch.Tensor) -> ScoreProjections:
+        """``(K, U, 2n)`` / ``(K, U, n)`` layout of the orientations ``rotations`` ``(U, 3, 3)``."""
+        return ScoreProjections.of(extract_slices(self.volumes_ft, rotations, self.frequencies, self.box_size, self.memory_budget_bytes))
+
+    def pieces(self, piece_rotations: int | None = None) -> Iterator[tuple[int, int, ScoreProjections]]:
+        """Every orientation, ``piece_rotations`` at a time (None: all at once), as
+        ``(first orientation, number of orientations W, layout (K·W, 2n) / (K·W, n))``,
+        classes outer."""
+        n_rot = self.rotations.shape[0]
+        width = n_rot if piece_rotations is None else max(1, min(n_rot, piece_rotations))
+        starts = range(0, n_rot, width)
+        if self._pieces is not None and self._pieces[0] == width:
+            for start, layout in zip(starts, self._pieces[1]):
+                yield start, min(width, n_rot - start), layout
+            return
+        kept: list[ScoreProjections] = []
+        for start in starts:
+            stop = min(n_rot, start + width)
+            layout = self._layout(self.rotations[start:stop]).flatten()
+            if self.holds_all:
+                kept.append(layout)
+            yield start, stop - start, layout
+        if self.holds_all:
+            self._pieces = (width, kept)
+
+    def scoring(self, rotations: torch.Tensor) -> ScoreProjections:
         """The layout ``(K·U, 2n)`` / ``(K·U, n)`` (classes outer) of the orientations
-        ``rotations`` ``(U,)``, or of all of them when None."""
-        if rotations is None:
-            if self._all is None:
-                self._all = self._layout(None).flatten()
-            return self._all
+        ``rotations`` ``(U,)`` of a local search."""
         assigned = self.slots.assign(rotations)
         if assigned is None:
-            return self._layout(rotations).flatten()
+            return self._layout(self.rotations[rotations]).flatten()
         rows, missing = assigned
         if self._table is None:
             n_classes, n = self.volumes_ft.shape[0], self.frequencies.shape[0]
@@ -284,10 +318,51 @@ class CoarseProjections:
             capacity = self.slots.capacity
             self._table = ScoreProjections(torch.empty(n_classes, capacity, 2 * n, device=device), torch.empty(n_classes, capacity, n, device=device))
         if missing.numel():
-            layout = self._layout(rotations[missing])
+            layout = self._layout(self.rotations[rotations[missing]])
             self._table.stacked[:, rows[missing]] = layout.stacked
             self._table.power[:, rows[missing]] = layout.power
         return ScoreProjections(self._table.stacked[:, rows], self._table.power[:, rows]).flatten()
+
+
+def global_search_batches(
+    n_shifts: int, n_classes: int, n_rotations: int, n_components: int, n_coarse: int, work_bytes: float, held: bool
+) -> tuple[int, int | None]:
+    """Particles per batch and orientations per coarse piece of a global search.
+
+    A coarse score (particle, translation, class, orientation) costs about 16 bytes of work
+    arrays, a particle ``64·n_components`` more. A batch scores all orientations at once when
+    that fits ``work_bytes`` for enough particles that its score GEMM has 1,024 rows (particles
+    × translations), and otherwise scores them in pieces that fit. Where the projections are
+    not ``held`` (:attr:`CoarseProjections.holds_all`) every batch extracts them anew, so a
+    batch takes enough particles for 32,768 rows (at most 512), which makes the extraction a
+    small share of the work; and a piece's projections also fit ``work_bytes``.
+
+    Parameters
+    ----------
+    n_shifts, n_classes, n_rotations
+        T, K and R of the coarse pass.
+    n_components, n_coarse
+        Components of the fine pass and of the coarse pass.
+    work_bytes
+        Working memory of a batch's coarse pass.
+    held
+        Whether the iteration keeps every coarse projection.
+
+    Returns
+    -------
+    batch_size, piece_rotations
+        Piece None: all orientations at once.
+    """
+    per_score = 16 * n_shifts * n_classes  # bytes per particle and orientation
+    per_particle = 64 * n_components
+    least = min(512, math.ceil((1024 if held else 32768) / n_shifts))
+    whole = int(min(512, work_bytes / (per_score * n_rotations + per_particle)))
+    if held and whole >= least:
+        return whole, None
+    piece = int((work_bytes / least - per_particle) / per_score)
+    if not held:
+        piece = min(piece, int(work_bytes / (12 * n_classes * n_coarse)))
+    return least, max(1, min(n_rotations, piece))
 
 
 @dataclass
@@ -558,15 +633,16 @@ def scaled_score(cross: torch.Tensor, norm: torch.Tensor, scale: torch.Tensor, s
     return cross.mul_(scale).sub_(penalty)
 
 
-def _class_scales(
-    logits: torch.Tensor, norm: torch.Tensor, offset_prior: torch.Tensor, orientation_prior: torch.Tensor | None, scale_sigma: float
-) -> torch.Tensor:
-    """``(B, K)`` intensity of each class, profiled at the class's best sample (at least 1e-3).
+def _class_best(
+    logits: torch.Tensor, norm: torch.Tensor, offset_prior: torch.Tensor, orientation_prior: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each class's best sample: its logit, and the cross and norm terms there, each ``(B, K)``.
 
-    ``logits`` ``(B, T, K, R)`` are ``cross − norm`` plus the log priors ``offset_prior``
-    ``(B, T)`` and ``orientation_prior`` ``(B, R)`` (None: flat; −inf: not searched); ``norm``
-    is ``(B, K, R)``. One intensity per particle and class keeps the classes competing on
-    shape, while wrong poses cannot make up part of their misfit through it, as they could
+    ``logits`` ``(B, T, K, W)`` are ``cross − norm`` plus the log priors ``offset_prior``
+    ``(B, T)`` and ``orientation_prior`` ``(B, W)`` (None: flat; −inf: not searched); ``norm``
+    is ``(B, K, W)``. The intensity of each particle and class is profiled there
+    (:func:`profiled_scale`): one intensity per particle and class keeps the classes competing
+    on shape, while wrong poses cannot make up part of their misfit through it, as they could
     with an intensity per pose.
     """
     per_shift, rotation = logits.max(dim=3)  # (B, T, K)
@@ -576,7 +652,7 @@ def _class_scales(
     if orientation_prior is not None:
         prior = prior + orientation_prior.gather(1, rotation)
     best_norm = norm.gather(2, rotation[..., None])[..., 0]
-    return profiled_scale(best - prior + best_norm, best_norm, scale_sigma).clamp(min=1e-3)
+    return best, best - prior + best_norm, best_norm
 
 
 _EXP_FLOOR = -80.0  # e^-80 ≈ 2e-35: negligible beside the largest term (1), and not denormal
@@ -599,31 +675,43 @@ def _significant_count(posterior: torch.Tensor, fraction: float, cap: int) -> to
     return (before < fraction).sum(-1)
 
 
-def _significant_logits(logits: torch.Tensor, fraction: float, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples :func:`_significant_count` counts, for the softmax of ``logits``
-    ``(B, T, P)`` (T translations × P class-orientation pairs) without forming it, as lists:
-    the flat positions ``t·P + p`` ``(B, C)`` of each row's ``C = min(cap, T·P)`` largest
-    logits, largest first, and which of them are significant ``(B, C)``.
+def _top_logits(logits: torch.Tensor, cap: int, floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``C = min(cap, T·P)`` largest of ``logits`` ``(B, T, P)`` (T translations × P
+    class-orientation pairs) per row, largest first ``(B, C)``, their flat positions ``t·P + p``
+    ``(B, C)``, and the log of the row's softmax normaliser ``(B, 1)`` (−inf for a row of −inf).
 
+    With ``floor`` ``(B, 1)``, the ``cap``-th largest value of each row found elsewhere, only
+    the samples above it are sure to be returned (fewer may be, and others with them).
     ``logits`` is consumed: it is overwritten while the normaliser is summed.
     """
     b, t, p = logits.shape
-    cap = min(cap, t * p)
     # the C largest samples lie in the C pairs whose maxima over translations are largest: a
     # sample outside them is below C pair maxima, i.e. below C other samples. Top-k over the
-    # pairs' maxima and then over their C·T samples costs half a top-k over all T·P samples
-    pairs = torch.topk(logits.amax(dim=1), min(cap, p), dim=-1).indices  # (B, Pc)
+    # pairs' maxima and then over their C·T samples costs half a top-k over all T·P samples.
+    # Above a floor, only the pairs whose maxima exceed it are needed
+    maxima = logits.amax(dim=1)  # (B, P)
+    n_pairs = min(cap, p)
+    if floor is not None:
+        n_pairs = max(1, min(n_pairs, int((maxima > floor).sum(-1).max())))
+    pairs = torch.topk(maxima, n_pairs, dim=-1).indices  # (B, Pc)
     candidates = logits.gather(2, pairs[:, None, :].expand(b, t, -1)).reshape(b, -1)  # (B, T·Pc)
-    top, position = torch.topk(candidates, cap, dim=-1)
+    top, position = torch.topk(candidates, min(cap, candidates.shape[1]), dim=-1)
     order = position // pairs.shape[1] * p + pairs.gather(1, position % pairs.shape[1])
     # log-sum-exp from the row maxima that top-k already found, in place: no copy. Terms below
     # e^-80 change the sum by less than float precision; clamped, exp avoids its slow path for
     # very negative arguments (several times slower on CPU)
     flat = logits.reshape(b, -1)
-    log_normaliser = top[:, :1] + flat.sub_(top[:, :1]).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
+    peak = top[:, :1]
+    log_normaliser = peak + flat.sub_(peak).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
+    return top, order, torch.where(torch.isfinite(peak), log_normaliser, -math.inf)
+
+
+def _significant(top: torch.Tensor, log_normaliser: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``(B, C)`` which of the largest logits ``top`` ``(B, C)`` (largest first) of rows with
+    softmax normaliser ``exp(log_normaliser)`` ``(B, 1)`` are among the fewest samples holding
+    ``fraction`` of the row's mass."""
     posterior = torch.exp(top - log_normaliser)
-    keep_sorted = (posterior.cumsum(-1) - posterior) < fraction
-    return order, keep_sorted
+    return (posterior.cumsum(-1) - posterior) < fraction
 
 
 def expectation(
@@ -695,31 +783,25 @@ def expectation(
         local = local_search(grid, batch.prior_euler_deg, settings.local_sigma_deg)
         searched_rotations, orientation_prior = local.rotations, local.log_prior  # (U,), (B, U)
     n_scored = n_rot if searched_rotations is None else searched_rotations.shape[0]
-    cross, norm, _ = score_terms(batch, coarse_projections.scoring(searched_rotations), ramps_coarse, n_coarse)
-    b, t = cross.shape[:2]
-    logits = cross.sub_(norm).reshape(b, t, n_classes, n_scored)
-    # origin and orientation priors, then the class priors (and mask), added in place
     origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]  # (B, T, 2)
-    offset_prior = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom).to(logits.dtype)  # (B, T)
-    logits.add_(offset_prior[:, :, None, None])
-    if orientation_prior is not None:
-        orientation_prior = orientation_prior.to(logits.dtype)
-        logits.add_(orientation_prior[:, None, None, :])
-    if offsets is not None and offsets.coarse is not None:
-        logits.add_(offsets.coarse[:, None, :, None].to(logits.dtype))
-    class_scale = None
-    if settings.scale_sigma > 0:
-        norm = norm.reshape(b, n_classes, n_scored)
-        class_scale = _class_scales(logits, norm, offset_prior, orientation_prior, settings.scale_sigma)
-        # a·(c − n) + (a − a²)·n − (a − 1)²/2σ² + priors, from logits = c − n + priors; a > 0
-        # keeps the unsearched orientations at −inf
-        a = class_scale[:, None, :, None]
-        logits.mul_(a).sub_((a - 1) * offset_prior[:, :, None, None])
-        if orientation_prior is not None:
-            logits.sub_((a - 1) * torch.where(torch.isfinite(orientation_prior), orientation_prior, 0)[:, None, None, :])
-        logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
-    logits.add_(torch.where(class_mask, per_particle_prior, -math.inf)[:, None, :, None].to(logits.dtype))
-    order, valid = _significant_logits(logits.reshape(b, t, -1), settings.significance, settings.max_significant)
+    offset_prior = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom).float()  # (B, T)
+    if searched_rotations is None:
+        pieces = functools.partial(coarse_projections.pieces, settings.coarse_piece_rotations)
+    else:
+        local_layout = coarse_projections.scoring(searched_rotations)
+        pieces = functools.partial(iter, [(0, n_scored, local_layout)])
+    order, valid, class_scale = _coarse_pass(
+        batch,
+        pieces,
+        n_scored,
+        ramps_coarse,
+        settings,
+        offset_prior,
+        None if orientation_prior is None else orientation_prior.float(),
+        None if offsets is None or offsets.coarse is None else offsets.coarse.float(),
+        torch.where(class_mask, per_particle_prior, -math.inf).float(),
+    )
+    b = order.shape[0]
     scored_rotations = torch.arange(n_rot, device=order.device) if searched_rotations is None else searched_rotations
     significant = SignificantSamples(order, valid, n_classes * n_scored, scored_rotations)
     best_pair = order[:, 0] % significant.n_pairs  # class · U + scored orientation
@@ -760,6 +842,107 @@ def expectation(
     return _concatenate(results).select(torch.argsort(torch.cat(parts)))
 
 
+def _coarse_pass(
+    batch: PreparedBatch,
+    pieces: Callable[[], Iterator[tuple[int, int, ScoreProjections]]],
+    n_scored: int,
+    ramps: torch.Tensor,
+    settings: EStepSettings,
+    offset_prior: torch.Tensor,
+    orientation_prior: torch.Tensor | None,
+    coarse_offset: torch.Tensor | None,
+    class_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The coarse pass of B particles: their ``max_significant`` best samples and which of
+    them are significant, and each particle's intensity per class (None without a scale).
+
+    The ``U = n_scored`` orientations arrive in pieces ``(first, W, layout (K·W, ·))`` from
+    ``pieces()``; each piece's scores ``(B, T, K·W)`` are reduced to their best samples and
+    their softmax normaliser before the next is scored, so that no more than one piece's are
+    held, and the result is the one that scoring all U at once gives. With an intensity scale
+    (``settings.scale_sigma``) each class's best sample is found first, so several pieces are
+    scored twice.
+
+    Parameters
+    ----------
+    ramps
+        ``(T, n)`` the coarse translations' phase ramps.
+    offset_prior
+        ``(B, T)`` log prior of each translation.
+    orientation_prior
+        ``(B, U)`` log prior of each scored orientation (−inf: not searched), or None (flat).
+    coarse_offset
+        ``(B, K)`` additions to each class's cross term, or None.
+    class_bias
+        ``(B, K)`` log class prior, −inf for a class a particle may not take.
+
+    Returns
+    -------
+    order, valid
+        ``(B, C)`` positions ``t·K·U + k·U + u`` of the best samples, largest first, and which
+        are significant.
+    class_scale
+        ``(B, K)`` or None.
+    """
+    n_classes = class_bias.shape[1]
+    b, t = class_bias.shape[0], ramps.shape[0]
+
+    def score(start: int, width: int, layout: ScoreProjections) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A piece's logits ``cross − norm`` + priors ``(B, T, K, W)``, norms ``(B, K, W)`` and orientation prior."""
+        cross, norm, _ = score_terms(batch, layout, ramps, settings.n_coarse)
+        logits = cross.sub_(norm).reshape(b, t, n_classes, width)
+        # origin and orientation priors added in place
+        logits.add_(offset_prior[:, :, None, None])
+        prior = None if orientation_prior is None else orientation_prior[:, start : start + width]
+        if prior is not None:
+            logits.add_(prior[:, None, None, :])
+        if coarse_offset is not None:
+            logits.add_(coarse_offset[:, None, :, None])
+        return start, width, logits, norm.reshape(b, n_classes, width), prior
+
+    class_scale = None
+    kept = None
+    if settings.scale_sigma > 0:
+        best = torch.full((b, n_classes), -math.inf, device=class_bias.device)
+        cross_best, norm_best = torch.zeros_like(best), torch.ones_like(best)
+        for start, width, layout in pieces():
+            scored = score(start, width, layout)
+            piece_best, piece_cross, piece_norm = _class_best(*scored[2:4], offset_prior, scored[4])
+            better = piece_best > best
+            best, cross_best, norm_best = torch.where(better, piece_best, best), torch.where(better, piece_cross, cross_best), torch.where(better, piece_norm, norm_best)
+            # a single piece is not scored again
+            kept = scored if width == n_scored else None
+        class_scale = profiled_scale(cross_best, norm_best, settings.scale_sigma).clamp(min=1e-3)
+    sweep = iter([kept]) if kept is not None else (score(*piece) for piece in pieces())
+    top = order = log_normaliser = None
+    for start, width, logits, norm, prior in sweep:
+        if class_scale is not None:
+            # a·(c − n) + (a − a²)·n − (a − 1)²/2σ² + priors, from logits = c − n + priors;
+            # a > 0 keeps the unsearched orientations at −inf
+            a = class_scale[:, None, :, None]
+            logits.mul_(a).sub_((a - 1) * offset_prior[:, :, None, None])
+            if prior is not None:
+                logits.sub_((a - 1) * torch.where(torch.isfinite(prior), prior, 0)[:, None, None, :])
+            logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
+        logits.add_(class_bias[:, None, :, None])
+        # once the best samples so far are full, only the piece's samples above the last of
+        # them can take its place
+        floor = top[:, -1:] if top is not None and top.shape[1] == settings.max_significant else None
+        piece_top, piece_order, piece_normaliser = _top_logits(logits.reshape(b, t, -1), settings.max_significant, floor)
+        if width != n_scored:
+            # positions among the piece's (T, K·W) samples → among the search's (T, K·U)
+            shift, pair = piece_order // (n_classes * width), piece_order % (n_classes * width)
+            piece_order = shift * (n_classes * n_scored) + pair // width * n_scored + start + pair % width
+        if top is None or order is None or log_normaliser is None:
+            top, order, log_normaliser = piece_top, piece_order, piece_normaliser
+            continue
+        top, at = torch.topk(torch.cat([top, piece_top], dim=1), min(settings.max_significant, top.shape[1] + piece_top.shape[1]), dim=-1)
+        order = torch.cat([order, piece_order], dim=1).gather(1, at)
+        log_normaliser = torch.logaddexp(log_normaliser, piece_normaliser)
+    assert top is not None and order is not None and log_normaliser is not None
+    return order, _significant(top, log_normaliser, settings.significance), class_scale
+
+
 def _class_mask(forced_class: torch.Tensor | None, n: int, n_classes: int, device: torch.device) -> torch.Tensor:
     """``(B, K)`` classes each particle may belong to."""
     if forced_class is None:
@@ -789,7 +972,6 @@ def _fine_pass(
     results: list[EStepResult] = []
     sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n_particles = significant.index.shape[0]
-    pairs, shifts = significant.per_particle(grid.coarse_shifts_px.shape[0])  # (B, K·U), (B, T)
     n_sub = grid.fine_shifts_px.shape[1] * grid.n_children
     n_components = settings.frequencies.shape[0]
     start, window_size = 0, 16
@@ -797,8 +979,9 @@ def _fine_pass(
         # union sizes of every prefix of the next particles, from running maxima, over a
         # window that follows the size of the last sub-batch
         window = slice(start, min(n_particles, start + window_size))
-        union_pairs = pairs[window].int().cummax(dim=0).values.sum(-1).double()
-        union_shifts = shifts[window].int().cummax(dim=0).values.sum(-1).double()
+        pairs, shifts = significant.select(window).per_particle(grid.coarse_shifts_px.shape[0])  # (w, K·U), (w, T)
+        union_pairs = pairs.int().cummax(dim=0).values.sum(-1).double()
+        union_shifts = shifts.int().cummax(dim=0).values.sum(-1).double()
         count = torch.arange(1, union_pairs.shape[0] + 1, device=pairs.device, dtype=torch.float64)
         cost = 4.0 * (count * union_shifts * (union_pairs * n_sub + 4 * n_components) + union_pairs * n_sub * 6 * n_components)
         stop = start + max(1, int((cost <= settings.memory_budget_bytes).sum()))

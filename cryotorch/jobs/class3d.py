@@ -30,7 +30,7 @@ from cryotorch.conventions import (
     rfft3_centered,
 )
 from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, uniform_geometry
-from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, WeightedSlices, class_ess, expectation
+from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, WeightedSlices, class_ess, expectation, global_search_batches
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
 from cryotorch.em.sampling import (
     GridSamples,
@@ -510,6 +510,23 @@ class Class3DJob:
             fine = FinePassCache(volumes_ft, grid, frequencies, box, budget / 4)
             if oversampled_limit is not None:
                 unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, budget / 8)
+        piece_rotations = None
+        if grid is None:
+            batch_size = int(max(1, min(512, budget / 4 / (self.n_classes * 16 + frequencies.shape[0] * 64))))
+        elif sampling["local_search_deg"] is None:
+            assert coarse is not None
+            batch_size, piece_rotations = global_search_batches(
+                grid.coarse_shifts_px.shape[0], self.n_classes, grid.coarse_rotations.shape[0], frequencies.shape[0], n_coarse, budget / 4, coarse.holds_all
+            )
+        else:
+            # a local search scores its batch against the union of the particles'
+            # neighbourhoods, up to B·S orientations for S each, so that its score matrix
+            # (B, T, K·B·S) grows as B², while larger batches share their fixed costs; on a
+            # CPU the matrix is kept to about 2^18 values (1 MiB), the fastest on the
+            # benchmark set at 7.5° and at 3.75° coarse steps (16 and 7 particles)
+            values = 2**18 if device.type == "cpu" else budget / 64
+            n_local = local_search_size(grid, float(sampling["local_search_deg"]) / 3)
+            batch_size = int(max(1, min(512, math.sqrt(values / (grid.coarse_shifts_px.shape[0] * self.n_classes * n_local)))))
         settings = EStepSettings(
             frequencies=frequencies,
             n_coarse=n_coarse,
@@ -523,6 +540,7 @@ class Class3DJob:
             scale_sigma=self.scale_sigma(bool(sampling["align"])),
             # dense fine-pass score matrices: on a CPU small enough to stay in cache
             memory_budget_bytes=min(budget / 4, 2**26) if device.type == "cpu" else budget / 4,
+            coarse_piece_rotations=piece_rotations,
         )
         forced = self.forced_classes(context, iteration)
         passes = self.pass_samples(iteration, grid, unrefined, n_coarse, frequencies.shape[0])
@@ -532,18 +550,6 @@ class Class3DJob:
         # with the FSC-based τ² each half set is summed on its own, one after the other
         row_sets = [rows] if self.half_sets is None else [rows[self.half_sets[rows] == h] for h in (1, 2)]
         sets = [SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device) for _ in row_sets]
-        if grid is None or settings.local_sigma_deg is None:
-            per_rotation = grid.coarse_shifts_px.shape[0] * self.n_classes * grid.coarse_rotations.shape[0] if grid else self.n_classes
-            batch_size = int(max(1, min(512, budget / 4 / max(1, per_rotation * 16 + frequencies.shape[0] * 64))))
-        else:
-            # a local search scores its batch against the union of the particles'
-            # neighbourhoods, up to B·S orientations for S each, so that its score matrix
-            # (B, T, K·B·S) grows as B², while larger batches share their fixed costs; on a
-            # CPU the matrix is kept to about 2^18 values (1 MiB), the fastest on the
-            # benchmark set at 7.5° and at 3.75° coarse steps (16 and 7 particles)
-            values = 2**18 if device.type == "cpu" else budget / 64
-            n_local = local_search_size(grid, settings.local_sigma_deg)
-            batch_size = int(max(1, min(512, math.sqrt(values / (grid.coarse_shifts_px.shape[0] * self.n_classes * n_local)))))
         new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
         log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
         chunks = [(stats, part[start : start + batch_size]) for stats, part in zip(sets, row_sets) for start in range(0, len(part), batch_size)]
