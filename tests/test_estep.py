@@ -92,6 +92,12 @@ def test_pose_grid_counts_and_oversampling() -> None:
     torch.testing.assert_close(grid.child_spread_deg.double(), angles.amax(dim=1), rtol=0, atol=0.05)
     assert torch.all(grid.without_oversampling().child_spread_deg == 0)
     torch.testing.assert_close(grid.without_oversampling().children_euler_deg(every)[:, 0], grid.coarse_euler_deg.double())
+    # its samples are the coarse pass's own matrices; it is made once per grid and shares the
+    # grid's float64 matrices and directions
+    unrefined = grid.without_oversampling()
+    torch.testing.assert_close(unrefined.children_matrices(every)[:, 0], grid.coarse_rotations, rtol=0, atol=0)
+    assert unrefined is grid.without_oversampling() and unrefined.without_oversampling() is unrefined
+    assert unrefined.coarse_matrices64 is grid.coarse_matrices64 and unrefined.coarse_directions is grid.coarse_directions
     assert grid.coarse_shifts_px.shape[0] == translation_grid(2.0, 1.0).shape[0] == 13
     torch.testing.assert_close(grid.fine_shifts_px.mean(dim=1), grid.coarse_shifts_px)
 
@@ -287,8 +293,8 @@ def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
     current = perturb_pose_grid(grid, -0.2, 2.0)
     # the oversampled children of each coarse orientation, and the coarse orientations alone
     fine = current.children_matrices(torch.arange(current.coarse_rotations.shape[0]))  # (R, F, 3, 3)
-    for children, oversampled in ((fine, True), (current.coarse_rotations[:, None], False)):
-        samples = GridSamples(current, oversampled)
+    for children, samples_grid in ((fine, current), (current.coarse_rotations[:, None], current.without_oversampling())):
+        samples = GridSamples(samples_grid)
         candidate_euler = matrix_to_euler_deg(children.reshape(-1, 3, 3).double())
         poses = random_rotations(40, torch.Generator().manual_seed(3))
         nearest = samples.nearest(poses)

@@ -97,7 +97,10 @@ class PoseGrid:
         return matrix_to_euler_deg(euler_deg_to_matrix(fine) @ self.turn)
 
     def children_matrices(self, parents: torch.Tensor) -> torch.Tensor:
-        """``(P, F, 3, 3)`` float32 RELION matrices of the children of ``parents`` ``(P,)``."""
+        """``(P, F, 3, 3)`` float32 RELION matrices of the children of ``parents`` ``(P,)``;
+        without oversampling the coarse matrices themselves, as the coarse pass scores them."""
+        if self.oversampling == 0:
+            return self.coarse_rotations[parents][:, None]
         euler = self.children_euler_deg(parents)
         return euler_deg_to_matrix(euler.reshape(-1, 3)).float().reshape(*euler.shape[:2], 3, 3)
 
@@ -145,8 +148,18 @@ class PoseGrid:
         return near[direction_of].nonzero()[:, 0]
 
     def without_oversampling(self) -> "PoseGrid":
-        """The same coarse grid whose only child of each sample is the sample itself."""
-        return replace(self, oversampling=0, fine_shifts_px=self.coarse_shifts_px[:, None, :])
+        """The same coarse grid whose only child of each sample is the sample itself (this
+        grid, where it has no oversampling)."""
+        return self if self.oversampling == 0 else self._unrefined
+
+    @cached_property
+    def _unrefined(self) -> "PoseGrid":
+        """:meth:`without_oversampling`'s grid, made once, with this grid's float64 coarse
+        matrices and viewing directions rather than copies computed again."""
+        grid = replace(self, oversampling=0, fine_shifts_px=self.coarse_shifts_px[:, None, :])
+        vars(grid)["coarse_matrices64"] = self.coarse_matrices64
+        vars(grid)["coarse_directions"] = self.coarse_directions
+        return grid
 
 
 @dataclass(frozen=True)
@@ -299,7 +312,8 @@ def perturb_pose_grid(grid: PoseGrid, perturbation: float, coarse_offset_step_px
 
 class GridSamples:
     """The samples of a pass, grouped by the grid's coarse orientations, for :meth:`nearest`
-    queries: each coarse orientation's children (``oversampled``) or the orientation itself.
+    queries: each coarse orientation's children (itself on a grid without oversampling,
+    :meth:`PoseGrid.without_oversampling`).
 
     Only the samples of coarse orientations within ``L`` plus their own child spread of a
     rotation are compared, ``L`` widened until it exceeds the best angle found: a child
@@ -309,16 +323,10 @@ class GridSamples:
     neighbourhood, not the grid, and the children are computed for that neighbourhood only.
     """
 
-    def __init__(self, grid: PoseGrid, oversampled: bool) -> None:
-        self.grid, self.oversampled = grid, oversampled
-        self.spread_deg = grid.child_spread_deg if oversampled else torch.zeros(grid.coarse_rotations.shape[0], device=grid.coarse_rotations.device)
+    def __init__(self, grid: PoseGrid) -> None:
+        self.grid = grid
+        self.spread_deg = grid.child_spread_deg
         self.max_spread_deg = float(self.spread_deg.max()) if self.spread_deg.numel() else 0.0
-
-    def _samples(self, parents: torch.Tensor) -> torch.Tensor:
-        """``(P, F, 3, 3)`` float32 samples of the coarse orientations ``parents``."""
-        if self.oversampled:
-            return self.grid.children_matrices(parents)
-        return self.grid.coarse_rotations[parents][:, None]
 
     def nearest(self, rotations: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 3)`` the sample nearest to each of ``rotations`` ``(B, 3, 3)`` (smallest
@@ -340,7 +348,7 @@ class GridSamples:
                 traces = flat64 @ self.grid.coarse_matrices64[near].reshape(-1, 9).T  # (B, P)
                 near = near[(traces >= 1 + 2 * torch.cos(reach) - 1e-9).any(dim=0)]
             if near.numel():
-                candidates = self._samples(near).reshape(-1, 9)  # (P·F, 9), in the grid's order
+                candidates = self.grid.children_matrices(near).reshape(-1, 9)  # (P·F, 9), in the grid's order
                 value, position = (flat @ candidates.T).max(dim=1)
                 worst_deg = float(torch.rad2deg(torch.arccos(((value.double().min() - 1) / 2).clamp(-1, 1))))
                 if worst_deg <= limit or limit >= 180:

@@ -658,8 +658,8 @@ class Class3DJob:
             return None
         coarse_counts = (n_coarse,) if unrefined is None else (n_coarse, n_components)
         return (
-            PassSamples(GridSamples(grid, oversampled=False), nearest_translation_px(grid.without_oversampling()).float(), coarse_counts),
-            PassSamples(GridSamples(grid, oversampled=True), nearest_translation_px(grid).float(), (n_components,)),
+            PassSamples(GridSamples(grid.without_oversampling()), nearest_translation_px(grid.without_oversampling()).float(), coarse_counts),
+            PassSamples(GridSamples(grid), nearest_translation_px(grid).float(), (n_components,)),
         )
 
     def forced_classes(self, context: RunContext, iteration: int) -> torch.Tensor | None:
