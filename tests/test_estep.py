@@ -555,8 +555,11 @@ def test_global_search_batches_fit_the_budget() -> None:
     assert batch * (piece * per_score + 64 * n) <= 2**29
     batch, piece = global_search_batches(t, k, r, n, n_coarse, 2**20, False)
     assert piece is not None and 12 * k * n_coarse * piece <= 2**20
-    # at least one orientation, whatever the budget
-    assert global_search_batches(t, k, r, n, n_coarse, 1.0, False) == (405, 1)
+    # a small budget takes fewer particles, not pieces of a few orientations
+    batch, piece = global_search_batches(t, k, r, n, n_coarse, 2**24, False)
+    assert batch == int(2**24 / (64 * n + per_score * 256)) == 14 and piece is not None and piece >= 256
+    # at least one particle and one orientation, whatever the budget
+    assert global_search_batches(t, k, r, n, n_coarse, 1.0, False) == (1, 1)
 
 
 @pytest.mark.parametrize("scale_sigma", [0.0, 0.3])

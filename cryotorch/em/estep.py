@@ -335,7 +335,9 @@ def global_search_batches(
     × translations), and otherwise scores them in pieces that fit. Where the projections are
     not ``held`` (:attr:`CoarseProjections.holds_all`) every batch extracts them anew, so a
     batch takes enough particles for 32,768 rows (at most 512), which makes the extraction a
-    small share of the work; and a piece's projections also fit ``work_bytes``.
+    small share of the work; and a piece's projections also fit ``work_bytes``. Either way a
+    batch takes no more particles than leave room for pieces of 256 orientations, so that a
+    small budget does not shrink the pieces to a few orientations, each scored on its own.
 
     Parameters
     ----------
@@ -355,7 +357,8 @@ def global_search_batches(
     """
     per_score = 16 * n_shifts * n_classes  # bytes per particle and orientation
     per_particle = 64 * n_components
-    least = min(512, math.ceil((1024 if held else 32768) / n_shifts))
+    fit = int(work_bytes / (per_particle + per_score * min(n_rotations, 256)))
+    least = max(1, min(512, math.ceil((1024 if held else 32768) / n_shifts), fit))
     whole = int(min(512, work_bytes / (per_score * n_rotations + per_particle)))
     if held and whole >= least:
         return whole, None
