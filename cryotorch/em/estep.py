@@ -1051,7 +1051,7 @@ def _fine_sub_batch(
     logits.masked_fill_(~allowed, -math.inf)
     flat = logits.reshape(b, -1)
     peak = flat.amax(dim=-1, keepdim=True)
-    # in place (the logits are not needed again), clamped as in _significant_logits, and the
+    # in place (the logits are not needed again), clamped as in _top_logits, and the
     # masked samples set back to exactly zero
     posterior = flat.sub_(peak).clamp_(min=_EXP_FLOOR).exp_().masked_fill_(~allowed.reshape(b, -1), 0.0)
     total = posterior.sum(-1, keepdim=True)
