@@ -98,16 +98,22 @@ def run(cfg: DictConfig) -> None:
     fabric.barrier()
 
 
+def input_error(error: BaseException) -> InputError | None:
+    """The bad-input error behind ``error`` (Hydra wraps errors raised while building the
+    job), or None where bad input did not cause it."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, InputError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; bad input ends the run with its message instead of a traceback."""
     try:
         run(cfg)
     except Exception as error:
-        # Hydra wraps errors raised while building the job; report bad input by its own message
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, InputError):
-            cause = cause.__cause__ or cause.__context__
+        cause = input_error(error)
         if cause is None:
             raise
         log.error("%s", cause)

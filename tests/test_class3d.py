@@ -18,7 +18,7 @@ from cryotorch.io import read_mrc, read_particles, read_star, write_mrc
 from cryotorch.ops.healpix import rotation_angle_deg
 
 from conftest import c4_average, quarter_turn
-from test_jobs import REPO, train
+from test_jobs import REPO, input_errors, train
 
 BOX, PIXEL = 32, 6.0
 
@@ -404,10 +404,10 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
         (["job.mask_diameter_A=1000"], "job.mask_diameter_A=1000 Å does not fit the particles' box"),
         (["job.mask_diameter_A=0"], "job.mask_diameter_A=0 Å does not fit the particles' box"),
     ]
-    for number, (overrides, message) in enumerate(cases):
-        result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}",
-                       *overrides, f"hydra.run.dir={tmp_path / str(number)}", check=False)
-        assert result.returncode == 2 and message in result.stderr + result.stdout, overrides
+    common = ["+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}"]
+    messages = input_errors([([*common, *overrides], tmp_path / str(number)) for number, (overrides, _) in enumerate(cases)])
+    for (overrides, phrase), message in zip(cases, messages, strict=True):
+        assert message is not None and phrase in message, overrides
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:
