@@ -102,9 +102,11 @@ def input_error(error: BaseException) -> InputError | None:
     """The bad-input error behind ``error`` (Hydra wraps errors raised while building the
     job), or None where bad input did not cause it."""
     cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, InputError):
+    while cause is not None:
+        if isinstance(cause, InputError):
+            return cause
         cause = cause.__cause__ or cause.__context__
-    return cause
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -53,9 +53,10 @@ with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             run(cfg)
             messages.append(None)
         except Exception as error:
-            if input_error(error) is None:
+            cause = input_error(error)
+            if cause is None:
                 raise
-            messages.append(str(input_error(error)))
+            messages.append(str(cause))
 print(json.dumps(messages))
 """
 
