@@ -45,7 +45,7 @@ def main() -> None:
     frequencies = frequencies[(radius > 0) & (radius <= args.radius)]
     n_components = frequencies.shape[0]
     volumes = torch.stack([blob_phantom(box, 3.0, seed=s) for s in range(args.classes)]).to(device)
-    projections = extract_slices(prepare_fourier_volumes(volumes), grid.coarse_rotations, frequencies, box)
+    projections = extract_slices(prepare_fourier_volumes(volumes), grid.coarse_matrices(torch.arange(grid.n_rotations)), frequencies, box)
     projections = projections.reshape(-1, n_components)  # (K·R, M)
     generator = torch.Generator().manual_seed(0)
     b = args.particles
@@ -72,7 +72,7 @@ def main() -> None:
     rate = flops / score_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device {device} ({name}), torch {torch.__version__}, float32")
-    print(f"{b} particles × {n_shifts} translations × {args.classes} classes × {grid.coarse_rotations.shape[0]} orientations, {n_components} components")
+    print(f"{b} particles × {n_shifts} translations × {args.classes} classes × {grid.n_rotations} orientations, {n_components} components")
     print(f"E-step scoring: {score_s * 1e3:.1f} ms, {rate / 1e9:.1f} GFLOP/s, {b / score_s:.0f} particles/s")
     print(f"torch.matmul same shape: {same_shape_rate / 1e9:.1f} GFLOP/s; 2048² square: {peak_rate / 1e9:.1f} GFLOP/s")
     print(f"ratio to same-shape matmul {rate / same_shape_rate:.2f}, to square matmul {rate / peak_rate:.2f}")

@@ -80,24 +80,31 @@ def test_pose_grid_counts_and_oversampling() -> None:
     from cryotorch.ops.healpix import oversample_orientations, rotation_angle_deg
 
     grid = build_pose_grid(1, 2.0, 1.0, "C1", oversampling=1)
-    assert grid.coarse_rotations.shape[0] == 48 * 12  # 48 directions × 12 psi at order 1
-    every = torch.arange(grid.coarse_rotations.shape[0])
+    assert grid.n_rotations == 48 * 12  # 48 directions × 12 psi at order 1
+    every = torch.arange(grid.n_rotations)
     children = grid.children_euler_deg(every)
     assert grid.n_children == 8 and children.shape[1:] == (8, 3)
     # RELION's oversampled children, computed on demand for any subset of parents
-    torch.testing.assert_close(children, oversample_orientations(1, grid.pixel_index, grid.psi_index, 1), rtol=0, atol=0)
+    orientations = grid.orientations
+    torch.testing.assert_close(children, oversample_orientations(1, orientations.pixel_index(every), orientations.psi_index(every), 1), rtol=0, atol=0)
     torch.testing.assert_close(grid.children_euler_deg(every[[7, 3]]), children[[7, 3]], rtol=0, atol=0)
-    # each parent's largest child angle, measured in chunks, is the angle over its children
-    angles = rotation_angle_deg(children.reshape(-1, 3), grid.coarse_euler_deg.repeat_interleave(8, dim=0)).reshape(-1, 8)
+    # each direction's largest child angle, measured in chunks at one psi, is the angle over
+    # the children of all its orientations
+    angles = rotation_angle_deg(children.reshape(-1, 3), grid.coarse_euler_deg(every).repeat_interleave(8, dim=0)).reshape(-1, 12 * 8)
+    assert grid.child_spread_deg.shape == (48,)
     torch.testing.assert_close(grid.child_spread_deg.double(), angles.amax(dim=1), rtol=0, atol=0.05)
     assert torch.all(grid.without_oversampling().child_spread_deg == 0)
-    torch.testing.assert_close(grid.without_oversampling().children_euler_deg(every)[:, 0], grid.coarse_euler_deg.double())
-    # its samples are the coarse pass's own matrices; it is made once per grid and shares the
-    # grid's float64 matrices and directions
+    torch.testing.assert_close(grid.without_oversampling().children_euler_deg(every)[:, 0], grid.coarse_euler_deg(every))
+    # the coarse angles and matrices of any subset are those of the whole grid, and each
+    # orientation's viewing direction is the third row of its matrix
+    matrices64 = grid.coarse_matrices64(every)
+    torch.testing.assert_close(grid.coarse_matrices(every[[9, 500]]), grid.coarse_matrices(every)[[9, 500]], rtol=0, atol=0)
+    torch.testing.assert_close(matrices64, euler_deg_to_matrix(grid.coarse_euler_deg(every)), rtol=0, atol=0)
+    torch.testing.assert_close(grid.coarse_directions[grid.direction_of(every)], matrices64[:, 2], rtol=0, atol=1e-15)
+    # its samples are the coarse pass's own matrices; it is made once per grid
     unrefined = grid.without_oversampling()
-    torch.testing.assert_close(unrefined.children_matrices(every)[:, 0], grid.coarse_rotations, rtol=0, atol=0)
+    torch.testing.assert_close(unrefined.children_matrices(every)[:, 0], grid.coarse_matrices(every), rtol=0, atol=0)
     assert unrefined is grid.without_oversampling() and unrefined.without_oversampling() is unrefined
-    assert unrefined.coarse_matrices64 is grid.coarse_matrices64 and unrefined.coarse_directions is grid.coarse_directions
     assert grid.coarse_shifts_px.shape[0] == translation_grid(2.0, 1.0).shape[0] == 13
     torch.testing.assert_close(grid.fine_shifts_px.mean(dim=1), grid.coarse_shifts_px)
 
@@ -114,7 +121,7 @@ def _alignment_problem(seed: int, healpix_order: int, n_particles: int) -> tuple
     volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
     grid = build_pose_grid(healpix_order, 2.0, 2.0, "C1", oversampling=1)
     batch = random_batch(n_particles, frequencies.shape[0], generator)
-    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies[:20], box, 2**28)
+    coarse = CoarseProjections(volumes_ft, grid, frequencies[:20], box, 2**28)
     return box, frequencies, volumes_ft, grid, batch, coarse, torch.log(torch.tensor([0.4, 0.6])), generator
 
 
@@ -133,7 +140,7 @@ def _aligned_sums(budget: float) -> tuple[object, torch.Tensor]:
     grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
     batch = random_batch(6, frequencies.shape[0], generator)
     settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, memory_budget_bytes=2e4)
-    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies[:20], box, 2**28)
+    coarse = CoarseProjections(volumes_ft, grid, frequencies[:20], box, 2**28)
     cache = FinePassCache(volumes_ft, grid, frequencies, box, budget)
     result = expectation(batch, volumes_ft, coarse, grid, cache, torch.log(torch.tensor([0.4, 0.6])), 10.0, settings)
     padded = volumes_ft.shape[1]
@@ -269,18 +276,45 @@ def test_perturbed_grid_turns_every_orientation_by_the_same_rotation() -> None:
     p = 0.3 * grid.coarse_step_deg
     turn = euler_deg_to_matrix(torch.tensor([p, p, p], dtype=torch.float64))
     expected_angle = rotation_angle_deg(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[p, p, p]], dtype=torch.float64))
-    every = torch.arange(grid.coarse_rotations.shape[0])
+    every = torch.arange(grid.n_rotations)
     fine_before, fine_after = grid.children_euler_deg(every).reshape(-1, 3), moved.children_euler_deg(every).reshape(-1, 3)
-    for before, after in ((grid.coarse_euler_deg, moved.coarse_euler_deg), (fine_before, fine_after)):
+    for before, after in ((grid.coarse_euler_deg(every), moved.coarse_euler_deg(every)), (fine_before, fine_after)):
         torch.testing.assert_close(euler_deg_to_matrix(after.double()), euler_deg_to_matrix(before.double()) @ turn, atol=1e-5, rtol=0)
         angles = rotation_angle_deg(before.double(), after.double())
         torch.testing.assert_close(angles, expected_angle.expand_as(angles), atol=1e-3, rtol=0)
-    torch.testing.assert_close(moved.coarse_rotations, euler_deg_to_matrix(moved.coarse_euler_deg.double()).float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved.coarse_matrices(every), euler_deg_to_matrix(moved.coarse_euler_deg(every)).float(), atol=1e-5, rtol=0)
+    # the turned viewing directions are the third rows of the turned matrices
+    torch.testing.assert_close(moved.coarse_directions[moved.direction_of(every)], moved.coarse_matrices64(every)[:, 2], atol=1e-12, rtol=0)
     torch.testing.assert_close(moved.coarse_shifts_px, grid.coarse_shifts_px + 0.6)
     torch.testing.assert_close(moved.fine_shifts_px, grid.fine_shifts_px + 0.6)
     # a turn does not move children relative to their parents
     turned_spread = moved.child_spread_deg
     torch.testing.assert_close(turned_spread, grid.child_spread_deg, rtol=0, atol=1e-3)
+
+
+def test_a_fine_grid_searches_locally_without_holding_its_orientations() -> None:
+    # 0.47° (order 7): 151 million coarse orientations, 1.2 billion children; the grid holds
+    # its directions, and a local search and a nearest-sample query compute the few they need
+    from cryotorch.em.sampling import GridSamples, local_search
+    from cryotorch.ops.healpix import rotation_angle_deg
+    from cryotorch.ops.rotations import random_rotations
+    from cryotorch.conventions import matrix_to_euler_deg
+
+    grid = build_pose_grid(7, 2.0, 1.0, "C1", oversampling=1)
+    assert grid.n_rotations == 196_608 * 768
+    priors = matrix_to_euler_deg(random_rotations(2, torch.Generator().manual_seed(4)).double())
+    search = local_search(grid, priors, 0.5)
+    # the oracle: every searched orientation within 3σ of its particle's prior, and the
+    # nearest one a fraction of a step away
+    angles = rotation_angle_deg(priors[:, None], grid.coarse_euler_deg(search.rotations)[None])  # (2, U)
+    searched = torch.isfinite(search.log_prior)
+    assert bool((angles[searched] <= 1.5 + 1e-6).all()) and float(angles.amin(dim=1).max()) < grid.coarse_step_deg
+    torch.testing.assert_close(search.log_prior[searched], -(angles[searched] ** 2) / (2 * 0.5**2))
+    poses = random_rotations(3, torch.Generator().manual_seed(5))
+    nearest = GridSamples(grid).nearest(poses)
+    assert float(rotation_angle_deg(matrix_to_euler_deg(poses.double()), matrix_to_euler_deg(nearest.double())).max()) < grid.coarse_step_deg / 2
+    held = sum(value.numel() * value.element_size() for value in [*vars(grid).values(), *vars(grid.orientations).values()] if isinstance(value, torch.Tensor))
+    assert held < 60 * grid.orientations.n_directions  # angles, pixels, directions and spreads: not O(R)
 
 
 def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
@@ -292,8 +326,9 @@ def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
     grid = build_pose_grid(1, 3.0, 2.0, "C1", oversampling=1)
     current = perturb_pose_grid(grid, -0.2, 2.0)
     # the oversampled children of each coarse orientation, and the coarse orientations alone
-    fine = current.children_matrices(torch.arange(current.coarse_rotations.shape[0]))  # (R, F, 3, 3)
-    for children, samples_grid in ((fine, current), (current.coarse_rotations[:, None], current.without_oversampling())):
+    every = torch.arange(current.n_rotations)
+    fine = current.children_matrices(every)  # (R, F, 3, 3)
+    for children, samples_grid in ((fine, current), (current.coarse_matrices(every)[:, None], current.without_oversampling())):
         samples = GridSamples(samples_grid)
         candidate_euler = matrix_to_euler_deg(children.reshape(-1, 3, 3).double())
         poses = random_rotations(40, torch.Generator().manual_seed(3))
@@ -319,7 +354,7 @@ def test_local_search_scores_the_batch_neighbourhood_as_each_particle_alone() ->
     from cryotorch.ops.healpix import rotation_angle_deg
 
     box, frequencies, volumes_ft, grid, batch, coarse, log_prior, generator = _alignment_problem(5, 1, 5)
-    batch.prior_euler_deg = grid.coarse_euler_deg[torch.randint(0, grid.coarse_euler_deg.shape[0], (5,), generator=generator)].double() + 4.0
+    batch.prior_euler_deg = grid.coarse_euler_deg(torch.randint(0, grid.n_rotations, (5,), generator=generator)) + 4.0
     settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, local_sigma_deg=10.0)
 
     def run(index: torch.Tensor) -> object:
@@ -396,7 +431,8 @@ def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> No
     volume = torch.randn(box, box, box, generator=generator)
     volumes_ft = prepare_fourier_volumes(c4_average(volume)[None])  # C4 about z through the centre
     grid = build_pose_grid(2, 1.0, 1.0, "C4", oversampling=1)
-    border = int(torch.argmin(grid.coarse_euler_deg[:, 0] + 0.01 * (grid.coarse_euler_deg[:, 1] - 90).abs()))
+    euler = grid.coarse_euler_deg(torch.arange(grid.n_rotations))
+    border = int(torch.argmin(euler[:, 0] + 0.01 * (euler[:, 1] - 90).abs()))
     truth = grid.children_euler_deg(torch.tensor([border]))[0, 3]  # a fine pose near rot = -45
     image = extract_slices(volumes_ft, euler_deg_to_matrix(truth[None]).float(), frequencies, box)[0]  # (1, M)
     prior = truth + torch.tensor([90.0 + 3.0, 0.0, 0.0], dtype=torch.float64)
@@ -408,7 +444,7 @@ def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> No
         prior_origin_px=torch.zeros(1, 2),
         prior_euler_deg=prior[None],
     )
-    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies[:20], box, 2**28)
+    coarse = CoarseProjections(volumes_ft, grid, frequencies[:20], box, 2**28)
     settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, local_sigma_deg=5.0)
 
     def best_angle_to_truth(search_grid: object) -> float:
@@ -435,7 +471,7 @@ def test_local_search_equals_the_angles_to_every_grid_pose(symmetry: str, sigma_
     span = torch.tensor([360.0, 180.0, 360.0], dtype=torch.float64)
     priors = torch.rand(6, 3, generator=generator, dtype=torch.float64) * span - torch.tensor([180.0, 0.0, 180.0], dtype=torch.float64)
     priors = torch.cat([priors, priors[:2] + 2.0])  # neighbours, as in a batch sorted by pose
-    angles = pairwise_rotation_angle_deg(priors, grid.coarse_euler_deg, grid.symmetry_matrices)  # (B, R)
+    angles = pairwise_rotation_angle_deg(priors, grid.coarse_euler_deg(torch.arange(grid.n_rotations)), grid.symmetry_matrices)  # (B, R)
     searched = (angles <= 3 * sigma_deg) | (angles <= angles.amin(dim=1, keepdim=True) + grid.coarse_step_deg)
     expected = searched.any(dim=0).nonzero()[:, 0]
     local = local_search(grid, priors, sigma_deg)
@@ -497,8 +533,8 @@ def test_local_coarse_projections_come_from_a_bounded_table() -> None:
     frequencies = sorted_frequencies(box, 6)[:20]
     volumes_ft = prepare_fourier_volumes(torch.randn(n_classes, box, box, box, generator=generator))
     grid = build_pose_grid(1, 1.0, 1.0, "C1")
-    full = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_rotations, frequencies, box))
-    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies, box, 4 * 10 * n_classes * 20 * 12)
+    full = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_matrices(torch.arange(grid.n_rotations)), frequencies, box))
+    coarse = CoarseProjections(volumes_ft, grid, frequencies, box, 4 * 10 * n_classes * 20 * 12)
     assert coarse.slots.capacity == 10
     # new, partly held, overflowing (the table is emptied), more than the table holds
     for rotations in (torch.arange(0, 6), torch.arange(3, 9), torch.arange(20, 26), torch.arange(0, 30)):
@@ -507,7 +543,7 @@ def test_local_coarse_projections_come_from_a_bounded_table() -> None:
         torch.testing.assert_close(layout.power, full.power[:, rotations].reshape(-1, 20), rtol=1e-5, atol=1e-5)
         assert coarse.slots.n_used <= coarse.slots.capacity
     (start, width, layout), *rest = coarse.pieces()
-    assert (start, width, rest) == (0, grid.coarse_rotations.shape[0], [])
+    assert (start, width, rest) == (0, grid.n_rotations, [])
     torch.testing.assert_close(layout.stacked, full.flatten().stacked, rtol=0, atol=0)
 
 
@@ -522,9 +558,9 @@ def test_global_coarse_projections_come_in_pieces_kept_only_within_the_budget(bu
     frequencies = sorted_frequencies(box, 6)[:20]
     volumes_ft = prepare_fourier_volumes(torch.randn(n_classes, box, box, box, generator=generator))
     grid = build_pose_grid(1, 1.0, 1.0, "C1")
-    n_rot = grid.coarse_rotations.shape[0]
-    full = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_rotations, frequencies, box))
-    coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies, box, budget)
+    n_rot = grid.n_rotations
+    full = ScoreProjections.of(extract_slices(volumes_ft, grid.coarse_matrices(torch.arange(grid.n_rotations)), frequencies, box))
+    coarse = CoarseProjections(volumes_ft, grid, frequencies, box, budget)
     assert coarse.holds_all == (budget == 2**28)
     for _ in range(2):
         pieces = list(coarse.pieces(250))
@@ -600,7 +636,7 @@ def test_pieces_profile_each_class_intensity_at_its_best_sample_over_all_orienta
 
     box, frequencies, volumes_ft, grid, batch, coarse, log_prior, _ = _alignment_problem(9, 1, 7)
     batch.inv_sigma2 *= 30  # sharp posteriors: no near-ties at the edge of the selection
-    n_rot, n_classes = grid.coarse_rotations.shape[0], 2
+    n_rot, n_classes = grid.n_rotations, 2
     ramps = phase_ramps(grid.coarse_shifts_px, frequencies[:20], box)
     origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]
     offset_prior = _offset_log_prior(origins, 4.0, 10.0).float()

@@ -9,6 +9,7 @@ import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.ops.healpix import (
+    OrientationGrid,
     ang2pix_nest,
     angular_step_deg,
     healpix_max_pixel_radius_rad,
@@ -40,6 +41,11 @@ def _random_directions(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor,
 
 def _centres(order: int, device: str) -> torch.Tensor:
     return _unit_vectors(*pix2ang_nest(order, torch.arange(healpix_npix(order), device=device)))
+
+
+def _every_orientation(grid: OrientationGrid) -> torch.Tensor:
+    """``(R, 3)`` Euler angles of every orientation of a small grid."""
+    return grid.euler_deg(torch.arange(grid.n_orientations, device=grid.pixels.device))
 
 
 def test_npix_and_nside() -> None:
@@ -134,17 +140,18 @@ def test_angular_step_and_order_from_step() -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_orientation_grid_c1_order_2(device: str) -> None:
     grid = orientation_grid(2, device=device)
-    assert (grid.n_directions, grid.n_psi) == (192, 24)  # RELION: 192 directions x 24 psi
-    assert grid.euler_deg.shape == (192 * 24, 3) and grid.euler_deg.dtype == torch.float64
-    assert grid.euler_deg.device.type == device
+    assert (grid.n_directions, grid.n_psi, grid.n_orientations) == (192, 24, 192 * 24)  # RELION: 192 directions x 24 psi
     rows = torch.arange(192 * 24, device=device)
-    assert torch.equal(grid.direction_index, rows // 24)
-    assert torch.equal(grid.pixel_index, rows // 24)
-    assert torch.equal(grid.psi_index, rows % 24)
-    rot, tilt, psi = grid.euler_deg.unbind(-1)
-    assert torch.allclose(psi, grid.psi_index.double() * 15.0)
+    euler = grid.euler_deg(rows)
+    assert euler.shape == (192 * 24, 3) and euler.dtype == torch.float64
+    assert euler.device.type == device
+    assert torch.equal(grid.direction_index(rows), rows // 24)
+    assert torch.equal(grid.pixel_index(rows), rows // 24)
+    assert torch.equal(grid.psi_index(rows), rows % 24)
+    rot, tilt, psi = euler.unbind(-1)
+    assert torch.allclose(psi, grid.psi_index(rows).double() * 15.0)
     assert bool((rot >= -180).all() & (rot <= 180).all() & (tilt >= 0).all() & (tilt <= 180).all())
-    theta, phi = pix2ang_nest(2, grid.pixel_index)
+    theta, phi = pix2ang_nest(2, grid.pixel_index(rows))
     assert torch.allclose(torch.deg2rad(tilt), theta)
     assert torch.allclose(torch.remainder(torch.deg2rad(rot), 2 * math.pi), phi)
 
@@ -153,7 +160,7 @@ def test_orientation_grid_c1_order_2(device: str) -> None:
 def test_orientation_grid_asymmetric_unit(symmetry: str, order: int) -> None:
     grid = orientation_grid(order, symmetry)
     group = symmetry_matrices(symmetry)
-    kept = _unit_vectors(*pix2ang_nest(order, grid.pixel_index[:: grid.n_psi]))  # (D, 3)
+    kept = _unit_vectors(*pix2ang_nest(order, grid.pixels))  # (D, 3)
     assert grid.n_directions == len(kept)
     assert abs(grid.n_directions * len(group) / healpix_npix(order) - 1) < 0.3
     mates = torch.einsum("dk,gkl->gdl", kept, group)  # R^T d for every kept d, (G, D, 3)
@@ -169,34 +176,50 @@ def test_orientation_grid_asymmetric_unit(symmetry: str, order: int) -> None:
     assert float(cosines.max()) <= math.cos(0.5 * pixel_radius)
 
 
+def test_a_fine_grid_holds_its_directions_only() -> None:
+    # order 7 (0.47°): 151 million orientations, whose angles alone would take 3.6 GB
+    grid = orientation_grid(7)
+    assert grid.n_orientations == 196_608 * 768
+    held = sum(t.numel() * t.element_size() for t in (grid.rot_deg, grid.tilt_deg, grid.pixels))
+    assert held == 196_608 * 24
+    rows = torch.tensor([0, 767, 768, 123_456_789, grid.n_orientations - 1])
+    euler = grid.euler_deg(rows)
+    theta, phi = pix2ang_nest(7, grid.pixel_index(rows))
+    torch.testing.assert_close(torch.deg2rad(euler[:, 1]), theta)
+    torch.testing.assert_close(torch.remainder(torch.deg2rad(euler[:, 0]), 2 * math.pi), phi)
+    torch.testing.assert_close(euler[:, 2], (rows % 768).double() * angular_step_deg(7), rtol=0, atol=0)
+    assert torch.equal(grid.pixel_index(rows), rows // 768)
+
+
 def test_c4_grid_is_a_quarter() -> None:
     grid = orientation_grid(2, "C4")
     assert grid.n_directions == 48 and grid.symmetry == "C4"
-    assert bool((grid.euler_deg[:, 0].abs() <= 45.0).all())
+    assert bool((grid.rot_deg.abs() <= 45.0).all())
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_oversampling(device: str) -> None:
     grid = orientation_grid(2, device=device)
     picks = torch.tensor([0, 777, 4607], device=device)
-    fine = oversample_orientations(2, grid.pixel_index[picks], grid.psi_index[picks], oversampling=1)
+    pixels, psis = grid.pixel_index(picks), grid.psi_index(picks)
+    fine = oversample_orientations(2, pixels, psis, oversampling=1)
     assert fine.shape == (3, 8, 3) and fine.device.type == device
     # Fine directions are the NESTED children 4p .. 4p + 3, in that order, 2 psi each.
     theta, phi = torch.deg2rad(fine[..., 1]), torch.deg2rad(fine[..., 0])
     children = ang2pix_nest(3, theta, phi)  # (3, 8)
-    expected = 4 * grid.pixel_index[picks, None] + torch.arange(4, device=device).repeat_interleave(2)
+    expected = 4 * pixels[:, None] + torch.arange(4, device=device).repeat_interleave(2)
     assert torch.equal(children, expected)
     # Psi sub-samples sit at -/+ a quarter of the coarse step and average to the coarse psi.
-    coarse_psi = grid.euler_deg[picks, 2]
+    coarse_psi = grid.euler_deg(picks)[:, 2]
     assert torch.allclose(fine[..., 2].mean(-1), coarse_psi)
     assert torch.allclose(fine[:, :2, 2] - coarse_psi[:, None], torch.tensor([-3.75, 3.75], device=device).double())
 
-    deeper = oversample_orientations(2, grid.pixel_index[picks], grid.psi_index[picks], oversampling=2)
+    deeper = oversample_orientations(2, pixels, psis, oversampling=2)
     assert deeper.shape == (3, 64, 3)
-    pixels = ang2pix_nest(4, torch.deg2rad(deeper[..., 1]), torch.deg2rad(deeper[..., 0]))
-    assert torch.equal(torch.sort(torch.unique(pixels[0])).values, 16 * grid.pixel_index[0] + torch.arange(16, device=device))
-    same = oversample_orientations(2, grid.pixel_index[picks], grid.psi_index[picks], oversampling=0)
-    assert torch.allclose(same[:, 0], grid.euler_deg[picks])
+    descendants = ang2pix_nest(4, torch.deg2rad(deeper[..., 1]), torch.deg2rad(deeper[..., 0]))
+    assert torch.equal(torch.sort(torch.unique(descendants[0])).values, 16 * pixels[0] + torch.arange(16, device=device))
+    same = oversample_orientations(2, pixels, psis, oversampling=0)
+    assert torch.allclose(same[:, 0], grid.euler_deg(picks))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -216,7 +239,7 @@ def test_rotation_angle(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_pairwise_rotation_angle(device: str) -> None:
-    grid = orientation_grid(1, device=device).euler_deg  # (576, 3)
+    grid = _every_orientation(orientation_grid(1, device=device))  # (576, 3)
     centres = torch.cat([grid[[0, 100, 400]], torch.tensor([[10.0, 20.0, 30.0], [0.0, 180.0, 0.0]], dtype=torch.float64, device=device)])
     angles = pairwise_rotation_angle_deg(centres, grid)
     assert angles.shape == (5, len(grid)) and angles.dtype == torch.float64
@@ -230,7 +253,7 @@ def test_pairwise_rotation_angle(device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_pairwise_rotation_angle_with_symmetry(device: str) -> None:
     c4 = symmetry_matrices("C4", device=device)
-    grid = orientation_grid(2, "C4", device=device).euler_deg
+    grid = _every_orientation(orientation_grid(2, "C4", device=device))
     centres = grid[[5, 100, 300]]
     angles = pairwise_rotation_angle_deg(centres, grid, c4)
     # oracle: the smallest angle to the explicit mates B·L

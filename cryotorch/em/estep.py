@@ -252,8 +252,9 @@ class CoarseProjections:
     ----------
     volumes_ft
         ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes.
-    rotations
-        ``(R, 3, 3)`` the grid's coarse orientations.
+    grid
+        The pose grid whose coarse orientations (:meth:`PoseGrid.coarse_matrices`) are
+        projected.
     frequencies
         ``(n, 2)`` the coarse pass's components.
     box_size
@@ -263,14 +264,14 @@ class CoarseProjections:
         search or a local search's table.
     """
 
-    def __init__(self, volumes_ft: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
-        self.volumes_ft, self.rotations, self.frequencies, self.box_size = volumes_ft, rotations, frequencies, box_size
+    def __init__(self, volumes_ft: torch.Tensor, grid: PoseGrid, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
+        self.volumes_ft, self.grid, self.frequencies, self.box_size = volumes_ft, grid, frequencies, box_size
         self.memory_budget_bytes = memory_budget_bytes
         n_classes, n = volumes_ft.shape[0], frequencies.shape[0]
-        self.holds_all = self.fit_whole(n_classes, rotations.shape[0], n, memory_budget_bytes)
+        self.holds_all = self.fit_whole(n_classes, grid.n_rotations, n, memory_budget_bytes)
         self._pieces: tuple[int, list[ScoreProjections]] | None = None
         # a (class, orientation) takes 2n floats stacked and n of |P|²
-        capacity = int(max(1, min(rotations.shape[0], memory_budget_bytes / 4 // (n_classes * n * 12))))
+        capacity = int(max(1, min(grid.n_rotations, memory_budget_bytes / 4 // (n_classes * n * 12))))
         self.slots = _TableSlots(capacity, volumes_ft.device)
         self._table: ScoreProjections | None = None
 
@@ -281,14 +282,15 @@ class CoarseProjections:
         return n_classes * n_rotations * n_components * 12 <= memory_budget_bytes / 4
 
     def _layout(self, rotations: torch.Tensor) -> ScoreProjections:
-        """``(K, U, 2n)`` / ``(K, U, n)`` layout of the orientations ``rotations`` ``(U, 3, 3)``."""
-        return ScoreProjections.of(extract_slices(self.volumes_ft, rotations, self.frequencies, self.box_size, self.memory_budget_bytes))
+        """``(K, U, 2n)`` / ``(K, U, n)`` layout of the coarse orientations ``rotations`` ``(U,)``."""
+        matrices = self.grid.coarse_matrices(rotations)
+        return ScoreProjections.of(extract_slices(self.volumes_ft, matrices, self.frequencies, self.box_size, self.memory_budget_bytes))
 
     def pieces(self, piece_rotations: int | None = None) -> Iterator[tuple[int, int, ScoreProjections]]:
         """Every orientation, ``piece_rotations`` at a time (None: all at once), as
         ``(first orientation, number of orientations W, layout (K·W, 2n) / (K·W, n))``,
         classes outer."""
-        n_rot = self.rotations.shape[0]
+        n_rot = self.grid.n_rotations
         width = n_rot if piece_rotations is None else max(1, min(n_rot, piece_rotations))
         starts = range(0, n_rot, width)
         if self._pieces is not None and self._pieces[0] == width:
@@ -298,7 +300,7 @@ class CoarseProjections:
         kept: list[ScoreProjections] = []
         for start in starts:
             stop = min(n_rot, start + width)
-            layout = self._layout(self.rotations[start:stop]).flatten()
+            layout = self._layout(torch.arange(start, stop, device=self.volumes_ft.device)).flatten()
             if self.holds_all:
                 kept.append(layout)
             yield start, stop - start, layout
@@ -310,7 +312,7 @@ class CoarseProjections:
         ``rotations`` ``(U,)`` of a local search."""
         assigned = self.slots.assign(rotations)
         if assigned is None:
-            return self._layout(self.rotations[rotations]).flatten()
+            return self._layout(rotations).flatten()
         rows, missing = assigned
         if self._table is None:
             n_classes, n = self.volumes_ft.shape[0], self.frequencies.shape[0]
@@ -318,7 +320,7 @@ class CoarseProjections:
             capacity = self.slots.capacity
             self._table = ScoreProjections(torch.empty(n_classes, capacity, 2 * n, device=device), torch.empty(n_classes, capacity, n, device=device))
         if missing.numel():
-            layout = self._layout(self.rotations[rotations[missing]])
+            layout = self._layout(rotations[missing])
             self._table.stacked[:, rows[missing]] = layout.stacked
             self._table.power[:, rows[missing]] = layout.power
         return ScoreProjections(self._table.stacked[:, rows], self._table.power[:, rows]).flatten()
@@ -512,7 +514,7 @@ class FinePassCache:
 
     def __init__(self, volumes_ft: torch.Tensor, grid: PoseGrid, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
         n_classes = volumes_ft.shape[0]
-        n_rot, n_sub = grid.coarse_rotations.shape[0], grid.n_children
+        n_rot, n_sub = grid.n_rotations, grid.n_children
         n = frequencies.shape[0]
         device = volumes_ft.device
         self.volumes_ft, self.grid, self.frequencies, self.box_size = volumes_ft, grid, frequencies, box_size
@@ -529,7 +531,7 @@ class FinePassCache:
 
     def projections(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
         """``(U, F, M)`` child projections of the pairs ``(classes[u], coarse_rotations[u])``."""
-        assigned = self.slots.assign(classes * self.grid.coarse_rotations.shape[0] + coarse_rotations)
+        assigned = self.slots.assign(classes * self.grid.n_rotations + coarse_rotations)
         if assigned is None:
             return self._extract(classes, coarse_rotations)
         rows, missing = assigned
@@ -575,7 +577,7 @@ class FinePassCache:
         return slices
 
     def _slices(self, ids: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> list[WeightedSlices]:
-        n_rot, n_sub = self.grid.coarse_rotations.shape[0], self.grid.n_children
+        n_rot, n_sub = self.grid.n_rotations, self.grid.n_children
         classes = ids // (n_rot * n_sub)
         parents, of = torch.unique(ids // n_sub % n_rot, return_inverse=True)
         rotations = self.grid.children_matrices(parents)[of, ids % n_sub]
@@ -779,7 +781,7 @@ def expectation(
     n_coarse = settings.n_coarse
     frequencies = settings.frequencies
     ramps_coarse = phase_ramps(grid.coarse_shifts_px, frequencies[:n_coarse], settings.box_size)
-    n_rot = grid.coarse_rotations.shape[0]
+    n_rot = grid.n_rotations
     orientation_prior = None
     searched_rotations = None
     if settings.local_sigma_deg is not None:
@@ -1028,7 +1030,7 @@ def _fine_sub_batch(
     n = frequencies.shape[0]
     b = significant.index.shape[0]
     n_sub_shift = grid.fine_shifts_px.shape[1]
-    n_rot, n_sub_rot = grid.coarse_rotations.shape[0], grid.n_children
+    n_rot, n_sub_rot = grid.n_rotations, grid.n_children
     shift_used, pairs, allowed = significant.union()  # (Tu,), (Uc,), (b, Tu, Uc)
     pair_used = torch.stack(significant.class_and_rotation(pairs), dim=-1)  # (Uc, 2) (class, coarse rotation)
     fine_shifts = grid.fine_shifts_px[shift_used].reshape(-1, 2)  # (Tu·S, 2)

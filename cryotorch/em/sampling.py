@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix, matrix_to_euler_deg
-from cryotorch.ops.healpix import angular_step_deg, orientation_grid, oversample_orientations, pairwise_matrix_angle_deg
+from cryotorch.ops.healpix import OrientationGrid, angular_step_deg, orientation_grid, oversample_orientations, pairwise_matrix_angle_deg
 from cryotorch.ops.symmetry import symmetry_matrices
 
 __all__ = [
@@ -29,27 +29,23 @@ __all__ = [
 
 _SPREAD_CHUNK = 1 << 20  # children per chunk when a grid's child spread is measured
 _NEAREST_CHUNK = 64  # rotations per neighbourhood of a GridSamples query
+_VIEW_CHUNK = 1 << 22  # view × direction cosines per chunk of PoseGrid.coarse_within
 
 
 @dataclass
 class PoseGrid:
     """Coarse orientations and translations, and their adaptive-oversampling children.
 
-    The children of the coarse orientations are computed from their parents' HEALPix pixel
-    and psi sample when asked for (:meth:`children_euler_deg`), as RELION does, so that a
-    grid holds ``O(R)`` values and never its ``R·F`` children at once.
+    The grid holds the HEALPix directions of its coarse orientations and their psi step, as
+    RELION does: the angles and matrices of coarse orientation ``r`` (direction
+    ``r // n_psi``, psi sample ``r % n_psi``) and of its children are computed when asked
+    for (:meth:`coarse_matrices`, :meth:`children_euler_deg`), so that a grid holds ``O(D)``
+    values for its ``R = D · n_psi`` coarse orientations and ``R·F`` children.
 
     Attributes
     ----------
-    coarse_rotations
-        ``(R, 3, 3)`` RELION matrices of the coarse orientations.
-    coarse_euler_deg
-        ``(R, 3)`` float64 their Euler angles.
-    pixel_index, psi_index
-        ``(R,)`` int64 NESTED HEALPix pixel and psi sample of each coarse orientation
-        (before ``turn``).
-    healpix_order
-        HEALPix order of the coarse orientations.
+    orientations
+        The coarse HEALPix directions and psi samples (before ``turn``).
     oversampling
         Orders of adaptive oversampling: each orientation has ``F = 4^os · 2^os`` children;
         0: its only child is itself.
@@ -68,11 +64,7 @@ class PoseGrid:
         perturbation of :func:`perturb_pose_grid`), or None.
     """
 
-    coarse_rotations: torch.Tensor
-    coarse_euler_deg: torch.Tensor
-    pixel_index: torch.Tensor
-    psi_index: torch.Tensor
-    healpix_order: int
+    orientations: OrientationGrid
     oversampling: int
     coarse_shifts_px: torch.Tensor
     fine_shifts_px: torch.Tensor
@@ -81,17 +73,47 @@ class PoseGrid:
     turn: torch.Tensor | None = None
 
     @property
+    def n_rotations(self) -> int:
+        """Number ``R`` of coarse orientations."""
+        return self.orientations.n_orientations
+
+    @property
     def n_children(self) -> int:
         """Number ``F`` of children of each coarse orientation."""
         return 8**self.oversampling
+
+    def direction_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` the viewing direction (row of :attr:`coarse_directions`) of the coarse
+        orientations ``rows`` ``(n,)``."""
+        return self.orientations.direction_index(rows)
+
+    def coarse_euler_deg(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n, 3)`` float64 Euler angles (degrees) of the coarse orientations ``rows``
+        ``(n,)`` int64, turned as the grid is."""
+        euler = self.orientations.euler_deg(rows)
+        if self.turn is None:
+            return euler
+        return matrix_to_euler_deg(euler_deg_to_matrix(euler) @ self.turn)
+
+    def coarse_matrices(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, 3)`` float32 RELION matrices of the coarse orientations ``rows`` ``(n,)``,
+        as the coarse pass scores them."""
+        matrices = euler_deg_to_matrix(self.orientations.euler_deg(rows))
+        return (matrices if self.turn is None else matrices @ self.turn).float()
+
+    def coarse_matrices64(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, 3)`` float64 matrices of the coarse orientations ``rows`` ``(n,)``, for
+        the angles of local searches."""
+        return euler_deg_to_matrix(self.coarse_euler_deg(rows))
 
     def children_euler_deg(self, parents: torch.Tensor) -> torch.Tensor:
         """``(P, F, 3)`` float64 Euler angles (degrees) of the children of the coarse
         orientations ``parents`` ``(P,)``: RELION's oversampled pixels and psi values
         (:func:`~cryotorch.ops.healpix.oversample_orientations`), turned as the grid is."""
         if self.oversampling == 0:
-            return self.coarse_euler_deg[parents][:, None].double()
-        fine = oversample_orientations(self.healpix_order, self.pixel_index[parents], self.psi_index[parents], self.oversampling)
+            return self.coarse_euler_deg(parents)[:, None]
+        grid = self.orientations
+        fine = oversample_orientations(grid.order, grid.pixel_index(parents), grid.psi_index(parents), self.oversampling)
         if self.turn is None:
             return fine
         return matrix_to_euler_deg(euler_deg_to_matrix(fine) @ self.turn)
@@ -100,52 +122,55 @@ class PoseGrid:
         """``(P, F, 3, 3)`` float32 RELION matrices of the children of ``parents`` ``(P,)``;
         without oversampling the coarse matrices themselves, as the coarse pass scores them."""
         if self.oversampling == 0:
-            return self.coarse_rotations[parents][:, None]
+            return self.coarse_matrices(parents)[:, None]
         euler = self.children_euler_deg(parents)
         return euler_deg_to_matrix(euler.reshape(-1, 3)).float().reshape(*euler.shape[:2], 3, 3)
 
+    def _first_of_directions(self) -> torch.Tensor:
+        """``(D,)`` the first coarse orientation (psi sample 0) of every direction."""
+        grid = self.orientations
+        return torch.arange(grid.n_directions, device=grid.pixels.device) * grid.n_psi
+
     @cached_property
     def child_spread_deg(self) -> torch.Tensor:
-        """``(R,)`` float32 the largest angle (degrees) between each coarse orientation and
-        one of its children (float32 matrices, as they are scored), measured in chunks of
-        parents. Small for most; near the poles the children's rot, and with it their
-        angle, can differ by much more than a step."""
-        n_rot = self.coarse_rotations.shape[0]
+        """``(D,)`` float32 the largest angle (degrees) between a coarse orientation of each
+        direction and one of its children (float32 matrices, as they are scored), measured
+        in chunks of directions. The angle between ``Rz(ψ)·M`` and ``Rz(ψ + δ)·M'`` does not
+        depend on ``ψ``, so one psi sample stands for all. Small for most; near the poles
+        the children's rot, and with it their angle, can differ by much more than a step."""
+        parents_of = self._first_of_directions()
         if self.oversampling == 0:
-            return torch.zeros(n_rot, device=self.coarse_rotations.device)
+            return torch.zeros(parents_of.shape[0], device=parents_of.device)
         chunk = max(1, _SPREAD_CHUNK // self.n_children)
         lowest = []
-        for start in range(0, n_rot, chunk):
-            parents = torch.arange(start, min(n_rot, start + chunk), device=self.coarse_rotations.device)
+        for parents in parents_of.split(chunk):
             children = self.children_matrices(parents).reshape(parents.numel(), self.n_children, 9)
             # trace of (parent)ᵀ·child for every child: (P, F, 9) @ (P, 9, 1)
-            traces = torch.bmm(children, self.coarse_matrices64[parents].float().reshape(-1, 9, 1))
+            traces = torch.bmm(children, self.coarse_matrices64(parents).float().reshape(-1, 9, 1))
             lowest.append(traces.amin(dim=(1, 2)))
         return torch.rad2deg(torch.arccos(((torch.cat(lowest) - 1) / 2).clamp(-1, 1)))
 
     @cached_property
-    def coarse_matrices64(self) -> torch.Tensor:
-        """``(R, 3, 3)`` float64 matrices of the coarse orientations, converted once per grid
-        for the angles of local searches."""
-        return euler_deg_to_matrix(self.coarse_euler_deg.double())
+    def coarse_directions(self) -> torch.Tensor:
+        """``(D, 3)`` float64 the viewing directions of the coarse orientations (the third
+        rows of their matrices, which all orientations of a HEALPix pixel share)."""
+        return self.coarse_matrices64(self._first_of_directions())[:, 2]
 
-    @cached_property
-    def coarse_directions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distinct viewing directions of the coarse orientations (the third rows of their
-        matrices; a HEALPix pixel's orientations share one), ``(D, 3)`` float64, and the
-        direction of each orientation, ``(R,)``."""
-        directions, direction_of = torch.unique(self.coarse_matrices64[:, 2], dim=0, return_inverse=True)
-        return directions, direction_of
-
-    def coarse_within(self, views: torch.Tensor, limit_deg: float) -> torch.Tensor:
+    def coarse_within(self, views: torch.Tensor, limit_deg: float | torch.Tensor) -> torch.Tensor:
         """``(P,)`` ascending numbers of the coarse orientations whose viewing direction lies
         within ``limit_deg`` of one of the unit vectors ``views`` ``(V, 3)`` (float64); every
-        orientation from 180° on."""
-        directions, direction_of = self.coarse_directions
-        if limit_deg >= 180:
-            return torch.arange(direction_of.shape[0], device=direction_of.device)
-        near = ((views @ directions.T) >= math.cos(math.radians(limit_deg))).any(dim=0)
-        return near[direction_of].nonzero()[:, 0]
+        orientation from 180° on. ``limit_deg`` is one angle, or one per direction ``(D,)``.
+        The views are compared with the directions :data:`_VIEW_CHUNK` values at a time."""
+        directions = self.coarse_directions
+        if isinstance(limit_deg, float) and limit_deg >= 180:
+            return torch.arange(self.n_rotations, device=directions.device)
+        limit = torch.as_tensor(limit_deg, dtype=torch.float64, device=directions.device)
+        cosine = torch.cos(torch.deg2rad(limit)).masked_fill(limit >= 180, -math.inf)
+        near = torch.zeros(directions.shape[0], dtype=torch.bool, device=directions.device)
+        for chunk in views.split(max(1, _VIEW_CHUNK // directions.shape[0])):
+            near |= ((chunk @ directions.T) >= cosine).any(dim=0)
+        n_psi = self.orientations.n_psi
+        return (near.nonzero() * n_psi + torch.arange(n_psi, device=near.device)).reshape(-1)
 
     def without_oversampling(self) -> "PoseGrid":
         """The same coarse grid whose only child of each sample is the sample itself (this
@@ -154,12 +179,8 @@ class PoseGrid:
 
     @cached_property
     def _unrefined(self) -> "PoseGrid":
-        """:meth:`without_oversampling`'s grid, made once, with this grid's float64 coarse
-        matrices and viewing directions rather than copies computed again."""
-        grid = replace(self, oversampling=0, fine_shifts_px=self.coarse_shifts_px[:, None, :])
-        vars(grid)["coarse_matrices64"] = self.coarse_matrices64
-        vars(grid)["coarse_directions"] = self.coarse_directions
-        return grid
+        """:meth:`without_oversampling`'s grid, made once."""
+        return replace(self, oversampling=0, fine_shifts_px=self.coarse_shifts_px[:, None, :])
 
 
 @dataclass(frozen=True)
@@ -199,7 +220,7 @@ def local_search(grid: PoseGrid, prior_euler_deg: torch.Tensor, sigma_deg: float
     limit = 3 * sigma_deg + grid.coarse_step_deg
     while True:
         candidates = grid.coarse_within(views, limit + 1e-6)
-        angles = pairwise_matrix_angle_deg(prior, grid.coarse_matrices64[candidates], grid.symmetry_matrices)  # (B, C)
+        angles = pairwise_matrix_angle_deg(prior, grid.coarse_matrices64(candidates), grid.symmetry_matrices)  # (B, C)
         nearest = angles.amin(dim=1, keepdim=True) if candidates.numel() else torch.full((prior.shape[0], 1), math.inf, dtype=prior.dtype, device=prior.device)
         needed = max(3 * sigma_deg, float(nearest.max()) + grid.coarse_step_deg)
         if needed <= limit or limit >= 180:
@@ -217,7 +238,7 @@ def local_search_size(grid: PoseGrid, sigma_deg: float) -> int:
     fraction ``(θ − sin θ)/π`` of all rotations, times the symmetry mates each grid pose
     stands for; at most the grid."""
     theta = math.radians(max(3 * sigma_deg, 1.5 * grid.coarse_step_deg))
-    n_rot = grid.coarse_rotations.shape[0]
+    n_rot = grid.n_rotations
     return max(1, min(n_rot, math.ceil(n_rot * grid.symmetry_matrices.shape[0] * (theta - math.sin(theta)) / math.pi)))
 
 
@@ -245,19 +266,13 @@ def build_pose_grid(
     ``oversampling`` orders splits each orientation into ``4^os · 2^os`` and each translation
     into ``(2^os)²`` finer samples, centred on the coarse one.
     """
-    grid = orientation_grid(healpix_order, symmetry, device=device)
-    euler = grid.euler_deg.to(device)
     coarse_shifts = translation_grid(offset_range_px, offset_step_px, device)
     n_sub = 2**oversampling
     sub = (torch.arange(n_sub, dtype=torch.float32, device=device) + 0.5) / n_sub - 0.5  # centred sub-steps
     sub_y, sub_x = torch.meshgrid(sub, sub, indexing="ij")
     sub_offsets = torch.stack([sub_x.flatten(), sub_y.flatten()], dim=-1) * offset_step_px  # (S, 2)
     return PoseGrid(
-        coarse_rotations=euler_deg_to_matrix(euler).float(),
-        coarse_euler_deg=euler,
-        pixel_index=grid.pixel_index.to(device),
-        psi_index=grid.psi_index.to(device),
-        healpix_order=healpix_order,
+        orientations=orientation_grid(healpix_order, symmetry, device=device),
         oversampling=oversampling,
         coarse_shifts_px=coarse_shifts,
         fine_shifts_px=coarse_shifts[:, None, :] + sub_offsets[None],
@@ -293,13 +308,10 @@ def perturb_pose_grid(grid: PoseGrid, perturbation: float, coarse_offset_step_px
     if perturbation == 0:
         return grid
     angle = perturbation * grid.coarse_step_deg
-    turn = euler_deg_to_matrix(torch.tensor([angle, angle, angle], dtype=torch.float64, device=grid.coarse_euler_deg.device))
-    coarse = euler_deg_to_matrix(grid.coarse_euler_deg.double()) @ turn
+    turn = euler_deg_to_matrix(torch.tensor([angle, angle, angle], dtype=torch.float64, device=grid.orientations.pixels.device))
     shift = perturbation * coarse_offset_step_px
     moved = replace(
         grid,
-        coarse_rotations=coarse.float(),
-        coarse_euler_deg=matrix_to_euler_deg(coarse).to(grid.coarse_euler_deg.dtype),
         coarse_shifts_px=grid.coarse_shifts_px + shift,
         fine_shifts_px=grid.fine_shifts_px + shift,
         turn=turn if grid.turn is None else grid.turn @ turn,
@@ -326,7 +338,6 @@ class GridSamples:
     def __init__(self, grid: PoseGrid) -> None:
         self.grid = grid
         self.spread_deg = grid.child_spread_deg
-        self.max_spread_deg = float(self.spread_deg.max()) if self.spread_deg.numel() else 0.0
 
     def nearest(self, rotations: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 3)`` the sample nearest to each of ``rotations`` ``(B, 3, 3)`` (smallest
@@ -340,12 +351,13 @@ class GridSamples:
         views = rotations[:, 2].double()
         limit = self.grid.coarse_step_deg
         while True:
-            # 0.1° beyond: float32 traces hold small angles to ~0.03°
-            near = self.grid.coarse_within(views, min(limit + self.max_spread_deg + 0.1, 180.0))  # (P,)
+            # the coarse orientations within reach, limit + their own spread (and 0.1°: float32
+            # traces hold small angles to ~0.03°), first by their viewing direction, then by
+            # their angle
+            near = self.grid.coarse_within(views, limit + self.spread_deg.double() + 0.1)  # (P,)
             if near.numel():
-                # of those, the coarse orientations within reach: limit + their own spread
-                reach = torch.deg2rad((limit + self.spread_deg[near].double() + 0.1).clamp(max=180.0))
-                traces = flat64 @ self.grid.coarse_matrices64[near].reshape(-1, 9).T  # (B, P)
+                reach = torch.deg2rad((limit + self.spread_deg[self.grid.direction_of(near)].double() + 0.1).clamp(max=180.0))
+                traces = flat64 @ self.grid.coarse_matrices64(near).reshape(-1, 9).T  # (B, P)
                 near = near[(traces >= 1 + 2 * torch.cos(reach) - 1e-9).any(dim=0)]
             if near.numel():
                 candidates = self.grid.children_matrices(near).reshape(-1, 9)  # (P·F, 9), in the grid's order

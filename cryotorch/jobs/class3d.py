@@ -506,7 +506,7 @@ class Class3DJob:
             grid = self.pose_grid(context, iteration)
             coarse_shell = min(radius, coarse_radius_shells(box, pixel, self.diameter_A, grid.coarse_step_deg))
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
-            coarse = CoarseProjections(volumes_ft, grid.coarse_rotations, frequencies[:n_coarse], box, budget)
+            coarse = CoarseProjections(volumes_ft, grid, frequencies[:n_coarse], box, budget)
             fine = FinePassCache(volumes_ft, grid, frequencies, box, budget / 4)
             if oversampled_limit is not None:
                 unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, budget / 8)
@@ -516,7 +516,7 @@ class Class3DJob:
         elif sampling["local_search_deg"] is None:
             assert coarse is not None
             batch_size, piece_rotations = global_search_batches(
-                grid.coarse_shifts_px.shape[0], self.n_classes, grid.coarse_rotations.shape[0], frequencies.shape[0], n_coarse, budget / 4, coarse.holds_all
+                grid.coarse_shifts_px.shape[0], self.n_classes, grid.n_rotations, frequencies.shape[0], n_coarse, budget / 4, coarse.holds_all
             )
         else:
             # a local search scores its batch against the union of the particles'

@@ -242,39 +242,64 @@ def order_from_angular_step(step_deg: float) -> int:
 
 @dataclass(frozen=True)
 class OrientationGrid:
-    """RELION's coarse orientation sampling at one HEALPix order.
+    """RELION's coarse orientation sampling at one HEALPix order, held as its directions.
 
-    Rows are direction-major: row ``d * n_psi + p`` is direction ``d``, psi sample ``p``.
+    Orientation ``r = d * n_psi + p`` (direction-major) is direction ``d`` with psi sample
+    ``p``. Its angles are computed when asked for (:meth:`euler_deg`), so that a grid holds
+    its ``D`` directions, never its ``D · n_psi`` orientations (151 million at order 7).
 
     Attributes
     ----------
-    euler_deg
-        ``(R, 3)`` float64 ``(rot, tilt, psi)`` in degrees; rot in ``[-180, 180]``, tilt in
-        ``[0, 180]``, psi in ``[0, 360)``.
-    direction_index
-        ``(R,)`` int64 ordinal of the direction in this grid (``0 .. n_directions - 1``;
-        RELION's ``idir``).
-    pixel_index
-        ``(R,)`` int64 NESTED HEALPix pixel of the direction (RELION's ``directions_ipix``);
-        equals ``direction_index`` for ``C1``. Pass this to :func:`oversample_orientations`.
-    psi_index
-        ``(R,)`` int64 psi sample ``p``; ``psi = p * angular_step_deg(order)``.
+    rot_deg, tilt_deg
+        ``(D,)`` float64 angles of the directions in degrees; rot in ``[-180, 180]``, tilt in
+        ``[0, 180]``.
+    pixels
+        ``(D,)`` int64 NESTED HEALPix pixel of each direction (RELION's ``directions_ipix``);
+        ``0 .. D - 1`` for ``C1``.
     order
         HEALPix order.
     symmetry
         Point group whose asymmetric unit the directions cover (canonical name).
-    n_directions, n_psi
-        Number of directions and of psi samples; ``R = n_directions * n_psi``.
+    n_psi
+        Number of psi samples: ``psi = p * angular_step_deg(order)``.
     """
 
-    euler_deg: torch.Tensor
-    direction_index: torch.Tensor
-    pixel_index: torch.Tensor
-    psi_index: torch.Tensor
+    rot_deg: torch.Tensor
+    tilt_deg: torch.Tensor
+    pixels: torch.Tensor
     order: int
     symmetry: str
-    n_directions: int
     n_psi: int
+
+    @property
+    def n_directions(self) -> int:
+        """Number ``D`` of directions."""
+        return self.pixels.shape[0]
+
+    @property
+    def n_orientations(self) -> int:
+        """Number ``R = D · n_psi`` of orientations."""
+        return self.n_directions * self.n_psi
+
+    def direction_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` int64 direction ``d`` of the orientations ``rows`` ``(n,)`` (RELION's ``idir``)."""
+        return rows // self.n_psi
+
+    def pixel_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` int64 NESTED pixel of the orientations ``rows`` ``(n,)``; pass it to
+        :func:`oversample_orientations`."""
+        return self.pixels[rows // self.n_psi]
+
+    def psi_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` int64 psi sample ``p`` of the orientations ``rows`` ``(n,)``."""
+        return rows % self.n_psi
+
+    def euler_deg(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n, 3)`` float64 ``(rot, tilt, psi)`` in degrees of the orientations ``rows``
+        ``(n,)`` int64; psi in ``[0, 360)``."""
+        direction = rows // self.n_psi
+        psi = (rows % self.n_psi).double() * angular_step_deg(self.order)
+        return torch.stack([self.rot_deg[direction], self.tilt_deg[direction], psi], dim=-1)
 
 
 def _rot_tilt_deg(z: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,7 +423,8 @@ def orientation_grid(
     Returns
     -------
     OrientationGrid
-        ``R = n_directions * n_psi`` orientations, direction-major.
+        ``R = n_directions * n_psi`` orientations, direction-major, held as their
+        directions.
     """
     canonical = canonical_symmetry_name(symmetry)
     pixels = torch.arange(healpix_npix(order), dtype=torch.int64)
@@ -415,26 +441,13 @@ def orientation_grid(
             )
             pixels, rot, tilt = pixels[keep], rot[keep], tilt[keep]
 
-    n_directions = pixels.numel()
-    n_psi = 6 * healpix_nside(order)
-    psi = torch.arange(n_psi, dtype=torch.float64) * angular_step_deg(order)
-    euler_deg = torch.stack(
-        [
-            rot.repeat_interleave(n_psi),
-            tilt.repeat_interleave(n_psi),
-            psi.repeat(n_directions),
-        ],
-        dim=-1,
-    )  # (n_directions * n_psi, 3)
     return OrientationGrid(
-        euler_deg=euler_deg.to(device),
-        direction_index=torch.arange(n_directions).repeat_interleave(n_psi).to(device),
-        pixel_index=pixels.repeat_interleave(n_psi).to(device),
-        psi_index=torch.arange(n_psi).repeat(n_directions).to(device),
+        rot_deg=rot.to(device),
+        tilt_deg=tilt.to(device),
+        pixels=pixels.to(device),
         order=order,
         symmetry=canonical,
-        n_directions=n_directions,
-        n_psi=n_psi,
+        n_psi=6 * healpix_nside(order),
     )
 
 
@@ -453,9 +466,9 @@ def oversample_orientations(
     order
         Coarse HEALPix order.
     pixel_index
-        ``(n,)`` int64 coarse NESTED pixels (:attr:`OrientationGrid.pixel_index`).
+        ``(n,)`` int64 coarse NESTED pixels (:meth:`OrientationGrid.pixel_index`).
     psi_index
-        ``(n,)`` int64 coarse psi samples (:attr:`OrientationGrid.psi_index`).
+        ``(n,)`` int64 coarse psi samples (:meth:`OrientationGrid.psi_index`).
     oversampling
         Number of extra orders, ≥ 0.
 
