@@ -16,7 +16,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from cryotorch.errors import InputError
@@ -45,7 +45,7 @@ def build_fabric(compute: DictConfig) -> Fabric:
     else:
         backend = compute.process_group_backend
     if strategy == "ddp" and backend is not None:
-        from lightning.fabric.strategies import DDPStrategy
+        from lightning_fabric.strategies import DDPStrategy
 
         strategy = DDPStrategy(process_group_backend=backend)
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 from torch.utils.tensorboard import SummaryWriter
 
 __all__ = ["RunContext"]
