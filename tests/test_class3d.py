@@ -220,6 +220,23 @@ def test_classification_with_local_alignment_finds_classes_and_poses(two_class_d
     assert float(np.median(np.linalg.norm(truth.origin_angstrom - result.origin_angstrom, axis=1))) < PIXEL
 
 
+def test_a_local_search_on_a_fine_grid(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # from the particles' poses, a local search at 0.9375° (coarse pass at 1.875°: 2.4 million
+    # orientations, 19 million children, none held by the grid): each pose moves by at most
+    # the search's reach (3σ = 1.5°, or a coarse step beyond the nearest coarse orientation)
+    # plus a child's angle to its parent, and stays near the truth
+    out = tmp_path / "fine"
+    classify(two_class_data, out, "job.n_iterations=1", "sampling.angular_step_deg=0.9375", "sampling.local_search_deg=1.5", "sampling.offset_range_px=1")
+    sampling = read_star(out / "run_it001_sampling.star")["sampling_general"]
+    assert int(sampling["rlnHealpixOrder"]) == 5
+    start, truth = (read_particles(two_class_data[name]) for name in ("particles", "truth"))
+    result = read_particles(out / "run_it001_data.star")
+    moved = rotation_angle_deg(torch.as_tensor(start.euler_deg), torch.as_tensor(result.euler_deg))
+    assert float(moved.max()) < 1.5 + 2 * 1.875 and float(moved.median()) > 0.1
+    errors = rotation_angle_deg(torch.as_tensor(truth.euler_deg), torch.as_tensor(result.euler_deg))
+    assert float(errors.median()) < 1.5
+
+
 def test_alignment_without_a_translation_search(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     # offsets of range 0: only the fine pass's half-step children around each origin (the
     # offset prior's width starts at half a pixel, as the M-step keeps it; 0 gave no samples)
