@@ -106,7 +106,7 @@ def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_p
     out = tmp_path / "rec"
     train("+job=reconstruct", f"data.particles={star}", f"hydra.run.dir={out}")
     truth = crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), 64)
-    reconstruction = torch.as_tensor(read_mrc(out / "run_class001.mrc").data)
+    reconstruction = torch.as_tensor(np.array(read_mrc(out / "run_class001.mrc").data))
     fsc = fourier_shell_correlation(rfft3_centered(reconstruction), rfft3_centered(truth))
     assert float(fsc[1:25].min()) >= 0.9  # up to 3/4 of Nyquist (shell 24 of 32)
     fsc_star = read_star(out / "run_fsc.star")
