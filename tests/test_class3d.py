@@ -85,7 +85,21 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
     data = read_star(out / "run_it010_data.star")["particles"]
     for column in ("rlnClassNumber", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"):
         assert column in data
-    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard, every iteration: resolution and distribution per class, changes,
+    # log-likelihood, the max-posterior histogram and each class's central slices
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_file,) = (out / "tensorboard").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    events.Reload()
+    scalars = ["class3d/changes_classes", "class3d/changes_orientations_deg", "class3d/changes_offsets_angstrom", "class3d/log_likelihood"]
+    scalars += [f"class3d/{name}/class00{k}" for name in ("resolution_angstrom", "class_distribution") for k in (1, 2)]
+    for tag in scalars:
+        assert [event.step for event in events.Scalars(tag)] == list(range(1, 11)), tag
+    final = {k: events.Scalars(f"class3d/class_distribution/class00{k}")[-1].value for k in (1, 2)}
+    assert final == pytest.approx({k: float(model["model_classes"]["rlnClassDistribution"].iloc[k - 1]) for k in (1, 2)}, abs=1e-6)
+    assert len(events.Histograms("class3d/max_posterior")) == 10
+    assert all(len(events.Images(f"class3d/class00{k}")) == 10 for k in (1, 2))
 
 
 def test_particles_without_zero_masking_get_noise_outside_the_mask(two_class_data: dict[str, Path], tmp_path: Path) -> None:
