@@ -59,7 +59,7 @@ def test_centred_fft_round_trip_and_centre(box: int) -> None:
 @pytest.mark.parametrize("name", ["centered", "shifted"])
 def test_projections_reproduce_relion_project(shared_data, name: str) -> None:
     folder = shared_data / "maps" / "aspire_70S"
-    volume = torch.as_tensor(read_mrc(folder / "clean70SRibosome_vol_65p.mrc").data)
+    volume = torch.as_tensor(np.array(read_mrc(folder / "clean70SRibosome_vol_65p.mrc").data))
     table = read_particles(folder / f"rln_proj_65_{name}.star")
     relion_images = torch.as_tensor(ParticleImageReader(table).read(np.arange(len(table))))
     rotations = euler_deg_to_matrix(torch.as_tensor(table.euler_deg)).float()
@@ -81,7 +81,7 @@ def test_projections_reproduce_relion_project(shared_data, name: str) -> None:
 
 def test_trpv1_particles_match_ctf_projections_at_their_poses(shared_data) -> None:
     folder = shared_data / "real_particles" / "trpv1_cryojax"
-    volume = torch.as_tensor(read_mrc(folder / "trpv1_volume.mrc").data)
+    volume = torch.as_tensor(np.array(read_mrc(folder / "trpv1_volume.mrc").data))
     table = read_particles(folder / "trpv1_small_stack.star")
     images = torch.as_tensor(ParticleImageReader(table).read(np.arange(len(table))))
     box = volume.shape[-1]
