@@ -162,8 +162,6 @@ class PoseGrid:
         orientation from 180° on. ``limit_deg`` is one angle, or one per direction ``(D,)``.
         The views are compared with the directions :data:`_VIEW_CHUNK` values at a time."""
         directions = self.coarse_directions
-        if isinstance(limit_deg, float) and limit_deg >= 180:
-            return torch.arange(self.n_rotations, device=directions.device)
         limit = torch.as_tensor(limit_deg, dtype=torch.float64, device=directions.device)
         cosine = torch.cos(torch.deg2rad(limit)).masked_fill(limit >= 180, -math.inf)
         near = torch.zeros(directions.shape[0], dtype=torch.bool, device=directions.device)
@@ -354,9 +352,10 @@ class GridSamples:
             # the coarse orientations within reach, limit + their own spread (and 0.1°: float32
             # traces hold small angles to ~0.03°), first by their viewing direction, then by
             # their angle
-            near = self.grid.coarse_within(views, limit + self.spread_deg.double() + 0.1)  # (P,)
+            reach_deg = limit + self.spread_deg.double() + 0.1  # (D,)
+            near = self.grid.coarse_within(views, reach_deg)  # (P,)
             if near.numel():
-                reach = torch.deg2rad((limit + self.spread_deg[self.grid.direction_of(near)].double() + 0.1).clamp(max=180.0))
+                reach = torch.deg2rad(reach_deg[self.grid.direction_of(near)].clamp(max=180.0))
                 traces = flat64 @ self.grid.coarse_matrices64(near).reshape(-1, 9).T  # (B, P)
                 near = near[(traces >= 1 + 2 * torch.cos(reach) - 1e-9).any(dim=0)]
             if near.numel():
