@@ -117,3 +117,15 @@ def test_truncated_file_is_input_error(tmp_path: Path) -> None:
     for reader in (read_mrc, ImageStack):
         with pytest.raises(InputError, match="cut.mrcs.*truncated"):
             reader(path)
+
+
+def test_map_with_nan_or_infinite_voxels_is_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "holes.mrc"
+    volume = np.zeros((6, 5, 4), dtype=np.float32)
+    volume[2, 3, 1] = np.nan
+    volume[4, 0, 0] = np.inf
+    with mrcfile.new(path) as mrc:  # mrcfile warns of the NaN on writing, as for any map that holds one
+        with pytest.warns(RuntimeWarning):
+            mrc.set_data(volume)
+    with pytest.raises(InputError, match=r"holes\.mrc: 2 of 120 voxels are NaN or infinite \(the first at x, y, z = 1, 3, 2\)"):
+        read_mrc(path)

@@ -126,6 +126,11 @@ def read_mrc(path: str | os.PathLike[str]) -> MrcVolume:
     -------
     MrcVolume
         float32 ``(z, y, x)`` data in standard axis order, voxel size and origin in Å.
+
+    Raises
+    ------
+    InputError
+        The file is missing, truncated or not MRC, or a voxel is NaN or infinite.
     """
     path = Path(path)
     with _open_mrc(path) as mrc:
@@ -135,6 +140,13 @@ def read_mrc(path: str | os.PathLike[str]) -> MrcVolume:
         data = np.ascontiguousarray(data.transpose(_axis_permutation(mrc.header)), dtype=np.float32)
         voxel_size = _voxel_size_xyz(mrc)
         origin = _origin_xyz(mrc.header, voxel_size)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        z, y, x = (int(i) for i in np.argwhere(bad)[0])
+        raise InputError(
+            f"{path}: {int(bad.sum())} of {data.size} voxels are NaN or infinite (the first at x, y, z = {x}, {y}, {z}); "
+            "fix the map or write it again without them"
+        )
     return MrcVolume(data=data, voxel_size_angstrom=voxel_size, origin_angstrom=origin)
 
 
