@@ -423,19 +423,24 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     write_mrc(wrong_box, torch.zeros(40, 40, 40), PIXEL)
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={wrong_box}", f"hydra.run.dir={tmp_path / 'a'}", check=False)
     assert result.returncode == 2 and "big.mrc" in result.stderr + result.stdout and "box" in result.stderr + result.stdout
+    empty = tmp_path / "empty.mrc"
+    write_mrc(empty, torch.zeros(BOX, BOX, BOX), PIXEL)
+    reference = f"job.reference={two_class_data['reference']}"
     # each wrong setting, and a phrase its message must hold
     cases = [
-        (["sampling.perturb=1.5"], "sampling.perturb=1.5 is not a fraction of the coarse steps: give a value in [0, 1]"),
-        (["job.n_iterations=3", "sampling.final_local_iterations=5"], "sampling.final_local_iterations=5"),
-        (["sampling.max_significant_oversampled=0"], "sampling.max_significant_oversampled=0"),
-        (["job.highres_limit_estep_iterations=3"], "job.highres_limit_estep_iterations=3 needs job.highres_limit_estep_A"),
-        (["job.tau2_estimate=power"], "job.tau2_estimate must be one of map, posterior, fsc"),
-        (["sampling.final_offset_step_px=0"], "sampling.final_offset_step_px=0 must be positive"),
-        (["sampling.offset_step_px=0"], "sampling.offset_step_px=0 must be positive"),
-        (["job.mask_diameter_A=1000"], "job.mask_diameter_A=1000 Å does not fit the particles' box"),
-        (["job.mask_diameter_A=0"], "job.mask_diameter_A=0 Å does not fit the particles' box"),
+        ([reference, "sampling.perturb=1.5"], "sampling.perturb=1.5 is not a fraction of the coarse steps: give a value in [0, 1]"),
+        ([reference, "job.n_iterations=3", "sampling.final_local_iterations=5"], "sampling.final_local_iterations=5"),
+        ([reference, "sampling.max_significant_oversampled=0"], "sampling.max_significant_oversampled=0"),
+        ([reference, "job.highres_limit_estep_iterations=3"], "job.highres_limit_estep_iterations=3 needs job.highres_limit_estep_A"),
+        ([reference, "job.tau2_estimate=power"], "job.tau2_estimate must be one of map, posterior, fsc"),
+        ([reference, "sampling.final_offset_step_px=0"], "sampling.final_offset_step_px=0 must be positive"),
+        ([reference, "sampling.offset_step_px=0"], "sampling.offset_step_px=0 must be positive"),
+        ([reference, "job.mask_diameter_A=1000"], "job.mask_diameter_A=1000 Å does not fit the particles' box"),
+        ([reference, "job.mask_diameter_A=0"], "job.mask_diameter_A=0 Å does not fit the particles' box"),
+        ([f"job.reference={empty}"], f"job.reference: {empty} is zero inside the particle mask"),
+        ([f"job.reference=[{empty},{empty}]", "job.K=2"], "are zero inside the particle mask"),
     ]
-    common = ["+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={two_class_data['reference']}"]
+    common = ["+job=class3d", f"data.particles={two_class_data['particles']}"]
     messages = input_errors([([*common, *overrides], tmp_path / str(number)) for number, (overrides, _) in enumerate(cases)])
     for (overrides, phrase), message in zip(cases, messages, strict=True):
         assert message is not None and phrase in message, overrides

@@ -347,6 +347,12 @@ class Class3DJob:
         box, pixel = self.box, self.pixel
         volumes = torch.stack([self.read_map(path) for path in self.references])
         unfiltered = volumes * self.mask
+        if not bool((unfiltered != 0).any()):
+            # an empty map may stand for a junk class beside others, but not alone
+            raise InputError(
+                f"job.reference: {', '.join(self.references)} {'is' if len(self.references) == 1 else 'are'} zero inside the particle mask; "
+                "give a map that holds the particle (e.g. an initial model)"
+            )
         if self.ini_high_A:
             volumes = irfft3_centered(lowpass_filter_3d(rfft3_centered(volumes), self.ini_high_A, pixel), box)
         volumes = volumes * self.mask
