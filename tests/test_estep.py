@@ -394,6 +394,10 @@ def test_significant_sample_lists_match_their_dense_mask() -> None:
     classes, rotations = samples.class_and_rotation(torch.arange(n_pairs))
     torch.testing.assert_close(classes, torch.tensor([0, 0, 0, 1, 1, 1]))
     torch.testing.assert_close(rotations, torch.tensor([4, 9, 17, 4, 9, 17]))
+    # a global search: all U = 3 orientations of the grid, in order, given by their number
+    classes, rotations = SignificantSamples(index, valid, n_pairs, 3).class_and_rotation(torch.arange(n_pairs))
+    torch.testing.assert_close(classes, torch.tensor([0, 0, 0, 1, 1, 1]))
+    torch.testing.assert_close(rotations, torch.tensor([0, 1, 2, 0, 1, 2]))
 
 
 @pytest.mark.parametrize("cap", [3, 25, 500])

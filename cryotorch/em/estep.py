@@ -435,15 +435,16 @@ class SignificantSamples:
     n_pairs
         ``K·U``, the number of (class, scored orientation) pairs.
     rotations
-        ``(U,)`` ascending coarse orientation numbers of the scored orientations: all ``R``
-        in a global search, the batch's neighbourhood in a local one, so that the masks of
-        the fine pass stay the size of what was scored, not of the grid.
+        ``(U,)`` ascending coarse orientation numbers of the scored orientations in a local
+        search (the batch's neighbourhood, so that the masks of the fine pass stay the size
+        of what was scored, not of the grid); in a global search the number ``R`` of the
+        grid's orientations, all scored in order (no list of R numbers is held).
     """
 
     index: torch.Tensor
     valid: torch.Tensor
     n_pairs: int
-    rotations: torch.Tensor
+    rotations: torch.Tensor | int
 
     def select(self, rows: torch.Tensor | slice) -> "SignificantSamples":
         """The samples of particles ``rows``."""
@@ -451,6 +452,8 @@ class SignificantSamples:
 
     def class_and_rotation(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The classes and the grid's coarse orientation numbers of ``pairs``."""
+        if isinstance(self.rotations, int):
+            return pairs // self.rotations, pairs % self.rotations
         n_scored = self.rotations.shape[0]
         return pairs // n_scored, self.rotations[pairs % n_scored]
 
@@ -807,8 +810,7 @@ def expectation(
         torch.where(class_mask, per_particle_prior, -math.inf).float(),
     )
     b = order.shape[0]
-    scored_rotations = torch.arange(n_rot, device=order.device) if searched_rotations is None else searched_rotations
-    significant = SignificantSamples(order, valid, n_classes * n_scored, scored_rotations)
+    significant = SignificantSamples(order, valid, n_classes * n_scored, n_rot if searched_rotations is None else searched_rotations)
     best_pair = order[:, 0] % significant.n_pairs  # class · U + scored orientation
     broad = torch.zeros(b, dtype=torch.bool, device=best_pair.device)
     if settings.max_significant_oversampled is not None:
