@@ -86,19 +86,25 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
     for column in ("rlnClassNumber", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"):
         assert column in data
     # TensorBoard, every iteration: resolution and distribution per class, changes,
-    # log-likelihood, the max-posterior histogram and each class's central slices
+    # log-likelihood, class ESS, the max-posterior and class-ESS histograms and each class's
+    # central slices
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events_file,) = (out / "tensorboard").glob("events.out.tfevents.*")
     events = EventAccumulator(str(events_file), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     events.Reload()
     scalars = ["class3d/changes_classes", "class3d/changes_orientations_deg", "class3d/changes_offsets_angstrom", "class3d/log_likelihood"]
+    scalars += ["class3d/mean_class_ess", "class3d/mean_significant_samples"]
     scalars += [f"class3d/{name}/class00{k}" for name in ("resolution_angstrom", "class_distribution") for k in (1, 2)]
     for tag in scalars:
         assert [event.step for event in events.Scalars(tag)] == list(range(1, 11)), tag
     final = {k: events.Scalars(f"class3d/class_distribution/class00{k}")[-1].value for k in (1, 2)}
     assert final == pytest.approx({k: float(model["model_classes"]["rlnClassDistribution"].iloc[k - 1]) for k in (1, 2)}, abs=1e-6)
     assert len(events.Histograms("class3d/max_posterior")) == 10
+    # the class ESS lies in [1, K]; the mean number of significant samples is the data STAR's
+    ess = events.Scalars("class3d/mean_class_ess")[-1].value
+    assert 1.0 <= ess <= 2.0 and len(events.Histograms("class3d/class_ess")) == 10
+    assert events.Scalars("class3d/mean_significant_samples")[-1].value == pytest.approx(data["rlnNrOfSignificantSamples"].astype(float).mean(), rel=1e-5)
     assert all(len(events.Images(f"class3d/class00{k}")) == 10 for k in (1, 2))
 
 

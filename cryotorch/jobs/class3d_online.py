@@ -420,13 +420,12 @@ class OnlineClass3DJob(Class3DJob):
 
     # ------------------------------------------------------------------ outputs and state
     def report_online(self, context: RunContext, state: ParticleState, iteration: int, change: float) -> None:
-        """Class ESS histogram and class sizes: PNG beside the STAR files, and TensorBoard."""
+        """Class ESS histogram and class sizes as PNG beside the STAR files; the maps' change
+        and the learning rate in TensorBoard (class3d's :meth:`report` logs the class ESS)."""
         counts = torch.bincount(state.class_number - 1, minlength=self.n_classes).cpu().numpy()
         ess = state.class_ess.cpu().numpy()
         writer = context.writer
         if writer is not None:
-            writer.add_histogram("class3d_online/class_ess", ess, iteration)
-            writer.add_scalar("class3d_online/mean_class_ess", float(ess.mean()), iteration)
             writer.add_scalar("class3d_online/map_rms_change", change, iteration)
             writer.add_scalar("class3d_online/learning_rate", self.current_rate(), iteration)
         if context.is_main:
