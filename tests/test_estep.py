@@ -164,6 +164,33 @@ def test_fine_pass_tables_of_any_size_give_the_same_posteriors_and_sums() -> Non
         torch.testing.assert_close(small_sums, roomy_sums, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n_classes", [1, 2, 3])
+def test_fine_pass_projections_are_the_children_of_each_pair(n_classes: int) -> None:
+    # the table holds all classes of a coarse orientation; any pairs, asked in any order and
+    # again, with a table that holds them all, one that is emptied on the way, and one too
+    # small for a request, are the children's projections of their own class
+    from cryotorch.em.estep import FinePassCache
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(5)
+    box = 16
+    frequencies = sorted_frequencies(box, 6)
+    volumes_ft = prepare_fourier_volumes(torch.randn(n_classes, box, box, box, generator=generator))
+    grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
+    n_sub, n = grid.n_children, frequencies.shape[0]
+    requests = [(torch.randint(n_classes, (12,), generator=generator), torch.randint(grid.n_rotations, (12,), generator=generator)) for _ in range(3)]
+    for budget in (2**26, 6 * n_classes * n_sub * n * 8, 2 * n_classes * n_sub * n * 8):
+        cache = FinePassCache(volumes_ft, grid, frequencies, box, budget)
+        for classes, rotations in requests:
+            pairs = torch.unique(classes * grid.n_rotations + rotations)
+            classes, rotations = pairs // grid.n_rotations, pairs % grid.n_rotations
+            got = cache.projections(classes, rotations)
+            for u in range(pairs.numel()):
+                k, matrices = int(classes[u]), grid.children_matrices(rotations[u : u + 1]).reshape(-1, 3, 3)
+                expected = extract_slices(volumes_ft[k : k + 1], matrices, frequencies, box)[0]
+                torch.testing.assert_close(got[u], expected, rtol=1e-4, atol=1e-4)  # two interpolation kernels: rounding apart
+
+
 def test_pass_offsets_act_on_their_own_pass() -> None:
     # the self-fit discount differs between the passes: an offset of the fine pass moves the
     # class log-odds by exactly its difference when the coarse pass keeps every sample, and

@@ -494,12 +494,16 @@ class FinePassCache:
     """The fine pass's state over one iteration: child projections, and slice sums.
 
     The fine pass of every batch asks for the children of its significant (class, coarse
-    orientation) pairs; each pair's ``F`` child projections are extracted the first time and
-    kept in a table. Its posterior-weighted slices are summed per fine orientation in a
-    second table, so that an orientation is inserted into the volumes once per iteration
-    rather than once per batch. Each table holds at most ``memory_budget_bytes``: a full
-    projection table is emptied and refilled, a full sum table is handed back for insertion
-    (:meth:`add`, :meth:`drain`), so memory stays bounded whatever the number of samples.
+    orientation) pairs. The ``F`` children of a coarse orientation are projected for all K
+    classes the first time any class asks for them, and kept in a table: extracting the K
+    classes together reads each trilinear neighbour once for all of them (three classes
+    cost about 1.2 times one), and once the classes take shape most coarse orientations are
+    significant for several (2.1 of 3 on the benchmark set of ``docs/benchmarks.md``). Its
+    posterior-weighted slices are summed per fine orientation in a second table, so that an
+    orientation is inserted into the volumes once per iteration rather than once per batch.
+    Each table holds at most ``memory_budget_bytes``: a full projection table is emptied and
+    refilled, a full sum table is handed back for insertion (:meth:`add`, :meth:`drain`), so
+    memory stays bounded whatever the number of samples.
 
     Parameters
     ----------
@@ -522,9 +526,9 @@ class FinePassCache:
         device = volumes_ft.device
         self.volumes_ft, self.grid, self.frequencies, self.box_size = volumes_ft, grid, frequencies, box_size
         self.memory_budget_bytes = memory_budget_bytes
-        capacity = int(max(1, min(n_classes * n_rot, memory_budget_bytes // (n_sub * n * 8))))
+        capacity = int(max(1, min(n_rot, memory_budget_bytes // (n_classes * n_sub * n * 8))))
         self.slots = _TableSlots(capacity, device)
-        self.table = torch.empty(capacity, n_sub, n, dtype=torch.complex64, device=device)
+        self.table = torch.empty(capacity, n_classes, n_sub, n, dtype=torch.complex64, device=device)
         self.sum_capacity = int(max(1, min(n_classes * n_rot * n_sub, memory_budget_bytes // (n * 12))))
         self.sum_slots = _TableSlots(self.sum_capacity, device)
         # rows are zeroed when a fine id takes them, so untouched memory is never written
@@ -534,22 +538,28 @@ class FinePassCache:
 
     def projections(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
         """``(U, F, M)`` child projections of the pairs ``(classes[u], coarse_rotations[u])``."""
-        assigned = self.slots.assign(classes * self.grid.n_rotations + coarse_rotations)
+        rotations, pair_rotation = torch.unique(coarse_rotations, return_inverse=True)
+        assigned = self.slots.assign(rotations)
         if assigned is None:
-            return self._extract(classes, coarse_rotations)
+            # more orientations than the table holds: each is extracted for its pairs' classes only
+            n_sub, n = self.grid.n_children, self.frequencies.shape[0]
+            values = torch.empty(classes.numel(), n_sub, n, dtype=torch.complex64, device=classes.device)
+            for k in torch.unique(classes).tolist():
+                members = (classes == k).nonzero()[:, 0]
+                values[members] = self._extract(self.volumes_ft[k : k + 1], coarse_rotations[members])[0]
+            return values
         rows, missing = assigned
         if missing.numel():
-            self.table[rows[missing]] = self._extract(classes[missing], coarse_rotations[missing])
-        return self.table[rows]
+            self.table[rows[missing]] = self._extract(self.volumes_ft, rotations[missing]).transpose(0, 1)
+        return self.table[rows[pair_rotation], classes]
 
-    def _extract(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
+    def _extract(self, volumes_ft: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
+        """``(k, U, F, M)`` projections of the ``k`` maps ``volumes_ft`` along the children of
+        ``coarse_rotations`` ``(U,)``."""
         n_sub, n = self.grid.n_children, self.frequencies.shape[0]
-        values = torch.empty(classes.numel(), n_sub, n, dtype=torch.complex64, device=classes.device)
-        for k in torch.unique(classes).tolist():
-            members = (classes == k).nonzero()[:, 0]
-            rotations = self.grid.children_matrices(coarse_rotations[members]).reshape(-1, 3, 3)
-            values[members] = extract_slices(self.volumes_ft[k : k + 1], rotations, self.frequencies, self.box_size, self.memory_budget_bytes)[0].reshape(-1, n_sub, n)
-        return values
+        matrices = self.grid.children_matrices(coarse_rotations).reshape(-1, 3, 3)
+        values = extract_slices(volumes_ft, matrices, self.frequencies, self.box_size, self.memory_budget_bytes)
+        return values.reshape(volumes_ft.shape[0], -1, n_sub, n)
 
     def add(self, ids: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> list[WeightedSlices]:
         """Add slice sums of distinct fine ids ``(k·R + r)·F + f``; returns the slices to
