@@ -757,6 +757,8 @@ class Class3DJob:
         extracted = None
         if samples is not None:
             counts = [min(n, frequencies.shape[0]) for n in samples.component_counts]
+            # the components beyond the passes' own are not scored: no self-fit there
+            frequencies, four_q = frequencies[: max(counts)], four_q[:, : max(counts)]
             extracted = samples.orientations.nearest(rotations)
             four_q = four_q * torch.cos(2 * math.pi / self.box * (frequencies @ samples.shift_px))
         discounts = [torch.zeros(previous.shape[0], self.n_classes, device=four_q.device) for _ in counts]
