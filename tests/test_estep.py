@@ -446,6 +446,24 @@ def test_significant_samples_are_the_smallest_set_holding_the_mass(cap: int) -> 
     torch.testing.assert_close(order[ranked > 0], reference[ranked > 0], rtol=0, atol=0)
     torch.testing.assert_close(keep, (ranked.cumsum(-1) - ranked) < 0.999)
 
+@pytest.mark.parametrize("fraction", [0.5, 0.999, 1.0])
+def test_significant_count_is_that_of_a_full_sort(fraction: float) -> None:
+    # rows from flat to peaked, and a row of masked (zero) samples: the count of the fewest
+    # samples holding the fraction, as a full sort gives it, whatever the cap above it
+    from cryotorch.em.estep import _significant_count
+
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.randn(7, 300, generator=generator) * torch.tensor([0.0, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0])[:, None]
+    logits[2, 100:] = -math.inf
+    posterior = torch.softmax(logits, dim=-1)
+    ranked = torch.sort(posterior, dim=-1, descending=True).values
+    expected = ((ranked.cumsum(-1) - ranked) < fraction).sum(-1)
+    assert expected.min() >= 1 and expected.max() > 100 and expected.unique().numel() >= 5
+    torch.testing.assert_close(_significant_count(posterior, fraction, 300), expected)
+    torch.testing.assert_close(_significant_count(posterior, fraction, 50), expected.clamp(max=50))
+    assert _significant_count(posterior[:0], fraction, 300).numel() == 0
+
+
 def test_local_search_continues_across_the_border_of_the_asymmetric_unit() -> None:
     # with C4 the grid covers rot in [-45, 45]; a particle whose prior is a symmetry mate of
     # its true pose (rot + 90) still finds that pose, as the search takes every grid pose's

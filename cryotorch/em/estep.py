@@ -686,9 +686,14 @@ def _significant_count(posterior: torch.Tensor, fraction: float, cap: int) -> to
     ``fraction`` of its mass (≤ cap).
 
     Only the ``cap`` largest values per row can qualify, so a partial ``topk`` replaces a
-    full sort of every row.
+    full sort of every row. Nor can a value below ``(1 − fraction)/S`` (S values per row): the
+    values below it hold less than ``1 − fraction`` of a row's mass, so more than ``fraction``
+    lies above each of them; the ``topk`` takes no more values than the fullest row has above
+    that bound.
     """
-    ordered = torch.topk(posterior, min(cap, posterior.shape[-1]), dim=-1).values
+    n_values = posterior.shape[-1]
+    above = int((posterior >= (1.0 - fraction) / n_values).sum(-1).max()) if posterior.numel() else 0
+    ordered = torch.topk(posterior, min(cap, n_values, max(1, above)), dim=-1).values
     before = ordered.cumsum(-1) - ordered  # mass strictly above each sample
     return (before < fraction).sum(-1)
 
