@@ -172,12 +172,15 @@ def median_angular_error_deg(truth_star: Path, out: Path, iteration: int) -> flo
 
 
 def seconds_per_iteration(log_path: Path) -> list[float]:
-    stamps = [
-        datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    """Wall time of each iteration in a run log: from the run's start or the previous
+    iteration to its end. The time between runs that continue in one folder (the log is
+    appended to) counts for none of them."""
+    events = [
+        (datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f"), match.group(2) != "running job")
         for line in log_path.read_text().splitlines()
         if (match := re.match(r"\[(.*?)\]\[.*\]\[INFO\] - (running job|iteration \d+:)", line))
     ]
-    return [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+    return [(end - start).total_seconds() for (start, _), (end, is_iteration) in zip(events, events[1:]) if is_iteration]
 
 
 def report(label: str, folder: Path, out: Path, iteration: int, truth: np.ndarray, true_maps: list[Path], n_particles: int, aligned: bool) -> None:
