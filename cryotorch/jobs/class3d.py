@@ -914,6 +914,7 @@ class Class3DJob:
                                (changes_orientations, changes_offsets, changes_classes))
         writer = context.writer
         seen = state.class_number > 0
+        any_seen = bool(seen.any())
         scalars = {
             "class3d/changes_classes": changes_classes,
             "class3d/changes_orientations_deg": changes_orientations,
@@ -921,8 +922,8 @@ class Class3DJob:
             "class3d/log_likelihood": float(state.log_likelihood.sum()),
             "class3d/average_pmax": float(state.max_posterior.mean()),
             # effective number of classes per particle, 1/Σ_k p_k² (1: sure of its class, K: none)
-            "class3d/mean_class_ess": float(state.class_ess[seen].mean()) if seen.any() else 0.0,
-            "class3d/mean_significant_samples": float(state.n_significant[seen].double().mean()) if seen.any() else 0.0,
+            "class3d/mean_class_ess": float(state.class_ess[seen].mean()) if any_seen else 0.0,
+            "class3d/mean_significant_samples": float(state.n_significant[seen].double().mean()) if any_seen else 0.0,
             "class3d/current_resolution_angstrom": self.box * pixel / radius,
         }
         for k in range(self.n_classes):
@@ -932,7 +933,7 @@ class Class3DJob:
         log_scalars(writer, scalars, iteration)
         if writer is not None:
             writer.add_histogram("class3d/max_posterior", state.max_posterior.cpu(), iteration)
-            if seen.any():
+            if any_seen:
                 writer.add_histogram("class3d/class_ess", state.class_ess[seen].cpu(), iteration)
             for k in range(self.n_classes):
                 log_central_slices(writer, f"class3d/class{k + 1:03d}", model.volumes[k], iteration)
