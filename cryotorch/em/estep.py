@@ -274,6 +274,18 @@ class CoarseProjections:
         capacity = int(max(1, min(grid.n_rotations, memory_budget_bytes / 4 // (n_classes * n * 12))))
         self.slots = _TableSlots(capacity, volumes_ft.device)
         self._table: ScoreProjections | None = None
+        self._scores = torch.empty(0, device=volumes_ft.device)
+
+    def score_buffer(self, n_values: int) -> torch.Tensor:
+        """A flat float buffer of at least ``n_values`` for a batch's coarse scores, the same
+        for every batch of the iteration (grown when a batch needs more).
+
+        On a CPU a fresh score matrix of each batch is mapped anew, and touching its pages
+        costs about a fifth as much as the GEMM that fills it.
+        """
+        if self._scores.numel() < n_values:
+            self._scores = torch.empty(n_values, device=self.volumes_ft.device)
+        return self._scores
 
     @staticmethod
     def fit_whole(n_classes: int, n_rotations: int, n_components: int, memory_budget_bytes: float) -> bool:
@@ -601,19 +613,26 @@ class FinePassCache:
         ]
 
 
-def score_terms(batch: PreparedBatch, projections: ScoreProjections, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_terms(
+    batch: PreparedBatch, projections: ScoreProjections, ramps: torch.Tensor, n: int, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two GEMMs of the score of B particles × T translations against C projections
     (``projections`` laid out as ``(C, 2n)`` and ``(C, n)``).
 
-    Returns the cross term ``Σ Re(conj(L)·P)`` ``(B, T, C)``, the norm term ``Σ Q·|P|²``
-    ``(B, 1, C)`` and ``L`` ``(B, T, n)`` for the M-step; the score is ``cross − norm``.
+    Returns the cross term ``Σ Re(conj(L)·P)`` ``(B, T, C)`` (written into the first B·T·C
+    values of the flat buffer ``out`` if given), the norm term ``Σ Q·|P|²`` ``(B, 1, C)`` and
+    ``L`` ``(B, T, n)`` for the M-step; the score is ``cross − norm``.
     """
     factor = batch.scale[:, None] * batch.ctf[:, :n] * batch.inv_sigma2[:, :n]  # (B, n)
     shifted = batch.spectra[:, None, :n] * ramps[None, :, :n]  # (B, T, n)
     weighted = shifted * factor[:, None, :]  # L
     b, t = weighted.shape[:2]
     stacked = torch.cat([weighted.real, weighted.imag], dim=-1).reshape(b * t, 2 * n)
-    cross = (stacked @ projections.stacked.T).reshape(b, t, -1)
+    n_projections = projections.stacked.shape[0]
+    if out is None:
+        cross = (stacked @ projections.stacked.T).reshape(b, t, -1)
+    else:
+        cross = torch.matmul(stacked, projections.stacked.T, out=out[: b * t * n_projections].view(b * t, n_projections)).view(b, t, -1)
     q = 0.5 * (batch.scale[:, None] * batch.ctf[:, :n]) ** 2 * batch.inv_sigma2[:, :n]  # (B, n)
     norm = (q @ projections.power.T)[:, None, :]  # (B, 1, C)
     return cross, norm, weighted
@@ -808,8 +827,10 @@ def expectation(
     n_scored = n_rot if searched_rotations is None else searched_rotations.shape[0]
     origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]  # (B, T, 2)
     offset_prior = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom).float()  # (B, T)
+    width = n_scored
     if searched_rotations is None:
         pieces = functools.partial(coarse_projections.pieces, settings.coarse_piece_rotations)
+        width = min(n_scored, settings.coarse_piece_rotations or n_scored)
     else:
         local_layout = coarse_projections.scoring(searched_rotations)
         pieces = functools.partial(iter, [(0, n_scored, local_layout)])
@@ -823,6 +844,7 @@ def expectation(
         None if orientation_prior is None else orientation_prior.float(),
         None if offsets is None or offsets.coarse is None else offsets.coarse.float(),
         torch.where(class_mask, per_particle_prior, -math.inf).float(),
+        coarse_projections.score_buffer(batch.spectra.shape[0] * ramps_coarse.shape[0] * n_classes * width),
     )
     b = order.shape[0]
     significant = SignificantSamples(order, valid, n_classes * n_scored, n_rot if searched_rotations is None else searched_rotations)
@@ -874,6 +896,7 @@ def _coarse_pass(
     orientation_prior: torch.Tensor | None,
     coarse_offset: torch.Tensor | None,
     class_bias: torch.Tensor,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The coarse pass of B particles: their ``max_significant`` best samples and which of
     them are significant, and each particle's intensity per class (None without a scale).
@@ -897,6 +920,9 @@ def _coarse_pass(
         ``(B, K)`` additions to each class's cross term, or None.
     class_bias
         ``(B, K)`` log class prior, −inf for a class a particle may not take.
+    scores
+        Flat buffer of at least ``B·T·K·W`` floats (W the widest piece) that every piece's
+        scores are written into, one piece at a time; None: fresh ones.
 
     Returns
     -------
@@ -911,7 +937,7 @@ def _coarse_pass(
 
     def score(start: int, width: int, layout: ScoreProjections) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A piece's logits ``cross − norm`` + priors ``(B, T, K, W)``, norms ``(B, K, W)`` and orientation prior."""
-        cross, norm, _ = score_terms(batch, layout, ramps, settings.n_coarse)
+        cross, norm, _ = score_terms(batch, layout, ramps, settings.n_coarse, scores)
         logits = cross.sub_(norm).reshape(b, t, n_classes, width)
         # origin and orientation priors added in place
         logits.add_(offset_prior[:, :, None, None])
