@@ -66,18 +66,20 @@ def self_overlap_sum(
     extracted_lower = torch.floor(extracted)
     extracted_fraction = extracted - extracted_lower
 
-    def kernel(distance: torch.Tensor) -> torch.Tensor:
-        return torch.where(distance == 0, 1.0, torch.where(distance.abs() == 1, neighbour_overlap, 0.0))
-
-    # per axis, for the lower and upper inserted corner: Σ_u t'_u·K(v − u) over the extraction's two corners
-    offset = lower - extracted_lower
-    reach = [(1 - extracted_fraction) * kernel(offset + side) + extracted_fraction * kernel(offset + side - 1) for side in (0, 1)]
-    sides = ((1 - fraction) * reach[0], fraction * reach[1])
+    # per axis, for the lower and upper inserted corner: Σ_u t'_u·K(v − u) over the extraction's
+    # two corners; K(d) for d = −2 … 2 (0 beyond) looked up at d = offset − 1, offset, offset + 1
+    kernel = torch.tensor([0.0, neighbour_overlap, 1.0, neighbour_overlap, 0.0], dtype=coordinates.dtype, device=coordinates.device)
+    at = (lower - extracted_lower).long() + 2
+    below, level, above = (kernel[(at + step).clamp_(0, 4)] for step in (-1, 0, 1))
+    rest = 1 - extracted_fraction
+    reach = [rest * level + extracted_fraction * below, rest * above + extracted_fraction * level]
+    # per side and axis, contiguous: products of the strided columns of (S, 3) arrays are slower
+    sides = [[column.contiguous() for column in side.unbind(-1)] for side in ((1 - fraction) * reach[0], fraction * reach[1])]
     flat = grid.reshape(-1)
     total = torch.zeros(coordinates.shape[0], dtype=grid.dtype, device=grid.device)
     corners = CORNERS.tolist()
     for (flat_index, trilinear), (dx, dy, dz) in zip(trilinear_corners(coordinates, padded_size, half_size), corners):
-        weight = sides[dx][:, 0] * sides[dy][:, 1] * sides[dz][:, 2]
+        weight = sides[dx][0] * sides[dy][1] * sides[dz][2]
         total += torch.where(trilinear > 0, weight, 0).to(grid.dtype) * flat[flat_index]
     return total.reshape(rotations.shape[0], -1)
 

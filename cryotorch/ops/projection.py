@@ -115,18 +115,25 @@ def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: in
     shifted = coordinates + torch.tensor([0.0, centre, centre], device=coordinates.device)
     base = torch.floor(shifted)
     fraction = shifted - base  # (S, 3)
-    x0, y0, z0 = base.long().unbind(-1)
+    # every per-axis array contiguous: element-wise ops and reductions over the strided
+    # columns of an (S, 3) array are several times slower
+    lows = [column.contiguous() for column in base.unbind(-1)]
+    x0, y0, z0 = (low.long() for low in lows)
     base_index = (z0 * padded_size + y0) * half_size + x0
-    # per axis: weight of the lower and upper neighbour
-    axes = [(1 - fraction[:, a], fraction[:, a]) for a in range(3)]
+    # per axis: weight of the lower and upper neighbour, and the 4 products of x and y shared
+    # by the corners of both z planes
+    upper = [fraction[:, a].contiguous() for a in range(3)]
+    axes = [(1 - weight, weight) for weight in upper]
+    planar = {(dx, dy): axes[0][dx] * axes[1][dy] for dy in (0, 1) for dx in (0, 1)}
     limits = [(x0, half_size), (y0, padded_size), (z0, padded_size)]
     # samples well inside the grid (all of them, but for the outermost shells) need no masks
     # (one device sync: the bounds are compared on the device)
+    bounds = torch.stack([torch.stack(low.aminmax()) for low in lows])  # (3, 2)
     sizes = torch.tensor([size for _, size in limits], dtype=base.dtype, device=base.device)
-    all_inside = bool(((base.amin(0) >= 0) & (base.amax(0) + 1 < sizes)).all())
+    all_inside = bool(((bounds[:, 0] >= 0) & (bounds[:, 1] + 1 < sizes)).all())
     inside = [] if all_inside else [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
     for dx, dy, dz in CORNERS.tolist():
-        trilinear = axes[0][dx] * axes[1][dy] * axes[2][dz]
+        trilinear = planar[dx, dy] * axes[2][dz]
         flat_index = base_index + ((dz * padded_size + dy) * half_size + dx)
         if all_inside:
             yield flat_index, trilinear
