@@ -96,10 +96,10 @@ def slice_coordinates(
     """
     scale = padded_size / box_size
     in_plane = rotations[:, :2, :].to(frequencies.dtype)  # (R, 2, 3)
-    coordinates = torch.einsum("md,rdc->rmc", frequencies, in_plane) * scale  # (R, M, 3)
+    coordinates = torch.einsum("md,rdc->rmc", frequencies, in_plane)  # (R, M, 3)
     conjugate = coordinates[..., 0] < 0
-    coordinates = torch.where(conjugate[..., None], -coordinates, coordinates)
-    return coordinates, conjugate
+    # scaled and folded in one pass (±scale: exactly the scaled coordinates, negated)
+    return coordinates.mul_(torch.where(conjugate, -scale, scale)[..., None]), conjugate
 
 
 CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])  # (8, 3) offsets (x, y, z)
