@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d, irfft2_centered, irfft3_centered, rfft2_centered, rfft3_centered
@@ -35,9 +37,17 @@ def radius_grid_2d(box_size: int, device: torch.device | None = None) -> torch.T
     return fft_frequencies_2d(box_size, device).norm(dim=-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _radius_and_shell_3d(box_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grids of :func:`radius_grid_3d` and :func:`shell_index_3d`, computed once per size
+    and device (each M-step asks for them several times per class)."""
+    radius = frequency_grid_3d(box_size, device).norm(dim=-1)
+    return radius, torch.round(radius).long()
+
+
 def radius_grid_3d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(N, N, N // 2 + 1)`` frequency radius in cycles per box."""
-    return frequency_grid_3d(box_size, device).norm(dim=-1)
+    """``(N, N, N // 2 + 1)`` frequency radius in cycles per box (a copy the caller owns)."""
+    return _radius_and_shell_3d(box_size, torch.device(device or "cpu"))[0].clone()
 
 
 def shell_index_2d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -46,8 +56,9 @@ def shell_index_2d(box_size: int, device: torch.device | None = None) -> torch.T
 
 
 def shell_index_3d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(N, N, N // 2 + 1)`` int64 Fourier shell (rounded radius) of each rfft component."""
-    return torch.round(radius_grid_3d(box_size, device)).long()
+    """``(N, N, N // 2 + 1)`` int64 Fourier shell (rounded radius) of each rfft component (a
+    copy the caller owns)."""
+    return _radius_and_shell_3d(box_size, torch.device(device or "cpu"))[1].clone()
 
 
 def translate_2d_ft(spectrum: torch.Tensor, shifts_px: torch.Tensor, frequencies: torch.Tensor, box_size: int) -> torch.Tensor:
