@@ -14,7 +14,7 @@ from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, s
 from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import radius_grid_3d
 from cryotorch.ops.fsc import fourier_shell_correlation
-from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes, project_volumes
+from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes, project_volumes, trilinear_corners, trilinear_table
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
 
@@ -88,6 +88,23 @@ def test_batched_classes_and_chunking_agree(phantom: torch.Tensor, device: str) 
     assert gathered.shape == (4, 20, frequencies.shape[0])
     for k in range(4):
         torch.testing.assert_close(gathered[k], extract_slices(four[k : k + 1], rotations, frequencies, BOX)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("reach", [0.8, 1.2])
+def test_trilinear_table_is_the_corners_side_by_side(reach: float) -> None:
+    # all samples inside the grid (columns written in place) or some beyond it (masked corners)
+    padded = 16
+    generator = torch.Generator().manual_seed(8)
+    coordinates = (torch.rand(500, 3, generator=generator) * 2 - 1) * reach * torch.tensor([padded / 2, padded / 2, padded / 2])
+    coordinates[:, 0] = coordinates[:, 0].abs()
+    index, weight = trilinear_table(coordinates, padded, padded // 2 + 1)
+    corners = list(trilinear_corners(coordinates, padded, padded // 2 + 1))
+    assert index.shape == weight.shape == (500, 8)
+    assert torch.equal(index, torch.stack([i for i, _ in corners], dim=-1))
+    assert torch.equal(weight, torch.stack([w for _, w in corners], dim=-1))
+    inside = (weight > 0).sum(-1) == 8
+    torch.testing.assert_close(weight[inside].sum(-1), torch.ones(int(inside.sum())))
+    assert bool(inside.all()) == (reach < 1)
 
 
 def test_resolution_limit_zeroes_high_frequencies(phantom: torch.Tensor) -> None:

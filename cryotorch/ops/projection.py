@@ -11,6 +11,7 @@ are the DFTs of the N×N projections.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ __all__ = [
     "prepare_fourier_volumes",
     "slice_coordinates",
     "trilinear_corners",
+    "trilinear_table",
     "CORNERS",
     "extract_slices",
     "project_volumes",
@@ -105,12 +107,17 @@ def slice_coordinates(
 CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])  # (8, 3) offsets (x, y, z)
 
 
-def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """For each of the 8 trilinear corners: flat voxel index and weight of every sample.
+@dataclass(frozen=True)
+class _TrilinearParts:
+    """What the 8 corners of trilinear interpolation are made of (:func:`_trilinear_parts`)."""
 
-    ``coordinates`` are ``(S, 3)`` ``(x, y, z)`` in padded-grid units with ``x >= 0`` (from
-    :func:`slice_coordinates`); corners outside the grid get weight 0 (at index 0).
-    """
+    base_index: torch.Tensor  # (S,) flat index of the lower corner
+    planar: dict[tuple[int, int], torch.Tensor]  # (dx, dy) → (S,) x·y weight
+    z_weights: tuple[torch.Tensor, torch.Tensor]  # (S,) lower and upper z weight
+    inside: list[tuple[torch.Tensor, torch.Tensor]] | None  # per axis, lower/upper in the grid; None: all are
+
+
+def _trilinear_parts(coordinates: torch.Tensor, padded_size: int, half_size: int) -> _TrilinearParts:
     centre = padded_size // 2
     shifted = coordinates + torch.tensor([0.0, centre, centre], device=coordinates.device)
     base = torch.floor(shifted)
@@ -131,15 +138,50 @@ def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: in
     bounds = torch.stack([torch.stack(low.aminmax()) for low in lows])  # (3, 2)
     sizes = torch.tensor([size for _, size in limits], dtype=base.dtype, device=base.device)
     all_inside = bool(((bounds[:, 0] >= 0) & (bounds[:, 1] + 1 < sizes)).all())
-    inside = [] if all_inside else [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
+    inside = None if all_inside else [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
+    return _TrilinearParts(base_index, planar, axes[2], inside)
+
+
+def _corner_offset(corner: tuple[int, int, int], padded_size: int, half_size: int) -> int:
+    dx, dy, dz = corner
+    return (dz * padded_size + dy) * half_size + dx
+
+
+def _corners(parts: _TrilinearParts, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for dx, dy, dz in CORNERS.tolist():
-        trilinear = planar[dx, dy] * axes[2][dz]
-        flat_index = base_index + ((dz * padded_size + dy) * half_size + dx)
-        if all_inside:
+        trilinear = parts.planar[dx, dy] * parts.z_weights[dz]
+        flat_index = parts.base_index + _corner_offset((dx, dy, dz), padded_size, half_size)
+        if parts.inside is None:
             yield flat_index, trilinear
         else:
-            valid = inside[0][dx] & inside[1][dy] & inside[2][dz]
+            valid = parts.inside[0][dx] & parts.inside[1][dy] & parts.inside[2][dz]
             yield torch.where(valid, flat_index, 0), torch.where(valid, trilinear, 0)
+
+
+def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each of the 8 trilinear corners: flat voxel index and weight of every sample.
+
+    ``coordinates`` are ``(S, 3)`` ``(x, y, z)`` in padded-grid units with ``x >= 0`` (from
+    :func:`slice_coordinates`); corners outside the grid get weight 0 (at index 0).
+    """
+    return _corners(_trilinear_parts(coordinates, padded_size, half_size), padded_size, half_size)
+
+
+def trilinear_table(coordinates: torch.Tensor, padded_size: int, half_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`trilinear_corners` as two ``(S, 8)`` arrays, flat indices and weights, corners
+    in the order of :data:`CORNERS` (the bags of an ``embedding_bag``)."""
+    parts = _trilinear_parts(coordinates, padded_size, half_size)
+    if parts.inside is not None:
+        index, weight = (torch.stack(values, dim=-1) for values in zip(*_corners(parts, padded_size, half_size)))
+        return index, weight
+    corners = [tuple(corner) for corner in CORNERS.tolist()]
+    offsets = torch.tensor([_corner_offset(corner, padded_size, half_size) for corner in corners], device=coordinates.device)
+    index = parts.base_index[:, None] + offsets
+    # each corner's product written into its column (stacking the 8 products costs a copy)
+    weight = coordinates.new_empty(coordinates.shape[0], 8)
+    for column, (dx, dy, dz) in enumerate(corners):
+        torch.mul(parts.planar[dx, dy], parts.z_weights[dz], out=weight[:, column])
+    return index, weight
 
 
 # Work arrays per chunk on a CPU. Larger chunks gain nothing there and lose to page faults and
@@ -193,11 +235,12 @@ def extract_slices(
     out = volumes_ft.new_empty(rotations.shape[0], n_freq, n_classes)
     for start in range(0, rotations.shape[0], chunk):
         coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
-        index, weight = (torch.stack(values, dim=-1) for values in zip(*trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size)))
+        index, weight = trilinear_table(coordinates.reshape(-1, 3), padded_size, half_size)
         # trilinear interpolation as a weighted sum of 8 table rows per sample
-        sampled = F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode="sum").reshape(-1, n_freq, n_classes, 2)
-        imaginary = torch.where(conjugate[..., None], -sampled[..., 1], sampled[..., 1])
-        out[start : start + chunk] = torch.complex(sampled[..., 0], imaginary)
+        sampled = F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode="sum").view(-1, n_freq, n_classes, 2)
+        # folded samples take the conjugate: their imaginary parts negated in place
+        sampled[..., 1].mul_(torch.where(conjugate, -1.0, 1.0)[..., None])
+        out[start : start + chunk] = torch.view_as_complex(sampled)
     return out.permute(2, 0, 1)
 
 
