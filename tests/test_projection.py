@@ -81,8 +81,8 @@ def test_batched_classes_and_chunking_agree(phantom: torch.Tensor, device: str) 
     torch.testing.assert_close(whole, chunked, rtol=1e-4, atol=1e-3)
     single = extract_slices(volumes_ft[1:], rotations[3:4], frequencies, BOX)
     torch.testing.assert_close(whole[1, 3], single[0, 0])
-    # from three volumes on, rows of a voxel-major table are gathered instead of grid_sample
-    # channels; every sample, including those whose neighbours leave the grid, agrees
+    # four classes gathered together from one voxel-major table agree with each class
+    # extracted alone, at every sample, including those whose neighbours leave the grid
     four = prepare_fourier_volumes(torch.stack([phantom, phantom.flip(0), phantom.flip(1), 2 * phantom]).to(device))
     gathered = extract_slices(four, rotations, frequencies, BOX, memory_budget_bytes=2**16)
     assert gathered.shape == (4, 20, frequencies.shape[0])

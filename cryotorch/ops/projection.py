@@ -225,8 +225,6 @@ def extract_slices(
         ``(K, R, M)`` complex slice values.
     """
     n_classes, padded_size, half_size = volumes_ft.shape[0], volumes_ft.shape[1], volumes_ft.shape[-1]
-    if n_classes < 3:
-        return _extract_by_grid_sample(volumes_ft, rotations, frequencies, box_size, memory_budget_bytes)
     n_freq = frequencies.shape[0]
     # one row per voxel holding every class's (real, imaginary) pair: a view of the storage
     # that prepare_fourier_volumes lays out, so that the 8 neighbours of a sample are 8 rows
@@ -242,30 +240,6 @@ def extract_slices(
         sampled[..., 1].mul_(torch.where(conjugate, -1.0, 1.0)[..., None])
         out[start : start + chunk] = torch.view_as_complex(sampled)
     return out.permute(2, 0, 1)
-
-
-def _extract_by_grid_sample(
-    volumes_ft: torch.Tensor, rotations: torch.Tensor, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float
-) -> torch.Tensor:
-    """:func:`extract_slices` for one or two volumes: ``grid_sample`` over their real and
-    imaginary channels, which is faster than the table of row gathers until there are three."""
-    n_classes, padded_size, half_size = volumes_ft.shape[0], volumes_ft.shape[1], volumes_ft.shape[-1]
-    channels = torch.view_as_real(volumes_ft).permute(0, 4, 1, 2, 3).reshape(1, 2 * n_classes, padded_size, padded_size, half_size)
-    # grid_sample normalises coordinates to [-1, 1] over index 0 … size-1 (align_corners=True)
-    centre = padded_size // 2
-    half_extent = torch.tensor([(half_size - 1) / 2, (padded_size - 1) / 2, (padded_size - 1) / 2], device=frequencies.device)
-    offset = torch.tensor([0.0, centre, centre], device=frequencies.device)
-    n_freq = frequencies.shape[0]
-    chunk = rotation_chunk_size(n_freq, 4 * (4 * n_classes + 8), memory_budget_bytes, volumes_ft.device)
-    out = []
-    for start in range(0, rotations.shape[0], chunk):
-        coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
-        grid = (coordinates + offset) / half_extent - 1.0  # (r, M, 3)
-        sampled = F.grid_sample(channels, grid[None, :, :, None, :], mode="bilinear", padding_mode="zeros", align_corners=True)  # (1, 2K, r, M, 1)
-        sampled = sampled[0, ..., 0].reshape(n_classes, 2, -1, n_freq)
-        imaginary = torch.where(conjugate, -sampled[:, 1], sampled[:, 1])
-        out.append(torch.complex(sampled[:, 0], imaginary))
-    return torch.cat(out, dim=1)
 
 
 def project_volumes(
