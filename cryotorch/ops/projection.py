@@ -118,6 +118,8 @@ class _TrilinearParts:
 
 
 def _trilinear_parts(coordinates: torch.Tensor, padded_size: int, half_size: int) -> _TrilinearParts:
+    """Lower-corner indices, per-axis weights and grid masks of samples at ``coordinates``
+    ``(S, 3)`` (as in :func:`trilinear_corners`)."""
     centre = padded_size // 2
     shifted = coordinates + torch.tensor([0.0, centre, centre], device=coordinates.device)
     base = torch.floor(shifted)
@@ -143,18 +145,27 @@ def _trilinear_parts(coordinates: torch.Tensor, padded_size: int, half_size: int
 
 
 def _corner_offset(corner: tuple[int, int, int], padded_size: int, half_size: int) -> int:
+    """Flat-index offset of ``corner`` ``(dx, dy, dz)`` from the lower corner."""
     dx, dy, dz = corner
     return (dz * padded_size + dy) * half_size + dx
 
 
+def _corner_valid(parts: _TrilinearParts, corner: tuple[int, int, int]) -> torch.Tensor:
+    """``(S,)`` whether ``corner`` ``(dx, dy, dz)`` of each sample lies in the grid."""
+    assert parts.inside is not None
+    dx, dy, dz = corner
+    return parts.inside[0][dx] & parts.inside[1][dy] & parts.inside[2][dz]
+
+
 def _corners(parts: _TrilinearParts, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each corner's ``(S,)`` flat indices and weights, in the order of :data:`CORNERS`."""
     for dx, dy, dz in CORNERS.tolist():
         trilinear = parts.planar[dx, dy] * parts.z_weights[dz]
         flat_index = parts.base_index + _corner_offset((dx, dy, dz), padded_size, half_size)
         if parts.inside is None:
             yield flat_index, trilinear
         else:
-            valid = parts.inside[0][dx] & parts.inside[1][dy] & parts.inside[2][dz]
+            valid = _corner_valid(parts, (dx, dy, dz))
             yield torch.where(valid, flat_index, 0), torch.where(valid, trilinear, 0)
 
 
@@ -171,16 +182,17 @@ def trilinear_table(coordinates: torch.Tensor, padded_size: int, half_size: int)
     """:func:`trilinear_corners` as two ``(S, 8)`` arrays, flat indices and weights, corners
     in the order of :data:`CORNERS` (the bags of an ``embedding_bag``)."""
     parts = _trilinear_parts(coordinates, padded_size, half_size)
-    if parts.inside is not None:
-        index, weight = (torch.stack(values, dim=-1) for values in zip(*_corners(parts, padded_size, half_size)))
-        return index, weight
-    corners = [tuple(corner) for corner in CORNERS.tolist()]
+    corners = [(dx, dy, dz) for dx, dy, dz in CORNERS.tolist()]
     offsets = torch.tensor([_corner_offset(corner, padded_size, half_size) for corner in corners], device=coordinates.device)
     index = parts.base_index[:, None] + offsets
     # each corner's product written into its column (stacking the 8 products costs a copy)
     weight = coordinates.new_empty(coordinates.shape[0], 8)
     for column, (dx, dy, dz) in enumerate(corners):
         torch.mul(parts.planar[dx, dy], parts.z_weights[dz], out=weight[:, column])
+    if parts.inside is not None:
+        outside = ~torch.stack([_corner_valid(parts, corner) for corner in corners], dim=-1)
+        index.masked_fill_(outside, 0)
+        weight.masked_fill_(outside, 0)
     return index, weight
 
 
