@@ -704,12 +704,14 @@ def test_pieces_profile_each_class_intensity_at_its_best_sample_over_all_orienta
         torch.testing.assert_close(scale, expected, rtol=1e-5, atol=1e-6)
         selections.append([sorted(order[i][valid[i]].tolist()) for i in range(7)])
         # every piece scored into one buffer, reused (not grown) by a second batch: the same bits
-        scores = coarse.score_buffer(7 * ramps.shape[0] * n_classes * min(n_rot, piece or n_rot))
+        buffers = []
         for _ in range(2):
-            reused = _coarse_pass(batch, lambda: coarse.pieces(piece), n_rot, ramps, settings, offset_prior, None, None, bias, scores)
+            reused = _coarse_pass(batch, lambda: coarse.pieces(piece), n_rot, ramps, settings, offset_prior, None, None, bias, coarse.score_buffer)
             assert all(torch.equal(a, b) for a, b in zip(reused, (order, valid, scale)))
-            assert coarse.score_buffer(scores.numel() // 2).data_ptr() == scores.data_ptr()
-    assert coarse.score_buffer(scores.numel() + 1).numel() > scores.numel()
+            buffers.append(coarse.score_buffer(1))
+        assert buffers[0].data_ptr() == buffers[1].data_ptr()
+        assert buffers[0].numel() >= 7 * ramps.shape[0] * n_classes * min(n_rot, piece or n_rot)
+    assert coarse.score_buffer(buffers[0].numel() + 1).numel() > buffers[0].numel()
     assert selections[0] == selections[1]
     assert 1 < max(len(chosen) for chosen in selections[0]) < 500
 

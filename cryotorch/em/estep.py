@@ -827,10 +827,8 @@ def expectation(
     n_scored = n_rot if searched_rotations is None else searched_rotations.shape[0]
     origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]  # (B, T, 2)
     offset_prior = _offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom).float()  # (B, T)
-    width = n_scored
     if searched_rotations is None:
         pieces = functools.partial(coarse_projections.pieces, settings.coarse_piece_rotations)
-        width = min(n_scored, settings.coarse_piece_rotations or n_scored)
     else:
         local_layout = coarse_projections.scoring(searched_rotations)
         pieces = functools.partial(iter, [(0, n_scored, local_layout)])
@@ -844,7 +842,7 @@ def expectation(
         None if orientation_prior is None else orientation_prior.float(),
         None if offsets is None or offsets.coarse is None else offsets.coarse.float(),
         torch.where(class_mask, per_particle_prior, -math.inf).float(),
-        coarse_projections.score_buffer(batch.spectra.shape[0] * ramps_coarse.shape[0] * n_classes * width),
+        coarse_projections.score_buffer,
     )
     b = order.shape[0]
     significant = SignificantSamples(order, valid, n_classes * n_scored, n_rot if searched_rotations is None else searched_rotations)
@@ -896,7 +894,7 @@ def _coarse_pass(
     orientation_prior: torch.Tensor | None,
     coarse_offset: torch.Tensor | None,
     class_bias: torch.Tensor,
-    scores: torch.Tensor | None = None,
+    scores: Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The coarse pass of B particles: their ``max_significant`` best samples and which of
     them are significant, and each particle's intensity per class (None without a scale).
@@ -921,8 +919,9 @@ def _coarse_pass(
     class_bias
         ``(B, K)`` log class prior, −inf for a class a particle may not take.
     scores
-        Flat buffer of at least ``B·T·K·W`` floats (W the widest piece) that every piece's
-        scores are written into, one piece at a time; None: fresh ones.
+        Gives a flat buffer of at least the number of floats asked for (``B·T·K·W`` for a
+        piece of W orientations), into which each piece's scores are written in turn (e.g.
+        :meth:`CoarseProjections.score_buffer`); None: fresh ones.
 
     Returns
     -------
@@ -937,7 +936,8 @@ def _coarse_pass(
 
     def score(start: int, width: int, layout: ScoreProjections) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A piece's logits ``cross − norm`` + priors ``(B, T, K, W)``, norms ``(B, K, W)`` and orientation prior."""
-        cross, norm, _ = score_terms(batch, layout, ramps, settings.n_coarse, scores)
+        out = None if scores is None else scores(b * t * n_classes * width)
+        cross, norm, _ = score_terms(batch, layout, ramps, settings.n_coarse, out)
         logits = cross.sub_(norm).reshape(b, t, n_classes, width)
         # origin and orientation priors added in place
         logits.add_(offset_prior[:, :, None, None])
