@@ -411,9 +411,10 @@ def test_significant_sample_lists_match_their_dense_mask() -> None:
     dense = dense.reshape(b, n_shifts, n_pairs)
     scored = torch.tensor([4, 9, 17])  # the grid numbers of the U = 3 scored orientations of K = 2 classes
     samples = SignificantSamples(index, valid, n_pairs, scored)
-    pairs, shifts = samples.per_particle(n_shifts)
-    torch.testing.assert_close(pairs, dense.any(dim=1))
-    torch.testing.assert_close(shifts, dense.any(dim=2))
+    # the unions of the first 1, 2, ... particles' samples
+    pairs_growth, shifts_growth = samples.union_growth(n_shifts)
+    torch.testing.assert_close(pairs_growth, dense.any(dim=1).int().cummax(dim=0).values.sum(-1))
+    torch.testing.assert_close(shifts_growth, dense.any(dim=2).int().cummax(dim=0).values.sum(-1))
     shift_used, pair_used, mask = samples.select(slice(1, 3)).union()
     torch.testing.assert_close(shift_used, dense[1:3].any(dim=(0, 2)).nonzero()[:, 0])
     torch.testing.assert_close(pair_used, dense[1:3].any(dim=(0, 1)).nonzero()[:, 0])
@@ -593,7 +594,49 @@ def test_local_coarse_projections_come_from_a_bounded_table() -> None:
         assert coarse.slots.n_used <= coarse.slots.capacity
     (start, width, layout), *rest = coarse.pieces()
     assert (start, width, rest) == (0, grid.n_rotations, [])
-    torch.testing.assert_close(layout.stacked, full.flatten().stacked, rtol=0, atol=0)
+    first_halves = (torch.arange(0, grid.n_rotations, 12)[:, None] + torch.arange(6)).reshape(-1)
+    torch.testing.assert_close(layout.real, full.stacked[:, first_halves, :20].reshape(-1, 20), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("symmetry", ["C1", "D2"])
+def test_half_turn_pairs_score_as_the_projections_along_every_orientation(symmetry: str) -> None:
+    # a projection turned by 180° in its plane is the conjugate of the unturned one (a real
+    # map's transform at −k), so the scores of the half-turn layout, made from the first half
+    # of each direction's psi samples, are those of the projections along all orientations
+    from cryotorch.em.estep import HalfTurnProjections, coarse_logits
+    from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(15)
+    box, n_classes, n = 16, 3, 20
+    frequencies = sorted_frequencies(box, 6)
+    volumes_ft = prepare_fourier_volumes(torch.randn(n_classes, box, box, box, generator=generator))
+    grid = build_pose_grid(1, 2.0, 2.0, symmetry)
+    n_rot, n_psi = grid.n_rotations, grid.orientations.n_psi
+    every = extract_slices(volumes_ft, grid.coarse_matrices(torch.arange(n_rot)), frequencies[:n], box)  # (K, R, n)
+    turned = every.reshape(n_classes, -1, 2, n_psi // 2, n)
+    torch.testing.assert_close(turned[:, :, 1], turned[:, :, 0].conj(), rtol=1e-4, atol=1e-4)
+    assert float(turned[:, :, 0].imag.abs().mean()) > 0.1 * float(turned[:, :, 0].abs().mean())  # not trivially real
+    batch = random_batch(5, frequencies.shape[0], generator)
+    ramps = phase_ramps(grid.coarse_shifts_px, frequencies[:n], box)
+    row_term = torch.randn(5, ramps.shape[0], generator=generator)
+    class_term = torch.randn(5, n_classes, generator=generator)
+    class_term[2, 1] = -math.inf  # a class the particle may not take
+    expected, expected_norm = coarse_logits(batch, ScoreProjections.of(every).flatten(), ramps, n, row_term, class_term)
+    coarse = CoarseProjections(volumes_ft, grid, frequencies[:n], box, 2**28)
+    (_, _, layout), *_ = coarse.pieces()
+    assert isinstance(layout, HalfTurnProjections) and layout.n_columns == n_classes * n_rot
+    buffer = torch.full((5 * ramps.shape[0] * n_classes * n_rot + 7,), math.nan)
+    scores, norm = coarse_logits(batch, layout, ramps, n, row_term, class_term, buffer)
+    assert scores.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(norm, expected_norm, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-3)
+    assert torch.equal(torch.isinf(scores), torch.isinf(expected)) and int(torch.isinf(scores).sum()) == ramps.shape[0] * n_rot
+    # 144 (class, direction) groups of 6: five chunks of columns, the last one partial
+    assert layout.real.shape[0] // layout.n_half > 4 * (192 // layout.n_half) or symmetry == "D2"
+    # and without class terms, into fresh memory
+    halves, _ = coarse_logits(batch, layout, ramps, n, row_term, None)
+    plain, _ = coarse_logits(batch, ScoreProjections.of(every).flatten(), ramps, n, row_term, None)
+    torch.testing.assert_close(halves, plain, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("budget", [2**28, 4 * 100 * 3 * 20 * 12])
@@ -612,11 +655,14 @@ def test_global_coarse_projections_come_in_pieces_kept_only_within_the_budget(bu
     coarse = CoarseProjections(volumes_ft, grid, frequencies, box, budget)
     assert coarse.holds_all == (budget == 2**28)
     for _ in range(2):
+        # pieces of whole directions (12 psi samples each), laid out by their first 6
         pieces = list(coarse.pieces(250))
-        assert [(start, width) for start, width, _ in pieces] == [(0, 250), (250, 250), (500, n_rot - 500)]
+        assert [(start, width) for start, width, _ in pieces] == [(0, 240), (240, 240), (480, n_rot - 480)]
         for start, width, layout in pieces:
-            torch.testing.assert_close(layout.stacked, full.stacked[:, start : start + width].reshape(-1, 40), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(layout.power, full.power[:, start : start + width].reshape(-1, 20), rtol=1e-5, atol=1e-5)
+            first_halves = (torch.arange(start, start + width, 12)[:, None] + torch.arange(6)).reshape(-1)
+            torch.testing.assert_close(layout.real, full.stacked[:, first_halves, :20].reshape(-1, 20), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layout.imag, full.stacked[:, first_halves, 20:].reshape(-1, 20), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layout.power, full.power[:, first_halves].reshape(-1, 20), rtol=1e-5, atol=1e-5)
     again = [layout for _, _, layout in coarse.pieces(250)]
     assert all((first is second) == coarse.holds_all for (_, _, first), second in zip(pieces, again))
 
@@ -639,7 +685,7 @@ def test_global_search_batches_fit_the_budget() -> None:
     assert batch == 405 and piece is not None
     assert batch * (piece * per_score + 64 * n) <= 2**29
     batch, piece = global_search_batches(t, k, r, n, n_coarse, 2**20, False)
-    assert piece is not None and 12 * k * n_coarse * piece <= 2**20
+    assert piece is not None and 6 * k * n_coarse * piece <= 2**20
     # a small budget takes fewer particles, not pieces of a few orientations
     batch, piece = global_search_batches(t, k, r, n, n_coarse, 2**24, False)
     assert batch == int(2**24 / (64 * n + per_score * 256)) == 14 and piece is not None and piece >= 256
@@ -650,8 +696,8 @@ def test_global_search_batches_fit_the_budget() -> None:
 @pytest.mark.parametrize("scale_sigma", [0.0, 0.3])
 @pytest.mark.parametrize("cap", [5, 500])
 def test_a_coarse_pass_in_pieces_keeps_the_samples_of_one_in_a_piece(scale_sigma: float, cap: int) -> None:
-    # scored in pieces of 50 of the 576 orientations (the last one short), each keeping only
-    # its best samples, the coarse pass selects the samples that one pass over all selects,
+    # scored in pieces of 48 of the 576 orientations (50 asked for, rounded down to whole
+    # directions of 12 psi samples), each keeping only its best samples, the coarse pass selects the samples that one pass over all selects,
     # and so the posteriors, poses, intensities and M-step sums are the same, with every
     # class allowed or one forced
     from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
@@ -689,7 +735,7 @@ def test_pieces_profile_each_class_intensity_at_its_best_sample_over_all_orienta
     ramps = phase_ramps(grid.coarse_shifts_px, frequencies[:20], box)
     origins = batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None]
     offset_prior = _offset_log_prior(origins, 4.0, 10.0).float()
-    (_, _, layout), *_ = coarse.pieces()
+    layout = ScoreProjections.of(coarse._extract(torch.arange(n_rot))).flatten()
     cross, norm, _ = score_terms(batch, layout, ramps, 20)
     logits = (cross - norm).reshape(7, -1, n_classes, n_rot) + offset_prior[:, :, None, None]
     _, best_cross, best_norm = _class_best(logits, norm.reshape(7, n_classes, n_rot), offset_prior, None)

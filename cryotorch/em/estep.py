@@ -8,7 +8,9 @@ components f inside the current resolution (the stored rfft half plane, as RELIO
     L_it = X_i^t·s·CTF_i/σ²,   Q_i = s²·CTF_i²/(2σ²)
 
 The cross term is one real GEMM ``[(i,t) × 2F] @ [2F × (k,R)]`` and the norm term one GEMM
-``[i × F] @ [F × (k,R)]``. A coarse pass at the resolution the coarse angular step can
+``[i × F] @ [F × (k,R)]``; a global search pairs each orientation with the one turned by 180°
+in its plane, whose projection is the conjugate, so that two GEMMs of depth F over half the
+orientations give both (:class:`HalfTurnProjections`). A coarse pass at the resolution the coarse angular step can
 resolve keeps the samples holding the top ``significance`` of the posterior mass; the fine
 pass rescores only their oversampled children at the full current resolution. The M-step
 sums come out of the same matrices: weighted slices ``W @ L`` and weights ``W @ 2Q``.
@@ -28,7 +30,7 @@ from cryotorch.em.sampling import PoseGrid, local_search
 from cryotorch.ops.healpix import pairwise_rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
 
-__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "ScoreProjections", "CoarseProjections", "global_search_batches", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "ScoreProjections", "HalfTurnProjections", "CoarseProjections", "global_search_batches", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "coarse_logits", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
 
 
 @dataclass
@@ -235,6 +237,87 @@ class _TableSlots:
         return rows, missing
 
 
+# columns of a half-turn GEMM per chunk: its two (B·T, columns) products stay in the cache
+# while the priors are added and the turned pairs written out
+_HALF_TURN_CHUNK_COLUMNS = 192
+
+
+@dataclass(frozen=True)
+class HalfTurnProjections:
+    """Projections of whole viewing directions, laid out for the coarse score GEMMs through
+    the half-turn pairs of their psi samples (:meth:`scores`).
+
+    Turning a projection by 180° in its plane conjugates it: orientation ``Rz(ψ + 180°)·A``
+    samples the map at ``−Aᵀk``, where a real map's transform is the conjugate of its value
+    at ``Aᵀk``. Of the ``2H`` psi samples of a direction, the last ``H`` are the first ``H``
+    turned by 180°: with ``a = Σ Re(L)·Re(P)`` and ``c = Σ Im(L)·Im(P)`` over the first H,
+    their cross terms are ``a + c`` and the turned ones' ``a − c``, and both norm terms are
+    equal. Two GEMMs of depth ``n`` over the first H projections give all 2H, half the
+    flops of one GEMM of depth ``2n`` over all of them (:class:`ScoreProjections`).
+
+    Attributes
+    ----------
+    real, imag
+        ``(G·H, n)`` real and imaginary parts of the first ``H`` psi samples of ``G``
+        (class, direction) groups, classes outer.
+    power
+        ``(G·H, n)`` ``|P|²``.
+    n_half
+        ``H``, half the psi samples of a direction.
+    """
+
+    real: torch.Tensor
+    imag: torch.Tensor
+    power: torch.Tensor
+    n_half: int
+
+    @classmethod
+    def of(cls, projections: torch.Tensor, n_half: int) -> HalfTurnProjections:
+        """The layout of complex projections ``(K, D·H, n)``: the first ``H`` psi samples of
+        each of D directions, per class."""
+        flat = projections.reshape(-1, projections.shape[-1])
+        return cls(flat.real.contiguous(), flat.imag.contiguous(), flat.abs() ** 2, n_half)
+
+    @property
+    def n_columns(self) -> int:
+        """Number ``C = G·2H`` of projections the layout stands for."""
+        return 2 * self.real.shape[0]
+
+    def with_turns(self, values: torch.Tensor) -> torch.Tensor:
+        """``(..., G·2H)`` values of all the projections from ``(..., G·H)`` values that a
+        projection and its turned pair share."""
+        lead, groups = values.shape[:-1], values.shape[-1] // self.n_half
+        return values.reshape(*lead, groups, 1, self.n_half).expand(*lead, groups, 2, self.n_half).reshape(*lead, -1)
+
+    def scores(self, stacked: torch.Tensor, shared: torch.Tensor, row_term: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, G·2H)`` cross terms plus ``shared`` ``(B, G·H)`` (what a projection and its
+        turned pair add alike: e.g. minus the norm term) and ``row_term`` ``(B, T)``.
+
+        ``stacked`` ``(B·T, 2n)`` holds ``Re(L)`` and ``Im(L)`` side by side. Computed in
+        chunks of columns whose products stay in the cache; written into the flat buffer
+        ``out`` if given.
+        """
+        n = self.real.shape[1]
+        b, t = row_term.shape
+        m = stacked.shape[0]
+        h = self.n_half
+        groups = self.real.shape[0] // h
+        total = m * groups * 2 * h
+        result = stacked.new_empty(total) if out is None else out[:total]
+        pairs = result.view(b, t, groups, 2, h)
+        step = max(1, _HALF_TURN_CHUNK_COLUMNS // h)
+        work = stacked.new_empty(2, m * min(step, groups) * h)
+        for first in range(0, groups, step):
+            g = min(step, groups - first)
+            columns = slice(first * h, (first + g) * h)
+            direct = torch.matmul(stacked[:, :n], self.real[columns].T, out=work[0, : m * g * h].view(m, g * h)).view(b, t, g, h)
+            turned = torch.matmul(stacked[:, n:], self.imag[columns].T, out=work[1, : m * g * h].view(m, g * h)).view(b, t, g, h)
+            direct.add_(shared[:, columns].view(b, 1, g, h)).add_(row_term[:, :, None, None])
+            torch.add(direct, turned, out=pairs[:, :, first : first + g, 0])
+            torch.sub(direct, turned, out=pairs[:, :, first : first + g, 1])
+        return result.view(b, t, -1)
+
+
 class CoarseProjections:
     """The coarse pass's projections of an iteration, laid out for the score GEMMs.
 
@@ -269,7 +352,7 @@ class CoarseProjections:
         self.memory_budget_bytes = memory_budget_bytes
         n_classes, n = volumes_ft.shape[0], frequencies.shape[0]
         self.holds_all = self.fit_whole(n_classes, grid.n_rotations, n, memory_budget_bytes)
-        self._pieces: tuple[int, list[ScoreProjections]] | None = None
+        self._pieces: tuple[int, list[HalfTurnProjections]] | None = None
         # a (class, orientation) takes 2n floats stacked and n of |P|²
         capacity = int(max(1, min(grid.n_rotations, memory_budget_bytes / 4 // (n_classes * n * 12))))
         self.slots = _TableSlots(capacity, volumes_ft.device)
@@ -290,29 +373,39 @@ class CoarseProjections:
     @staticmethod
     def fit_whole(n_classes: int, n_rotations: int, n_components: int, memory_budget_bytes: float) -> bool:
         """Whether the laid-out projections of ``n_rotations`` orientations of ``n_classes``
-        maps at ``n_components`` components fit a quarter of ``memory_budget_bytes``."""
-        return n_classes * n_rotations * n_components * 12 <= memory_budget_bytes / 4
+        maps at ``n_components`` components fit a quarter of ``memory_budget_bytes``: 3
+        floats per component of half of them, the others being their half turns."""
+        return n_classes * n_rotations * n_components * 6 <= memory_budget_bytes / 4
 
     def _layout(self, rotations: torch.Tensor) -> ScoreProjections:
         """``(K, U, 2n)`` / ``(K, U, n)`` layout of the coarse orientations ``rotations`` ``(U,)``."""
-        matrices = self.grid.coarse_matrices(rotations)
-        return ScoreProjections.of(extract_slices(self.volumes_ft, matrices, self.frequencies, self.box_size, self.memory_budget_bytes))
+        return ScoreProjections.of(self._extract(rotations))
 
-    def pieces(self, piece_rotations: int | None = None) -> Iterator[tuple[int, int, ScoreProjections]]:
-        """Every orientation, ``piece_rotations`` at a time (None: all at once), as
-        ``(first orientation, number of orientations W, layout (K·W, 2n) / (K·W, n))``,
-        classes outer."""
-        n_rot = self.grid.n_rotations
-        width = n_rot if piece_rotations is None else max(1, min(n_rot, piece_rotations))
+    def _extract(self, rotations: torch.Tensor) -> torch.Tensor:
+        """``(K, U, n)`` projections along the coarse orientations ``rotations`` ``(U,)``."""
+        matrices = self.grid.coarse_matrices(rotations)
+        return extract_slices(self.volumes_ft, matrices, self.frequencies, self.box_size, self.memory_budget_bytes)
+
+    def pieces(self, piece_rotations: int | None = None) -> Iterator[tuple[int, int, HalfTurnProjections]]:
+        """Every orientation, about ``piece_rotations`` at a time (None: all at once), as
+        ``(first orientation, number of orientations W, layout of the K·W projections)``,
+        classes outer. A piece holds whole directions (at least one): the ``6·2^order`` psi
+        samples of a direction pair up by half turns (:class:`HalfTurnProjections`)."""
+        n_rot, n_psi = self.grid.n_rotations, self.grid.orientations.n_psi
+        half = n_psi // 2
+        width = n_rot if piece_rotations is None else min(n_rot, max(n_psi, piece_rotations - piece_rotations % n_psi))
         starts = range(0, n_rot, width)
         if self._pieces is not None and self._pieces[0] == width:
             for start, layout in zip(starts, self._pieces[1]):
                 yield start, min(width, n_rot - start), layout
             return
-        kept: list[ScoreProjections] = []
+        kept: list[HalfTurnProjections] = []
+        device = self.volumes_ft.device
         for start in starts:
             stop = min(n_rot, start + width)
-            layout = self._layout(torch.arange(start, stop, device=self.volumes_ft.device)).flatten()
+            # the first half of the psi samples of the piece's directions
+            rotations = (torch.arange(start, stop, n_psi, device=device)[:, None] + torch.arange(half, device=device)).reshape(-1)
+            layout = HalfTurnProjections.of(self._extract(rotations), half)
             if self.holds_all:
                 kept.append(layout)
             yield start, stop - start, layout
@@ -378,7 +471,7 @@ def global_search_batches(
         return whole, None
     piece = int((work_bytes / least - per_particle) / per_score)
     if not held:
-        piece = min(piece, int(work_bytes / (12 * n_classes * n_coarse)))
+        piece = min(piece, int(work_bytes / (6 * n_classes * n_coarse)))
     return least, max(1, min(n_rotations, piece))
 
 
@@ -469,14 +562,22 @@ class SignificantSamples:
         n_scored = self.rotations.shape[0]
         return pairs // n_scored, self.rotations[pairs % n_scored]
 
-    def per_particle(self, n_shifts: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, K·U)`` and ``(B, T)`` masks of the pairs and translations each particle has
-        significant samples in."""
+    def union_growth(self, n_shifts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B,)`` numbers of distinct pairs and of distinct translations (of ``n_shifts``)
+        among the significant samples of the first 1, 2, ..., B particles.
+
+        A pair (translation) joins the union at the first particle holding it, so the counts
+        are the cumulative sums of how many first occurrences each particle holds.
+        """
         b = self.index.shape[0]
-        weight = self.valid.int()
-        pairs = torch.zeros(b, self.n_pairs, dtype=torch.int32, device=self.index.device).scatter_add_(1, self.index % self.n_pairs, weight) > 0
-        shifts = torch.zeros(b, n_shifts, dtype=torch.int32, device=self.index.device).scatter_add_(1, self.index // self.n_pairs, weight) > 0
-        return pairs, shifts
+        rows = self.valid.nonzero()[:, 0]
+        index = self.index[self.valid]
+
+        def growth(keys: torch.Tensor, n_keys: int) -> torch.Tensor:
+            first = torch.full((n_keys,), b, dtype=torch.long, device=keys.device).scatter_reduce_(0, keys, rows, "amin")
+            return torch.bincount(first, minlength=b + 1)[:b].cumsum(0)
+
+        return growth(index % self.n_pairs, self.n_pairs), growth(index // self.n_pairs, n_shifts)
 
     def union(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The sorted translations ``(Tu,)`` and pairs ``(Uc,)`` some particle has significant
@@ -613,29 +714,64 @@ class FinePassCache:
         ]
 
 
-def score_terms(
-    batch: PreparedBatch, projections: ScoreProjections, ramps: torch.Tensor, n: int, out: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The two GEMMs of the score of B particles × T translations against C projections
-    (``projections`` laid out as ``(C, 2n)`` and ``(C, n)``).
-
-    Returns the cross term ``Σ Re(conj(L)·P)`` ``(B, T, C)`` (written into the first B·T·C
-    values of the flat buffer ``out`` if given), the norm term ``Σ Q·|P|²`` ``(B, 1, C)`` and
-    ``L`` ``(B, T, n)`` for the M-step; the score is ``cross − norm``.
-    """
+def _score_operands(batch: PreparedBatch, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``L`` ``(B, T, n)``, its real and imaginary parts side by side ``(B·T, 2n)`` (the cross
+    term's operand) and ``Q`` ``(B, n)`` (the norm term's)."""
     factor = batch.scale[:, None] * batch.ctf[:, :n] * batch.inv_sigma2[:, :n]  # (B, n)
     shifted = batch.spectra[:, None, :n] * ramps[None, :, :n]  # (B, T, n)
     weighted = shifted * factor[:, None, :]  # L
     b, t = weighted.shape[:2]
     stacked = torch.cat([weighted.real, weighted.imag], dim=-1).reshape(b * t, 2 * n)
-    n_projections = projections.stacked.shape[0]
-    if out is None:
-        cross = (stacked @ projections.stacked.T).reshape(b, t, -1)
-    else:
-        cross = torch.matmul(stacked, projections.stacked.T, out=out[: b * t * n_projections].view(b * t, n_projections)).view(b, t, -1)
     q = 0.5 * (batch.scale[:, None] * batch.ctf[:, :n]) ** 2 * batch.inv_sigma2[:, :n]  # (B, n)
+    return weighted, stacked, q
+
+
+def score_terms(batch: PreparedBatch, projections: ScoreProjections, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two GEMMs of the score of B particles × T translations against C projections
+    (``projections`` laid out as ``(C, 2n)`` and ``(C, n)``).
+
+    Returns the cross term ``Σ Re(conj(L)·P)`` ``(B, T, C)``, the norm term ``Σ Q·|P|²``
+    ``(B, 1, C)`` and ``L`` ``(B, T, n)`` for the M-step; the score is ``cross − norm``.
+    """
+    weighted, stacked, q = _score_operands(batch, ramps, n)
+    b, t = weighted.shape[:2]
+    cross = (stacked @ projections.stacked.T).reshape(b, t, -1)
     norm = (q @ projections.power.T)[:, None, :]  # (B, 1, C)
     return cross, norm, weighted
+
+
+def coarse_logits(
+    batch: PreparedBatch,
+    layout: ScoreProjections | HalfTurnProjections,
+    ramps: torch.Tensor,
+    n: int,
+    row_term: torch.Tensor,
+    class_term: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cross − norm + row_term + class_term`` ``(B, T, C)`` of B particles × T translations
+    against the C projections of ``layout`` (K classes outer), and the norm term ``(B, C)``.
+
+    Parameters
+    ----------
+    row_term
+        ``(B, T)`` added to every projection's score (e.g. the translations' log prior).
+    class_term
+        ``(B, K)`` added to the scores of each class's projections, or None.
+    out
+        Flat buffer the scores are written into (its first B·T·C values), or None.
+    """
+    _, stacked, q = _score_operands(batch, ramps, n)
+    b, t = row_term.shape
+    if isinstance(layout, HalfTurnProjections):
+        half_norm = q @ layout.power.T  # (B, G·H)
+        shared = -half_norm if class_term is None else (class_term[:, :, None] - half_norm.view(b, class_term.shape[1], -1)).view(b, -1)
+        return layout.scores(stacked, shared, row_term, out), layout.with_turns(half_norm)
+    n_columns = layout.stacked.shape[0]
+    cross = stacked @ layout.stacked.T if out is None else torch.matmul(stacked, layout.stacked.T, out=out[: b * t * n_columns].view(b * t, n_columns))
+    norm = q @ layout.power.T  # (B, C)
+    shared = -norm if class_term is None else (class_term[:, :, None] - norm.view(b, class_term.shape[1], -1)).view(b, -1)
+    return cross.view(b, t, n_columns).add_(shared[:, None, :]).add_(row_term[:, :, None]), norm
 
 
 def score_batch(
@@ -886,7 +1022,7 @@ def expectation(
 
 def _coarse_pass(
     batch: PreparedBatch,
-    pieces: Callable[[], Iterator[tuple[int, int, ScoreProjections]]],
+    pieces: Callable[[], Iterator[tuple[int, int, ScoreProjections | HalfTurnProjections]]],
     n_scored: int,
     ramps: torch.Tensor,
     settings: EStepSettings,
@@ -934,19 +1070,19 @@ def _coarse_pass(
     n_classes = class_bias.shape[1]
     b, t = class_bias.shape[0], ramps.shape[0]
 
-    def score(start: int, width: int, layout: ScoreProjections) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """A piece's logits ``cross − norm`` + priors ``(B, T, K, W)``, norms ``(B, K, W)`` and orientation prior."""
+    def score(
+        start: int, width: int, layout: ScoreProjections | HalfTurnProjections, bias: torch.Tensor | None
+    ) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A piece's logits ``cross − norm`` + priors (+ ``bias`` ``(B, K)`` where given)
+        ``(B, T, K, W)``, norms ``(B, K, W)`` and orientation prior."""
         out = None if scores is None else scores(b * t * n_classes * width)
-        cross, norm, _ = score_terms(batch, layout, ramps, settings.n_coarse, out)
-        logits = cross.sub_(norm).reshape(b, t, n_classes, width)
-        # origin and orientation priors added in place
-        logits.add_(offset_prior[:, :, None, None])
+        class_term = coarse_offset if bias is None else (bias if coarse_offset is None else coarse_offset + bias)
+        logits, norm = coarse_logits(batch, layout, ramps, settings.n_coarse, offset_prior, class_term, out)
+        logits = logits.view(b, t, n_classes, width)
         prior = None if orientation_prior is None else orientation_prior[:, start : start + width]
         if prior is not None:
             logits.add_(prior[:, None, None, :])
-        if coarse_offset is not None:
-            logits.add_(coarse_offset[:, None, :, None])
-        return start, width, logits, norm.reshape(b, n_classes, width), prior
+        return start, width, logits, norm.view(b, n_classes, width), prior
 
     class_scale = None
     kept = None
@@ -954,14 +1090,15 @@ def _coarse_pass(
         best = torch.full((b, n_classes), -math.inf, device=class_bias.device)
         cross_best, norm_best = torch.zeros_like(best), torch.ones_like(best)
         for start, width, layout in pieces():
-            scored = score(start, width, layout)
+            scored = score(start, width, layout, None)
             piece_best, piece_cross, piece_norm = _class_best(*scored[2:4], offset_prior, scored[4])
             better = piece_best > best
             best, cross_best, norm_best = torch.where(better, piece_best, best), torch.where(better, piece_cross, cross_best), torch.where(better, piece_norm, norm_best)
             # a single piece is not scored again
             kept = scored if width == n_scored else None
         class_scale = profiled_scale(cross_best, norm_best, settings.scale_sigma).clamp(min=1e-3)
-    sweep = iter([kept]) if kept is not None else (score(*piece) for piece in pieces())
+    # without an intensity the class prior is added with the other priors
+    sweep = iter([kept]) if kept is not None else (score(*piece, None if class_scale is not None else class_bias) for piece in pieces())
     top = order = log_normaliser = None
     for start, width, logits, norm, prior in sweep:
         if class_scale is not None:
@@ -972,7 +1109,7 @@ def _coarse_pass(
             if prior is not None:
                 logits.sub_((a - 1) * torch.where(torch.isfinite(prior), prior, 0)[:, None, None, :])
             logits.add_((a - a.square()) * norm[:, None] - (a - 1).square() / (2 * settings.scale_sigma**2))
-        logits.add_(class_bias[:, None, :, None])
+            logits.add_(class_bias[:, None, :, None])
         # once the best samples so far are full, only the piece's samples above the last of
         # them can take its place
         floor = top[:, -1:] if top is not None and top.shape[1] == settings.max_significant else None
@@ -1027,14 +1164,12 @@ def _fine_pass(
         # union sizes of every prefix of the next particles, from running maxima, over a
         # window that follows the size of the last sub-batch
         window = slice(start, min(n_particles, start + window_size))
-        pairs, shifts = significant.select(window).per_particle(grid.coarse_shifts_px.shape[0])  # (w, K·U), (w, T)
-        union_pairs = pairs.int().cummax(dim=0).values.sum(-1).double()
-        union_shifts = shifts.int().cummax(dim=0).values.sum(-1).double()
-        count = torch.arange(1, union_pairs.shape[0] + 1, device=pairs.device, dtype=torch.float64)
+        union_pairs, union_shifts = (growth.double() for growth in significant.select(window).union_growth(grid.coarse_shifts_px.shape[0]))  # (w,), (w,)
+        count = torch.arange(1, union_pairs.shape[0] + 1, device=union_pairs.device, dtype=torch.float64)
         cost = 4.0 * (count * union_shifts * (union_pairs * n_sub + 4 * n_components) + union_pairs * n_sub * 6 * n_components)
         stop = start + max(1, int((cost <= settings.memory_budget_bytes).sum()))
         window_size = max(16, 4 * (stop - start))
-        index = torch.arange(start, stop, device=pairs.device)
+        index = torch.arange(start, stop, device=union_pairs.device)
         result, slice_sums = _fine_sub_batch(
             batch.select(index),
             fine_projections,
