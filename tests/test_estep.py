@@ -693,6 +693,44 @@ def test_global_search_batches_fit_the_budget() -> None:
     assert global_search_batches(t, k, r, n, n_coarse, 1.0, False) == (1, 1)
 
 
+@pytest.mark.parametrize(
+    ("scale_sigma", "local", "forced", "cap", "symmetry"),
+    [(0.0, False, False, 500, "C1"), (0.3, False, False, 500, "C1"), (0.0, True, True, 5, "C1"), (0.3, True, True, 500, "C1"), (0.0, True, False, 500, "D2")],
+)
+def test_own_samples_score_as_the_union_of_a_sub_batch(scale_sigma: float, local: bool, forced: bool, cap: int, symmetry: str) -> None:
+    # scoring each particle against the children of its own significant samples gives the
+    # posteriors, poses and M-step sums of scoring the sub-batch against their union
+    from cryotorch.em.estep import EStepResult, EStepSettings, FinePassCache, SignificantSamples, _class_mask, _coarse_pass, _fine_sub_batch, _offset_log_prior, _own_samples_sub_batch
+
+    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, generator = _alignment_problem(8, 1, 9)
+    if symmetry != "C1":
+        grid = build_pose_grid(1, 2.0, 2.0, symmetry, oversampling=1)
+        coarse = CoarseProjections(volumes_ft, grid, frequencies[:20], box, 2**28)
+    batch.inv_sigma2[::3] *= 3e-3  # some broad posteriors: lists of many lengths
+    settings = EStepSettings(
+        frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0, max_significant=cap, scale_sigma=scale_sigma, local_sigma_deg=10.0 if local else None
+    )
+    n_rot = grid.n_rotations
+    ramps = phase_ramps(grid.coarse_shifts_px, frequencies[:20], box)
+    offset_prior = _offset_log_prior(batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None], 4.0, 10.0).float()
+    mask = _class_mask(torch.randint(0, 2, (9,), generator=generator) if forced else None, 9, 2, batch.spectra.device)
+    bias = torch.where(mask, log_prior[None].expand(9, -1), -math.inf).float()
+    order, valid, scale = _coarse_pass(batch, lambda: coarse.pieces(None), n_rot, ramps, settings, offset_prior, None, None, bias)
+    significant = SignificantSamples(order, valid, 2 * n_rot, n_rot)
+    counts = valid.sum(-1)
+    assert int(counts.min()) < int(counts.max()) or scale_sigma > 0  # (with the intensity every list is full)
+    prior = log_prior[None].expand(9, -1).float()
+    (union, union_sums), (own, own_sums) = (
+        score(batch, FinePassCache(volumes_ft, grid, frequencies, box, 2**26), significant, prior, 10.0, settings, mask, scale) for score in (_fine_sub_batch, _own_samples_sub_batch)
+    )
+    for name in EStepResult.__dataclass_fields__:
+        if name != "slices":
+            torch.testing.assert_close(getattr(own, name), getattr(union, name), rtol=1e-4, atol=1e-4, msg=name)
+    assert torch.equal(own_sums[0], union_sums[0]) and own_sums[0].numel() > 5
+    for own_sum, union_sum in zip(own_sums[1:], union_sums[1:]):
+        torch.testing.assert_close(own_sum, union_sum, rtol=1e-4, atol=1e-5 * float(union_sum.abs().max()))
+
+
 @pytest.mark.parametrize("scale_sigma", [0.0, 0.3])
 @pytest.mark.parametrize("cap", [5, 500])
 def test_a_coarse_pass_in_pieces_keeps_the_samples_of_one_in_a_piece(scale_sigma: float, cap: int) -> None:

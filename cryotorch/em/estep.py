@@ -997,9 +997,11 @@ def expectation(
         if not members.numel():
             continue
         assert cache is not None
-        # particles whose best coarse orientations are neighbours share most significant
-        # samples: in that order the fine pass's sub-batches score small unions of samples
-        members = members[torch.argsort(best_pair[members], stable=True)]
+        # in order of their number of significant samples, and among equal numbers of their
+        # best coarse orientations: a sub-batch holds lists of similar lengths, and particles
+        # whose best orientations are neighbours, which share most samples
+        order = valid[members].sum(-1) * significant.n_pairs + best_pair[members]
+        members = members[torch.argsort(order, stable=True)]
         prior = per_particle_prior[members]
         if offset is not None:
             # the fine pass adds them after scaling its scores
@@ -1135,6 +1137,13 @@ def _class_mask(forced_class: torch.Tensor | None, n: int, n_classes: int, devic
     return torch.nn.functional.one_hot(forced_class, n_classes).bool()
 
 
+# Rough CPU costs (seconds) of what the two ways of scoring a fine sub-batch do, from their
+# times on the benchmark set (docs/benchmarks.md): a multiply-add in one large GEMM, one in
+# the small products of each particle's own samples, a float gathered into their operands,
+# and the element-wise work per score
+_GEMM_MAC_S, _SMALL_MAC_S, _GATHERED_FLOAT_S, _SCORE_S = 1.3e-11, 7e-11, 5e-10, 3e-9
+
+
 def _fine_pass(
     batch: PreparedBatch,
     fine_projections: FinePassCache,
@@ -1148,29 +1157,41 @@ def _fine_pass(
     """Rescore the children (``fine_projections.grid``) of the significant coarse samples, in
     sub-batches.
 
-    A sub-batch scores its particles against the union of their significant samples, so it
-    grows only while that dense score matrix fits ``settings.memory_budget_bytes``. The
-    sub-batches' weighted slices are summed per fine orientation in ``fine_projections``;
-    the result carries only the slices that its table handed back for insertion.
+    A sub-batch either scores its particles against the union of their significant samples
+    (:func:`_fine_sub_batch`: one dense GEMM, wasteful where each particle holds a few
+    samples of a wide union) or each particle against its own samples only
+    (:func:`_own_samples_sub_batch`: gathered operands, wasteful where particles share
+    most samples), whichever the cost estimates say is cheaper per particle, and grows
+    while its work arrays fit ``settings.memory_budget_bytes``. The sub-batches' weighted
+    slices are summed per fine orientation in ``fine_projections``; the result carries only
+    the slices that its table handed back for insertion.
     """
     grid = fine_projections.grid
     results: list[EStepResult] = []
     sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n_particles = significant.index.shape[0]
-    n_sub = grid.fine_shifts_px.shape[1] * grid.n_children
+    n_sub_shift, n_children = grid.fine_shifts_px.shape[1], grid.n_children
+    n_sub = n_sub_shift * n_children
     n_components = settings.frequencies.shape[0]
     start, window_size = 0, 16
     while start < n_particles:
-        # union sizes of every prefix of the next particles, from running maxima, over a
-        # window that follows the size of the last sub-batch
-        window = slice(start, min(n_particles, start + window_size))
-        union_pairs, union_shifts = (growth.double() for growth in significant.select(window).union_growth(grid.coarse_shifts_px.shape[0]))  # (w,), (w,)
+        # union sizes and longest lists of every prefix of the next particles, from running
+        # maxima, over a window that follows the size of the last sub-batch
+        window = significant.select(slice(start, min(n_particles, start + window_size)))
+        union_pairs, union_shifts = (growth.double() for growth in window.union_growth(grid.coarse_shifts_px.shape[0]))  # (w,), (w,)
+        longest = window.valid.sum(-1).cummax(dim=0).values.double()
         count = torch.arange(1, union_pairs.shape[0] + 1, device=union_pairs.device, dtype=torch.float64)
-        cost = 4.0 * (count * union_shifts * (union_pairs * n_sub + 4 * n_components) + union_pairs * n_sub * 6 * n_components)
-        stop = start + max(1, int((cost <= settings.memory_budget_bytes).sum()))
+        union_bytes = 4.0 * (count * union_shifts * (union_pairs * n_sub + 4 * n_components) + union_pairs * n_sub * 6 * n_components)
+        own_bytes = 4.0 * count * longest * ((n_sub_shift + 2 * n_children) * 2 * n_components + 4 * n_sub + 40 * n_children)
+        union_seconds = count * union_shifts * union_pairs * n_sub * (2 * n_components * _GEMM_MAC_S + _SCORE_S)
+        own_seconds = count * longest * ((n_sub_shift + n_children) * 2 * n_components * _GATHERED_FLOAT_S + n_sub * (2 * n_components * _SMALL_MAC_S + _SCORE_S))
+        union_size = max(1, int((union_bytes <= settings.memory_budget_bytes).sum()))
+        own_size = max(1, int((own_bytes <= settings.memory_budget_bytes).sum()))
+        own = float(own_seconds[own_size - 1]) / own_size < float(union_seconds[union_size - 1]) / union_size
+        stop = start + (own_size if own else union_size)
         window_size = max(16, 4 * (stop - start))
         index = torch.arange(start, stop, device=union_pairs.device)
-        result, slice_sums = _fine_sub_batch(
+        result, slice_sums = (_own_samples_sub_batch if own else _fine_sub_batch)(
             batch.select(index),
             fine_projections,
             significant.select(slice(start, stop)),
@@ -1267,6 +1288,132 @@ def _fine_sub_batch(
         slices=[],
     )
     return result, (fine_id[active], data, weight)
+
+
+def _own_samples_sub_batch(
+    batch: PreparedBatch,
+    fine_projections: FinePassCache,
+    significant: SignificantSamples,
+    log_class_prior: torch.Tensor,
+    offset_sigma_angstrom: float,
+    settings: EStepSettings,
+    class_mask: torch.Tensor,
+    class_scale: torch.Tensor | None,
+) -> tuple[EStepResult, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`_fine_sub_batch` scoring each particle against the children of its own
+    significant samples only, rather than of their union over the sub-batch.
+
+    A particle's ``c`` significant (translation, class-orientation) samples, padded to the
+    longest list of the sub-batch, each give an ``S × F`` block of scores (sub-translations ×
+    children): ``b·c`` small products ``(S, 2n) @ (2n, F)``. Where each particle holds a few
+    samples of a wide union this computes a small share of the union's scores.
+    """
+    device = batch.spectra.device
+    grid = fine_projections.grid
+    n_classes = class_mask.shape[1]
+    frequencies = settings.frequencies
+    n = frequencies.shape[0]
+    b = significant.index.shape[0]
+    n_sub_shift, n_sub_rot = grid.fine_shifts_px.shape[1], grid.n_children
+    n_rot = grid.n_rotations
+    # each particle's significant samples first (the best is always one), padded with its best
+    width = int(significant.valid.sum(-1).max())
+    first = torch.argsort((~significant.valid).to(torch.uint8), dim=1, stable=True)[:, :width]
+    present = significant.valid.gather(1, first)  # (b, c)
+    index = torch.where(present, significant.index.gather(1, first), significant.index[:, :1])
+    shift, pair = index // significant.n_pairs, index % significant.n_pairs  # (b, c)
+    pair_used, pair_at = torch.unique(pair, return_inverse=True)  # (Uc,), (b, c)
+    shift_used, shift_at = torch.unique(shift, return_inverse=True)  # (Tu,), (b, c)
+    classes, rotations = significant.class_and_rotation(pair_used)
+    table = fine_projections.projections(classes, rotations)  # (Uc, F, n)
+    fine_euler = grid.children_euler_deg(rotations)  # (Uc, F, 3)
+    fine_shifts = grid.fine_shifts_px[shift_used]  # (Tu, S, 2)
+    weighted, _, q = _score_operands(batch, phase_ramps(fine_shifts.reshape(-1, 2), frequencies, settings.box_size), n)
+    # real and imaginary parts interleaved: Σ Re(conj(L)·P) is the dot product of the two
+    rows = torch.view_as_real(weighted).view(b, -1, n_sub_shift, 2 * n)[torch.arange(b, device=device)[:, None], shift_at]  # (b, c, S, 2n)
+    columns = torch.view_as_real(table).view(-1, n_sub_rot, 2 * n)[pair_at]  # (b, c, F, 2n)
+    cross = torch.matmul(rows, columns.transpose(-1, -2))  # (b, c, S, F)
+    norm = (q @ (table.abs() ** 2).reshape(-1, n).T).view(b, -1, n_sub_rot)  # (b, Uc, F)
+    norm = norm.gather(1, pair_at[:, :, None].expand(-1, -1, n_sub_rot))[:, :, None, :]  # (b, c, 1, F)
+    entry_class = classes[pair_at]  # (b, c)
+    if class_scale is None:
+        logits = cross.sub_(norm)
+    else:
+        logits = scaled_score(cross, norm, class_scale.gather(1, entry_class)[:, :, None, None], settings.scale_sigma)
+    origins = batch.prior_origin_px[:, None, None, :] + fine_shifts[shift_at]  # (b, c, S, 2)
+    logits.add_(log_class_prior.gather(1, entry_class)[:, :, None, None])
+    logits.add_(_offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[..., None])
+    entry_matrices = euler_deg_to_matrix(fine_euler[pair_at])  # (b, c, F, 3, 3) float64
+    if settings.local_sigma_deg is not None:
+        angles = _rowwise_angle_deg(euler_deg_to_matrix(batch.prior_euler_deg.double()), entry_matrices, grid.symmetry_matrices)
+        logits.sub_((angles**2 / (2 * settings.local_sigma_deg**2))[:, :, None, :].to(logits.dtype))
+    allowed = (present & class_mask.gather(1, entry_class))[:, :, None, None]  # (b, c, 1, 1)
+    logits.masked_fill_(~allowed, -math.inf)
+    flat = logits.view(b, -1)
+    peak = flat.amax(dim=-1, keepdim=True)
+    posterior = flat.sub_(peak).clamp_(min=_EXP_FLOOR).exp_().view(logits.shape).masked_fill_(~allowed, 0.0).view(b, -1)
+    total = posterior.sum(-1, keepdim=True)
+    log_evidence = (peak + total.log())[:, 0]
+    posterior = posterior.div_(total).view(logits.shape)  # (b, c, S, F)
+
+    best = posterior.view(b, -1).argmax(dim=-1)
+    best_entry, best_sub_shift, best_child = best // (n_sub_shift * n_sub_rot), best // n_sub_rot % n_sub_shift, best % n_sub_rot
+    particles = torch.arange(b, device=device)
+    best_pair = pair_at[particles, best_entry]
+    best_euler = fine_euler[best_pair, best_child]
+    entry_posterior = posterior.sum(2)  # (b, c, F)
+    angles_to_best = _rowwise_angle_deg(euler_deg_to_matrix(best_euler.double()), entry_matrices, grid.symmetry_matrices)
+    spread = torch.sqrt((entry_posterior * angles_to_best.to(entry_posterior.dtype) ** 2).sum((1, 2)))
+    class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).scatter_add_(1, entry_class, entry_posterior.sum(-1))
+    image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)
+
+    # M-step sums per fine orientation (class·R + coarse orientation)·F + child, over the
+    # orientations where some particle holds a visible share of its posterior (summed over
+    # the entries that reach it from several translations)
+    entry_id = (((classes * n_rot + rotations) * n_sub_rot)[:, None] + torch.arange(n_sub_rot, device=device))[pair_at]  # (b, c, F)
+    particle_id, held = torch.unique((particles[:, None, None] * (n_classes * n_rot * n_sub_rot) + entry_id).reshape(-1), return_inverse=True)
+    mass = torch.zeros(particle_id.shape[0], dtype=posterior.dtype, device=device).index_add_(0, held, entry_posterior.reshape(-1))
+    ids, id_of = torch.unique(particle_id % (n_classes * n_rot * n_sub_rot), return_inverse=True)
+    largest = torch.zeros(ids.shape[0], dtype=posterior.dtype, device=device).scatter_reduce_(0, id_of, mass, "amax")
+    active_ids = largest > 1e-4
+    entry_active = active_ids[id_of[held]].view(b, -1, n_sub_rot).any(-1) & present  # (b, c): entries with an active child
+    chosen = entry_active.nonzero()
+    chosen_weights = posterior[chosen[:, 0], chosen[:, 1]].transpose(-1, -2)  # (E, F, S)
+    sums = torch.matmul(chosen_weights, rows[chosen[:, 0], chosen[:, 1]])  # (E, F, 2n)
+    two_q = (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2  # (b, n)
+    chosen_ids = entry_id[chosen[:, 0], chosen[:, 1]].reshape(-1)  # (E·F,)
+    keep = active_ids[torch.searchsorted(ids, chosen_ids)]
+    out_ids, out_of = torch.unique(chosen_ids[keep], return_inverse=True)
+    data = torch.zeros(out_ids.shape[0], 2 * n, dtype=sums.dtype, device=device).index_add_(0, out_of, sums.reshape(-1, 2 * n)[keep])
+    weight = torch.zeros(out_ids.shape[0], n, dtype=sums.dtype, device=device).index_add_(
+        0, out_of, (entry_posterior[chosen[:, 0], chosen[:, 1]].reshape(-1, 1) * two_q[chosen[:, 0]].repeat_interleave(n_sub_rot, 0))[keep]
+    )
+    result = EStepResult(
+        best_class=classes[best_pair],
+        best_euler_deg=best_euler.double(),
+        best_origin_px=batch.prior_origin_px + fine_shifts[shift_at[particles, best_entry], best_sub_shift],
+        max_posterior=posterior.view(b, -1).max(dim=-1).values,
+        n_significant=_significant_count(posterior.view(b, -1), settings.significance, settings.max_significant * n_sub_rot * n_sub_shift),
+        log_likelihood=log_evidence - image_norm,
+        class_posterior=class_posterior,
+        angular_spread_deg=spread,
+        best_projections=table[best_pair, best_child],
+        slices=[],
+    )
+    return result, (out_ids, torch.view_as_complex(data.view(-1, n, 2)), weight)
+
+
+def _rowwise_angle_deg(poses: torch.Tensor, matrices: torch.Tensor, symmetry_matrices: torch.Tensor | None) -> torch.Tensor:
+    """``(b, ...)`` angles (degrees) from each particle's pose ``poses`` ``(b, 3, 3)`` to its own
+    ``matrices`` ``(b, ..., 3, 3)`` (float64), to the nearest symmetry mate as
+    :func:`~cryotorch.ops.healpix.pairwise_matrix_angle_deg` measures them."""
+    b = poses.shape[0]
+    flat = matrices.reshape(b, -1, 9)
+    if symmetry_matrices is None:
+        symmetry_matrices = torch.eye(3, dtype=torch.float64, device=poses.device)[None]
+    mates = (poses[:, None] @ symmetry_matrices.to(poses).transpose(-1, -2)).reshape(b, -1, 9)  # (b, G, 9): A·Lᵀ
+    trace = (flat @ mates.transpose(-1, -2)).amax(-1)  # (b, m)
+    return torch.rad2deg(torch.arccos(((trace - 1.0) * 0.5).clamp_(-1.0, 1.0))).view(matrices.shape[:-2])
 
 
 def _expectation_fixed_pose(
