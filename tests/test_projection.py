@@ -167,6 +167,12 @@ def test_self_overlap_is_insertion_then_extraction(overlap: float) -> None:
     unturned = self_overlap_sum(grid, inserted, frequencies, BOX, overlap)
     torch.testing.assert_close(unturned[1], got[1])  # the second turn is none
     assert float((unturned[[0, 2]] - got[[0, 2]]).abs().max()) > 0.1 * float(unturned.max())
+    # slices of several classes in one call, each over its own grid of a stack: the same bits
+    stack = torch.stack([2 * grid, grid, grid.flip(0)])
+    mixed = self_overlap_sum(stack, inserted, frequencies, BOX, overlap, extracted, torch.tensor([1, 0, 2]))
+    assert torch.equal(mixed[0], got[0])
+    assert torch.equal(mixed[1], self_overlap_sum(stack[0], inserted[1:2], frequencies, BOX, overlap, extracted[1:2])[0])
+    assert torch.equal(mixed[2], self_overlap_sum(stack[2], inserted[2:], frequencies, BOX, overlap, extracted[2:])[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -762,22 +762,23 @@ class Class3DJob:
             extracted = samples.orientations.nearest(rotations)
             four_q = four_q * torch.cos(2 * math.pi / self.box * (frequencies @ samples.shift_px))
         discounts = [torch.zeros(previous.shape[0], self.n_classes, device=four_q.device) for _ in counts]
-        for k in range(self.n_classes):
-            members = (previous == k + 1).nonzero()[:, 0]
-            if members.numel():
-                share = self_overlap_sum(
-                    model.inverse_denominator[k], rotations[members], frequencies, self.box, self.self_overlap, None if extracted is None else extracted[members]
-                )
-                weight = state.class_probability[index[members]]  # its share of the class's sums
-                terms = four_q[members] * share
-                # with alignment the self-fit raises one pose's score: the class's evidence rises
-                # by log(1 − q + q·e^s), q that pose's share of the class's posterior
-                pose_share = None if samples is None else (state.max_posterior[index[members]] / weight.clamp(min=1e-30)).clamp(1e-6, 1)
-                for discount, count in zip(discounts, counts):
-                    self_fit = self.self_kept * weight * terms[:, :count].sum(-1)
-                    if pose_share is not None:
-                        self_fit = torch.logaddexp(torch.log1p(-pose_share.clamp(max=1 - 1e-6)), torch.log(pose_share) + self_fit)
-                    discount[members, k] = -self_fit
+        members = (previous > 0).nonzero()[:, 0]
+        if members.numel():
+            # each particle over the map of its last class, all classes in one sum
+            classes = previous[members] - 1
+            share = self_overlap_sum(
+                model.inverse_denominator, rotations[members], frequencies, self.box, self.self_overlap, None if extracted is None else extracted[members], classes
+            )
+            weight = state.class_probability[index[members]]  # its share of the class's sums
+            terms = four_q[members] * share
+            # with alignment the self-fit raises one pose's score: the class's evidence rises
+            # by log(1 − q + q·e^s), q that pose's share of the class's posterior
+            pose_share = None if samples is None else (state.max_posterior[index[members]] / weight.clamp(min=1e-30)).clamp(1e-6, 1)
+            for discount, count in zip(discounts, counts):
+                self_fit = self.self_kept * weight * terms[:, :count].sum(-1)
+                if pose_share is not None:
+                    self_fit = torch.logaddexp(torch.log1p(-pose_share.clamp(max=1 - 1e-6)), torch.log(pose_share) + self_fit)
+                discount[members, classes] = -self_fit
         return discounts
 
     def self_fit_geometry(self, padded: int) -> tuple[float, float]:

@@ -23,6 +23,7 @@ def self_overlap_sum(
     box_size: int,
     neighbour_overlap: float = 0.0,
     extracted_rotations: torch.Tensor | None = None,
+    grid_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Σ_v c_v · grid_v`` over the trilinear corners v of each slice sample.
 
@@ -38,7 +39,8 @@ def self_overlap_sum(
     Parameters
     ----------
     grid
-        ``(P, P, P // 2 + 1)`` real values in the centred rfft layout (e.g. ``1/w``).
+        ``(P, P, P // 2 + 1)`` real values in the centred rfft layout (e.g. ``1/w``), or
+        ``(K, P, P, P // 2 + 1)`` with ``grid_index``.
     rotations
         ``(R, 3, 3)`` RELION matrices A the slices were inserted at.
     frequencies
@@ -47,13 +49,16 @@ def self_overlap_sum(
         Fraction of a voxel's value its axis neighbours receive (0: none).
     extracted_rotations
         ``(R, 3, 3)`` matrices the slices are extracted at; None: ``rotations``.
+    grid_index
+        ``(R,)`` which of the K grids each slice is summed over (one call for slices of
+        several classes); None: ``grid`` is a single grid.
 
     Returns
     -------
     torch.Tensor
         ``(R, M)`` sums.
     """
-    padded_size, half_size = grid.shape[0], grid.shape[-1]
+    padded_size, half_size = grid.shape[-2], grid.shape[-1]
     coordinates, conjugate = slice_coordinates(rotations, frequencies, box_size, padded_size)
     extracted = coordinates
     if extracted_rotations is not None:
@@ -76,11 +81,13 @@ def self_overlap_sum(
     # per side and axis, contiguous: products of the strided columns of (S, 3) arrays are slower
     sides = [[column.contiguous() for column in side.unbind(-1)] for side in ((1 - fraction) * reach[0], fraction * reach[1])]
     flat = grid.reshape(-1)
+    # each sample's grid starts this far into the flat values
+    start = None if grid_index is None else (grid_index * (padded_size * padded_size * half_size)).repeat_interleave(frequencies.shape[0])
     total = torch.zeros(coordinates.shape[0], dtype=grid.dtype, device=grid.device)
     corners = CORNERS.tolist()
     for (flat_index, trilinear), (dx, dy, dz) in zip(trilinear_corners(coordinates, padded_size, half_size), corners):
         weight = sides[dx][0] * sides[dy][1] * sides[dz][2]
-        total += torch.where(trilinear > 0, weight, 0).to(grid.dtype) * flat[flat_index]
+        total += torch.where(trilinear > 0, weight, 0).to(grid.dtype) * flat[flat_index if start is None else flat_index + start]
     return total.reshape(rotations.shape[0], -1)
 
 
