@@ -68,7 +68,7 @@ from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_disc_masks, soft_spherical_mask
 from cryotorch.ops.fourier import coloured_noise_2d, fourier_crop_3d, shell_index_2d, translate_2d_ft
 from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_angular_step, rotation_angle_deg
-from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes
+from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes, rotation_chunk_size
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
 
@@ -89,6 +89,34 @@ class PassSamples:
     orientations: GridSamples  # the passes' orientations
     shift_px: torch.Tensor  # (2,) from the particle's position to their nearest translation
     component_counts: tuple[int, ...]  # each pass scores the iteration's first n components
+
+
+@dataclass
+class SelfFitOffsets:
+    """The self-fit discounts of an iteration's particles, ``(N, K)`` per pass (rows of the
+    particles this process does not score stay zero): one array without alignment, the
+    coarse, fine and unrefined passes' with it."""
+
+    passes: list[torch.Tensor]
+    aligned: bool
+
+    @classmethod
+    def zeros(cls, n_particles: int, n_classes: int, aligned: bool, device: torch.device) -> SelfFitOffsets:
+        """No discount yet."""
+        return cls([torch.zeros(n_particles, n_classes, device=device) for _ in range(3 if aligned else 1)], aligned)
+
+    def store(self, index: torch.Tensor, discount: torch.Tensor | PassOffsets) -> None:
+        """Keep the discounts of the particles ``index`` ``(B,)``."""
+        parts = [discount.coarse, discount.fine, discount.unrefined] if isinstance(discount, PassOffsets) else [discount]
+        for held, part in zip(self.passes, parts):
+            if part is not None:
+                held[index] = part
+
+    def select(self, index: torch.Tensor) -> torch.Tensor | PassOffsets:
+        """The discounts of the particles ``index`` ``(B,)``, as the E-step takes them."""
+        if not self.aligned:
+            return self.passes[0][index]
+        return PassOffsets(*(held[index] for held in self.passes))
 
 
 @dataclass
@@ -559,14 +587,15 @@ class Class3DJob:
         new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
         log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
         chunks = [(stats, part[start : start + batch_size]) for stats, part in zip(sets, row_sets) for start in range(0, len(part), batch_size)]
+        # as RELION: a reference that is not CTF-corrected is compared without CTFs in the first iteration
+        use_ctf = self.ctf and (iteration > 1 or self.reference_ctf_corrected)
+        offsets = self.self_fit_offsets(model, state, rows, frequencies, shells, passes, use_ctf, budget / 4) if self.discount_self_fit else None
         for number, (stats, chunk) in enumerate(progress(chunks, len(chunks), f"iteration {iteration}", enabled=context.is_main, unit="batch")):
             index = torch.as_tensor(chunk, device=device)
-            # as RELION: a reference that is not CTF-corrected is compared without CTFs in the first iteration
-            use_ctf = self.ctf and (iteration > 1 or self.reference_ctf_corrected)
             batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
             groups = torch.as_tensor(self.groups[chunk], device=device)
             forced_chunk = None if forced is None else forced[index]
-            class_offset = self.self_fit_discount(model, batch, state, index, frequencies, shells, groups, passes) if self.discount_self_fit else None
+            class_offset = None if offsets is None else offsets.select(index)
             result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined)
             self.expand_symmetry(result.slices)
             stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
@@ -675,10 +704,42 @@ class Class3DJob:
         labels = np.random.default_rng(context.seed).integers(self.n_classes, size=len(self.table))
         return torch.as_tensor(labels, device=self.device)
 
+    def self_fit_offsets(
+        self,
+        model: ClassModel,
+        state: ParticleState,
+        rows: np.ndarray,
+        frequencies: torch.Tensor,
+        shells: torch.Tensor,
+        passes: tuple[PassSamples, PassSamples] | None,
+        use_ctf: bool,
+        work_bytes: float,
+    ) -> SelfFitOffsets | None:
+        """:meth:`self_fit_discount` of the particles ``rows`` of an iteration, computed before
+        its E-step in chunks of particles whose work arrays fit ``work_bytes`` (it needs only
+        their CTFs and last poses), so that small batches do not each pay its fixed costs;
+        None where nothing is discounted."""
+        if int(state.class_number[torch.as_tensor(rows, device=self.device)].max()) == 0 or float(model.inserted_radius) == 0:
+            return None
+        # about 256 bytes of work arrays per component of a particle (on a CPU, chunks of at
+        # most CPU_CHUNK_BYTES, as extractions)
+        size = rotation_chunk_size(frequencies.shape[0], 256, work_bytes, self.device)
+        offsets = SelfFitOffsets.zeros(state.class_number.shape[0], self.n_classes, passes is not None, self.device)
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            index = torch.as_tensor(chunk, device=self.device)
+            groups = torch.as_tensor(self.groups[chunk], device=self.device)
+            scale = model.group_scale[groups].float()
+            discount = self.self_fit_discount(model, scale, self.ctf_of(chunk, frequencies, use_ctf), state, index, frequencies, shells, groups, passes)
+            if discount is not None:
+                offsets.store(index, discount)
+        return offsets
+
     def self_fit_discount(
         self,
         model: ClassModel,
-        batch: PreparedBatch,
+        scale: torch.Tensor,
+        ctf: torch.Tensor,
         state: ParticleState,
         index: torch.Tensor,
         frequencies: torch.Tensor,
@@ -689,7 +750,8 @@ class Class3DJob:
         """``(B, K)`` cross-term each particle gains from its own share of its last class map;
         with alignment one for each pass of the E-step.
 
-        ``frequencies`` ``(M, 2)`` and ``shells`` ``(M,)`` are the iteration's components and
+        ``scale`` ``(B,)`` and ``ctf`` ``(B, M)`` are the particles' intensity scales and
+        CTFs, ``frequencies`` ``(M, 2)`` and ``shells`` ``(M,)`` the iteration's components and
         their shells, ``groups`` ``(B,)`` the particles' optics groups, ``passes`` the
         coarse and the fine samples of this iteration (:meth:`pass_samples`).
 
@@ -727,7 +789,7 @@ class Class3DJob:
             return None
         inserted = frequencies.norm(dim=-1) <= float(model.inserted_radius)
         # 4Q' = 2·(s·CTF)²/σ'², with the noise variances the sums were weighted with
-        four_q = 2.0 * (batch.scale[:, None] * batch.ctf) ** 2 / model.inserted_sigma2[groups][:, shells].float().clamp(min=1e-30)
+        four_q = 2.0 * (scale[:, None] * ctf) ** 2 / model.inserted_sigma2[groups][:, shells].float().clamp(min=1e-30)
         rotations = euler_deg_to_matrix(state.euler_deg[index]).float()
         if passes is None:
             return self.self_fit(model, state, index, rotations, frequencies[inserted], four_q[:, inserted])[0]
@@ -827,22 +889,24 @@ class Class3DJob:
             images = images * masks + (1 - masks) * self.background_noise(model, rows)
         spectra = rfft2_centered(images).reshape(len(rows), -1)[:, component_index]
         spectra = translate_2d_ft(spectra, -shift, frequencies, box)
-        if use_ctf:
-            ctf = compute_ctf(ctf_parameters(self.table, rows, device), frequencies, box, self.pixel)
-            if self.ignore_ctf_until_first_peak:
-                ctf = self.flatten_before_first_peak(ctf, frequencies, rows)
-        else:
-            ctf = torch.ones(spectra.shape, device=device)
         groups = torch.as_tensor(self.groups[rows], device=device)
         sigma2 = model.sigma2_noise[groups][:, shells].float()
         return PreparedBatch(
             spectra=spectra,
-            ctf=ctf,
+            ctf=self.ctf_of(rows, frequencies, use_ctf),
             inv_sigma2=1.0 / sigma2.clamp(min=1e-30),
             scale=model.group_scale[groups].float(),
             prior_origin_px=origin,
             prior_euler_deg=state.euler_deg[index],
         )
+
+    def ctf_of(self, rows: np.ndarray, frequencies: torch.Tensor, use_ctf: bool) -> torch.Tensor:
+        """``(B, M)`` CTFs of the particles ``rows`` at ``frequencies`` (ones when ``use_ctf``
+        is False)."""
+        if not use_ctf:
+            return torch.ones(len(rows), frequencies.shape[0], device=self.device)
+        ctf = compute_ctf(ctf_parameters(self.table, rows, self.device), frequencies, self.box, self.pixel)
+        return self.flatten_before_first_peak(ctf, frequencies, rows) if self.ignore_ctf_until_first_peak else ctf
 
     def background_noise(self, model: ClassModel, rows: np.ndarray) -> torch.Tensor:
         """``(B, N, N)`` noise for the particles ``rows`` outside the mask, as RELION fills the
