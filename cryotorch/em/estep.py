@@ -237,9 +237,11 @@ class _TableSlots:
         return rows, missing
 
 
-# columns of a half-turn GEMM per chunk: its two (B·T, columns) products stay in the cache
-# while the priors are added and the turned pairs written out
+# columns of a half-turn GEMM per chunk on a CPU: its two (B·T, columns) products stay in the
+# cache while the priors are added and the turned pairs written out. Elsewhere a chunk holds
+# about 2^24 products, so that kernel launches stay few
 _HALF_TURN_CHUNK_COLUMNS = 192
+_HALF_TURN_CHUNK_VALUES = 2**24
 
 
 @dataclass(frozen=True)
@@ -294,8 +296,8 @@ class HalfTurnProjections:
         turned pair add alike: e.g. minus the norm term) and ``row_term`` ``(B, T)``.
 
         ``stacked`` ``(B·T, 2n)`` holds ``Re(L)`` and ``Im(L)`` side by side. Computed in
-        chunks of columns whose products stay in the cache; written into the flat buffer
-        ``out`` if given.
+        chunks of columns (on a CPU, whose products stay in the cache); written into the flat
+        buffer ``out`` if given.
         """
         n = self.real.shape[1]
         b, t = row_term.shape
@@ -305,7 +307,8 @@ class HalfTurnProjections:
         total = m * groups * 2 * h
         result = stacked.new_empty(total) if out is None else out[:total]
         pairs = result.view(b, t, groups, 2, h)
-        step = max(1, _HALF_TURN_CHUNK_COLUMNS // h)
+        columns_per_chunk = _HALF_TURN_CHUNK_COLUMNS if stacked.device.type == "cpu" else max(_HALF_TURN_CHUNK_COLUMNS, _HALF_TURN_CHUNK_VALUES // m)
+        step = max(1, columns_per_chunk // h)
         work = stacked.new_empty(2, m * min(step, groups) * h)
         for first in range(0, groups, step):
             g = min(step, groups - first)
