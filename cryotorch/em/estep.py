@@ -1252,15 +1252,7 @@ def _fine_sub_batch(
     if settings.local_sigma_deg is not None:
         angles = pairwise_rotation_angle_deg(batch.prior_euler_deg, fine_euler, grid.symmetry_matrices)
         logits.sub_((angles**2 / (2 * settings.local_sigma_deg**2))[:, None, :].to(logits.dtype))
-    logits.masked_fill_(~allowed, -math.inf)
-    flat = logits.reshape(b, -1)
-    peak = flat.amax(dim=-1, keepdim=True)
-    # in place (the logits are not needed again), clamped as in _top_logits, and the
-    # masked samples set back to exactly zero
-    posterior = flat.sub_(peak).clamp_(min=_EXP_FLOOR).exp_().masked_fill_(~allowed.reshape(b, -1), 0.0)
-    total = posterior.sum(-1, keepdim=True)
-    log_evidence = (peak + total.log())[:, 0]
-    posterior = posterior.div_(total).reshape(logits.shape)  # (b, Tf, Rf)
+    posterior, log_evidence = _posterior_in_place(logits, allowed)  # (b, Tf, Rf), (b,)
 
     best = posterior.reshape(b, -1).argmax(dim=-1)
     best_shift, best_rot = best // logits.shape[2], best % logits.shape[2]
@@ -1351,13 +1343,7 @@ def _own_samples_sub_batch(
         angles = _rowwise_angle_deg(euler_deg_to_matrix(batch.prior_euler_deg.double()), entry_matrices, grid.symmetry_matrices)
         logits.sub_((angles**2 / (2 * settings.local_sigma_deg**2))[:, :, None, :].to(logits.dtype))
     allowed = (present & class_mask.gather(1, entry_class))[:, :, None, None]  # (b, c, 1, 1)
-    logits.masked_fill_(~allowed, -math.inf)
-    flat = logits.view(b, -1)
-    peak = flat.amax(dim=-1, keepdim=True)
-    posterior = flat.sub_(peak).clamp_(min=_EXP_FLOOR).exp_().view(logits.shape).masked_fill_(~allowed, 0.0).view(b, -1)
-    total = posterior.sum(-1, keepdim=True)
-    log_evidence = (peak + total.log())[:, 0]
-    posterior = posterior.div_(total).view(logits.shape)  # (b, c, S, F)
+    posterior, log_evidence = _posterior_in_place(logits, allowed)  # (b, c, S, F), (b,)
 
     best = posterior.view(b, -1).argmax(dim=-1)
     best_entry, best_sub_shift, best_child = best // (n_sub_shift * n_sub_rot), best // n_sub_rot % n_sub_shift, best % n_sub_rot
@@ -1417,6 +1403,21 @@ def _rowwise_angle_deg(poses: torch.Tensor, matrices: torch.Tensor, symmetry_mat
     mates = (poses[:, None] @ symmetry_matrices.to(poses).transpose(-1, -2)).reshape(b, -1, 9)  # (b, G, 9): A·Lᵀ
     trace = (flat @ mates.transpose(-1, -2)).amax(-1)  # (b, m)
     return torch.rad2deg(torch.arccos(((trace - 1.0) * 0.5).clamp_(-1.0, 1.0))).view(matrices.shape[:-2])
+
+
+def _posterior_in_place(logits: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's softmax of ``logits`` ``(b, ...)`` (a contiguous array, overwritten: the logits
+    are not needed again) over the samples ``allowed`` (broadcastable), the others exactly
+    zero, and each row's log normaliser ``(b,)``."""
+    b = logits.shape[0]
+    logits.masked_fill_(~allowed, -math.inf)
+    flat = logits.view(b, -1)
+    peak = flat.amax(dim=-1, keepdim=True)
+    # clamped as in _top_logits; the masked samples set back to exactly zero
+    flat.sub_(peak).clamp_(min=_EXP_FLOOR).exp_()
+    logits.masked_fill_(~allowed, 0.0)
+    total = flat.sum(-1, keepdim=True)
+    return flat.div_(total).view(logits.shape), (peak + total.log())[:, 0]
 
 
 def _expectation_fixed_pose(
