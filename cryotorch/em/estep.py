@@ -766,14 +766,12 @@ def coarse_logits(
     """
     _, stacked, q = _score_operands(batch, ramps, n)
     b, t = row_term.shape
+    norm = q @ layout.power.T  # (B, C), or (B, G·H) shared by the half-turn pairs
+    shared = -norm if class_term is None else (class_term[:, :, None] - norm.view(b, class_term.shape[1], -1)).view(b, -1)
     if isinstance(layout, HalfTurnProjections):
-        half_norm = q @ layout.power.T  # (B, G·H)
-        shared = -half_norm if class_term is None else (class_term[:, :, None] - half_norm.view(b, class_term.shape[1], -1)).view(b, -1)
-        return layout.scores(stacked, shared, row_term, out), layout.with_turns(half_norm)
+        return layout.scores(stacked, shared, row_term, out), layout.with_turns(norm)
     n_columns = layout.stacked.shape[0]
     cross = stacked @ layout.stacked.T if out is None else torch.matmul(stacked, layout.stacked.T, out=out[: b * t * n_columns].view(b * t, n_columns))
-    norm = q @ layout.power.T  # (B, C)
-    shared = -norm if class_term is None else (class_term[:, :, None] - norm.view(b, class_term.shape[1], -1)).view(b, -1)
     return cross.view(b, t, n_columns).add_(shared[:, None, :]).add_(row_term[:, :, None]), norm
 
 
@@ -1178,8 +1176,8 @@ def _fine_pass(
     n_components = settings.frequencies.shape[0]
     start, window_size = 0, 16
     while start < n_particles:
-        # union sizes and longest lists of every prefix of the next particles, from running
-        # maxima, over a window that follows the size of the last sub-batch
+        # union sizes (from first occurrences) and longest lists (running maxima) of every
+        # prefix of the next particles, over a window that follows the size of the last sub-batch
         window = significant.select(slice(start, min(n_particles, start + window_size)))
         union_pairs, union_shifts = (growth.double() for growth in window.union_growth(grid.coarse_shifts_px.shape[0]))  # (w,), (w,)
         longest = window.valid.sum(-1).cummax(dim=0).values.double()

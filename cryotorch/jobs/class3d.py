@@ -98,12 +98,11 @@ class SelfFitOffsets:
     coarse, fine and unrefined passes' with it."""
 
     passes: list[torch.Tensor]
-    aligned: bool
 
     @classmethod
     def zeros(cls, n_particles: int, n_classes: int, aligned: bool, device: torch.device) -> SelfFitOffsets:
         """No discount yet."""
-        return cls([torch.zeros(n_particles, n_classes, device=device) for _ in range(3 if aligned else 1)], aligned)
+        return cls([torch.zeros(n_particles, n_classes, device=device) for _ in range(3 if aligned else 1)])
 
     def store(self, index: torch.Tensor, discount: torch.Tensor | PassOffsets) -> None:
         """Keep the discounts of the particles ``index`` ``(B,)``."""
@@ -114,7 +113,7 @@ class SelfFitOffsets:
 
     def select(self, index: torch.Tensor) -> torch.Tensor | PassOffsets:
         """The discounts of the particles ``index`` ``(B,)``, as the E-step takes them."""
-        if not self.aligned:
+        if len(self.passes) == 1:
             return self.passes[0][index]
         return PassOffsets(*(held[index] for held in self.passes))
 
