@@ -45,7 +45,7 @@ def main() -> None:
     frequencies = frequencies[(radius > 0) & (radius <= args.radius)]
     n_components = frequencies.shape[0]
     volumes = torch.stack([blob_phantom(box, 3.0, seed=s) for s in range(args.classes)]).to(device)
-    projections = extract_slices(prepare_fourier_volumes(volumes), grid.coarse_matrices(torch.arange(grid.n_rotations)), frequencies, box)
+    projections = extract_slices(prepare_fourier_volumes(volumes), grid.coarse_matrices(torch.arange(grid.n_rotations, device=device)), frequencies, box)
     projections = projections.reshape(-1, n_components)  # (K·R, M)
     generator = torch.Generator().manual_seed(0)
     b = args.particles

@@ -11,17 +11,18 @@ from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d
 from cryotorch.em.estep import CoarseProjections, PreparedBatch, ScoreProjections, phase_ramps, profiled_scale, score_batch, score_terms, scaled_score
 from cryotorch.em.sampling import build_pose_grid, translation_grid
 
-from conftest import c4_average
+from conftest import DEVICES, c4_average
 
 
-def random_batch(b: int, n: int, generator: torch.Generator) -> PreparedBatch:
+def random_batch(b: int, n: int, generator: torch.Generator, device: str = "cpu") -> PreparedBatch:
+    """``b`` particles of ``n`` random components, drawn on the CPU and moved to ``device``."""
     return PreparedBatch(
-        spectra=torch.complex(torch.randn(b, n, generator=generator), torch.randn(b, n, generator=generator)),
-        ctf=torch.randn(b, n, generator=generator),
-        inv_sigma2=torch.rand(b, n, generator=generator) + 0.5,
-        scale=torch.rand(b, generator=generator) + 0.5,
-        prior_origin_px=torch.zeros(b, 2),
-        prior_euler_deg=torch.zeros(b, 3, dtype=torch.float64),
+        spectra=torch.complex(torch.randn(b, n, generator=generator), torch.randn(b, n, generator=generator)).to(device),
+        ctf=torch.randn(b, n, generator=generator).to(device),
+        inv_sigma2=(torch.rand(b, n, generator=generator) + 0.5).to(device),
+        scale=(torch.rand(b, generator=generator) + 0.5).to(device),
+        prior_origin_px=torch.zeros(b, 2, device=device),
+        prior_euler_deg=torch.zeros(b, 3, dtype=torch.float64, device=device),
     )
 
 
@@ -109,20 +110,20 @@ def test_pose_grid_counts_and_oversampling() -> None:
     torch.testing.assert_close(grid.fine_shifts_px.mean(dim=1), grid.coarse_shifts_px)
 
 
-def _alignment_problem(seed: int, healpix_order: int, n_particles: int) -> tuple:
-    """A box-16 search over two random maps: box, frequencies, prepared volumes, grid (±2 px,
-    one order of oversampling), random batch, coarse projections (20 components), class log
-    priors, and the generator for further draws."""
+def _alignment_problem(seed: int, healpix_order: int, n_particles: int, device: str = "cpu") -> tuple:
+    """A box-16 search over two random maps on ``device``: box, frequencies, prepared volumes,
+    grid (±2 px, one order of oversampling), random batch, coarse projections (20 components),
+    class log priors, and the (CPU) generator for further draws."""
     from cryotorch.ops.projection import prepare_fourier_volumes
 
     generator = torch.Generator().manual_seed(seed)
     box = 16
-    frequencies = sorted_frequencies(box, 6)
-    volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator))
-    grid = build_pose_grid(healpix_order, 2.0, 2.0, "C1", oversampling=1)
-    batch = random_batch(n_particles, frequencies.shape[0], generator)
+    frequencies = sorted_frequencies(box, 6).to(device)
+    volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box, generator=generator).to(device))
+    grid = build_pose_grid(healpix_order, 2.0, 2.0, "C1", oversampling=1, device=torch.device(device))
+    batch = random_batch(n_particles, frequencies.shape[0], generator, device)
     coarse = CoarseProjections(volumes_ft, grid, frequencies[:20], box, 2**28)
-    return box, frequencies, volumes_ft, grid, batch, coarse, torch.log(torch.tensor([0.4, 0.6])), generator
+    return box, frequencies, volumes_ft, grid, batch, coarse, torch.log(torch.tensor([0.4, 0.6], device=device)), generator
 
 
 def _aligned_sums(budget: float) -> tuple[object, torch.Tensor]:
@@ -598,8 +599,9 @@ def test_local_coarse_projections_come_from_a_bounded_table() -> None:
     torch.testing.assert_close(layout.real, full.stacked[:, first_halves, :20].reshape(-1, 20), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("symmetry", ["C1", "D2"])
-def test_half_turn_pairs_score_as_the_projections_along_every_orientation(symmetry: str) -> None:
+def test_half_turn_pairs_score_as_the_projections_along_every_orientation(symmetry: str, device: str) -> None:
     # a projection turned by 180° in its plane is the conjugate of the unturned one (a real
     # map's transform at −k), so the scores of the half-turn layout, made from the first half
     # of each direction's psi samples, are those of the projections along all orientations
@@ -608,31 +610,31 @@ def test_half_turn_pairs_score_as_the_projections_along_every_orientation(symmet
 
     generator = torch.Generator().manual_seed(15)
     box, n_classes, n = 16, 3, 20
-    frequencies = sorted_frequencies(box, 6)
-    volumes_ft = prepare_fourier_volumes(torch.randn(n_classes, box, box, box, generator=generator))
-    grid = build_pose_grid(1, 2.0, 2.0, symmetry)
+    frequencies = sorted_frequencies(box, 6).to(device)
+    volumes_ft = prepare_fourier_volumes(torch.randn(n_classes, box, box, box, generator=generator).to(device))
+    grid = build_pose_grid(1, 2.0, 2.0, symmetry, device=torch.device(device))
     n_rot, n_psi = grid.n_rotations, grid.orientations.n_psi
-    every = extract_slices(volumes_ft, grid.coarse_matrices(torch.arange(n_rot)), frequencies[:n], box)  # (K, R, n)
+    every = extract_slices(volumes_ft, grid.coarse_matrices(torch.arange(n_rot, device=device)), frequencies[:n], box)  # (K, R, n)
     turned = every.reshape(n_classes, -1, 2, n_psi // 2, n)
     torch.testing.assert_close(turned[:, :, 1], turned[:, :, 0].conj(), rtol=1e-4, atol=1e-4)
     assert float(turned[:, :, 0].imag.abs().mean()) > 0.1 * float(turned[:, :, 0].abs().mean())  # not trivially real
-    batch = random_batch(5, frequencies.shape[0], generator)
+    batch = random_batch(5, frequencies.shape[0], generator, device)
     ramps = phase_ramps(grid.coarse_shifts_px, frequencies[:n], box)
-    row_term = torch.randn(5, ramps.shape[0], generator=generator)
-    class_term = torch.randn(5, n_classes, generator=generator)
+    row_term = torch.randn(5, ramps.shape[0], generator=generator).to(device)
+    class_term = torch.randn(5, n_classes, generator=generator).to(device)
     class_term[2, 1] = -math.inf  # a class the particle may not take
     expected, expected_norm = coarse_logits(batch, ScoreProjections.of(every).flatten(), ramps, n, row_term, class_term)
     coarse = CoarseProjections(volumes_ft, grid, frequencies[:n], box, 2**28)
     (_, _, layout), *_ = coarse.pieces()
     assert isinstance(layout, HalfTurnProjections) and layout.n_columns == n_classes * n_rot
-    buffer = torch.full((5 * ramps.shape[0] * n_classes * n_rot + 7,), math.nan)
+    buffer = torch.full((5 * ramps.shape[0] * n_classes * n_rot + 7,), math.nan, device=device)
     scores, norm = coarse_logits(batch, layout, ramps, n, row_term, class_term, buffer)
     assert scores.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(norm, expected_norm, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-3)
     assert torch.equal(torch.isinf(scores), torch.isinf(expected)) and int(torch.isinf(scores).sum()) == ramps.shape[0] * n_rot
-    # 144 (class, direction) groups of 6: five chunks of columns, the last one partial
-    assert layout.real.shape[0] // layout.n_half > 4 * (192 // layout.n_half) or symmetry == "D2"
+    # on the CPU, 144 (class, direction) groups of 6: five chunks of columns, the last one partial
+    assert layout.real.shape[0] // layout.n_half > 4 * (192 // layout.n_half) or symmetry == "D2" or device != "cpu"
     # and without class terms, into fresh memory
     halves, _ = coarse_logits(batch, layout, ramps, n, row_term, None)
     plain, _ = coarse_logits(batch, ScoreProjections.of(every).flatten(), ramps, n, row_term, None)
@@ -697,14 +699,15 @@ def test_global_search_batches_fit_the_budget() -> None:
     ("scale_sigma", "local", "forced", "cap", "symmetry"),
     [(0.0, False, False, 500, "C1"), (0.3, False, False, 500, "C1"), (0.0, True, True, 5, "C1"), (0.3, True, True, 500, "C1"), (0.0, True, False, 500, "D2")],
 )
-def test_own_samples_score_as_the_union_of_a_sub_batch(scale_sigma: float, local: bool, forced: bool, cap: int, symmetry: str) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_own_samples_score_as_the_union_of_a_sub_batch(scale_sigma: float, local: bool, forced: bool, cap: int, symmetry: str, device: str) -> None:
     # scoring each particle against the children of its own significant samples gives the
     # posteriors, poses and M-step sums of scoring the sub-batch against their union
     from cryotorch.em.estep import EStepResult, EStepSettings, FinePassCache, SignificantSamples, _class_mask, _coarse_pass, _fine_sub_batch, _offset_log_prior, _own_samples_sub_batch
 
-    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, generator = _alignment_problem(8, 1, 9)
+    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, generator = _alignment_problem(8, 1, 9, device)
     if symmetry != "C1":
-        grid = build_pose_grid(1, 2.0, 2.0, symmetry, oversampling=1)
+        grid = build_pose_grid(1, 2.0, 2.0, symmetry, oversampling=1, device=torch.device(device))
         coarse = CoarseProjections(volumes_ft, grid, frequencies[:20], box, 2**28)
     batch.inv_sigma2[::3] *= 3e-3  # some broad posteriors: lists of many lengths
     settings = EStepSettings(
@@ -713,7 +716,7 @@ def test_own_samples_score_as_the_union_of_a_sub_batch(scale_sigma: float, local
     n_rot = grid.n_rotations
     ramps = phase_ramps(grid.coarse_shifts_px, frequencies[:20], box)
     offset_prior = _offset_log_prior(batch.prior_origin_px[:, None, :] + grid.coarse_shifts_px[None], 4.0, 10.0).float()
-    mask = _class_mask(torch.randint(0, 2, (9,), generator=generator) if forced else None, 9, 2, batch.spectra.device)
+    mask = _class_mask(torch.randint(0, 2, (9,), generator=generator).to(device) if forced else None, 9, 2, batch.spectra.device)
     bias = torch.where(mask, log_prior[None].expand(9, -1), -math.inf).float()
     order, valid, scale = _coarse_pass(batch, lambda: coarse.pieces(None), n_rot, ramps, settings, offset_prior, None, None, bias)
     significant = SignificantSamples(order, valid, 2 * n_rot, n_rot)
@@ -731,18 +734,19 @@ def test_own_samples_score_as_the_union_of_a_sub_batch(scale_sigma: float, local
         torch.testing.assert_close(own_sum, union_sum, rtol=1e-4, atol=1e-5 * float(union_sum.abs().max()))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scale_sigma", [0.0, 0.3])
 @pytest.mark.parametrize("cap", [5, 500])
-def test_a_coarse_pass_in_pieces_keeps_the_samples_of_one_in_a_piece(scale_sigma: float, cap: int) -> None:
+def test_a_coarse_pass_in_pieces_keeps_the_samples_of_one_in_a_piece(scale_sigma: float, cap: int, device: str) -> None:
     # scored in pieces of 48 of the 576 orientations (50 asked for, rounded down to whole
     # directions of 12 psi samples), each keeping only its best samples, the coarse pass selects the samples that one pass over all selects,
     # and so the posteriors, poses, intensities and M-step sums are the same, with every
     # class allowed or one forced
     from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
 
-    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, generator = _alignment_problem(8, 1, 9)
+    box, frequencies, volumes_ft, grid, batch, coarse, log_prior, generator = _alignment_problem(8, 1, 9, device)
     batch.inv_sigma2[::3] *= 3e-3  # some broad posteriors: many significant samples
-    forced = torch.randint(0, 2, (9,), generator=generator)
+    forced = torch.randint(0, 2, (9,), generator=generator).to(device)
     for forced_class in (None, forced):
         results = []
         for piece in (None, 50):
