@@ -16,7 +16,9 @@ and prints oracle accuracy, achieved accuracy (labels matched), the adjusted Ran
 the share of the junk in one class, the resolution at which each real class's map (the class
 holding most of its particles) keeps an FSC of 0.5 with its true map and their FSC at 20 Å
 (twice the Nyquist period), with alignment the median angle between the real particles' true
-and found orientations, and seconds per iteration read from the run logs. With
+and found orientations, and seconds per iteration read from the run logs, with the mean
+seconds of each phase of an iteration (coarse and fine passes, back-projection, M-step,
+outputs, ...). With
 ``--continue-iterations`` the aligned run is then continued in its folder, as RELION runs are
 continued, with the settings of ``--continue-overrides``, and reported again.
 
@@ -183,6 +185,18 @@ def seconds_per_iteration(log_path: Path) -> list[float]:
     return [(end - start).total_seconds() for (start, _), (end, is_iteration) in zip(events, events[1:]) if is_iteration]
 
 
+def phase_seconds(log_path: Path) -> dict[str, float]:
+    """Mean seconds per iteration of each phase the run log's "iteration N took" lines name
+    (set-up, self-fit, images, coarse pass, fine pass, E-step, back-projection, all-reduce,
+    M-step, outputs)."""
+    totals: dict[str, list[float]] = {}
+    for line in log_path.read_text().splitlines():
+        if match := re.search(r"iteration \d+ took [\d.]+ s: (.*)$", line):
+            for name, seconds in re.findall(r"([\w -]+?) ([\d.]+) s(?:, |$)", match.group(1)):
+                totals.setdefault(name, []).append(float(seconds))
+    return {name: float(np.mean(values)) for name, values in totals.items()}
+
+
 def report(label: str, folder: Path, out: Path, iteration: int, truth: np.ndarray, true_maps: list[Path], n_particles: int, aligned: bool) -> None:
     """Print the figures of the class3d run in ``out`` after ``iteration`` (times: every
     iteration its log holds; with ``aligned``, the orientation error too)."""
@@ -194,6 +208,8 @@ def report(label: str, folder: Path, out: Path, iteration: int, truth: np.ndarra
           f"junk in one class {junk_share(truth, result):.3f}; FSC 0.5 to the true maps at {maps}; "
           f"{angles}{np.mean(times):.1f} s/iteration, {sum(times):.0f} s total, "
           f"{1e3 * np.mean(times) / n_particles:.2f} ms per particle-iteration")
+    phases = phase_seconds(out / "train.log")
+    print("    mean seconds per iteration: " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items()))
 
 
 def main() -> None:

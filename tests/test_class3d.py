@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def test_classification_without_alignment_separates_the_classes(two_class_data: 
     scalars = ["class3d/changes_classes", "class3d/changes_orientations_deg", "class3d/changes_offsets_angstrom", "class3d/log_likelihood"]
     scalars += ["class3d/mean_class_ess", "class3d/mean_significant_samples"]
     scalars += [f"class3d/{name}/class00{k}" for name in ("resolution_angstrom", "class_distribution") for k in (1, 2)]
+    # and the seconds of the phases of each iteration
+    scalars += [f"class3d/seconds/{phase}" for phase in ("images", "E-step", "back-projection", "M-step", "outputs")]
     for tag in scalars:
         assert [event.step for event in events.Scalars(tag)] == list(range(1, 11)), tag
     final = {k: events.Scalars(f"class3d/class_distribution/class00{k}")[-1].value for k in (1, 2)}
@@ -238,6 +241,13 @@ def test_classification_with_local_alignment_finds_classes_and_poses(two_class_d
     # the finer local searches cut the median angular error by a quarter (9.5° → 6.9°)
     assert float(errors.median()) < float(coarse_errors.median()) - 2.0
     assert float(np.median(np.linalg.norm(truth.origin_angstrom - result.origin_angstrom, axis=1))) < PIXEL
+    # the log times every iteration's phases, the E-step's two passes among them
+    timings = re.findall(r"iteration (\d+) took ([\d.]+) s: (.*)", (out / "train.log").read_text())
+    assert [int(iteration) for iteration, _, _ in timings] == list(range(1, 11))
+    for _, total, phases in timings:
+        seconds = dict((name, float(value)) for name, value in re.findall(r"([\w -]+?) ([\d.]+) s(?:, |$)", phases))
+        assert list(seconds) == ["set-up", "self-fit", "images", "coarse pass", "fine pass", "E-step", "back-projection", "all-reduce", "M-step", "outputs"]
+        assert sum(seconds.values()) == pytest.approx(float(total), abs=0.11)  # each rounded
 
 
 def test_a_local_search_on_a_fine_grid(two_class_data: dict[str, Path], tmp_path: Path) -> None:

@@ -1,14 +1,19 @@
-"""The thread-pool start-up that makes the first parallel math op of a process exact."""
+"""Process runtime: the thread-pool start-up that makes the first parallel math op exact,
+deterministic CUDA kernels, the memory budget, and the phase timer of iterations."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from cryotorch.monitor import PhaseTimer
 from cryotorch.runtime import memory_budget_bytes, use_deterministic_kernels
+
+from conftest import DEVICES
 from test_jobs import REPO
 
 # the first parallel op of a fresh process: sqrt of a 32³ radius² grid, compared to NumPy's
@@ -65,3 +70,21 @@ def test_cuda_memory_budget_is_a_share_of_the_device_memory() -> None:
     device = torch.device("cuda")
     _, total = torch.cuda.mem_get_info(device)
     assert memory_budget_bytes(device, None) == 0.25 * total
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_phase_timer_charges_each_lap_to_its_phase_after_the_device_work(device: str) -> None:
+    timer = PhaseTimer(torch.device(device))
+    time.sleep(0.03)
+    timer.lap("first")
+    a = torch.randn(2048, 2048, device=device)
+    for _ in range(20 if device == "cuda" else 1):
+        a = a @ a / 2048**0.5
+    timer.lap("work")
+    # the work queued on the device has finished when its lap ends
+    assert device != "cuda" or torch.cuda.current_stream().query()
+    time.sleep(0.02)
+    timer.lap("first")
+    assert list(timer.seconds) == ["first", "work"]
+    assert timer.seconds["first"] >= 0.05 and timer.seconds["work"] > 0
+    assert timer.summary() == f"first {timer.seconds['first']:.2f} s, work {timer.seconds['work']:.2f} s"

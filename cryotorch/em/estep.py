@@ -22,6 +22,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.em.sampling import PoseGrid, local_search
 from cryotorch.ops.healpix import pairwise_rotation_angle_deg
 from cryotorch.ops.projection import extract_slices
+
+if TYPE_CHECKING:
+    from cryotorch.monitor.timing import PhaseTimer
 
 __all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "ScoreProjections", "HalfTurnProjections", "CoarseProjections", "global_search_batches", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "coarse_logits", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
 
@@ -905,6 +909,7 @@ def expectation(
     forced_class: torch.Tensor | None = None,
     class_offset: torch.Tensor | PassOffsets | None = None,
     unrefined_projections: FinePassCache | None = None,
+    timer: PhaseTimer | None = None,
 ) -> EStepResult:
     """Posteriors and M-step sums for one batch.
 
@@ -940,6 +945,9 @@ def expectation(
         over ``grid.without_oversampling()``), for the particles that
         ``settings.max_significant_oversampled`` exempts from oversampling; drain it at the
         end of the iteration too. Needed when that limit is set, unused when it is None.
+    timer
+        With alignment, charged with the ``"coarse pass"`` (the local neighbourhood too) and
+        the ``"fine pass"``, or None.
     """
     per_particle_prior = log_class_prior[None, :].expand(batch.spectra.shape[0], -1)
     if not settings.align:
@@ -981,6 +989,8 @@ def expectation(
         torch.where(class_mask, per_particle_prior, -math.inf).float(),
         coarse_projections.score_buffer,
     )
+    if timer is not None:
+        timer.lap("coarse pass")
     b = order.shape[0]
     significant = SignificantSamples(order, valid, n_classes * n_scored, n_rot if searched_rotations is None else searched_rotations)
     best_pair = order[:, 0] % significant.n_pairs  # class · U + scored orientation
@@ -1020,6 +1030,8 @@ def expectation(
             )
         )
         parts.append(members)
+    if timer is not None:
+        timer.lap("fine pass")
     return _concatenate(results).select(torch.argsort(torch.cat(parts)))
 
 

@@ -62,7 +62,7 @@ from cryotorch.io import (
 )
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
-from cryotorch.monitor import log_central_slices, log_scalars, progress
+from cryotorch.monitor import PhaseTimer, log_central_slices, log_scalars, progress
 from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_disc_masks, soft_spherical_mask
@@ -522,9 +522,11 @@ class Class3DJob:
         return shard_rows(chosen, context.fabric.global_rank, context.fabric.world_size)
 
     def iterate(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> ParticleState:
-        """One E-step over this rank's particles, all-reduce, M-step, outputs."""
+        """One E-step over this rank's particles, all-reduce, M-step, outputs; the seconds of
+        each phase are logged and written to TensorBoard."""
         sampling = self.sampling_at(context, iteration)
         device, box, pixel = self.device, self.box, self.pixel
+        timer = PhaseTimer(device)
         radius = self.current_radius(model, iteration)
         frequencies, component_index, shells = self.components(radius)
         volumes_ft = prepare_fourier_volumes(model.volumes * self.mask, context.padding_factor)
@@ -588,27 +590,33 @@ class Class3DJob:
         chunks = [(stats, part[start : start + batch_size]) for stats, part in zip(sets, row_sets) for start in range(0, len(part), batch_size)]
         # as RELION: a reference that is not CTF-corrected is compared without CTFs in the first iteration
         use_ctf = self.ctf and (iteration > 1 or self.reference_ctf_corrected)
+        timer.lap("set-up")
         offsets = self.self_fit_offsets(model, state, rows, frequencies, shells, passes, use_ctf, budget / 4) if self.discount_self_fit else None
+        timer.lap("self-fit")
         for number, (stats, chunk) in enumerate(progress(chunks, len(chunks), f"iteration {iteration}", enabled=context.is_main, unit="batch")):
             index = torch.as_tensor(chunk, device=device)
             batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
             groups = torch.as_tensor(self.groups[chunk], device=device)
             forced_chunk = None if forced is None else forced[index]
             class_offset = None if offsets is None else offsets.select(index)
-            result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined)
+            timer.lap("images")
+            result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined, timer)
             self.expand_symmetry(result.slices)
-            stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
             new_state.store(index, result)
+            timer.lap("E-step")
+            stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
             if number + 1 == len(chunks) or chunks[number + 1][0] is not stats:
                 # the slice sums held by the caches belong to this set
                 for cache in (fine, unrefined):
                     if cache is not None:
                         stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
+            timer.lap("back-projection")
         for stats in sets:
             for tensor in stats.tensors():
                 tensor.copy_(context.all_reduce_sum(tensor))
         stats = sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
         new_state = self.gather_state(context, new_state, rows)
+        timer.lap("all-reduce")
         references = model.volumes.clone()
         empty = maximization(model, stats, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry, self.tau2_estimate, sets[-1] if len(sets) > 1 else None)
         if not self.update_references:
@@ -616,7 +624,11 @@ class Class3DJob:
             # the maps hold none of the particles' data, so nothing is discounted as self-fit
             model.volumes.copy_(references)
             model.inserted_radius.zero_()
+        timer.lap("M-step")
         self.report(context, model, state, new_state, iteration, radius, empty, n_coarse)
+        timer.lap("outputs")
+        log.info("iteration %d took %.1f s: %s", iteration, sum(timer.seconds.values()), timer.summary())
+        log_scalars(context.writer, {f"class3d/seconds/{name}": seconds for name, seconds in timer.seconds.items()}, iteration)
         return new_state
 
     @staticmethod
