@@ -37,9 +37,22 @@ def build_fabric(compute: DictConfig) -> Fabric:
         devices = int(os.environ["LOCAL_WORLD_SIZE"])
         num_nodes = int(os.environ["WORLD_SIZE"]) // devices
         strategy = "ddp" if strategy == "auto" else strategy
-    accelerator = compute.accelerator
+    accelerator = str(compute.accelerator)
+    if accelerator not in ("auto", "cpu", "cuda"):
+        raise InputError(f"compute.accelerator={accelerator} is not one of auto, cpu, cuda")
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise InputError(
+                f"compute.accelerator=cuda, but PyTorch {torch.__version__} ({build}) sees no CUDA device: run with compute.accelerator=cpu "
+                "(or auto), or on a machine whose GPU nvidia-smi lists, where scripts/install.sh installs a CUDA build"
+            )
+        visible = torch.cuda.device_count()
+        if isinstance(devices, int) and devices > visible:
+            setting = "torchrun --nproc_per_node" if "LOCAL_WORLD_SIZE" in os.environ else "compute.devices"
+            raise InputError(f"{setting}={devices} asks for more GPUs than the {visible} visible on this node: give at most {visible} (one process per GPU)")
     if accelerator == "cpu" and compute.process_group_backend is None:
         backend = "gloo"
     else:
