@@ -9,7 +9,7 @@ import torch
 
 from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d
 from cryotorch.em.estep import CoarseProjections, PreparedBatch, ScoreProjections, phase_ramps, profiled_scale, score_batch, score_terms, scaled_score
-from cryotorch.em.sampling import build_pose_grid, translation_grid
+from cryotorch.em.sampling import PoseGrid, build_pose_grid, translation_grid
 
 from conftest import DEVICES, c4_average
 
@@ -356,17 +356,21 @@ def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
     # the oversampled children of each coarse orientation, and the coarse orientations alone
     every = torch.arange(current.n_rotations)
     fine = current.children_matrices(every)  # (R, F, 3, 3)
+    # searched by neighbourhoods (a limit of 0 samples searched whole) and whole (the default
+    # for a grid this small)
     for children, samples_grid in ((fine, current), (current.coarse_matrices(every)[:, None], current.without_oversampling())):
-        samples = GridSamples(samples_grid)
-        candidate_euler = matrix_to_euler_deg(children.reshape(-1, 3, 3).double())
-        poses = random_rotations(40, torch.Generator().manual_seed(3))
-        nearest = samples.nearest(poses)
-        # the oracle: the angle to every candidate
-        closest = rotation_angle_deg(matrix_to_euler_deg(poses.double())[:, None], candidate_euler[None]).amin(dim=1)
-        torch.testing.assert_close(rotation_angle_deg(matrix_to_euler_deg(poses.double()), matrix_to_euler_deg(nearest.double())), closest, rtol=0, atol=1e-3)
-        # a sample is its own nearest orientation
-        own = children.reshape(-1, 3, 3)[[5, children.shape[0] * children.shape[1] - 3]]
-        torch.testing.assert_close(samples.nearest(own), own)
+        for whole_limit in (0, 2**19):
+            samples = GridSamples(samples_grid, whole_limit)
+            assert (samples.every is None) == (whole_limit == 0)
+            candidate_euler = matrix_to_euler_deg(children.reshape(-1, 3, 3).double())
+            poses = random_rotations(40, torch.Generator().manual_seed(3))
+            nearest = samples.nearest(poses)
+            # the oracle: the angle to every candidate
+            closest = rotation_angle_deg(matrix_to_euler_deg(poses.double())[:, None], candidate_euler[None]).amin(dim=1)
+            torch.testing.assert_close(rotation_angle_deg(matrix_to_euler_deg(poses.double()), matrix_to_euler_deg(nearest.double())), closest, rtol=0, atol=1e-3)
+            # a sample is its own nearest orientation
+            own = children.reshape(-1, 3, 3)[[5, children.shape[0] * children.shape[1] - 3]]
+            torch.testing.assert_close(samples.nearest(own), own)
     # fine translations at step 1 px are the coarse ones (step 2 px) ± 0.5 px, here all moved
     # by -0.2 · 2 px: the nearest to the centre lies at 0.5 - 0.4 along x and along y
     torch.testing.assert_close(nearest_translation_px(grid).abs(), torch.tensor([0.5, 0.5]))
@@ -835,3 +839,27 @@ def test_class_offsets_act_on_the_cross_term_at_the_profiled_intensity() -> None
         torch.testing.assert_close(result.class_posterior[i].double(), torch.softmax(direct, 0), rtol=1e-3, atol=1e-3)
         # rlnLogLikeliContribution: with the ‖X‖² term, as the direct likelihood has it
         torch.testing.assert_close(result.log_likelihood[i].double(), torch.logsumexp(direct, 0), rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("oversampling", [0, 1])
+def test_a_grid_looks_up_the_orientations_it_would_compute(oversampling: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a small grid keeps the angles and matrices of its samples: the values of a grid too
+    # large to keep them, which computes them when asked (here a limit of 0 samples)
+    import cryotorch.em.sampling as sampling
+    from cryotorch.em.sampling import perturb_pose_grid
+
+    def grids() -> PoseGrid:
+        return perturb_pose_grid(build_pose_grid(1, 2.0, 1.0, "D2", oversampling=oversampling), 0.3, 1.0)
+
+    kept = grids()
+    assert kept._children_table is not None and kept._coarse_table is not None  # made when first asked for
+    monkeypatch.setattr(sampling, "_TABLE_ORIENTATIONS", 0)
+    computed = grids()
+    rows = torch.tensor([0, 7, 5, kept.n_rotations - 1, 7])
+    assert computed._children_table is None and computed._coarse_table is None
+    for name in ("coarse_matrices", "coarse_matrices64", "children_euler_deg", "children_matrices", "children_matrices64"):
+        looked_up, made = getattr(kept, name)(rows), getattr(computed, name)(rows)
+        assert looked_up.dtype == made.dtype and looked_up.shape == made.shape, name
+        torch.testing.assert_close(looked_up, made, rtol=0, atol=1e-12 if made.dtype == torch.float64 else 1e-6, msg=name)
+    # the float32 matrices are the float64 ones rounded; without oversampling, the coarse pass's
+    torch.testing.assert_close(kept.children_matrices(rows), kept.children_matrices64(rows).float() if oversampling else kept.coarse_matrices(rows)[:, None], rtol=0, atol=1e-6)

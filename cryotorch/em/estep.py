@@ -28,7 +28,7 @@ import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.em.sampling import PoseGrid, local_search
-from cryotorch.ops.healpix import pairwise_rotation_angle_deg
+from cryotorch.ops.healpix import pairwise_matrix_angle_deg
 from cryotorch.ops.projection import extract_slices
 
 if TYPE_CHECKING:
@@ -1247,6 +1247,7 @@ def _fine_sub_batch(
     pair_used = torch.stack(significant.class_and_rotation(pairs), dim=-1)  # (Uc, 2) (class, coarse rotation)
     fine_shifts = grid.fine_shifts_px[shift_used].reshape(-1, 2)  # (Tu·S, 2)
     fine_euler = grid.children_euler_deg(pair_used[:, 1]).reshape(-1, 3)  # (Uc·F, 3)
+    fine_matrices = grid.children_matrices64(pair_used[:, 1]).reshape(-1, 3, 3)
     fine_class = pair_used[:, 0].repeat_interleave(n_sub_rot)  # (Uc·F,)
     fine_id = ((pair_used[:, 0] * n_rot + pair_used[:, 1])[:, None] * n_sub_rot + torch.arange(n_sub_rot, device=device)).reshape(-1)
     projections = fine_projections.projections(pair_used[:, 0], pair_used[:, 1]).reshape(-1, n)  # (Uc·F, n)
@@ -1260,7 +1261,7 @@ def _fine_sub_batch(
     logits = scores.add_(log_class_prior[:, fine_class][:, None, :])
     logits.add_(_offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[:, :, None])
     if settings.local_sigma_deg is not None:
-        angles = pairwise_rotation_angle_deg(batch.prior_euler_deg, fine_euler, grid.symmetry_matrices)
+        angles = pairwise_matrix_angle_deg(euler_deg_to_matrix(batch.prior_euler_deg.double()), fine_matrices, grid.symmetry_matrices)
         logits.sub_((angles**2 / (2 * settings.local_sigma_deg**2))[:, None, :].to(logits.dtype))
     posterior, log_evidence = _posterior_in_place(logits, allowed)  # (b, Tf, Rf), (b,)
 
@@ -1268,7 +1269,7 @@ def _fine_sub_batch(
     best_shift, best_rot = best // logits.shape[2], best % logits.shape[2]
     best_euler = fine_euler[best_rot]
     rotation_posterior = posterior.sum(1)  # (b, Rf)
-    angles_to_best = pairwise_rotation_angle_deg(best_euler, fine_euler, grid.symmetry_matrices)  # (b, Rf)
+    angles_to_best = pairwise_matrix_angle_deg(fine_matrices[best_rot], fine_matrices, grid.symmetry_matrices)  # (b, Rf)
     spread = torch.sqrt((rotation_posterior * angles_to_best.to(rotation_posterior.dtype) ** 2).sum(-1))
     class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).index_add_(1, fine_class, rotation_posterior)
     image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)
@@ -1348,7 +1349,7 @@ def _own_samples_sub_batch(
     origins = batch.prior_origin_px[:, None, None, :] + fine_shifts[shift_at]  # (b, c, S, 2)
     logits.add_(log_class_prior.gather(1, entry_class)[:, :, None, None])
     logits.add_(_offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[..., None])
-    entry_matrices = euler_deg_to_matrix(fine_euler[pair_at])  # (b, c, F, 3, 3) float64
+    entry_matrices = grid.children_matrices64(rotations)[pair_at]  # (b, c, F, 3, 3)
     if settings.local_sigma_deg is not None:
         angles = _rowwise_angle_deg(euler_deg_to_matrix(batch.prior_euler_deg.double()), entry_matrices, grid.symmetry_matrices)
         logits.sub_((angles**2 / (2 * settings.local_sigma_deg**2))[:, :, None, :].to(logits.dtype))
@@ -1361,7 +1362,7 @@ def _own_samples_sub_batch(
     best_pair = pair_at[particles, best_entry]
     best_euler = fine_euler[best_pair, best_child]
     entry_posterior = posterior.sum(2)  # (b, c, F)
-    angles_to_best = _rowwise_angle_deg(euler_deg_to_matrix(best_euler.double()), entry_matrices, grid.symmetry_matrices)
+    angles_to_best = _rowwise_angle_deg(entry_matrices[particles, best_entry, best_child], entry_matrices, grid.symmetry_matrices)
     spread = torch.sqrt((entry_posterior * angles_to_best.to(entry_posterior.dtype) ** 2).sum((1, 2)))
     class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).scatter_add_(1, entry_class, entry_posterior.sum(-1))
     image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)

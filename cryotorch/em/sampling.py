@@ -29,7 +29,14 @@ __all__ = [
 
 _SPREAD_CHUNK = 1 << 20  # children per chunk when a grid's child spread is measured
 _NEAREST_CHUNK = 64  # rotations per neighbourhood of a GridSamples query
+_WHOLE_CHUNK = 1 << 22  # rotation × sample traces per product of a GridSamples query over its whole grid
+# grids of at most this many samples are searched whole by GridSamples (a query then costs
+# O(samples) flops; by neighbourhoods it costs a neighbourhood, in dozens of small operations)
+_WHOLE_SAMPLES = 1 << 16
 _VIEW_CHUNK = 1 << 22  # view × direction cosines per chunk of PoseGrid.coarse_within
+# a grid keeps the angles and matrices of its orientations and of their children where they
+# number at most this many (96 bytes each: 50 MB); a finer grid computes them when asked
+_TABLE_ORIENTATIONS = 1 << 19
 
 
 @dataclass
@@ -39,8 +46,11 @@ class PoseGrid:
     The grid holds the HEALPix directions of its coarse orientations and their psi step, as
     RELION does: the angles and matrices of coarse orientation ``r`` (direction
     ``r // n_psi``, psi sample ``r % n_psi``) and of its children are computed when asked
-    for (:meth:`coarse_matrices`, :meth:`children_euler_deg`), so that a grid holds ``O(D)``
-    values for its ``R = D · n_psi`` coarse orientations and ``R·F`` children.
+    for (:meth:`coarse_matrices`, :meth:`children_euler_deg`), so that a fine grid holds
+    ``O(D)`` values for its ``R = D · n_psi`` coarse orientations and ``R·F`` children. A
+    grid of at most :data:`_TABLE_ORIENTATIONS` of them computes them all once, the first
+    time they are asked for, and then looks them up: the same values in a few operations
+    instead of a hundred per call (which, on a GPU, are each a kernel launch).
 
     Attributes
     ----------
@@ -98,18 +108,40 @@ class PoseGrid:
     def coarse_matrices(self, rows: torch.Tensor) -> torch.Tensor:
         """``(n, 3, 3)`` float32 RELION matrices of the coarse orientations ``rows`` ``(n,)``,
         as the coarse pass scores them."""
+        table = self._coarse_table
+        return self._computed_coarse_matrices(rows) if table is None else table[0][rows]
+
+    def _computed_coarse_matrices(self, rows: torch.Tensor) -> torch.Tensor:
         matrices = euler_deg_to_matrix(self.orientations.euler_deg(rows))
         return (matrices if self.turn is None else matrices @ self.turn).float()
+
+    @cached_property
+    def _coarse_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(R, 3, 3)`` :meth:`coarse_matrices` and :meth:`coarse_matrices64` of every coarse
+        orientation, made once where the grid has at most :data:`_TABLE_ORIENTATIONS` of
+        them; None otherwise."""
+        if self.n_rotations > _TABLE_ORIENTATIONS:
+            return None
+        every = torch.arange(self.n_rotations, device=self.orientations.pixels.device)
+        return self._computed_coarse_matrices(every), self._computed_coarse_matrices64(every)
 
     def coarse_matrices64(self, rows: torch.Tensor) -> torch.Tensor:
         """``(n, 3, 3)`` float64 matrices of the coarse orientations ``rows`` ``(n,)``, for
         the angles of local searches."""
+        table = self._coarse_table
+        return self._computed_coarse_matrices64(rows) if table is None else table[1][rows]
+
+    def _computed_coarse_matrices64(self, rows: torch.Tensor) -> torch.Tensor:
         return euler_deg_to_matrix(self.coarse_euler_deg(rows))
 
     def children_euler_deg(self, parents: torch.Tensor) -> torch.Tensor:
         """``(P, F, 3)`` float64 Euler angles (degrees) of the children of the coarse
         orientations ``parents`` ``(P,)``: RELION's oversampled pixels and psi values
         (:func:`~cryotorch.ops.healpix.oversample_orientations`), turned as the grid is."""
+        table = self._children_table
+        return self._computed_children_euler_deg(parents) if table is None else table[0][parents]
+
+    def _computed_children_euler_deg(self, parents: torch.Tensor) -> torch.Tensor:
         if self.oversampling == 0:
             return self.coarse_euler_deg(parents)[:, None]
         grid = self.orientations
@@ -123,8 +155,28 @@ class PoseGrid:
         without oversampling the coarse matrices themselves, as the coarse pass scores them."""
         if self.oversampling == 0:
             return self.coarse_matrices(parents)[:, None]
-        euler = self.children_euler_deg(parents)
-        return euler_deg_to_matrix(euler.reshape(-1, 3)).float().reshape(*euler.shape[:2], 3, 3)
+        return self.children_matrices64(parents).float()
+
+    def children_matrices64(self, parents: torch.Tensor) -> torch.Tensor:
+        """``(P, F, 3, 3)`` float64 matrices of :meth:`children_euler_deg`, for the angles
+        between samples (with oversampling, :meth:`children_matrices` are these, rounded)."""
+        table = self._children_table
+        return self._matrices_of(self._computed_children_euler_deg(parents)) if table is None else table[1][parents]
+
+    @staticmethod
+    def _matrices_of(euler: torch.Tensor) -> torch.Tensor:
+        """``(P, F, 3, 3)`` float64 matrices of the ``(P, F, 3)`` angles ``euler``."""
+        return euler_deg_to_matrix(euler.reshape(-1, 3)).reshape(*euler.shape[:2], 3, 3)
+
+    @cached_property
+    def _children_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(R, F, 3)`` :meth:`children_euler_deg` and ``(R, F, 3, 3)``
+        :meth:`children_matrices64` of every coarse orientation, made once where the grid
+        has at most :data:`_TABLE_ORIENTATIONS` children; None otherwise."""
+        if self.n_rotations * self.n_children > _TABLE_ORIENTATIONS:
+            return None
+        euler = self._computed_children_euler_deg(torch.arange(self.n_rotations, device=self.orientations.pixels.device))
+        return euler, self._matrices_of(euler)
 
     def _first_of_directions(self) -> torch.Tensor:
         """``(D,)`` the first coarse orientation (psi sample 0) of every direction."""
@@ -331,16 +383,27 @@ class GridSamples:
     rotations is a metric). Candidates are found by their viewing direction first (a turn by
     θ moves a direction by at most θ), then by their angle. So a query costs a
     neighbourhood, not the grid, and the children are computed for that neighbourhood only.
+    A grid of at most ``whole_limit`` samples is instead compared whole, one matrix product
+    per :data:`_WHOLE_CHUNK` traces: the same nearest samples in a few operations instead of
+    dozens per 64 rotations.
     """
 
-    def __init__(self, grid: PoseGrid) -> None:
+    def __init__(self, grid: PoseGrid, whole_limit: int = _WHOLE_SAMPLES) -> None:
         self.grid = grid
         self.spread_deg = grid.child_spread_deg
+        every = torch.arange(grid.n_rotations, device=grid.orientations.pixels.device)
+        # (R·F, 9) every sample, in the grid's order, where it is searched whole
+        self.every = grid.children_matrices(every).reshape(-1, 9) if grid.n_rotations * grid.n_children <= whole_limit else None
 
     def nearest(self, rotations: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 3)`` the sample nearest to each of ``rotations`` ``(B, 3, 3)`` (smallest
         angle between them, no symmetry: the largest trace of ``Aᵀ·C``), for chunks of
-        :data:`_NEAREST_CHUNK` rotations at a time."""
+        :data:`_NEAREST_CHUNK` rotations at a time (of :data:`_WHOLE_CHUNK` traces where the
+        grid is searched whole)."""
+        if self.every is not None:
+            flat = rotations.reshape(-1, 9).float()
+            chunk = max(1, _WHOLE_CHUNK // self.every.shape[0])
+            return torch.cat([self.every[(part @ self.every.T).argmax(dim=1)] for part in flat.split(chunk)]).reshape(-1, 3, 3)
         return torch.cat([self._nearest(chunk) for chunk in rotations.split(_NEAREST_CHUNK)])
 
     def _nearest(self, rotations: torch.Tensor) -> torch.Tensor:
