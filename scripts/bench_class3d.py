@@ -56,6 +56,7 @@ from cryotorch.conventions import irfft3_centered, rfft3_centered
 from cryotorch.io import read_mrc, read_particles, write_mrc
 from cryotorch.ops.filters import crop_or_pad_3d, lowpass_filter_3d
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
+from cryotorch.monitor.timing import device_description
 from cryotorch.ops.healpix import rotation_angle_deg
 from cryotorch.runtime import start_thread_pool
 
@@ -227,6 +228,10 @@ def main() -> None:
     parser.add_argument("--continue-overrides", nargs="*", default=[], help="key=value settings of the continuation (instead of --class3d-overrides)")
     args = parser.parse_args()
     start_thread_pool()
+    # the runs' device: compute.accelerator is auto unless an override names it
+    accelerator = next((item.split("=", 1)[1] for item in args.class3d_overrides if item.startswith("compute.accelerator=")), "auto")
+    device = torch.device("cuda" if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available()) else "cpu")
+    print(f"device {device_description(device)}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_class3d_"))
     work.mkdir(parents=True, exist_ok=True)
     class_a, class_b, junk = make_maps(args.map, work)

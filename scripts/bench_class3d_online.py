@@ -34,6 +34,7 @@ import torch
 
 from bench_class3d import BOX, PIXEL, adjusted_rand_index, load_map, matched_accuracy, oracle_classes, seconds_per_iteration, simulate_set, train
 from cryotorch.io import read_particles, write_mrc
+from cryotorch.monitor.timing import device_description
 from cryotorch.ops.filters import raised_cosine
 from cryotorch.runtime import start_thread_pool
 
@@ -122,7 +123,7 @@ def speed(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
-    print(f"device {device}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"device {device_description(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     generator = torch.Generator().manual_seed(0)
     for box in args.boxes:
         frequencies = fft_frequencies_2d(box, device).reshape(-1, 2)

@@ -12,7 +12,6 @@ the same run on the same device and dtype.
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
@@ -20,7 +19,7 @@ from cryotorch.conventions import fft_frequencies_2d
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.em.estep import PreparedBatch, phase_ramps, score_batch
 from cryotorch.em.sampling import build_pose_grid
-from cryotorch.monitor.timing import best_wall_time
+from cryotorch.monitor.timing import best_wall_time, device_description
 from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
 from cryotorch.runtime import start_thread_pool
 
@@ -70,8 +69,7 @@ def main() -> None:
     same_shape_rate = 2.0 * left.shape[0] * left.shape[1] * right.shape[1] / same_shape_s
     peak_rate = 2.0 * 2048**3 / square_s
     rate = flops / score_s
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"device {device} ({name}), torch {torch.__version__}, float32")
+    print(f"device {device_description(device)}, float32")
     print(f"{b} particles × {n_shifts} translations × {args.classes} classes × {grid.n_rotations} orientations, {n_components} components")
     print(f"E-step scoring: {score_s * 1e3:.1f} ms, {rate / 1e9:.1f} GFLOP/s, {b / score_s:.0f} particles/s")
     print(f"torch.matmul same shape: {same_shape_rate / 1e9:.1f} GFLOP/s; 2048² square: {peak_rate / 1e9:.1f} GFLOP/s")

@@ -10,7 +10,6 @@ gathers/scatters over the device's copy bandwidth (``clone`` of a large tensor).
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 
 import torch
@@ -18,7 +17,7 @@ from torch_fourier_slice import backproject_2d_to_3d, project_3d_to_2d
 
 from cryotorch.conventions import fft_frequencies_2d
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.monitor.timing import best_wall_time
+from cryotorch.monitor.timing import best_wall_time, device_description
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes, project_volumes
 from cryotorch.ops.rotations import random_rotations
@@ -95,9 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     start_thread_pool()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     bandwidth = copy_bandwidth(device)
-    print(f"device {device} ({name}), torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"device {device_description(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     # ours first, so that the peak memory reported is ours, not the reference's
     ours = {box: bench_ours(box, args.n_slices, device, bandwidth) for box in args.boxes}
     reference = {box: bench_reference(box, args.n_slices, device) for box in args.boxes}

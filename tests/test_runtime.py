@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cryotorch.monitor import PhaseTimer
+from cryotorch.monitor.timing import device_description
 from cryotorch.runtime import memory_budget_bytes, use_deterministic_kernels
 
 from conftest import DEVICES
@@ -88,3 +89,11 @@ def test_phase_timer_charges_each_lap_to_its_phase_after_the_device_work(device:
     assert list(timer.seconds) == ["first", "work"]
     assert timer.seconds["first"] >= 0.05 and timer.seconds["work"] > 0
     assert timer.summary() == f"first {timer.seconds['first']:.2f} s, work {timer.seconds['work']:.2f} s"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_benchmarks_name_the_machine_they_ran_on(device: str) -> None:
+    text = device_description(torch.device(device))
+    assert text.startswith(f"{device} (") and text.endswith(f"), torch {torch.__version__}")
+    name = text[len(device) + 2 : text.rindex("), torch")]  # CPU model names hold brackets too: "Intel(R) Xeon(R) ..."
+    assert name == torch.cuda.get_device_name() if device == "cuda" else name.endswith(f", {torch.get_num_threads()} threads")

@@ -3,12 +3,27 @@ so that GPU work is counted where it runs, not where it is next waited for)."""
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-__all__ = ["PhaseTimer", "best_wall_time"]
+__all__ = ["PhaseTimer", "best_wall_time", "device_description"]
+
+
+def device_description(device: torch.device) -> str:
+    """The machine benchmark figures come from: ``"cuda (NVIDIA H100 80GB HBM3), torch …"``
+    or ``"cpu (AMD EPYC …, 2 threads), torch …"`` (the CPU model from ``/proc/cpuinfo``
+    where there is one)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.is_file() else []
+        name = f"{models[0] if models else platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{device.type} ({name}), torch {torch.__version__}"
 
 
 def _synchronize(device: torch.device) -> None:
