@@ -1247,7 +1247,7 @@ def _fine_sub_batch(
     pair_used = torch.stack(significant.class_and_rotation(pairs), dim=-1)  # (Uc, 2) (class, coarse rotation)
     fine_shifts = grid.fine_shifts_px[shift_used].reshape(-1, 2)  # (Tu·S, 2)
     fine_euler = grid.children_euler_deg(pair_used[:, 1]).reshape(-1, 3)  # (Uc·F, 3)
-    fine_matrices = grid.children_matrices64(pair_used[:, 1]).reshape(-1, 3, 3)
+    fine_matrices = grid.children_matrices64(pair_used[:, 1]).reshape(-1, 3, 3)  # (Uc·F, 3, 3) float64
     fine_class = pair_used[:, 0].repeat_interleave(n_sub_rot)  # (Uc·F,)
     fine_id = ((pair_used[:, 0] * n_rot + pair_used[:, 1])[:, None] * n_sub_rot + torch.arange(n_sub_rot, device=device)).reshape(-1)
     projections = fine_projections.projections(pair_used[:, 0], pair_used[:, 1]).reshape(-1, n)  # (Uc·F, n)
@@ -1349,7 +1349,7 @@ def _own_samples_sub_batch(
     origins = batch.prior_origin_px[:, None, None, :] + fine_shifts[shift_at]  # (b, c, S, 2)
     logits.add_(log_class_prior.gather(1, entry_class)[:, :, None, None])
     logits.add_(_offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[..., None])
-    entry_matrices = grid.children_matrices64(rotations)[pair_at]  # (b, c, F, 3, 3)
+    entry_matrices = grid.children_matrices64(rotations)[pair_at]  # (b, c, F, 3, 3) float64
     if settings.local_sigma_deg is not None:
         angles = _rowwise_angle_deg(euler_deg_to_matrix(batch.prior_euler_deg.double()), entry_matrices, grid.symmetry_matrices)
         logits.sub_((angles**2 / (2 * settings.local_sigma_deg**2))[:, :, None, :].to(logits.dtype))

@@ -112,6 +112,7 @@ class PoseGrid:
         return self._computed_coarse_matrices(rows) if table is None else table[0][rows]
 
     def _computed_coarse_matrices(self, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`coarse_matrices` computed from the HEALPix directions and psi samples."""
         matrices = euler_deg_to_matrix(self.orientations.euler_deg(rows))
         return (matrices if self.turn is None else matrices @ self.turn).float()
 
@@ -132,6 +133,7 @@ class PoseGrid:
         return self._computed_coarse_matrices64(rows) if table is None else table[1][rows]
 
     def _computed_coarse_matrices64(self, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`coarse_matrices64` computed from the angles of :meth:`coarse_euler_deg`."""
         return euler_deg_to_matrix(self.coarse_euler_deg(rows))
 
     def children_euler_deg(self, parents: torch.Tensor) -> torch.Tensor:
@@ -142,6 +144,8 @@ class PoseGrid:
         return self._computed_children_euler_deg(parents) if table is None else table[0][parents]
 
     def _computed_children_euler_deg(self, parents: torch.Tensor) -> torch.Tensor:
+        """:meth:`children_euler_deg` computed from the HEALPix pixels and psi samples
+        (without oversampling, the coarse orientations' own angles)."""
         if self.oversampling == 0:
             return self.coarse_euler_deg(parents)[:, None]
         grid = self.orientations
