@@ -44,8 +44,9 @@ if [[ "$device" == cuda ]]; then
     step gpu_tests "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
 fi
 step bench_estep "$PYTHON" scripts/bench_estep.py --device "$device" --box 64 --order 2 --classes 3
-# as many slices as docs/benchmarks.md (on the 2-core CPU VM, 2,000 slices at box 128 ran out
-# of its 24 GiB)
+# as many slices as docs/benchmarks.md: on a CPU the reference, torch-fourier-slice, peaks at
+# 20 GiB resident with 1,000 slices at box 128 (cryotorch at 2.2 GiB), and 2,000 ran the 24 GiB
+# of the 2-core VM out of memory
 slices=1000
 if [[ "$device" == cuda ]]; then slices=2000; fi
 step bench_ops "$PYTHON" scripts/bench_ops.py --device "$device" --boxes 64 128 --n-slices "$slices"
