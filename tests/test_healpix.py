@@ -21,6 +21,7 @@ from cryotorch.ops.healpix import (
     pairwise_rotation_angle_deg,
     pix2ang_nest,
     rotation_angle_deg,
+    rowwise_matrix_angle_deg,
 )
 from cryotorch.ops.symmetry import symmetry_matrices
 
@@ -268,6 +269,11 @@ def test_pairwise_rotation_angle_with_symmetry(device: str) -> None:
     assert float(pairwise_rotation_angle_deg(turned[None], grid[[100]], c4)[0, 0]) < 1e-5
     assert float(rotation_angle_deg(turned, grid[100])) > 89.0 and float(rotation_angle_deg(turned, grid[100], c4)) < 1e-9
     torch.testing.assert_close(rotation_angle_deg(centres[:, None], grid[None], c4), reference, atol=1e-5, rtol=0)
+    # each pose against its own matrices: the pairwise angles of those pairs
+    own = torch.tensor([[0, 7, 9], [100, 2, 2], [300, 301, 5]], device=device)  # three grid rows per pose
+    rowwise = rowwise_matrix_angle_deg(euler_deg_to_matrix(centres), euler_deg_to_matrix(grid)[own], c4)
+    torch.testing.assert_close(rowwise, angles.gather(1, own), rtol=0, atol=1e-9)
+    torch.testing.assert_close(rowwise_matrix_angle_deg(euler_deg_to_matrix(centres), euler_deg_to_matrix(grid)[own]), pairwise_rotation_angle_deg(centres, grid).gather(1, own), rtol=0, atol=1e-9)
     # near the border of the asymmetric unit (rot in [-45, 45]), the neighbours across it are
     # the grid poses at the other side (rot near -45)
     border = torch.tensor([[44.0, 60.0, 30.0]], dtype=torch.float64, device=device)

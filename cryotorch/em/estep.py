@@ -28,7 +28,7 @@ import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.em.sampling import PoseGrid, local_search
-from cryotorch.ops.healpix import pairwise_matrix_angle_deg
+from cryotorch.ops.healpix import pairwise_matrix_angle_deg, rowwise_matrix_angle_deg
 from cryotorch.ops.projection import extract_slices
 
 if TYPE_CHECKING:
@@ -1351,7 +1351,7 @@ def _own_samples_sub_batch(
     logits.add_(_offset_log_prior(origins, settings.pixel_size_angstrom, offset_sigma_angstrom)[..., None])
     entry_matrices = grid.children_matrices64(rotations)[pair_at]  # (b, c, F, 3, 3) float64
     if settings.local_sigma_deg is not None:
-        angles = _rowwise_angle_deg(euler_deg_to_matrix(batch.prior_euler_deg.double()), entry_matrices, grid.symmetry_matrices)
+        angles = rowwise_matrix_angle_deg(euler_deg_to_matrix(batch.prior_euler_deg.double()), entry_matrices, grid.symmetry_matrices)
         logits.sub_((angles**2 / (2 * settings.local_sigma_deg**2))[:, :, None, :].to(logits.dtype))
     allowed = (present & class_mask.gather(1, entry_class))[:, :, None, None]  # (b, c, 1, 1)
     posterior, log_evidence = _posterior_in_place(logits, allowed)  # (b, c, S, F), (b,)
@@ -1362,7 +1362,7 @@ def _own_samples_sub_batch(
     best_pair = pair_at[particles, best_entry]
     best_euler = fine_euler[best_pair, best_child]
     entry_posterior = posterior.sum(2)  # (b, c, F)
-    angles_to_best = _rowwise_angle_deg(entry_matrices[particles, best_entry, best_child], entry_matrices, grid.symmetry_matrices)
+    angles_to_best = rowwise_matrix_angle_deg(entry_matrices[particles, best_entry, best_child], entry_matrices, grid.symmetry_matrices)
     spread = torch.sqrt((entry_posterior * angles_to_best.to(entry_posterior.dtype) ** 2).sum((1, 2)))
     class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).scatter_add_(1, entry_class, entry_posterior.sum(-1))
     image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)
@@ -1401,19 +1401,6 @@ def _own_samples_sub_batch(
         slices=[],
     )
     return result, (out_ids, torch.view_as_complex(data.view(-1, n, 2)), weight)
-
-
-def _rowwise_angle_deg(poses: torch.Tensor, matrices: torch.Tensor, symmetry_matrices: torch.Tensor | None) -> torch.Tensor:
-    """``(b, ...)`` angles (degrees) from each particle's pose ``poses`` ``(b, 3, 3)`` to its own
-    ``matrices`` ``(b, ..., 3, 3)`` (float64), to the nearest symmetry mate as
-    :func:`~cryotorch.ops.healpix.pairwise_matrix_angle_deg` measures them."""
-    b = poses.shape[0]
-    flat = matrices.reshape(b, -1, 9)
-    if symmetry_matrices is None:
-        symmetry_matrices = torch.eye(3, dtype=torch.float64, device=poses.device)[None]
-    mates = (poses[:, None] @ symmetry_matrices.to(poses).transpose(-1, -2)).reshape(b, -1, 9)  # (b, G, 9): A·Lᵀ
-    trace = (flat @ mates.transpose(-1, -2)).amax(-1)  # (b, m)
-    return torch.rad2deg(torch.arccos(((trace - 1.0) * 0.5).clamp_(-1.0, 1.0))).view(matrices.shape[:-2])
 
 
 def _posterior_in_place(logits: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

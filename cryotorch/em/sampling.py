@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix, matrix_to_euler_deg
-from cryotorch.ops.healpix import OrientationGrid, angular_step_deg, orientation_grid, oversample_orientations, pairwise_matrix_angle_deg
+from cryotorch.ops.healpix import OrientationGrid, angular_step_deg, orientation_grid, oversample_orientations, pairwise_matrix_angle_deg, trace_angle_deg
 from cryotorch.ops.symmetry import symmetry_matrices
 
 __all__ = [
@@ -204,7 +204,7 @@ class PoseGrid:
             # trace of (parent)ᵀ·child for every child: (P, F, 9) @ (P, 9, 1)
             traces = torch.bmm(children, self.coarse_matrices64(parents).float().reshape(-1, 9, 1))
             lowest.append(traces.amin(dim=(1, 2)))
-        return torch.rad2deg(torch.arccos(((torch.cat(lowest) - 1) / 2).clamp(-1, 1)))
+        return trace_angle_deg(torch.cat(lowest))
 
     @cached_property
     def coarse_directions(self) -> torch.Tensor:
@@ -428,7 +428,7 @@ class GridSamples:
             if near.numel():
                 candidates = self.grid.children_matrices(near).reshape(-1, 9)  # (P·F, 9), in the grid's order
                 value, position = (flat @ candidates.T).max(dim=1)
-                worst_deg = float(torch.rad2deg(torch.arccos(((value.double().min() - 1) / 2).clamp(-1, 1))))
+                worst_deg = float(trace_angle_deg(value.double().min()))
                 if worst_deg <= limit or limit >= 180:
                     return candidates[position].reshape(-1, 3, 3)
                 limit = min(worst_deg, 180.0)

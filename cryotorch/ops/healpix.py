@@ -41,6 +41,8 @@ __all__ = [
     "rotation_angle_deg",
     "pairwise_rotation_angle_deg",
     "pairwise_matrix_angle_deg",
+    "rowwise_matrix_angle_deg",
+    "trace_angle_deg",
 ]
 
 # Pixel indices are int64 and hold 2 * order + 4 bits.
@@ -586,11 +588,34 @@ def pairwise_matrix_angle_deg(a: torch.Tensor, b: torch.Tensor, symmetry_matrice
     ``(B, 3, 3)`` float64 RELION matrices (of a grid converted once, rather than on every
     call); ``(A, B)`` float64 angles in degrees."""
     b = b.reshape(-1, 9)
-    if symmetry_matrices is None:
-        symmetry_matrices = torch.eye(3, dtype=torch.float64, device=b.device)[None]
     trace = None
-    for mate in symmetry_matrices.to(b):
+    for mate in _mates(symmetry_matrices, b):
         mate_trace = (a @ mate.T).reshape(-1, 9) @ b.T  # (A, B)
         trace = mate_trace if trace is None else torch.maximum(trace, mate_trace, out=trace)
     assert trace is not None
+    return trace_angle_deg(trace)
+
+
+def rowwise_matrix_angle_deg(poses: torch.Tensor, matrices: torch.Tensor, symmetry_matrices: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`pairwise_matrix_angle_deg` of each row's own matrices: ``(b, ...)`` angles
+    (degrees) from pose ``poses[i]`` ``(b, 3, 3)`` to the matrices ``matrices[i]``
+    ``(b, ..., 3, 3)`` (float64), to the nearest symmetry mate."""
+    b = poses.shape[0]
+    flat = matrices.reshape(b, -1, 9)
+    mates = (poses[:, None] @ _mates(symmetry_matrices, poses).transpose(-1, -2)).reshape(b, -1, 9)  # (b, G, 9): A·Lᵀ
+    trace = (flat @ mates.transpose(-1, -2)).amax(-1)  # (b, m)
+    return trace_angle_deg(trace).view(matrices.shape[:-2])
+
+
+def trace_angle_deg(trace: torch.Tensor) -> torch.Tensor:
+    """Angles (degrees) of rotations ``R`` from their traces, ``arccos((trace(R) − 1)/2)``,
+    in place of ``trace`` (the traces of ``A Bᵀ`` give the angle between A and B)."""
     return torch.rad2deg(torch.arccos(((trace - 1.0) * 0.5).clamp_(-1.0, 1.0)))
+
+
+def _mates(symmetry_matrices: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``(G, 3, 3)`` the symmetry matrices in the dtype and on the device of ``like``; the
+    identity alone for None."""
+    if symmetry_matrices is None:
+        return torch.eye(3, dtype=like.dtype, device=like.device)[None]
+    return symmetry_matrices.to(like)
