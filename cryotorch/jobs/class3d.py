@@ -741,9 +741,7 @@ class Class3DJob:
             index = torch.as_tensor(chunk, device=self.device)
             groups = torch.as_tensor(self.groups[chunk], device=self.device)
             scale = model.group_scale[groups].float()
-            discount = self.self_fit_discount(model, scale, self.ctf_of(chunk, frequencies, use_ctf), state, index, frequencies, shells, groups, passes)
-            if discount is not None:
-                offsets.store(index, discount)
+            offsets.store(index, self.self_fit_discount(model, scale, self.ctf_of(chunk, frequencies, use_ctf), state, index, frequencies, shells, groups, passes))
         return offsets
 
     def self_fit_discount(
@@ -757,7 +755,7 @@ class Class3DJob:
         shells: torch.Tensor,
         groups: torch.Tensor,
         passes: tuple[PassSamples, PassSamples] | None = None,
-    ) -> torch.Tensor | PassOffsets | None:
+    ) -> torch.Tensor | PassOffsets:
         """``(B, K)`` cross-term each particle gains from its own share of its last class map;
         with alignment one for each pass of the E-step.
 
@@ -795,9 +793,6 @@ class Class3DJob:
         evidence rises by ``log(1 − q + q·e^s)`` with ``q`` the pose's share of the class's
         posterior in the last iteration (``max_posterior / class_probability``).
         """
-        previous = state.class_number[index]
-        if int(previous.max()) == 0 or float(model.inserted_radius) == 0:
-            return None
         inserted = frequencies.norm(dim=-1) <= float(model.inserted_radius)
         # 4Q' = 2·(s·CTF)²/σ'², with the noise variances the sums were weighted with
         four_q = 2.0 * (scale[:, None] * ctf) ** 2 / model.inserted_sigma2[groups][:, shells].float().clamp(min=1e-30)
