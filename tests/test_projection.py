@@ -78,16 +78,18 @@ def test_batched_classes_and_chunking_agree(phantom: torch.Tensor, device: str) 
     whole = extract_slices(volumes_ft, rotations, frequencies, BOX)
     chunked = extract_slices(volumes_ft, rotations, frequencies, BOX, memory_budget_bytes=1)
     assert whole.shape == (2, 20, frequencies.shape[0])
-    torch.testing.assert_close(whole, chunked, rtol=1e-4, atol=1e-3)
+    # a sample's bits do not depend on the orientations extracted with it (a cache filled by
+    # other batches before, or another process, gives the same projections)
+    assert torch.equal(whole, chunked)
     single = extract_slices(volumes_ft[1:], rotations[3:4], frequencies, BOX)
-    torch.testing.assert_close(whole[1, 3], single[0, 0])
+    assert torch.equal(whole[1, 3], single[0, 0])
     # four classes gathered together from one voxel-major table agree with each class
     # extracted alone, at every sample, including those whose neighbours leave the grid
     four = prepare_fourier_volumes(torch.stack([phantom, phantom.flip(0), phantom.flip(1), 2 * phantom]).to(device))
     gathered = extract_slices(four, rotations, frequencies, BOX, memory_budget_bytes=2**16)
     assert gathered.shape == (4, 20, frequencies.shape[0])
     for k in range(4):
-        torch.testing.assert_close(gathered[k], extract_slices(four[k : k + 1], rotations, frequencies, BOX)[0], rtol=1e-4, atol=1e-4)
+        assert torch.equal(gathered[k], extract_slices(four[k : k + 1], rotations, frequencies, BOX)[0])
 
 
 @pytest.mark.parametrize("reach", [0.8, 1.2])

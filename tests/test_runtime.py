@@ -89,6 +89,11 @@ def test_phase_timer_charges_each_lap_to_its_phase_after_the_device_work(device:
     assert list(timer.seconds) == ["first", "work"]
     assert timer.seconds["first"] >= 0.05 and timer.seconds["work"] > 0
     assert timer.summary() == f"first {timer.seconds['first']:.2f} s, work {timer.seconds['work']:.2f} s"
+    # a given order holds whichever phase ran first; phases it does not name follow
+    ordered = PhaseTimer(torch.device(device), ("work", "unused", "first"))
+    for name in ("other", "first", "work"):
+        ordered.lap(name)
+    assert list(ordered.seconds) == ["work", "first", "other"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

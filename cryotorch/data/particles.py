@@ -18,6 +18,9 @@ __all__ = [
     "ctf_parameters",
     "half_set_labels",
     "shard_rows",
+    "SUM_TREE_LEAVES",
+    "tree_leaves",
+    "exact_tree_sum",
     "iterate_batches",
     "batch_size_for_budget",
     "uniform_geometry",
@@ -97,6 +100,41 @@ def half_set_labels(table: ParticleTable, seed: int) -> np.ndarray:
 def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """This rank's share of ``rows`` (strided, so every rank sees every part of the data)."""
     return rows[rank::world_size]
+
+
+#: leaves of the fixed summation tree over an iteration's batches (:func:`tree_leaves`)
+SUM_TREE_LEAVES = 8
+
+
+def tree_leaves(rows: np.ndarray, batch_size: int, rank: int, world_size: int, n_leaves: int = SUM_TREE_LEAVES) -> list[tuple[int, list[np.ndarray]]]:
+    """This rank's leaves of a summation tree over the batches of ``rows``.
+
+    ``rows`` (every rank's, in the order they are processed) are cut into batches of
+    ``batch_size``, the ``n`` batches into ``n_leaves`` consecutive leaves (leaf s holds
+    batches ⌊s·n/S⌋ to ⌊(s+1)·n/S⌋ − 1), and the leaves into ``world_size`` consecutive
+    runs, one per rank (with more ranks than leaves, one leaf per rank). Neither the batches
+    nor the leaves depend on the number of processes, so neither does a particle's E-step nor,
+    where that number is a power of two dividing ``n_leaves``, the order in which the leaves'
+    sums are added (:class:`~cryotorch.em.mstep.SumTree`): 1, 2, 4 or 8 processes give the
+    same bits.
+
+    Returns
+    -------
+    list of (int, list of numpy.ndarray)
+        ``(leaf index, its batches of rows)`` for this rank's leaves, in order; a leaf may
+        hold no batch.
+    """
+    n_leaves = max(n_leaves, world_size)
+    n_batches = -(-len(rows) // batch_size)
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    first, last = rank * n_leaves // world_size, (rank + 1) * n_leaves // world_size
+    return [(leaf, batches[leaf * n_batches // n_leaves : (leaf + 1) * n_batches // n_leaves]) for leaf in range(first, last)]
+
+
+def exact_tree_sum(world_size: int, n_leaves: int = SUM_TREE_LEAVES) -> bool:
+    """Whether every rank's leaves of :func:`tree_leaves` form one subtree, so that adding
+    the ranks' sums pairwise keeps the tree's order (a power of two dividing ``n_leaves``)."""
+    return world_size <= n_leaves and n_leaves % world_size == 0 and world_size & (world_size - 1) == 0
 
 
 def batch_size_for_budget(box_size: int, memory_budget_bytes: float, bytes_per_pixel: int = 256, max_batch: int = 4096) -> int:

@@ -620,7 +620,9 @@ class FinePassCache:
     cost about 1.2 times one), and once the classes take shape most coarse orientations are
     significant for several (2.1 of 3 on the benchmark set of ``docs/benchmarks.md``). Its
     posterior-weighted slices are summed per fine orientation in a second table, so that an
-    orientation is inserted into the volumes once per iteration rather than once per batch.
+    orientation is inserted into the volumes once per leaf of the iteration's batches (class3d
+    drains it at the end of each, :func:`~cryotorch.data.particles.tree_leaves`) rather than
+    once per batch.
     Each table holds at most ``memory_budget_bytes``: a full projection table is emptied and
     refilled, a full sum table is handed back for insertion (:meth:`add`, :meth:`drain`), so
     memory stays bounded whatever the number of samples.

@@ -22,7 +22,7 @@ from cryotorch.ops.fourier import radial_average, radius_grid_3d, shell_index_3d
 from cryotorch.ops.fsc import fourier_shell_correlation
 from cryotorch.ops.projection import prepare_fourier_volumes
 
-__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "map_signal_power", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
+__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "SumTree", "HalfSetMaps", "maximization", "reconstruct_class", "map_signal_power", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
 
 #: ways to update the prior's signal power τ² (see :func:`maximization`)
 TAU2_ESTIMATES = ("map", "posterior", "fsc")
@@ -134,6 +134,39 @@ class SufficientStatistics:
         for tensor, addend in zip(self.tensors(), other.tensors()):
             tensor.add_(addend)
         return self
+
+
+class SumTree:
+    """Sums of the leaves of a fixed binary tree, added in the tree's order: leaves 2j and
+    2j + 1 make node j of the level above, and so on up to the root.
+
+    Leaves arrive left to right (a rank's consecutive run of them,
+    :func:`~cryotorch.data.particles.tree_leaves`), and two siblings are added as soon as
+    both are there, so that at most one node per level is held. A run of 2^m leaves that
+    starts at a multiple of 2^m ends as one node, with the same bits whichever process
+    summed it.
+    """
+
+    def __init__(self) -> None:
+        self.nodes: list[tuple[int, int, SufficientStatistics]] = []  # (level, index, sums), left to right
+
+    def add_leaf(self, index: int, sums: SufficientStatistics) -> None:
+        """Take the sums of leaf ``index`` (consumed)."""
+        level = 0
+        while index % 2 == 1 and self.nodes and self.nodes[-1][:2] == (level, index - 1):
+            sums = self.nodes.pop()[2].add_(sums)
+            level, index = level + 1, index // 2
+        self.nodes.append((level, index, sums))
+
+    def total(self) -> SufficientStatistics | None:
+        """The nodes held, added left to right (None for none); the tree empties."""
+        nodes, self.nodes = self.nodes, []
+        if not nodes:
+            return None
+        total = nodes[0][2]
+        for _, _, sums in nodes[1:]:
+            total.add_(sums)
+        return total
 
 
 def reconstruct_class(

@@ -29,9 +29,9 @@ from cryotorch.conventions import (
     rfft2_centered,
     rfft3_centered,
 )
-from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, uniform_geometry
+from cryotorch.data.particles import ctf_parameters, exact_tree_sum, half_set_labels, shard_rows, tree_leaves, uniform_geometry
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, WeightedSlices, class_ess, expectation, global_search_batches
-from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
+from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, SumTree, map_signal_power, maximization
 from cryotorch.em.sampling import (
     GridSamples,
     PoseGrid,
@@ -89,6 +89,10 @@ class PassSamples:
     orientations: GridSamples  # the passes' orientations
     shift_px: torch.Tensor  # (2,) from the particle's position to their nearest translation
     component_counts: tuple[int, ...]  # each pass scores the iteration's first n components
+
+
+#: the phases of an iteration, in the order train.log and TensorBoard list them
+_PHASES = ("set-up", "self-fit", "images", "coarse pass", "fine pass", "E-step", "back-projection", "all-reduce", "M-step", "outputs")
 
 
 @dataclass
@@ -512,21 +516,20 @@ class Class3DJob:
         return max(radius, 3)
 
     def active_rows(self, context: RunContext, iteration: int) -> np.ndarray:
-        """This rank's particles this iteration (RELION's fast subsets in the first iterations)."""
+        """Every rank's particles this iteration (RELION's fast subsets in the first iterations)."""
         n = len(self.table)
         fractions = {1: 0.1, 2: 0.3, 3: 0.6}
         if not self.fast_subsets or iteration not in fractions or n < 1000:
-            return self.rows
+            return np.arange(n)
         size = max(1000, int(fractions[iteration] * n))
-        chosen = np.sort(np.random.default_rng([context.seed, iteration]).permutation(n)[:size])
-        return shard_rows(chosen, context.fabric.global_rank, context.fabric.world_size)
+        return np.sort(np.random.default_rng([context.seed, iteration]).permutation(n)[:size])
 
     def iterate(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> ParticleState:
         """One E-step over this rank's particles, all-reduce, M-step, outputs; the seconds of
         each phase are logged and written to TensorBoard."""
         sampling = self.sampling_at(context, iteration)
         device, box, pixel = self.device, self.box, self.pixel
-        timer = PhaseTimer(device)
+        timer = PhaseTimer(device, _PHASES)
         radius = self.current_radius(model, iteration)
         frequencies, component_index, shells = self.components(radius)
         volumes_ft = prepare_fourier_volumes(model.volumes * self.mask, context.padding_factor)
@@ -582,40 +585,55 @@ class Class3DJob:
         rows = self.active_rows(context, iteration)
         if sampling["align"] and sampling["local_search_deg"] is not None:
             rows = self.by_orientation(state, rows)
-        # with the FSC-based τ² each half set is summed on its own, one after the other
+        # with the FSC-based τ² each half set is summed on its own; each set's batches are
+        # the leaves of a summation tree, whose order the processes keep between them
         row_sets = [rows] if self.half_sets is None else [rows[self.half_sets[rows] == h] for h in (1, 2)]
-        sets = [SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device) for _ in row_sets]
+        rank, world_size = context.fabric.global_rank, context.fabric.world_size
+        plans = [tree_leaves(part, batch_size, rank, world_size) for part in row_sets]
+        steps = [(number, leaf, batches) for number, plan in enumerate(plans) for leaf, batches in plan]
+        own_rows = np.concatenate([batch for _, _, batches in steps for batch in batches] or [rows[:0]])
         new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
         log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
-        chunks = [(stats, part[start : start + batch_size]) for stats, part in zip(sets, row_sets) for start in range(0, len(part), batch_size)]
         # as RELION: a reference that is not CTF-corrected is compared without CTFs in the first iteration
         use_ctf = self.ctf and (iteration > 1 or self.reference_ctf_corrected)
+        offsets = SelfFitOffsets.zeros(state.class_number.shape[0], self.n_classes, passes is not None, device) if self.self_fit_applies(model, state, rows) else None
+        trees = [SumTree() for _ in row_sets]
+        bar = iter(progress(range(sum(len(batches) for _, _, batches in steps)), None, f"iteration {iteration}", enabled=context.is_main, unit="batch"))
         timer.lap("set-up")
-        offsets = self.self_fit_offsets(model, state, rows, frequencies, shells, passes, use_ctf, budget / 4) if self.discount_self_fit else None
-        timer.lap("self-fit")
-        for number, (stats, chunk) in enumerate(progress(chunks, len(chunks), f"iteration {iteration}", enabled=context.is_main, unit="batch")):
-            index = torch.as_tensor(chunk, device=device)
-            batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
-            groups = torch.as_tensor(self.groups[chunk], device=device)
-            forced_chunk = None if forced is None else forced[index]
-            class_offset = None if offsets is None else offsets.select(index)
-            timer.lap("images")
-            result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined, timer)
-            self.expand_symmetry(result.slices)
-            new_state.store(index, result)
-            timer.lap("E-step")
-            stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
-            if number + 1 == len(chunks) or chunks[number + 1][0] is not stats:
-                # the slice sums held by the caches belong to this set
-                for cache in (fine, unrefined):
-                    if cache is not None:
-                        stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
+        for number, leaf, batches in steps:
+            stats = SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device)
+            if offsets is not None and batches:
+                self.self_fit_offsets(offsets, model, state, np.concatenate(batches), frequencies, shells, passes, use_ctf, budget / 4)
+            timer.lap("self-fit")
+            for chunk in batches:
+                next(bar)
+                index = torch.as_tensor(chunk, device=device)
+                batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
+                groups = torch.as_tensor(self.groups[chunk], device=device)
+                forced_chunk = None if forced is None else forced[index]
+                class_offset = None if offsets is None else offsets.select(index)
+                timer.lap("images")
+                result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined, timer)
+                self.expand_symmetry(result.slices)
+                new_state.store(index, result)
+                timer.lap("E-step")
+                stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
+                timer.lap("back-projection")
+            # the slice sums held by the caches belong to this leaf
+            for cache in (fine, unrefined):
+                if cache is not None:
+                    stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
+            trees[number].add_leaf(leaf, stats)
             timer.lap("back-projection")
-        for stats in sets:
+        next(bar, None)
+        sets = []
+        for tree in trees:
+            stats = tree.total() or SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device)
             for tensor in stats.tensors():
-                tensor.copy_(context.all_reduce_sum(tensor))
+                tensor.copy_(context.pairwise_sum(tensor, budget / 8) if exact_tree_sum(world_size) else context.all_reduce_sum(tensor))
+            sets.append(stats)
         stats = sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
-        new_state = self.gather_state(context, new_state, rows)
+        new_state = self.gather_state(context, new_state, own_rows)
         timer.lap("all-reduce")
         references = model.volumes.clone()
         empty = maximization(model, stats, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry, self.tau2_estimate, sets[-1] if len(sets) > 1 else None)
@@ -715,8 +733,14 @@ class Class3DJob:
         labels = np.random.default_rng(context.seed).integers(self.n_classes, size=len(self.table))
         return torch.as_tensor(labels, device=self.device)
 
+    def self_fit_applies(self, model: ClassModel, state: ParticleState, rows: np.ndarray) -> bool:
+        """Whether an iteration over ``rows`` (every rank's) discounts self-fits: not before
+        the particles have classes and the maps hold their data."""
+        return self.discount_self_fit and int(state.class_number[torch.as_tensor(rows, device=self.device)].max()) > 0 and float(model.inserted_radius) > 0
+
     def self_fit_offsets(
         self,
+        offsets: SelfFitOffsets,
         model: ClassModel,
         state: ParticleState,
         rows: np.ndarray,
@@ -725,24 +749,20 @@ class Class3DJob:
         passes: tuple[PassSamples, PassSamples] | None,
         use_ctf: bool,
         work_bytes: float,
-    ) -> SelfFitOffsets | None:
-        """:meth:`self_fit_discount` of the particles ``rows`` of an iteration, computed before
-        its E-step in chunks of particles whose work arrays fit ``work_bytes`` (it needs only
-        their CTFs and last poses), so that small batches do not each pay its fixed costs;
-        None where nothing is discounted."""
-        if int(state.class_number[torch.as_tensor(rows, device=self.device)].max()) == 0 or float(model.inserted_radius) == 0:
-            return None
+    ) -> None:
+        """:meth:`self_fit_discount` of the particles ``rows`` (a leaf of the iteration's
+        batches), stored in ``offsets``; computed before their E-step in chunks of particles
+        whose work arrays fit ``work_bytes`` (it needs only their CTFs and last poses), so that
+        small batches do not each pay its fixed costs."""
         # about 256 bytes of work arrays per component of a particle (on a CPU, chunks of at
         # most CPU_CHUNK_BYTES, as extractions)
         size = rotation_chunk_size(frequencies.shape[0], 256, work_bytes, self.device)
-        offsets = SelfFitOffsets.zeros(state.class_number.shape[0], self.n_classes, passes is not None, self.device)
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
             index = torch.as_tensor(chunk, device=self.device)
             groups = torch.as_tensor(self.groups[chunk], device=self.device)
             scale = model.group_scale[groups].float()
             offsets.store(index, self.self_fit_discount(model, scale, self.ctf_of(chunk, frequencies, use_ctf), state, index, frequencies, shells, groups, passes))
-        return offsets
 
     def self_fit_discount(
         self,

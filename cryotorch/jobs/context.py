@@ -84,6 +84,25 @@ class RunContext:
         out[all_rows[keep]] = all_values[keep]
         return out
 
+    def pairwise_sum(self, tensor: torch.Tensor, chunk_bytes: float) -> torch.Tensor:
+        """Sum of ``tensor`` over a power-of-two number of processes, added pairwise in rank
+        order, ``((r0 + r1) + (r2 + r3)) + …``, so that ranks holding consecutive nodes of a
+        :class:`~cryotorch.em.mstep.SumTree` end with the bits of its root. The ranks' values
+        are gathered in chunks of at most ``chunk_bytes`` per rank."""
+        world_size = self.fabric.world_size
+        if world_size == 1:
+            return tensor
+        flat = (torch.view_as_real(tensor) if tensor.is_complex() else tensor).reshape(-1)
+        total = torch.empty_like(flat)
+        size = max(1, int(chunk_bytes // flat.element_size()))
+        for start in range(0, flat.numel(), size):
+            parts = self.fabric.all_gather(flat[start : start + size].contiguous())  # (ranks, chunk)
+            while parts.shape[0] > 1:
+                parts = parts[0::2] + parts[1::2]
+            total[start : start + size] = parts[0]
+        total = total.view(torch.view_as_real(tensor).shape) if tensor.is_complex() else total.view(tensor.shape)
+        return torch.view_as_complex(total) if tensor.is_complex() else total
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over all processes (identity in a single process)."""
         if self.fabric.world_size == 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -55,21 +55,31 @@ class PhaseTimer:
     ----------
     device
         The device whose work is waited for (a no-op off CUDA).
+    order
+        Phases in the order :attr:`seconds` lists them, whichever ran first; phases not named
+        here follow in the order they first ran.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, order: Sequence[str] = ()) -> None:
         self.device = device
-        self.seconds: dict[str, float] = {}
+        self._rank = {name: position for position, name in enumerate(order)}
+        self._seconds: dict[str, float] = {}
         _synchronize(device)
         self._last = time.perf_counter()
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per phase that ran, in the timer's order."""
+        names = sorted(self._seconds, key=lambda name: self._rank.get(name, len(self._rank)))
+        return {name: self._seconds[name] for name in names}
 
     def lap(self, name: str) -> None:
         """Charge the time since the previous lap to phase ``name``."""
         _synchronize(self.device)
         now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._seconds[name] = self._seconds.get(name, 0.0) + now - self._last
         self._last = now
 
     def summary(self) -> str:
-        """``"name 1.23 s, other 0.45 s"`` in the order the phases first ran."""
+        """``"name 1.23 s, other 0.45 s"`` in the timer's order."""
         return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.seconds.items())

@@ -98,7 +98,10 @@ def slice_coordinates(
     """
     scale = padded_size / box_size
     in_plane = rotations[:, :2, :].to(frequencies.dtype)  # (R, 2, 3)
-    coordinates = torch.einsum("md,rdc->rmc", frequencies, in_plane)  # (R, M, 3)
+    # kx·A[0] + ky·A[1] as two products and a sum: each sample's bits do not depend on how
+    # many orientations are computed together (a matrix product picks its kernel by size)
+    coordinates = frequencies[:, :1] * in_plane[:, None, 0, :]  # (R, M, 3)
+    coordinates += frequencies[:, 1:] * in_plane[:, None, 1, :]
     conjugate = coordinates[..., 0] < 0
     # scaled and folded in one pass (±scale: exactly the scaled coordinates, negated)
     return coordinates.mul_(torch.where(conjugate, -scale, scale)[..., None]), conjugate
