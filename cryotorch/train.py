@@ -80,6 +80,9 @@ def run(cfg: DictConfig) -> None:
         budget = memory_budget_bytes(fabric.device, cfg.compute.memory_budget_gb)
     except ValueError as error:
         raise InputError(str(error)) from None
+    leaves = cfg.compute.sum_tree_leaves
+    if not (isinstance(leaves, int) and leaves >= 1 and leaves & (leaves - 1) == 0):
+        raise InputError(f"compute.sum_tree_leaves={leaves} must be a power of two (1, 2, 4, 8, ...): the most processes that give a run's bits")
     fabric.seed_everything(cfg.seed, verbose=False)
     # every process must use rank 0's folder (timestamped folder names can differ by a second)
     output_dir = Path(fabric.broadcast(HydraConfig.get().runtime.output_dir, src=0))
@@ -94,6 +97,7 @@ def run(cfg: DictConfig) -> None:
         writer=writer,
         seed=int(cfg.seed),
         memory_budget_bytes=budget,
+        sum_tree_leaves=int(leaves),
         particles=Path(cfg.data.particles) if cfg.data.particles else None,
         project_dir=Path(cfg.data.project_dir) if cfg.data.project_dir else None,
         preload=bool(cfg.data.preload),

@@ -157,12 +157,14 @@ def test_bad_input_fails_with_a_clear_message(tmp_path: Path) -> None:
         (["+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=-1"], tmp_path / "f"),
         (["+job=reconstruct", f"data.particles={star}", "compute.accelerator=tpu"], tmp_path / "g"),
         (["+job=reconstruct", f"data.particles={star}", "compute.accelerator=cuda", "compute.devices=64"], tmp_path / "h"),
+        (["+job=reconstruct", f"data.particles={star}", "compute.sum_tree_leaves=6"], tmp_path / "i"),
     ])
     assert no_job is not None and "+job=" in no_job
     assert simulated is None and star.exists()
     # without a GPU cuda is refused as such; with one, 64 GPUs are more than it has
     no_gpus = "compute.accelerator=cuda, but PyTorch" if not torch.cuda.is_available() else "compute.devices=64 asks for more GPUs than the"
-    phrases = ["X7", "job.max_resolution_angstrom=0 must be positive", "compute.memory_budget_gb=-1", "compute.accelerator=tpu is not one of auto, cpu, cuda", no_gpus]
+    phrases = ["X7", "job.max_resolution_angstrom=0 must be positive", "compute.memory_budget_gb=-1", "compute.accelerator=tpu is not one of auto, cpu, cuda", no_gpus,
+               "compute.sum_tree_leaves=6 must be a power of two"]
     for message, phrase in zip(bad, phrases, strict=True):
         assert message is not None and phrase in message
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d, rfft3_centered
-from cryotorch.data.particles import SUM_TREE_LEAVES, exact_tree_sum, tree_leaves
+from cryotorch.data.particles import exact_tree_sum, tree_leaves
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.em.mstep import SufficientStatistics, SumTree, expected_signal_power, half_set_signal_power, map_signal_power, reconstruct_class, remove_rigid_differences, rigid_motion_basis
 from cryotorch.ops.backprojection import insert_slices
@@ -205,29 +205,32 @@ def test_half_set_signal_power_follows_the_signal_and_vanishes_without_it() -> N
     assert float(relative.mean()) < 0.1 and float(relative.max()) < 0.5, relative
 
 
+LEAVES = 8  # compute.sum_tree_leaves
+
+
 def test_tree_leaves_cut_the_same_batches_for_any_number_of_processes() -> None:
     rows = np.random.default_rng(0).permutation(1000)[:203]
-    single = tree_leaves(rows, 10, 0, 1)
-    assert [leaf for leaf, _ in single] == list(range(SUM_TREE_LEAVES))
+    single = tree_leaves(rows, 10, LEAVES, 0, 1)
+    assert [leaf for leaf, _ in single] == list(range(LEAVES))
     batches = [batch for _, leaf in single for batch in leaf]
     assert len(batches) == 21 and all(len(batch) == 10 for batch in batches[:-1])
     np.testing.assert_array_equal(np.concatenate(batches), rows)
     for world_size in (2, 3, 4, 8, 16):
-        ranks = [tree_leaves(rows, 10, rank, world_size) for rank in range(world_size)]
+        ranks = [tree_leaves(rows, 10, LEAVES, rank, world_size) for rank in range(world_size)]
         # each rank takes a consecutive run of the same leaves and batches
         leaves = [pair for plan in ranks for pair in plan]
-        if world_size <= SUM_TREE_LEAVES:
-            assert [leaf for leaf, _ in leaves] == list(range(SUM_TREE_LEAVES))
+        if world_size <= LEAVES:
+            assert [leaf for leaf, _ in leaves] == list(range(LEAVES))
             for (_, theirs), (_, ours) in zip(leaves, single):
                 assert len(theirs) == len(ours) and all((a == b).all() for a, b in zip(theirs, ours))
         np.testing.assert_array_equal(np.concatenate([batch for _, leaf in leaves for batch in leaf]), rows)
-        assert exact_tree_sum(world_size) == (world_size in (2, 4, 8))
+        assert exact_tree_sum(LEAVES, world_size) == (world_size in (2, 4, 8))
 
 
 def test_a_sum_tree_adds_in_the_same_order_whoever_holds_its_subtrees() -> None:
     # float32 sums of values of very different sizes: the order of additions shows in the bits
     generator = torch.Generator().manual_seed(1)
-    leaves = [torch.randn(1000, generator=generator) * 10.0 ** torch.randint(-4, 5, (1000,), generator=generator) for _ in range(SUM_TREE_LEAVES)]
+    leaves = [torch.randn(1000, generator=generator) * 10.0 ** torch.randint(-4, 5, (1000,), generator=generator) for _ in range(LEAVES)]
 
     def sums(values: torch.Tensor) -> SufficientStatistics:
         stats = SufficientStatistics.zeros(1, 4, 1, 3, torch.device("cpu"))
@@ -248,7 +251,7 @@ def test_a_sum_tree_adds_in_the_same_order_whoever_holds_its_subtrees() -> None:
         parts = []
         for rank in range(world_size):
             tree = SumTree()
-            per_rank = SUM_TREE_LEAVES // world_size
+            per_rank = LEAVES // world_size
             for index in range(rank * per_rank, (rank + 1) * per_rank):
                 tree.add_leaf(index, sums(leaves[index]))
             assert len(tree.nodes) == 1

@@ -18,7 +18,6 @@ __all__ = [
     "ctf_parameters",
     "half_set_labels",
     "shard_rows",
-    "SUM_TREE_LEAVES",
     "tree_leaves",
     "exact_tree_sum",
     "iterate_batches",
@@ -102,11 +101,7 @@ def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return rows[rank::world_size]
 
 
-#: leaves of the fixed summation tree over an iteration's batches (:func:`tree_leaves`)
-SUM_TREE_LEAVES = 8
-
-
-def tree_leaves(rows: np.ndarray, batch_size: int, rank: int, world_size: int, n_leaves: int = SUM_TREE_LEAVES) -> list[tuple[int, list[np.ndarray]]]:
+def tree_leaves(rows: np.ndarray, batch_size: int, n_leaves: int, rank: int, world_size: int) -> list[tuple[int, list[np.ndarray]]]:
     """This rank's leaves of a summation tree over the batches of ``rows``.
 
     ``rows`` (every rank's, in the order they are processed) are cut into batches of
@@ -114,8 +109,9 @@ def tree_leaves(rows: np.ndarray, batch_size: int, rank: int, world_size: int, n
     batches ⌊s·n/S⌋ to ⌊(s+1)·n/S⌋ − 1), and the leaves into ``world_size`` consecutive
     runs, one per rank (with more ranks than leaves, one leaf per rank). Neither the batches
     nor the leaves depend on the number of processes, so neither does a particle's E-step nor,
-    where that number is a power of two dividing ``n_leaves``, the order in which the leaves'
-    sums are added (:class:`~cryotorch.em.mstep.SumTree`): 1, 2, 4 or 8 processes give the
+    where that number is a power of two dividing ``n_leaves`` (a power of two,
+    ``compute.sum_tree_leaves``), the order in which the leaves' sums are added
+    (:class:`~cryotorch.em.mstep.SumTree`): with 8 leaves, 1, 2, 4 or 8 processes give the
     same bits.
 
     Returns
@@ -131,7 +127,7 @@ def tree_leaves(rows: np.ndarray, batch_size: int, rank: int, world_size: int, n
     return [(leaf, batches[leaf * n_batches // n_leaves : (leaf + 1) * n_batches // n_leaves]) for leaf in range(first, last)]
 
 
-def exact_tree_sum(world_size: int, n_leaves: int = SUM_TREE_LEAVES) -> bool:
+def exact_tree_sum(n_leaves: int, world_size: int) -> bool:
     """Whether every rank's leaves of :func:`tree_leaves` form one subtree, so that adding
     the ranks' sums pairwise keeps the tree's order (a power of two dividing ``n_leaves``)."""
     return world_size <= n_leaves and n_leaves % world_size == 0 and world_size & (world_size - 1) == 0

@@ -589,7 +589,7 @@ class Class3DJob:
         # the leaves of a summation tree, whose order the processes keep between them
         row_sets = [rows] if self.half_sets is None else [rows[self.half_sets[rows] == h] for h in (1, 2)]
         rank, world_size = context.fabric.global_rank, context.fabric.world_size
-        plans = [tree_leaves(part, batch_size, rank, world_size) for part in row_sets]
+        plans = [tree_leaves(part, batch_size, context.sum_tree_leaves, rank, world_size) for part in row_sets]
         steps = [(number, leaf, batches) for number, plan in enumerate(plans) for leaf, batches in plan]
         own_rows = np.concatenate([batch for _, _, batches in steps for batch in batches] or [rows[:0]])
         new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
@@ -630,7 +630,7 @@ class Class3DJob:
         for tree in trees:
             stats = tree.total() or SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device)
             for tensor in stats.tensors():
-                tensor.copy_(context.pairwise_sum(tensor, budget / 8) if exact_tree_sum(world_size) else context.all_reduce_sum(tensor))
+                tensor.copy_(context.pairwise_sum(tensor, budget / 8) if exact_tree_sum(context.sum_tree_leaves, world_size) else context.all_reduce_sum(tensor))
             sets.append(stats)
         stats = sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
         new_state = self.gather_state(context, new_state, own_rows)

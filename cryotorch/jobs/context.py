@@ -29,6 +29,9 @@ class RunContext:
         Global seed; jobs derive every random stream from it.
     memory_budget_bytes
         Working-memory budget per process for chunked work.
+    sum_tree_leaves
+        Leaves of the summation tree over an iteration's batches
+        (:func:`~cryotorch.data.particles.tree_leaves`), a power of two.
     particles
         Path of the input particle STAR/.cs (``data.particles``), or None.
     project_dir
@@ -48,6 +51,7 @@ class RunContext:
     writer: SummaryWriter | None
     seed: int
     memory_budget_bytes: float
+    sum_tree_leaves: int
     particles: Path | None
     project_dir: Path | None
     preload: bool
@@ -92,15 +96,14 @@ class RunContext:
         world_size = self.fabric.world_size
         if world_size == 1:
             return tensor
-        flat = (torch.view_as_real(tensor) if tensor.is_complex() else tensor).reshape(-1)
-        total = torch.empty_like(flat)
+        values = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+        flat, total = values.reshape(-1), torch.empty_like(values)
         size = max(1, int(chunk_bytes // flat.element_size()))
         for start in range(0, flat.numel(), size):
             parts = self.fabric.all_gather(flat[start : start + size].contiguous())  # (ranks, chunk)
             while parts.shape[0] > 1:
                 parts = parts[0::2] + parts[1::2]
-            total[start : start + size] = parts[0]
-        total = total.view(torch.view_as_real(tensor).shape) if tensor.is_complex() else total.view(tensor.shape)
+            total.view(-1)[start : start + size] = parts[0]
         return torch.view_as_complex(total) if tensor.is_complex() else total
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
