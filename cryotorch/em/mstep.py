@@ -11,6 +11,7 @@ significant samples do to first order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -136,7 +137,16 @@ class SufficientStatistics:
         return self
 
 
-class SumTree:
+_Sums = TypeVar("_Sums", bound="Summable")
+
+
+class Summable(Protocol):
+    """Sums that add another set of the same kind in place."""
+
+    def add_(self: _Sums, other: _Sums) -> _Sums: ...
+
+
+class SumTree(Generic[_Sums]):
     """Sums of the leaves of a fixed binary tree, added in the tree's order: leaves 2j and
     2j + 1 make node j of the level above, and so on up to the root.
 
@@ -148,9 +158,9 @@ class SumTree:
     """
 
     def __init__(self) -> None:
-        self.nodes: list[tuple[int, int, SufficientStatistics]] = []  # (level, index, sums), left to right
+        self.nodes: list[tuple[int, int, _Sums]] = []  # (level, index, sums), left to right
 
-    def add_leaf(self, index: int, sums: SufficientStatistics) -> None:
+    def add_leaf(self, index: int, sums: _Sums) -> None:
         """Take the sums of leaf ``index`` (consumed)."""
         level = 0
         while index % 2 == 1 and self.nodes and self.nodes[-1][:2] == (level, index - 1):
@@ -158,7 +168,7 @@ class SumTree:
             level, index = level + 1, index // 2
         self.nodes.append((level, index, sums))
 
-    def total(self) -> SufficientStatistics | None:
+    def total(self) -> _Sums | None:
         """The nodes held, added left to right (None for none); the tree empties."""
         nodes, self.nodes = self.nodes, []
         if not nodes:

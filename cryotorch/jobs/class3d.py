@@ -29,7 +29,7 @@ from cryotorch.conventions import (
     rfft2_centered,
     rfft3_centered,
 )
-from cryotorch.data.particles import ctf_parameters, exact_tree_sum, half_set_labels, shard_rows, tree_leaves, uniform_geometry
+from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, tree_leaves, uniform_geometry
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, WeightedSlices, class_ess, expectation, global_search_batches
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, SumTree, map_signal_power, maximization
 from cryotorch.em.sampling import (
@@ -630,7 +630,7 @@ class Class3DJob:
         for tree in trees:
             stats = tree.total() or SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device)
             for tensor in stats.tensors():
-                tensor.copy_(context.pairwise_sum(tensor, budget / 8) if exact_tree_sum(context.sum_tree_leaves, world_size) else context.all_reduce_sum(tensor))
+                tensor.copy_(context.tree_sum(tensor, budget / 8))
             sets.append(stats)
         stats = sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
         new_state = self.gather_state(context, new_state, own_rows)

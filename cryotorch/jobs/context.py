@@ -10,6 +10,8 @@ import torch
 from lightning_fabric import Fabric
 from torch.utils.tensorboard import SummaryWriter
 
+from cryotorch.data.particles import exact_tree_sum
+
 __all__ = ["RunContext"]
 
 
@@ -105,6 +107,14 @@ class RunContext:
                 parts = parts[0::2] + parts[1::2]
             total.view(-1)[start : start + size] = parts[0]
         return torch.view_as_complex(total) if tensor.is_complex() else total
+
+    def tree_sum(self, tensor: torch.Tensor, chunk_bytes: float) -> torch.Tensor:
+        """Sum over processes of each rank's node of a :class:`~cryotorch.em.mstep.SumTree`
+        over :func:`~cryotorch.data.particles.tree_leaves`: in the tree's order where the
+        number of processes allows it (:meth:`pairwise_sum`), else all-reduced."""
+        if exact_tree_sum(self.sum_tree_leaves, self.fabric.world_size):
+            return self.pairwise_sum(tensor, chunk_bytes)
+        return self.all_reduce_sum(tensor)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over all processes (identity in a single process)."""

@@ -2,8 +2,9 @@
 
 Like ``relion_reconstruct --ctf`` followed by RELION's FSC-regularised refinement step: the
 particles are split into two half sets (their ``rlnRandomSubset``, else a seeded random split),
-each half is back-projected with ``CTF · image`` and ``CTF²`` weights (streamed in chunks,
-sharded across processes, sums all-reduced), a first Wiener estimate gives the half-map FSC,
+each half is back-projected with ``CTF · image`` and ``CTF²`` weights (streamed in batches,
+the leaves of a summation tree shared out among the processes, so that 1, 2, 4 or 8 of them
+give the same bits), a first Wiener estimate gives the half-map FSC,
 whose SSNR sets the τ² prior of the final half maps and of the full map. Writes half maps,
 the full map, the FSC table (``run_fsc.star``, RELION postprocess-like) and ``run_fsc.png``.
 """
@@ -11,16 +12,17 @@ the full map, the FSC table (``run_fsc.star``, RELION postprocess-like) and ``ru
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d, image_shift_from_origin, rfft2_centered, rfft3_centered
-from cryotorch.data.particles import batch_size_for_budget, half_set_labels, iterate_batches, shard_rows, uniform_geometry
+from cryotorch.data.particles import ParticleBatch, batch_size_for_budget, half_set_labels, iterate_batches, tree_leaves, uniform_geometry
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, validate_particle_images, write_mrc, write_star
-from cryotorch.em.mstep import half_set_reconstruction
+from cryotorch.em.mstep import SumTree, half_set_reconstruction
 from cryotorch.jobs.context import RunContext
 from cryotorch.monitor import log_central_slices, log_curve, log_scalars, progress, save_fsc_plot
 from cryotorch.ops.backprojection import insert_slices
@@ -34,6 +36,26 @@ from cryotorch.ops.symmetry import symmetry_matrices
 log = logging.getLogger(__name__)
 
 __all__ = ["ReconstructJob"]
+
+
+@dataclass
+class HalfSetSums:
+    """Back-projected ``(2, P, P, P // 2 + 1)`` complex data and real weights of the two half sets."""
+
+    data: torch.Tensor
+    weight: torch.Tensor
+
+    @classmethod
+    def zeros(cls, padded: int, device: torch.device) -> HalfSetSums:
+        """Empty sums."""
+        shape = (2, padded, padded, padded // 2 + 1)
+        return cls(torch.zeros(shape, dtype=torch.complex64, device=device), torch.zeros(shape, dtype=torch.float32, device=device))
+
+    def add_(self, other: HalfSetSums) -> HalfSetSums:
+        """Add ``other``'s sums in place."""
+        self.data.add_(other.data)
+        self.weight.add_(other.weight)
+        return self
 
 
 class ReconstructJob:
@@ -76,59 +98,79 @@ class ReconstructJob:
         validate_particle_images(table)
         box, pixel = uniform_geometry(table, str(context.particles))
         halves = half_set_labels(table, context.seed)
-        data, weight = self.back_project(context, table, halves, box, pixel)
-        data = context.all_reduce_sum(data)
-        weight = context.all_reduce_sum(weight)
+        sums = self.back_project(context, table, halves, box, pixel)
+        data = context.tree_sum(sums.data, context.memory_budget_bytes / 8)
+        weight = context.tree_sum(sums.weight, context.memory_budget_bytes / 8)
         if context.is_main:
             self.reconstruct_and_write(context, data, weight, box, pixel)
         context.fabric.barrier()
 
     def back_project(
         self, context: RunContext, table: ParticleTable, halves: np.ndarray, box: int, pixel: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's half-set sums: ``(2, P, P, P//2+1)`` complex data and real weights."""
+    ) -> HalfSetSums:
+        """This rank's node of the half-set sums' tree (its leaves added in the tree's order)."""
         device = context.device
         padded = padded_box_size(box, context.padding_factor)
-        data = torch.zeros(2, padded, padded, padded // 2 + 1, dtype=torch.complex64, device=device)
-        weight = torch.zeros(2, padded, padded, padded // 2 + 1, dtype=torch.float32, device=device)
         frequencies = fft_frequencies_2d(box, device).reshape(-1, 2)
         limit = box // 2 if self.max_resolution_angstrom is None else min(box // 2, box * pixel / self.max_resolution_angstrom)
         inside = frequencies.norm(dim=-1) <= limit
         frequencies = frequencies[inside]
         symmetry = symmetry_matrices(context.symmetry, device=device, dtype=torch.float32)  # (G, 3, 3)
-        rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
         batch_size = batch_size_for_budget(box, context.memory_budget_bytes / max(1, symmetry.shape[0]))
+        leaves = tree_leaves(np.arange(len(table)), batch_size, context.sum_tree_leaves, context.fabric.global_rank, context.fabric.world_size)
         reader = ParticleImageReader(table, preload=context.preload)
-        batches = iterate_batches(table, reader, rows, batch_size, device)
-        n_batches = (len(rows) + batch_size - 1) // batch_size
-        for batch in progress(batches, n_batches, "back-project", enabled=context.is_main, unit="batch"):
-            spectra = rfft2_centered(batch.images).reshape(len(batch.rows), -1)[:, inside]
-            # undo the image's translation by -origin to centre the particle
-            spectra = translate_2d_ft(spectra, -image_shift_from_origin(batch.origin_px), frequencies, box)
-            if self.ctf:
-                ctf = compute_ctf(batch.ctf, frequencies, box, pixel)
-                spectra, slice_weights = spectra * ctf, ctf**2
-            else:
-                slice_weights = torch.ones(spectra.shape, device=device)
-            half = torch.as_tensor(halves[batch.rows.cpu().numpy()], device=device)
-            for h in (0, 1):
-                members = (half == h + 1).nonzero()[:, 0]
-                if members.numel() == 0:
-                    continue
-                # every symmetry mate A·L of the pose sees the same image
-                rotations = (batch.rotations[members][:, None] @ symmetry[None]).reshape(-1, 3, 3)
-                n_mates = symmetry.shape[0]
-                insert_slices(
-                    data[h],
-                    weight[h],
-                    spectra[members].repeat_interleave(n_mates, dim=0),
-                    slice_weights[members].repeat_interleave(n_mates, dim=0),
-                    rotations,
-                    frequencies,
-                    box,
-                    context.memory_budget_bytes,
-                )
-        return data, weight
+        tree: SumTree[HalfSetSums] = SumTree()
+        bar = iter(progress(range(sum(len(batches) for _, batches in leaves)), None, "back-project", enabled=context.is_main, unit="batch"))
+        for leaf, batches in leaves:
+            sums = HalfSetSums.zeros(padded, device)
+            for batch in iterate_batches(table, reader, np.concatenate(batches or [np.arange(0)]), batch_size, device):
+                next(bar)
+                self.insert_batch(sums, batch, halves, symmetry, frequencies, inside, box, pixel, context.memory_budget_bytes)
+            tree.add_leaf(leaf, sums)
+        next(bar, None)
+        return tree.total() or HalfSetSums.zeros(padded, device)
+
+    def insert_batch(
+        self,
+        sums: HalfSetSums,
+        batch: ParticleBatch,
+        halves: np.ndarray,
+        symmetry: torch.Tensor,
+        frequencies: torch.Tensor,
+        inside: torch.Tensor,
+        box: int,
+        pixel: float,
+        memory_budget_bytes: float,
+    ) -> None:
+        """Back-project one batch into its particles' half sets (``frequencies`` ``(M, 2)``
+        are the components ``inside`` the resolution limit, ``symmetry`` ``(G, 3, 3)``)."""
+        device = sums.data.device
+        spectra = rfft2_centered(batch.images).reshape(len(batch.rows), -1)[:, inside]
+        # undo the image's translation by -origin to centre the particle
+        spectra = translate_2d_ft(spectra, -image_shift_from_origin(batch.origin_px), frequencies, box)
+        if self.ctf:
+            ctf = compute_ctf(batch.ctf, frequencies, box, pixel)
+            spectra, slice_weights = spectra * ctf, ctf**2
+        else:
+            slice_weights = torch.ones(spectra.shape, device=device)
+        half = torch.as_tensor(halves[batch.rows.cpu().numpy()], device=device)
+        for h in (0, 1):
+            members = (half == h + 1).nonzero()[:, 0]
+            if members.numel() == 0:
+                continue
+            # every symmetry mate A·L of the pose sees the same image
+            rotations = (batch.rotations[members][:, None] @ symmetry[None]).reshape(-1, 3, 3)
+            n_mates = symmetry.shape[0]
+            insert_slices(
+                sums.data[h],
+                sums.weight[h],
+                spectra[members].repeat_interleave(n_mates, dim=0),
+                slice_weights[members].repeat_interleave(n_mates, dim=0),
+                rotations,
+                frequencies,
+                box,
+                memory_budget_bytes,
+            )
 
     def reconstruct_and_write(self, context: RunContext, data: torch.Tensor, weight: torch.Tensor, box: int, pixel: float) -> None:
         """FSC-regularised half and full maps, FSC table and plot, TensorBoard summaries."""
