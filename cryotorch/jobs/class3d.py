@@ -29,7 +29,7 @@ from cryotorch.conventions import (
     rfft2_centered,
     rfft3_centered,
 )
-from cryotorch.data.particles import ctf_parameters, half_set_labels, shard_rows, tree_leaves, uniform_geometry
+from cryotorch.data.particles import ctf_parameters, half_set_labels, tree_leaves, uniform_geometry
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, WeightedSlices, class_ess, expectation, global_search_batches
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, SumTree, map_signal_power, maximization
 from cryotorch.em.sampling import (
@@ -62,7 +62,7 @@ from cryotorch.io import (
 )
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
-from cryotorch.monitor import PhaseTimer, log_central_slices, log_scalars, progress
+from cryotorch.monitor import PhaseTimer, log_central_slices, log_scalars, progress_bar
 from cryotorch.ops.backprojection import self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_disc_masks, soft_spherical_mask
@@ -292,8 +292,8 @@ class Class3DJob:
             raise InputError(f"sampling.max_significant_oversampled={unrefined} must be a number of coarse samples ≥ 1 (e.g. 64), or null to oversample every particle")
 
     def set_up(self, context: RunContext, table: ParticleTable) -> None:
-        """Geometry (the particles' box, or :meth:`working_box`), optics groups, this rank's
-        particles, the image reader and the masks."""
+        """Geometry (the particles' box, or :meth:`working_box`), optics groups, the image
+        reader and the masks."""
         full_box, full_pixel = uniform_geometry(table, str(context.particles))
         self.full_box, self.full_pixel = full_box, full_pixel
         box_A = full_box * full_pixel
@@ -310,7 +310,6 @@ class Class3DJob:
         self.mask_radius_px = self.diameter_A / (2 * self.pixel)
         group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
         self.group_names = [f"opticsGroup{g}" for g in group_ids]
-        self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
         self.reader = self.image_reader(table, context.preload)
         self.half_sets = half_set_labels(table, context.seed) if self.tau2_estimate == "fsc" else None
         self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
@@ -525,8 +524,9 @@ class Class3DJob:
         return np.sort(np.random.default_rng([context.seed, iteration]).permutation(n)[:size])
 
     def iterate(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> ParticleState:
-        """One E-step over this rank's particles, all-reduce, M-step, outputs; the seconds of
-        each phase are logged and written to TensorBoard."""
+        """One E-step over this rank's leaves of the iteration's batches, their sums added
+        across ranks in the summation tree's order, M-step, outputs; the seconds of each phase
+        are logged and written to TensorBoard."""
         sampling = self.sampling_at(context, iteration)
         device, box, pixel = self.device, self.box, self.pixel
         timer = PhaseTimer(device, _PHASES)
@@ -598,15 +598,15 @@ class Class3DJob:
         use_ctf = self.ctf and (iteration > 1 or self.reference_ctf_corrected)
         offsets = SelfFitOffsets.zeros(state.class_number.shape[0], self.n_classes, passes is not None, device) if self.self_fit_applies(model, state, rows) else None
         trees = [SumTree() for _ in row_sets]
-        bar = iter(progress(range(sum(len(batches) for _, _, batches in steps)), None, f"iteration {iteration}", enabled=context.is_main, unit="batch"))
+        bar = progress_bar(sum(len(batches) for _, _, batches in steps), f"iteration {iteration}", enabled=context.is_main, unit="batch")
         timer.lap("set-up")
         for number, leaf, batches in steps:
-            stats = SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device)
+            stats = self.empty_sums(self.n_classes)
             if offsets is not None and batches:
                 self.self_fit_offsets(offsets, model, state, np.concatenate(batches), frequencies, shells, passes, use_ctf, budget / 4)
             timer.lap("self-fit")
             for chunk in batches:
-                next(bar)
+                bar.update()
                 index = torch.as_tensor(chunk, device=device)
                 batch = self.prepare(model, state, chunk, component_index, shells, frequencies, use_ctf)
                 groups = torch.as_tensor(self.groups[chunk], device=device)
@@ -625,10 +625,10 @@ class Class3DJob:
                     stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
             trees[number].add_leaf(leaf, stats)
             timer.lap("back-projection")
-        next(bar, None)
+        bar.close()
         sets = []
         for tree in trees:
-            stats = tree.total() or SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device)
+            stats = tree.total() or self.empty_sums(self.n_classes)
             for tensor in stats.tensors():
                 tensor.copy_(context.tree_sum(tensor, budget / 8))
             sets.append(stats)
@@ -732,6 +732,10 @@ class Class3DJob:
             return None
         labels = np.random.default_rng(context.seed).integers(self.n_classes, size=len(self.table))
         return torch.as_tensor(labels, device=self.device)
+
+    def empty_sums(self, n_classes: int) -> SufficientStatistics:
+        """Zero sums of ``n_classes`` maps at this job's box, optics groups and shells."""
+        return SufficientStatistics.zeros(n_classes, self.padded, len(self.group_names), self.box // 2 + 1, self.device)
 
     def self_fit_applies(self, model: ClassModel, state: ParticleState, rows: np.ndarray) -> bool:
         """Whether an iteration over ``rows`` (every rank's) discounts self-fits: not before

@@ -150,8 +150,10 @@ class OnlineClass3DJob(Class3DJob):
             raise InputError(f"{context.particles}: no per-particle scale (cryoSPARC alignments3D/alpha) for job.per_particle_scale=input; use consensus or none")
 
     def set_up(self, context: RunContext, table: ParticleTable) -> None:
-        """The set-up of class3d at the cropped box, with the focus mask and half sets."""
+        """The set-up of class3d at the cropped box, with this rank's strided share of the
+        particles, the focus mask and half sets."""
         super().set_up(context, table)
+        self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
         self.focus = self.read_mask(self.focus_mask_path) if self.focus_mask_path else None
         self.halves = torch.as_tensor(half_set_labels(table, context.seed), device=self.device)
         self.memory_budget = context.memory_budget_bytes
@@ -238,7 +240,7 @@ class OnlineClass3DJob(Class3DJob):
 
     def subset_maps(self, context: RunContext, model: ClassModel, state: ParticleState, labels: np.ndarray, n_subsets: int) -> torch.Tensor:
         """``(n_subsets, n, n, n)`` FSC-filtered maps of the particles with each subset label."""
-        halves = [SufficientStatistics.zeros(n_subsets, self.padded, len(self.group_names), self.box // 2 + 1, self.device) for _ in (1, 2)]
+        halves = [self.empty_sums(n_subsets) for _ in (1, 2)]
         rows = self.rows[labels[self.rows] >= 0]
         frequencies, component_index, shells = self.components(self.radius)
         batch_size = self.batch_size(frequencies.shape[0], 1)
@@ -349,7 +351,7 @@ class OnlineClass3DJob(Class3DJob):
         )
         gain = rate * len(self.table) / n_global
         if self.running is None:
-            self.running = [SufficientStatistics.zeros(self.n_classes, self.padded, len(self.group_names), box // 2 + 1, device) for _ in (1, 2)]
+            self.running = [self.empty_sums(self.n_classes) for _ in (1, 2)]
         for stats in self.running:
             # every rank adds its particles; the decayed old sums enter the all-reduce once
             stats.mul_((1 - rate) / gain if context.is_main else 0.0)

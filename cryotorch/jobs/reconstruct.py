@@ -24,7 +24,7 @@ from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, validate_particle_images, write_mrc, write_star
 from cryotorch.em.mstep import SumTree, half_set_reconstruction
 from cryotorch.jobs.context import RunContext
-from cryotorch.monitor import log_central_slices, log_curve, log_scalars, progress, save_fsc_plot
+from cryotorch.monitor import log_central_slices, log_curve, log_scalars, progress_bar, save_fsc_plot
 from cryotorch.ops.backprojection import insert_slices
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import soft_spherical_mask
@@ -120,14 +120,15 @@ class ReconstructJob:
         leaves = tree_leaves(np.arange(len(table)), batch_size, context.sum_tree_leaves, context.fabric.global_rank, context.fabric.world_size)
         reader = ParticleImageReader(table, preload=context.preload)
         tree: SumTree[HalfSetSums] = SumTree()
-        bar = iter(progress(range(sum(len(batches) for _, batches in leaves)), None, "back-project", enabled=context.is_main, unit="batch"))
+        bar = progress_bar(sum(len(batches) for _, batches in leaves), "back-project", enabled=context.is_main, unit="batch")
         for leaf, batches in leaves:
             sums = HalfSetSums.zeros(padded, device)
-            for batch in iterate_batches(table, reader, np.concatenate(batches or [np.arange(0)]), batch_size, device):
-                next(bar)
+            for rows in batches:
+                (batch,) = iterate_batches(table, reader, rows, batch_size, device)
                 self.insert_batch(sums, batch, halves, symmetry, frequencies, inside, box, pixel, context.memory_budget_bytes)
+                bar.update()
             tree.add_leaf(leaf, sums)
-        next(bar, None)
+        bar.close()
         return tree.total() or HalfSetSums.zeros(padded, device)
 
     def insert_batch(
