@@ -514,3 +514,27 @@ def test_classification_with_symmetry_and_local_searches(tmp_path: Path) -> None
         inner[:, :, 0] = 0
         assert float((quarter_turn(inner) - inner).abs().max()) < 1e-3 * float(volume.abs().max())
 
+
+
+def test_slice_tables_go_up_the_tree_where_the_budget_holds_them() -> None:
+    # a cache's table goes up the summation tree whole only where it has a row for every fine
+    # id and log2(L) + 1 copies fit a quarter of the budget, the smaller table first
+    from cryotorch.em.estep import FinePassCache
+    from cryotorch.em.sampling import build_pose_grid
+    from cryotorch.jobs.class3d import Class3DJob
+    from cryotorch.ops.projection import prepare_fourier_volumes
+
+    box = 16
+    frequencies = torch.randn(40, 2)
+    volumes_ft = prepare_fourier_volumes(torch.randn(2, box, box, box))
+    grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
+    fine = FinePassCache(volumes_ft, grid, frequencies, box, 2**26)
+    unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, 2**26)
+    assert fine.slice_table_bytes == grid.n_children * unrefined.slice_table_bytes == 2 * grid.n_rotations * grid.n_children * 40 * 12
+    both = 4 * (fine.slice_table_bytes + unrefined.slice_table_bytes)
+    assert Class3DJob.carried_caches([fine, unrefined], 8, 4 * both) == [unrefined, fine]
+    assert Class3DJob.carried_caches([fine, None], 8, 16 * fine.slice_table_bytes - 4) == []
+    assert Class3DJob.carried_caches([fine, unrefined], 8, 4 * both - 4) == [unrefined]
+    assert Class3DJob.carried_caches([fine, unrefined], 1, 4 * both / 4) == [unrefined, fine]
+    small = FinePassCache(volumes_ft, grid, frequencies, box, fine.slice_table_bytes / 2)
+    assert Class3DJob.carried_caches([small], 1, 1e12) == []

@@ -165,6 +165,52 @@ def test_fine_pass_tables_of_any_size_give_the_same_posteriors_and_sums() -> Non
         torch.testing.assert_close(small_sums, roomy_sums, rtol=1e-4, atol=1e-4)
 
 
+def test_whole_slice_tables_back_project_what_draining_each_leaf_does() -> None:
+    # two leaves of batches: their sum tables taken whole, added and inserted once give the
+    # maps that draining and inserting each leaf's sums gives (up to the order of additions);
+    # a table that cannot hold every fine id is not taken whole
+    from cryotorch.em.estep import EStepSettings, FinePassCache, expectation
+    from cryotorch.ops.backprojection import insert_slices
+    from cryotorch.ops.projection import prepare_fourier_volumes
+
+    generator = torch.Generator().manual_seed(4)
+    box = 16
+    frequencies = sorted_frequencies(box, 6)
+    volumes_ft = prepare_fourier_volumes(0.02 * torch.randn(2, box, box, box, generator=generator))
+    grid = build_pose_grid(0, 2.0, 2.0, "C1", oversampling=1)
+    leaves = [random_batch(6, frequencies.shape[0], generator) for _ in range(2)]
+    settings = EStepSettings(frequencies=frequencies, n_coarse=20, box_size=box, pixel_size_angstrom=4.0)
+    coarse = CoarseProjections(volumes_ft, grid, frequencies[:20], box, 2**28)
+    padded = volumes_ft.shape[1]
+
+    def back_projected(whole: bool) -> torch.Tensor:
+        cache = FinePassCache(volumes_ft, grid, frequencies, box, 2**26)
+        assert cache.holds_every_sum
+        slices, table = [], cache.empty_table()
+        for batch in leaves:
+            result = expectation(batch, volumes_ft, coarse, grid, cache, torch.log(torch.tensor([0.4, 0.6])), 10.0, settings)
+            slices += result.slices
+            if whole:
+                table.add_(cache.take_table())
+            else:
+                slices += cache.drain()
+        if whole:
+            slices += cache.table_slices(table)
+        data = torch.zeros(2, padded, padded, padded // 2 + 1, dtype=torch.complex64)
+        weight = torch.zeros(2, padded, padded, padded // 2 + 1)
+        for item in slices:
+            insert_slices(data[item.class_index], weight[item.class_index], item.data, item.weight, item.rotations, frequencies, box)
+        return torch.cat([torch.view_as_real(data).flatten(), weight.flatten()])
+
+    drained = back_projected(False)
+    assert drained.abs().max() > 0
+    torch.testing.assert_close(back_projected(True), drained, rtol=1e-5, atol=1e-6 * float(drained.abs().max()))
+    small = FinePassCache(volumes_ft, grid, frequencies, box, 1e5)
+    assert not small.holds_every_sum
+    with pytest.raises(ValueError, match="drain"):
+        small.take_table()
+
+
 @pytest.mark.parametrize("n_classes", [1, 2, 3])
 def test_fine_pass_projections_are_the_children_of_each_pair(n_classes: int) -> None:
     # the table holds all classes of a coarse orientation; any pairs, asked in any order and

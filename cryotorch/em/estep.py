@@ -34,7 +34,7 @@ from cryotorch.ops.projection import extract_slices
 if TYPE_CHECKING:
     from cryotorch.monitor.timing import PhaseTimer
 
-__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "PassOffsets", "ScoreProjections", "HalfTurnProjections", "CoarseProjections", "global_search_batches", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "coarse_logits", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
+__all__ = ["PreparedBatch", "EStepSettings", "FinePassCache", "SliceTable", "PassOffsets", "ScoreProjections", "HalfTurnProjections", "CoarseProjections", "global_search_batches", "WeightedSlices", "EStepResult", "SignificantSamples", "expectation", "phase_ramps", "score_terms", "coarse_logits", "score_batch", "profiled_scale", "scaled_score", "class_ess", "class_temperature"]
 
 
 @dataclass
@@ -493,6 +493,27 @@ class WeightedSlices:
 
 
 @dataclass
+class SliceTable:
+    """Posterior-weighted slice sums of every fine id ``(k·R + r)·F + f`` of a
+    :class:`FinePassCache`'s grid, zero where none was added: sums of disjoint sets of
+    particles that add like any other sums, to be inserted once
+    (:meth:`FinePassCache.table_slices`)."""
+
+    data: torch.Tensor  # (K·R·F, M) complex Σ w·L
+    weight: torch.Tensor  # (K·R·F, M) real Σ w·2Q
+
+    def add_(self, other: SliceTable) -> SliceTable:
+        """Add ``other``'s sums in place."""
+        self.data.add_(other.data)
+        self.weight.add_(other.weight)
+        return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Both sums, for summation across processes."""
+        return [self.data, self.weight]
+
+
+@dataclass
 class EStepResult:
     """Per-particle outcome of the E-step for ``B`` particles.
 
@@ -620,9 +641,11 @@ class FinePassCache:
     cost about 1.2 times one), and once the classes take shape most coarse orientations are
     significant for several (2.1 of 3 on the benchmark set of ``docs/benchmarks.md``). Its
     posterior-weighted slices are summed per fine orientation in a second table, so that an
-    orientation is inserted into the volumes once per leaf of the iteration's batches (class3d
-    drains it at the end of each, :func:`~cryotorch.data.particles.tree_leaves`) rather than
-    once per batch.
+    orientation is inserted into the volumes at most once per leaf of the iteration's batches
+    (:func:`~cryotorch.data.particles.tree_leaves`) rather than once per batch: class3d either
+    drains the table at the end of each leaf (:meth:`drain`), or, where it holds every fine id
+    (:attr:`holds_every_sum`), takes it whole (:meth:`take_table`) and adds the leaves' tables
+    in the summation tree, so that each orientation is inserted once per iteration.
     Each table holds at most ``memory_budget_bytes``: a full projection table is emptied and
     refilled, a full sum table is handed back for insertion (:meth:`add`, :meth:`drain`), so
     memory stays bounded whatever the number of samples.
@@ -703,6 +726,45 @@ class FinePassCache:
         self.sum_data.index_add_(0, rows, data)
         self.sum_weight.index_add_(0, rows, weight)
         return drained
+
+    @property
+    def n_ids(self) -> int:
+        """Number of fine ids, ``K·R·F``."""
+        return self.volumes_ft.shape[0] * self.grid.n_rotations * self.grid.n_children
+
+    @property
+    def holds_every_sum(self) -> bool:
+        """True where the sum table has a row for every fine id, so that it never hands slices
+        back before :meth:`take_table`."""
+        return self.sum_capacity == self.n_ids
+
+    @property
+    def slice_table_bytes(self) -> int:
+        """Size of one :class:`SliceTable` of this cache."""
+        return self.n_ids * self.frequencies.shape[0] * 12
+
+    def empty_table(self) -> SliceTable:
+        """A :class:`SliceTable` of zeros."""
+        shape, device = (self.n_ids, self.frequencies.shape[0]), self.frequencies.device
+        return SliceTable(torch.zeros(shape, dtype=torch.complex64, device=device), torch.zeros(shape, device=device))
+
+    def take_table(self) -> SliceTable:
+        """The summed slices held, as a :class:`SliceTable`; the sum table is emptied. Only
+        where :attr:`holds_every_sum`, so that no sum was handed back before."""
+        if not self.holds_every_sum:
+            raise ValueError(f"the sum table holds {self.sum_capacity} of {self.n_ids} fine ids; drain() it instead")
+        table = self.empty_table()
+        used = slice(0, self.sum_slots.n_used)
+        table.data[self.sum_ids[used]] = self.sum_data[used]
+        table.weight[self.sum_ids[used]] = self.sum_weight[used]
+        self.sum_slots.clear()
+        return table
+
+    def table_slices(self, table: SliceTable) -> list[WeightedSlices]:
+        """The rows of ``table`` that hold any sum, per class, ready for insertion (a row of
+        zeros would add nothing)."""
+        ids = ((table.weight != 0).any(dim=1) | (table.data != 0).any(dim=1)).nonzero()[:, 0]
+        return self._slices(ids, table.data[ids], table.weight[ids])
 
     def drain(self) -> list[WeightedSlices]:
         """The summed slices held, per class; the table is emptied."""

@@ -30,7 +30,7 @@ from cryotorch.conventions import (
     rfft3_centered,
 )
 from cryotorch.data.particles import ctf_parameters, half_set_labels, tree_leaves, uniform_geometry
-from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, WeightedSlices, class_ess, expectation, global_search_batches
+from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, SliceTable, WeightedSlices, class_ess, expectation, global_search_batches
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, SumTree, map_signal_power, maximization
 from cryotorch.em.sampling import (
     GridSamples,
@@ -93,6 +93,27 @@ class PassSamples:
 
 #: the phases of an iteration, in the order train.log and TensorBoard list them
 _PHASES = ("set-up", "self-fit", "images", "coarse pass", "fine pass", "E-step", "back-projection", "all-reduce", "M-step", "outputs")
+
+
+@dataclass
+class TreeSums:
+    """A node of an iteration's summation tree: the M-step's sums, and the slice tables of
+    the fine-pass caches whose tables go up the tree whole (:meth:`Class3DJob.carried_caches`),
+    to be inserted once, at its root."""
+
+    stats: SufficientStatistics
+    tables: list[SliceTable]
+
+    def add_(self, other: TreeSums) -> TreeSums:
+        """Add ``other``'s sums in place."""
+        self.stats.add_(other.stats)
+        for table, addend in zip(self.tables, other.tables):
+            table.add_(addend)
+        return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every sum, in a fixed order, for summation across processes."""
+        return self.stats.tensors() + [tensor for table in self.tables for tensor in table.tensors()]
 
 
 @dataclass
@@ -597,7 +618,9 @@ class Class3DJob:
         # as RELION: a reference that is not CTF-corrected is compared without CTFs in the first iteration
         use_ctf = self.ctf and (iteration > 1 or self.reference_ctf_corrected)
         offsets = SelfFitOffsets.zeros(state.class_number.shape[0], self.n_classes, passes is not None, device) if self.self_fit_applies(model, state, rows) else None
-        trees = [SumTree() for _ in row_sets]
+        carried = self.carried_caches([fine, unrefined], context.sum_tree_leaves, budget)
+        drained = [cache for cache in (fine, unrefined) if cache is not None and cache not in carried]
+        trees: list[SumTree[TreeSums]] = [SumTree() for _ in row_sets]
         bar = progress_bar(sum(len(batches) for _, _, batches in steps), f"iteration {iteration}", enabled=context.is_main, unit="batch")
         timer.lap("set-up")
         for number, leaf, batches in steps:
@@ -620,18 +643,21 @@ class Class3DJob:
                 stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
                 timer.lap("back-projection")
             # the slice sums held by the caches belong to this leaf
-            for cache in (fine, unrefined):
-                if cache is not None:
-                    stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
-            trees[number].add_leaf(leaf, stats)
+            for cache in drained:
+                stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
+            trees[number].add_leaf(leaf, TreeSums(stats, [cache.take_table() for cache in carried]))
             timer.lap("back-projection")
         bar.close()
         sets = []
         for tree in trees:
-            stats = tree.total() or self.empty_sums(self.n_classes)
-            for tensor in stats.tensors():
+            sums = tree.total() or TreeSums(self.empty_sums(self.n_classes), [cache.empty_table() for cache in carried])
+            for tensor in sums.tensors():
                 tensor.copy_(context.tree_sum(tensor, budget / 8))
-            sets.append(stats)
+            timer.lap("all-reduce")
+            for cache, table in zip(carried, sums.tables):
+                sums.stats.insert(self.expand_symmetry(cache.table_slices(table)), frequencies, box, budget / 4)
+            sets.append(sums.stats)
+            timer.lap("back-projection")
         stats = sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
         new_state = self.gather_state(context, new_state, own_rows)
         timer.lap("all-reduce")
@@ -736,6 +762,25 @@ class Class3DJob:
     def empty_sums(self, n_classes: int) -> SufficientStatistics:
         """Zero sums of ``n_classes`` maps at this job's box, optics groups and shells."""
         return SufficientStatistics.zeros(n_classes, self.padded, len(self.group_names), self.box // 2 + 1, self.device)
+
+    @staticmethod
+    def carried_caches(caches: list[FinePassCache | None], n_leaves: int, memory_budget_bytes: float) -> list[FinePassCache]:
+        """The fine-pass caches whose slice sums go up the summation tree as whole tables and
+        are inserted once per iteration, rather than once per leaf: those whose sum table
+        holds every fine id, while the tables the tree may hold at once (one per level below
+        the root, and the last leaf's: log2(L) + 1) fit a quarter of ``memory_budget_bytes``,
+        the smaller tables first. Where posteriors are broad, nearly every orientation is in
+        every leaf, and inserting the leaves' sums one by one multiplies the insertions by
+        up to L (``docs/benchmarks.md``). The choice depends on sizes only, so every process
+        count makes it alike."""
+        copies = round(math.log2(n_leaves)) + 1
+        carried: list[FinePassCache] = []
+        held = 0
+        for cache in sorted((c for c in caches if c is not None and c.holds_every_sum), key=lambda c: c.slice_table_bytes):
+            if held + copies * cache.slice_table_bytes <= memory_budget_bytes / 4:
+                carried.append(cache)
+                held += copies * cache.slice_table_bytes
+        return carried
 
     def self_fit_applies(self, model: ClassModel, state: ParticleState, rows: np.ndarray) -> bool:
         """Whether an iteration over ``rows`` (every rank's) discounts self-fits: not before
