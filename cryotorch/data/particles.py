@@ -17,7 +17,6 @@ __all__ = [
     "ParticleBatch",
     "ctf_parameters",
     "half_set_labels",
-    "shard_rows",
     "tree_leaves",
     "exact_tree_sum",
     "iterate_batches",
@@ -94,11 +93,6 @@ def half_set_labels(table: ParticleTable, seed: int) -> np.ndarray:
     labels = np.empty(len(table), dtype=np.int64)
     labels[order] = np.where(np.arange(len(table)) < (len(table) + 1) // 2, 1, 2)
     return labels
-
-
-def shard_rows(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """This rank's share of ``rows`` (strided, so every rank sees every part of the data)."""
-    return rows[rank::world_size]
 
 
 def tree_leaves(rows: np.ndarray, batch_size: int, n_leaves: int, rank: int, world_size: int) -> list[tuple[int, list[np.ndarray]]]:

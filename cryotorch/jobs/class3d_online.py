@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
-from cryotorch.data.particles import half_set_labels, shard_rows
+from cryotorch.data.particles import half_set_labels, tree_leaves
 from cryotorch.em.estep import EStepSettings, PreparedBatch, WeightedSlices, expectation
-from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, update_noise_and_weights
+from cryotorch.em.mstep import SufficientStatistics, SumTree, half_set_reconstruction, update_noise_and_weights
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable, write_particles
 from cryotorch.jobs.class3d import Class3DJob, ParticleState
@@ -59,6 +60,24 @@ class FourierCroppedReader:
         if images.shape[-1] == self.box_size:
             return images
         return fourier_crop_2d(torch.as_tensor(images), self.box_size).numpy()
+
+
+@dataclass
+class HalfSetStatistics:
+    """The :class:`~cryotorch.em.mstep.SufficientStatistics` of the two half sets, a node of
+    a summation tree."""
+
+    halves: list[SufficientStatistics]
+
+    def add_(self, other: HalfSetStatistics) -> HalfSetStatistics:
+        """Add ``other``'s sums in place."""
+        for stats, addend in zip(self.halves, other.halves):
+            stats.add_(addend)
+        return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every sum, in a fixed order, for summation across processes."""
+        return [tensor for stats in self.halves for tensor in stats.tensors()]
 
 
 class OnlineClass3DJob(Class3DJob):
@@ -150,10 +169,8 @@ class OnlineClass3DJob(Class3DJob):
             raise InputError(f"{context.particles}: no per-particle scale (cryoSPARC alignments3D/alpha) for job.per_particle_scale=input; use consensus or none")
 
     def set_up(self, context: RunContext, table: ParticleTable) -> None:
-        """The set-up of class3d at the cropped box, with this rank's strided share of the
-        particles, the focus mask and half sets."""
+        """The set-up of class3d at the cropped box, the focus mask and half sets."""
         super().set_up(context, table)
-        self.rows = shard_rows(np.arange(len(table)), context.fabric.global_rank, context.fabric.world_size)
         self.focus = self.read_mask(self.focus_mask_path) if self.focus_mask_path else None
         self.halves = torch.as_tensor(half_set_labels(table, context.seed), device=self.device)
         self.memory_budget = context.memory_budget_bytes
@@ -240,29 +257,35 @@ class OnlineClass3DJob(Class3DJob):
 
     def subset_maps(self, context: RunContext, model: ClassModel, state: ParticleState, labels: np.ndarray, n_subsets: int) -> torch.Tensor:
         """``(n_subsets, n, n, n)`` FSC-filtered maps of the particles with each subset label."""
-        halves = [self.empty_sums(n_subsets) for _ in (1, 2)]
-        rows = self.rows[labels[self.rows] >= 0]
         frequencies, component_index, shells = self.components(self.radius)
-        batch_size = self.batch_size(frequencies.shape[0], 1)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
-            rotations = self.rotations(chunk)
-            two_q = (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2
-            weighted = batch.spectra * batch.scale[:, None] * batch.ctf * batch.inv_sigma2
-            subset = torch.as_tensor(labels[chunk], device=self.device)
-            half = self.halves[torch.as_tensor(chunk, device=self.device)]
-            for h in (1, 2):
-                slices = [
-                    WeightedSlices(g, rotations[members], weighted[members], two_q[members])
-                    for g in range(n_subsets)
-                    if (members := ((subset == g) & (half == h)).nonzero()[:, 0]).numel()
-                ]
-                halves[h - 1].insert(self.expand_symmetry(slices), frequencies, self.box, context.memory_budget_bytes / 4)
-        for stats in halves:
-            for tensor in (stats.data, stats.weight):
-                tensor.copy_(context.all_reduce_sum(tensor))
+        tree: SumTree[HalfSetStatistics] = SumTree()
+        for leaf, batches in self.leaves(context, np.nonzero(labels >= 0)[0], self.batch_size(frequencies.shape[0], 1)):
+            sums = HalfSetStatistics([self.empty_sums(n_subsets) for _ in (1, 2)])
+            for chunk in batches:
+                self.insert_subsets(sums, model, state, chunk, labels, n_subsets, frequencies, component_index, shells)
+            tree.add_leaf(leaf, sums)
+        halves = self.tree_total(context, tree, n_subsets)
         return torch.stack([self.filtered_map(halves, g)[0] for g in range(n_subsets)])
+
+    def insert_subsets(
+        self, sums: HalfSetStatistics, model: ClassModel, state: ParticleState, chunk: np.ndarray, labels: np.ndarray, n_subsets: int,
+        frequencies: torch.Tensor, component_index: torch.Tensor, shells: torch.Tensor,
+    ) -> None:
+        """Back-project the particles ``chunk`` at their poses into the maps of their subsets
+        ``labels[chunk]`` and their half sets."""
+        batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
+        rotations = self.rotations(chunk)
+        two_q = (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2
+        weighted = batch.spectra * batch.scale[:, None] * batch.ctf * batch.inv_sigma2
+        subset = torch.as_tensor(labels[chunk], device=self.device)
+        half = self.halves[torch.as_tensor(chunk, device=self.device)]
+        for h in (1, 2):
+            slices = [
+                WeightedSlices(g, rotations[members], weighted[members], two_q[members])
+                for g in range(n_subsets)
+                if (members := ((subset == g) & (half == h)).nonzero()[:, 0]).numel()
+            ]
+            sums.halves[h - 1].insert(self.expand_symmetry(slices), frequencies, self.box, self.memory_budget / 4)
 
     def consensus_scales(self, context: RunContext, model: ClassModel, state: ParticleState) -> torch.Tensor:
         """``(N,)`` per-particle intensity scale ``a = Σ Re(X̄·CTF·P)/σ² / Σ CTF²|P|²/σ²``
@@ -278,15 +301,15 @@ class OnlineClass3DJob(Class3DJob):
         volume_ft = prepare_fourier_volumes(self.consensus[None], context.padding_factor)
         frequencies, component_index, shells = self.components(self.radius)
         scales = torch.zeros(len(self.table), device=self.device)
-        batch_size = self.batch_size(frequencies.shape[0], 1)
-        for start in range(0, len(self.rows), batch_size):
-            chunk = self.rows[start : start + batch_size]
+        own = [chunk for _, batches in self.leaves(context, np.arange(len(self.table)), self.batch_size(frequencies.shape[0], 1)) for chunk in batches]
+        for chunk in own:
             batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
             model_image = batch.ctf * extract_slices(volume_ft, self.rotations(chunk), frequencies, self.box)[0]
             cross = ((batch.spectra.conj() * model_image).real * batch.inv_sigma2).sum(-1)
             power = (model_image.abs() ** 2 * batch.inv_sigma2).sum(-1)
             scales[torch.as_tensor(chunk, device=self.device)] = cross / power.clamp(min=1e-30)
-        scales = context.gather_rows(torch.as_tensor(self.rows, device=self.device), scales[torch.as_tensor(self.rows, device=self.device)], len(self.table))
+        rows = torch.as_tensor(np.concatenate(own or [np.zeros(0, dtype=np.int64)]), device=self.device)
+        scales = context.gather_rows(rows, scales[rows], len(self.table))
         # normalised over the particles that resemble the consensus (the median half-way)
         return (scales / scales.median().clamp(min=1e-30)).clamp(*self.scale_range)
 
@@ -304,12 +327,10 @@ class OnlineClass3DJob(Class3DJob):
         previous_volumes = model.volumes.clone()
         new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
         touched = []
-        for rows_global in progress(minibatches, len(minibatches), f"iteration {iteration}", enabled=context.is_main and online, unit="minibatch"):
-            rows = shard_rows(rows_global, context.fabric.global_rank, context.fabric.world_size)
-            touched.append(rows)
+        for rows in progress(minibatches, len(minibatches), f"iteration {iteration}", enabled=context.is_main and online, unit="minibatch"):
             rate = self.current_rate() if online else 1.0
             similarity = self.current_similarity(len(minibatches)) if online else 0.0
-            self.update(context, model, state, new_state, rows, rate, len(rows_global), similarity)
+            touched.append(self.update(context, model, state, new_state, rows, rate, similarity))
             if online:
                 self.step += 1
         new_state = self.gather_state(context, new_state, np.concatenate(touched))
@@ -338,10 +359,12 @@ class OnlineClass3DJob(Class3DJob):
 
     def update(
         self, context: RunContext, model: ClassModel, state: ParticleState, new_state: ParticleState,
-        rows: np.ndarray, rate: float, n_global: int, similarity: float,
-    ) -> None:
-        """E-step over this rank's ``rows``; ``S ← (1−η)·S + η·(N/B)·S_B``; M-step."""
-        device, box = self.device, self.box
+        rows: np.ndarray, rate: float, similarity: float,
+    ) -> np.ndarray:
+        """E-step over this rank's leaves of the minibatch ``rows`` (every rank's);
+        ``S ← (1−η)·S + η·(N/B)·S_B`` with the minibatch's sums ``S_B`` added in the
+        summation tree's order; M-step. Returns the rows scored here."""
+        box = self.box
         frequencies, component_index, shells = self.components(self.radius)
         volumes_ft = prepare_fourier_volumes(self.effective_volumes(model), context.padding_factor)
         settings = EStepSettings(
@@ -349,33 +372,58 @@ class OnlineClass3DJob(Class3DJob):
             memory_budget_bytes=context.memory_budget_bytes / 4, hard_classification=self.force_hard,
             target_class_ess=1.0 + similarity * (self.n_classes - 1) if similarity > 0 else None,
         )
-        gain = rate * len(self.table) / n_global
+        log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
+        tree: SumTree[HalfSetStatistics] = SumTree()
+        own = []
+        for leaf, batches in self.leaves(context, rows, self.batch_size(frequencies.shape[0], self.n_classes)):
+            sums = HalfSetStatistics([self.empty_sums(self.n_classes) for _ in (1, 2)])
+            for chunk in batches:
+                self.expect(sums, model, state, new_state, chunk, volumes_ft, log_prior, settings, frequencies, component_index, shells)
+                own.append(chunk)
+            tree.add_leaf(leaf, sums)
+        gain = rate * len(self.table) / len(rows)
         if self.running is None:
             self.running = [self.empty_sums(self.n_classes) for _ in (1, 2)]
-        for stats in self.running:
-            # every rank adds its particles; the decayed old sums enter the all-reduce once
-            stats.mul_((1 - rate) / gain if context.is_main else 0.0)
-        log_prior = torch.log(model.class_weights.clamp(min=1e-30)).float()
-        batch_size = self.batch_size(frequencies.shape[0], self.n_classes)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            index = torch.as_tensor(chunk, device=device)
-            batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
-            groups = torch.as_tensor(self.groups[chunk], device=device)
-            half = self.halves[index]
-            for h in (1, 2):
-                members = (half == h).nonzero()[:, 0]
-                if members.numel() == 0:
-                    continue
-                result = expectation(batch.select(members), volumes_ft, None, None, None, log_prior, float(model.offset_sigma_angstrom), settings)
-                self.expand_symmetry(result.slices)
-                self.running[h - 1].accumulate(result, batch.select(members), groups[members], shells, frequencies, box, self.pixel, context.memory_budget_bytes / 4)
-                new_state.store(index[members], result)
-        for stats in self.running:
-            for tensor in stats.tensors():
-                tensor.copy_(context.all_reduce_sum(tensor))
-            stats.mul_(gain)
+        for stats, minibatch in zip(self.running, self.tree_total(context, tree, self.n_classes)):
+            stats.mul_(1 - rate).add_(minibatch.mul_(gain))
         self.maximize(model)
+        return np.concatenate(own or [rows[:0]])
+
+    def expect(
+        self, sums: HalfSetStatistics, model: ClassModel, state: ParticleState, new_state: ParticleState, chunk: np.ndarray,
+        volumes_ft: torch.Tensor, log_prior: torch.Tensor, settings: EStepSettings,
+        frequencies: torch.Tensor, component_index: torch.Tensor, shells: torch.Tensor,
+    ) -> None:
+        """E-step of the particles ``chunk``, each half set's added to its sums; their
+        outcome stored in ``new_state``."""
+        device = self.device
+        index = torch.as_tensor(chunk, device=device)
+        batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
+        groups = torch.as_tensor(self.groups[chunk], device=device)
+        half = self.halves[index]
+        for h in (1, 2):
+            members = (half == h).nonzero()[:, 0]
+            if members.numel() == 0:
+                continue
+            result = expectation(batch.select(members), volumes_ft, None, None, None, log_prior, float(model.offset_sigma_angstrom), settings)
+            self.expand_symmetry(result.slices)
+            sums.halves[h - 1].accumulate(result, batch.select(members), groups[members], shells, frequencies, self.box, self.pixel, self.memory_budget / 4)
+            new_state.store(index[members], result)
+
+    def leaves(self, context: RunContext, rows: np.ndarray, batch_size: int) -> list[tuple[int, list[np.ndarray]]]:
+        """This rank's leaves of the summation tree over ``rows`` (every rank's): batches of at
+        most ``batch_size``, and small enough that a minibatch fills every leaf, so that it is
+        shared by up to ``compute.sum_tree_leaves`` processes
+        (:func:`~cryotorch.data.particles.tree_leaves`)."""
+        size = max(1, min(batch_size, -(-len(rows) // context.sum_tree_leaves)))
+        return tree_leaves(rows, size, context.sum_tree_leaves, context.fabric.global_rank, context.fabric.world_size)
+
+    def tree_total(self, context: RunContext, tree: SumTree[HalfSetStatistics], n_classes: int) -> list[SufficientStatistics]:
+        """The half sets' sums of every rank's leaves of ``tree``, added in the tree's order."""
+        sums = tree.total() or HalfSetStatistics([self.empty_sums(n_classes) for _ in (1, 2)])
+        for tensor in sums.tensors():
+            tensor.copy_(context.tree_sum(tensor, self.memory_budget / 8))
+        return sums.halves
 
     def maximize(self, model: ClassModel) -> None:
         """Class maps from the running half-set statistics, each filtered by its own FSC;
