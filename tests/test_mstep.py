@@ -239,10 +239,12 @@ def test_a_sum_tree_adds_in_the_same_order_whoever_holds_its_subtrees() -> None:
         return stats
 
     whole = SumTree()
+    added = []  # each leaf but the first is added into its left sibling once: free for reuse
     for index, values in enumerate(leaves):
-        whole.add_leaf(index, sums(values))
+        added += whole.add_leaf(index, sums(values))
     assert len(whole.nodes) == 1
     root = whole.total()
+    assert len(added) == LEAVES - 1 and all(item is not root for item in added)
     sequential = sums(leaves[0])
     for values in leaves[1:]:
         sequential.add_(sums(values))

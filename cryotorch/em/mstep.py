@@ -160,13 +160,17 @@ class SumTree(Generic[_Sums]):
     def __init__(self) -> None:
         self.nodes: list[tuple[int, int, _Sums]] = []  # (level, index, sums), left to right
 
-    def add_leaf(self, index: int, sums: _Sums) -> None:
-        """Take the sums of leaf ``index`` (consumed)."""
+    def add_leaf(self, index: int, sums: _Sums) -> list[_Sums]:
+        """Take the sums of leaf ``index``; returns the sums this added into their left
+        siblings, whose memory the caller may reuse."""
         level = 0
+        added = []
         while index % 2 == 1 and self.nodes and self.nodes[-1][:2] == (level, index - 1):
+            added.append(sums)
             sums = self.nodes.pop()[2].add_(sums)
             level, index = level + 1, index // 2
         self.nodes.append((level, index, sums))
+        return added
 
     def total(self) -> _Sums | None:
         """The nodes held, added left to right (None for none); the tree empties."""

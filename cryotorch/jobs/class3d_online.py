@@ -79,6 +79,12 @@ class HalfSetStatistics:
         """Every sum, in a fixed order, for summation across processes."""
         return [tensor for stats in self.halves for tensor in stats.tensors()]
 
+    def zero_(self) -> HalfSetStatistics:
+        """Set every sum to zero in place."""
+        for tensor in self.tensors():
+            tensor.zero_()
+        return self
+
 
 class OnlineClass3DJob(Class3DJob):
     """Online-EM classification without alignment; every parameter is a key of
@@ -156,6 +162,9 @@ class OnlineClass3DJob(Class3DJob):
         self.consensus: torch.Tensor | None = None
         self.particle_scale: torch.Tensor | None = None
         self.running: list[SufficientStatistics] | None = None
+        # leaf sums of earlier minibatches, zeroed for reuse: on a CPU fresh pages of a few
+        # hundred MB cost several times their zeroing (at most log2(L) + 1 sets are kept)
+        self.spare_sums: list[HalfSetStatistics] = []
 
     # ------------------------------------------------------------------ set-up
     def check_table(self, context: RunContext, table: ParticleTable) -> None:
@@ -264,7 +273,7 @@ class OnlineClass3DJob(Class3DJob):
             for chunk in batches:
                 self.insert_subsets(sums, model, state, chunk, labels, n_subsets, frequencies, component_index, shells)
             tree.add_leaf(leaf, sums)
-        halves = self.tree_total(context, tree, n_subsets)
+        halves = self.tree_total(context, tree, n_subsets).halves
         return torch.stack([self.filtered_map(halves, g)[0] for g in range(n_subsets)])
 
     def insert_subsets(
@@ -376,16 +385,18 @@ class OnlineClass3DJob(Class3DJob):
         tree: SumTree[HalfSetStatistics] = SumTree()
         own = []
         for leaf, batches in self.leaves(context, rows, self.batch_size(frequencies.shape[0], self.n_classes)):
-            sums = HalfSetStatistics([self.empty_sums(self.n_classes) for _ in (1, 2)])
+            sums = self.spare_sums.pop().zero_() if self.spare_sums else HalfSetStatistics([self.empty_sums(self.n_classes) for _ in (1, 2)])
             for chunk in batches:
                 self.expect(sums, model, state, new_state, chunk, volumes_ft, log_prior, settings, frequencies, component_index, shells)
                 own.append(chunk)
-            tree.add_leaf(leaf, sums)
+            self.spare_sums += tree.add_leaf(leaf, sums)
         gain = rate * len(self.table) / len(rows)
         if self.running is None:
             self.running = [self.empty_sums(self.n_classes) for _ in (1, 2)]
-        for stats, minibatch in zip(self.running, self.tree_total(context, tree, self.n_classes)):
+        total = self.tree_total(context, tree, self.n_classes)
+        for stats, minibatch in zip(self.running, total.halves):
             stats.mul_(1 - rate).add_(minibatch.mul_(gain))
+        self.spare_sums.append(total)
         self.maximize(model)
         return np.concatenate(own or [rows[:0]])
 
@@ -418,12 +429,12 @@ class OnlineClass3DJob(Class3DJob):
         size = max(1, min(batch_size, -(-len(rows) // context.sum_tree_leaves)))
         return tree_leaves(rows, size, context.sum_tree_leaves, context.fabric.global_rank, context.fabric.world_size)
 
-    def tree_total(self, context: RunContext, tree: SumTree[HalfSetStatistics], n_classes: int) -> list[SufficientStatistics]:
+    def tree_total(self, context: RunContext, tree: SumTree[HalfSetStatistics], n_classes: int) -> HalfSetStatistics:
         """The half sets' sums of every rank's leaves of ``tree``, added in the tree's order."""
         sums = tree.total() or HalfSetStatistics([self.empty_sums(n_classes) for _ in (1, 2)])
         for tensor in sums.tensors():
             tensor.copy_(context.tree_sum(tensor, self.memory_budget / 8))
-        return sums.halves
+        return sums
 
     def maximize(self, model: ClassModel) -> None:
         """Class maps from the running half-set statistics, each filtered by its own FSC;
