@@ -536,5 +536,8 @@ def test_slice_tables_go_up_the_tree_where_the_budget_holds_them() -> None:
     assert Class3DJob.carried_caches([fine, None], 8, 16 * fine.slice_table_bytes - 4) == []
     assert Class3DJob.carried_caches([fine, unrefined], 8, 4 * both - 4) == [unrefined]
     assert Class3DJob.carried_caches([fine, unrefined], 1, 4 * both / 4) == [unrefined, fine]
+    # the FSC's two half sets: the first tree's root is held while the second is summed
+    assert Class3DJob.carried_caches([fine, unrefined], 4, 3 * both) == [unrefined, fine]
+    assert Class3DJob.carried_caches([fine, unrefined], 4, 3 * both, 2) == [unrefined]
     small = FinePassCache(volumes_ft, grid, frequencies, box, fine.slice_table_bytes / 2)
     assert Class3DJob.carried_caches([small], 1, 1e12) == []

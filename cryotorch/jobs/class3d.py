@@ -618,7 +618,7 @@ class Class3DJob:
         # as RELION: a reference that is not CTF-corrected is compared without CTFs in the first iteration
         use_ctf = self.ctf and (iteration > 1 or self.reference_ctf_corrected)
         offsets = SelfFitOffsets.zeros(state.class_number.shape[0], self.n_classes, passes is not None, device) if self.self_fit_applies(model, state, rows) else None
-        carried = self.carried_caches([fine, unrefined], context.sum_tree_leaves, budget)
+        carried = self.carried_caches([fine, unrefined], context.sum_tree_leaves, budget, len(row_sets))
         drained = [cache for cache in (fine, unrefined) if cache is not None and cache not in carried]
         trees: list[SumTree[TreeSums]] = [SumTree() for _ in row_sets]
         bar = progress_bar(sum(len(batches) for _, _, batches in steps), f"iteration {iteration}", enabled=context.is_main, unit="batch")
@@ -764,16 +764,17 @@ class Class3DJob:
         return SufficientStatistics.zeros(n_classes, self.padded, len(self.group_names), self.box // 2 + 1, self.device)
 
     @staticmethod
-    def carried_caches(caches: list[FinePassCache | None], n_leaves: int, memory_budget_bytes: float) -> list[FinePassCache]:
+    def carried_caches(caches: list[FinePassCache | None], n_leaves: int, memory_budget_bytes: float, n_trees: int = 1) -> list[FinePassCache]:
         """The fine-pass caches whose slice sums go up the summation tree as whole tables and
         are inserted once per iteration, rather than once per leaf: those whose sum table
-        holds every fine id, while the tables the tree may hold at once (one per level below
-        the root, and the last leaf's: log2(L) + 1) fit a quarter of ``memory_budget_bytes``,
+        holds every fine id, while the tables the trees may hold at once (one per level below
+        the root and the last leaf's, log2(L) + 1, and the roots of the ``n_trees`` − 1
+        trees summed before: the FSC's half sets) fit a quarter of ``memory_budget_bytes``,
         the smaller tables first. Where posteriors are broad, nearly every orientation is in
         every leaf, and inserting the leaves' sums one by one multiplies the insertions by
         up to L (``docs/benchmarks.md``). The choice depends on sizes only, so every process
         count makes it alike."""
-        copies = round(math.log2(n_leaves)) + 1
+        copies = round(math.log2(n_leaves)) + n_trees
         carried: list[FinePassCache] = []
         held = 0
         for cache in sorted((c for c in caches if c is not None and c.holds_every_sum), key=lambda c: c.slice_table_bytes):
