@@ -10,7 +10,8 @@ import torch
 from cryotorch.conventions import fft_frequencies_2d, rfft3_centered
 from cryotorch.data.particles import exact_tree_sum, tree_leaves
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.em.mstep import SufficientStatistics, SumTree, expected_signal_power, half_set_signal_power, map_signal_power, reconstruct_class, remove_rigid_differences, rigid_motion_basis
+from cryotorch.em.mstep import SufficientStatistics, expected_signal_power, half_set_signal_power, map_signal_power, reconstruct_class, remove_rigid_differences, rigid_motion_basis
+from cryotorch.em.sums import SumTree
 from cryotorch.ops.backprojection import insert_slices
 from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import radial_average, shell_index_3d

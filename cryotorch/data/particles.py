@@ -105,7 +105,7 @@ def tree_leaves(rows: np.ndarray, batch_size: int, n_leaves: int, rank: int, wor
     nor the leaves depend on the number of processes, so neither does a particle's E-step nor,
     where that number is a power of two dividing ``n_leaves`` (a power of two,
     ``compute.sum_tree_leaves``), the order in which the leaves' sums are added
-    (:class:`~cryotorch.em.mstep.SumTree`): with 8 leaves, 1, 2, 4 or 8 processes give the
+    (:class:`~cryotorch.em.sums.SumTree`): with 8 leaves, 1, 2, 4 or 8 processes give the
     same bits.
 
     Returns

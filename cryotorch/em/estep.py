@@ -28,6 +28,7 @@ import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.em.sampling import PoseGrid, local_search
+from cryotorch.em.sums import TensorSums
 from cryotorch.ops.healpix import pairwise_matrix_angle_deg, rowwise_matrix_angle_deg
 from cryotorch.ops.projection import extract_slices
 
@@ -493,7 +494,7 @@ class WeightedSlices:
 
 
 @dataclass
-class SliceTable:
+class SliceTable(TensorSums):
     """Posterior-weighted slice sums of every fine id ``(k·R + r)·F + f`` of a
     :class:`FinePassCache`'s grid, zero where none was added: sums of disjoint sets of
     particles that add like any other sums, to be inserted once
@@ -501,16 +502,6 @@ class SliceTable:
 
     data: torch.Tensor  # (K·R·F, M) complex Σ w·L
     weight: torch.Tensor  # (K·R·F, M) real Σ w·2Q
-
-    def add_(self, other: SliceTable) -> SliceTable:
-        """Add ``other``'s sums in place."""
-        self.data.add_(other.data)
-        self.weight.add_(other.weight)
-        return self
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Both sums, for summation across processes."""
-        return [self.data, self.weight]
 
 
 @dataclass

@@ -11,26 +11,26 @@ significant samples do to first order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
 
 import torch
 
 from cryotorch.conventions import rfft3_centered
 from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
+from cryotorch.em.sums import TensorSums
 from cryotorch.model.class_model import ClassModel
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
 from cryotorch.ops.fourier import radial_average, radius_grid_3d, shell_index_3d, shell_power_3d, shells_to_padded_grid
 from cryotorch.ops.fsc import fourier_shell_correlation
 from cryotorch.ops.projection import prepare_fourier_volumes
 
-__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "SumTree", "HalfSetMaps", "maximization", "reconstruct_class", "map_signal_power", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
+__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "map_signal_power", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
 
 #: ways to update the prior's signal power τ² (see :func:`maximization`)
 TAU2_ESTIMATES = ("map", "posterior", "fsc")
 
 
 @dataclass
-class SufficientStatistics:
+class SufficientStatistics(TensorSums):
     """Sums over particles that the M-step needs; every field is summed across ranks.
 
     Attributes
@@ -119,68 +119,6 @@ class SufficientStatistics:
         self.scale_power.index_add_(0, groups, (model.abs().double() ** 2).sum(-1))
         self.offset_power += (result.best_origin_px.double() ** 2).sum() * pixel_size_angstrom**2
         self.n_particles += result.best_class.shape[0]
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every sum, in a fixed order, for all-reduction."""
-        return [getattr(self, name) for name in self.__dataclass_fields__]
-
-    def mul_(self, factor: float) -> "SufficientStatistics":
-        """Scale every sum in place (decay of running statistics)."""
-        for tensor in self.tensors():
-            tensor.mul_(factor)
-        return self
-
-    def add_(self, other: "SufficientStatistics") -> "SufficientStatistics":
-        """Add ``other``'s sums in place."""
-        for tensor, addend in zip(self.tensors(), other.tensors()):
-            tensor.add_(addend)
-        return self
-
-
-_Sums = TypeVar("_Sums", bound="Summable")
-
-
-class Summable(Protocol):
-    """Sums that add another set of the same kind in place."""
-
-    def add_(self: _Sums, other: _Sums) -> _Sums: ...
-
-
-class SumTree(Generic[_Sums]):
-    """Sums of the leaves of a fixed binary tree, added in the tree's order: leaves 2j and
-    2j + 1 make node j of the level above, and so on up to the root.
-
-    Leaves arrive left to right (a rank's consecutive run of them,
-    :func:`~cryotorch.data.particles.tree_leaves`), and two siblings are added as soon as
-    both are there, so that at most one node per level is held. A run of 2^m leaves that
-    starts at a multiple of 2^m ends as one node, with the same bits whichever process
-    summed it.
-    """
-
-    def __init__(self) -> None:
-        self.nodes: list[tuple[int, int, _Sums]] = []  # (level, index, sums), left to right
-
-    def add_leaf(self, index: int, sums: _Sums) -> list[_Sums]:
-        """Take the sums of leaf ``index``; returns the sums this added into their left
-        siblings, whose memory the caller may reuse."""
-        level = 0
-        added = []
-        while index % 2 == 1 and self.nodes and self.nodes[-1][:2] == (level, index - 1):
-            added.append(sums)
-            sums = self.nodes.pop()[2].add_(sums)
-            level, index = level + 1, index // 2
-        self.nodes.append((level, index, sums))
-        return added
-
-    def total(self) -> _Sums | None:
-        """The nodes held, added left to right (None for none); the tree empties."""
-        nodes, self.nodes = self.nodes, []
-        if not nodes:
-            return None
-        total = nodes[0][2]
-        for _, _, sums in nodes[1:]:
-            total.add_(sums)
-        return total
 
 
 def reconstruct_class(

@@ -29,9 +29,9 @@ from cryotorch.conventions import (
     rfft2_centered,
     rfft3_centered,
 )
-from cryotorch.data.particles import ctf_parameters, half_set_labels, tree_leaves, uniform_geometry
+from cryotorch.data.particles import ctf_parameters, half_set_labels, uniform_geometry
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, SliceTable, WeightedSlices, class_ess, expectation, global_search_batches
-from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, SumTree, map_signal_power, maximization
+from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
 from cryotorch.em.sampling import (
     GridSamples,
     PoseGrid,
@@ -42,6 +42,7 @@ from cryotorch.em.sampling import (
     nearest_translation_px,
     perturb_pose_grid,
 )
+from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.errors import InputError
 from cryotorch.io import (
     ClassSummary,
@@ -96,20 +97,13 @@ _PHASES = ("set-up", "self-fit", "images", "coarse pass", "fine pass", "E-step",
 
 
 @dataclass
-class TreeSums:
+class TreeSums(TensorSums):
     """A node of an iteration's summation tree: the M-step's sums, and the slice tables of
     the fine-pass caches whose tables go up the tree whole (:meth:`Class3DJob.carried_caches`),
     to be inserted once, at its root."""
 
     stats: SufficientStatistics
     tables: list[SliceTable]
-
-    def add_(self, other: TreeSums) -> TreeSums:
-        """Add ``other``'s sums in place."""
-        self.stats.add_(other.stats)
-        for table, addend in zip(self.tables, other.tables):
-            table.add_(addend)
-        return self
 
     def tensors(self) -> list[torch.Tensor]:
         """Every sum, in a fixed order, for summation across processes."""
@@ -609,8 +603,7 @@ class Class3DJob:
         # with the FSC-based τ² each half set is summed on its own; each set's batches are
         # the leaves of a summation tree, whose order the processes keep between them
         row_sets = [rows] if self.half_sets is None else [rows[self.half_sets[rows] == h] for h in (1, 2)]
-        rank, world_size = context.fabric.global_rank, context.fabric.world_size
-        plans = [tree_leaves(part, batch_size, context.sum_tree_leaves, rank, world_size) for part in row_sets]
+        plans = [context.tree_leaves(part, batch_size) for part in row_sets]
         steps = [(number, leaf, batches) for number, plan in enumerate(plans) for leaf, batches in plan]
         own_rows = np.concatenate([batch for _, _, batches in steps for batch in batches] or [rows[:0]])
         new_state = ParticleState(**{k: v.clone() for k, v in vars(state).items()})
@@ -650,9 +643,7 @@ class Class3DJob:
         bar.close()
         sets = []
         for tree in trees:
-            sums = tree.total() or TreeSums(self.empty_sums(self.n_classes), [cache.empty_table() for cache in carried])
-            for tensor in sums.tensors():
-                tensor.copy_(context.tree_sum(tensor, budget / 8))
+            sums = context.tree_sum(tree.total() or TreeSums(self.empty_sums(self.n_classes), [cache.empty_table() for cache in carried]), budget / 8)
             timer.lap("all-reduce")
             for cache, table in zip(carried, sums.tables):
                 sums.stats.insert(self.expand_symmetry(cache.table_slices(table)), frequencies, box, budget / 4)

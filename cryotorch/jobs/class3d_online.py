@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
-from cryotorch.data.particles import half_set_labels, tree_leaves
+from cryotorch.data.particles import half_set_labels
 from cryotorch.em.estep import EStepSettings, PreparedBatch, WeightedSlices, expectation
-from cryotorch.em.mstep import SufficientStatistics, SumTree, half_set_reconstruction, update_noise_and_weights
+from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, update_noise_and_weights
+from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable, write_particles
 from cryotorch.jobs.class3d import Class3DJob, ParticleState
@@ -63,27 +64,15 @@ class FourierCroppedReader:
 
 
 @dataclass
-class HalfSetStatistics:
+class HalfSetStatistics(TensorSums):
     """The :class:`~cryotorch.em.mstep.SufficientStatistics` of the two half sets, a node of
     a summation tree."""
 
     halves: list[SufficientStatistics]
 
-    def add_(self, other: HalfSetStatistics) -> HalfSetStatistics:
-        """Add ``other``'s sums in place."""
-        for stats, addend in zip(self.halves, other.halves):
-            stats.add_(addend)
-        return self
-
     def tensors(self) -> list[torch.Tensor]:
         """Every sum, in a fixed order, for summation across processes."""
         return [tensor for stats in self.halves for tensor in stats.tensors()]
-
-    def zero_(self) -> HalfSetStatistics:
-        """Set every sum to zero in place."""
-        for tensor in self.tensors():
-            tensor.zero_()
-        return self
 
 
 class OnlineClass3DJob(Class3DJob):
@@ -427,14 +416,11 @@ class OnlineClass3DJob(Class3DJob):
         shared by up to ``compute.sum_tree_leaves`` processes
         (:func:`~cryotorch.data.particles.tree_leaves`)."""
         size = max(1, min(batch_size, -(-len(rows) // context.sum_tree_leaves)))
-        return tree_leaves(rows, size, context.sum_tree_leaves, context.fabric.global_rank, context.fabric.world_size)
+        return context.tree_leaves(rows, size)
 
     def tree_total(self, context: RunContext, tree: SumTree[HalfSetStatistics], n_classes: int) -> HalfSetStatistics:
         """The half sets' sums of every rank's leaves of ``tree``, added in the tree's order."""
-        sums = tree.total() or HalfSetStatistics([self.empty_sums(n_classes) for _ in (1, 2)])
-        for tensor in sums.tensors():
-            tensor.copy_(context.tree_sum(tensor, self.memory_budget / 8))
-        return sums
+        return context.tree_sum(tree.total() or HalfSetStatistics([self.empty_sums(n_classes) for _ in (1, 2)]), self.memory_budget / 8)
 
     def maximize(self, model: ClassModel) -> None:
         """Class maps from the running half-set statistics, each filtered by its own FSC;

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning_fabric import Fabric
 from torch.utils.tensorboard import SummaryWriter
 
-from cryotorch.data.particles import exact_tree_sum
+from cryotorch.data.particles import exact_tree_sum, tree_leaves
+from cryotorch.em.sums import TensorSums
 
 __all__ = ["RunContext"]
 
@@ -93,7 +95,7 @@ class RunContext:
     def pairwise_sum(self, tensor: torch.Tensor, chunk_bytes: float) -> torch.Tensor:
         """Sum of ``tensor`` over a power-of-two number of processes, added pairwise in rank
         order, ``((r0 + r1) + (r2 + r3)) + …``, so that ranks holding consecutive nodes of a
-        :class:`~cryotorch.em.mstep.SumTree` end with the bits of its root. The ranks' values
+        :class:`~cryotorch.em.sums.SumTree` end with the bits of its root. The ranks' values
         are gathered in chunks of at most ``chunk_bytes`` per rank."""
         world_size = self.fabric.world_size
         if world_size == 1:
@@ -108,13 +110,21 @@ class RunContext:
             total.view(-1)[start : start + size] = parts[0]
         return torch.view_as_complex(total) if tensor.is_complex() else total
 
-    def tree_sum(self, tensor: torch.Tensor, chunk_bytes: float) -> torch.Tensor:
-        """Sum over processes of each rank's node of a :class:`~cryotorch.em.mstep.SumTree`
-        over :func:`~cryotorch.data.particles.tree_leaves`: in the tree's order where the
+    def tree_leaves(self, rows: np.ndarray, batch_size: int) -> list[tuple[int, list[np.ndarray]]]:
+        """This rank's leaves of the run's summation tree over the batches of ``rows`` (every
+        rank's): :func:`~cryotorch.data.particles.tree_leaves` with ``sum_tree_leaves``."""
+        return tree_leaves(rows, batch_size, self.sum_tree_leaves, self.fabric.global_rank, self.fabric.world_size)
+
+    def tree_sum(self, sums: TensorSums, chunk_bytes: float) -> TensorSums:
+        """Every sum of this rank's node of a :class:`~cryotorch.em.sums.SumTree` over
+        :meth:`tree_leaves`, summed over processes in place: in the tree's order where the
         number of processes allows it (:meth:`pairwise_sum`), else all-reduced."""
-        if exact_tree_sum(self.sum_tree_leaves, self.fabric.world_size):
-            return self.pairwise_sum(tensor, chunk_bytes)
-        return self.all_reduce_sum(tensor)
+        exact = exact_tree_sum(self.sum_tree_leaves, self.fabric.world_size)
+        for tensor in sums.tensors():
+            total = self.pairwise_sum(tensor, chunk_bytes) if exact else self.all_reduce_sum(tensor)
+            if total is not tensor:
+                tensor.copy_(total)
+        return sums
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over all processes (identity in a single process)."""

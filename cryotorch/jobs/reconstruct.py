@@ -19,10 +19,11 @@ import pandas as pd
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d, image_shift_from_origin, rfft2_centered, rfft3_centered
-from cryotorch.data.particles import ParticleBatch, batch_size_for_budget, half_set_labels, iterate_batches, tree_leaves, uniform_geometry
+from cryotorch.data.particles import ParticleBatch, batch_size_for_budget, half_set_labels, iterate_batches, uniform_geometry
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, validate_particle_images, write_mrc, write_star
-from cryotorch.em.mstep import SumTree, half_set_reconstruction
+from cryotorch.em.mstep import half_set_reconstruction
+from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.jobs.context import RunContext
 from cryotorch.monitor import log_central_slices, log_curve, log_scalars, progress_bar, save_fsc_plot
 from cryotorch.ops.backprojection import insert_slices
@@ -39,7 +40,7 @@ __all__ = ["ReconstructJob"]
 
 
 @dataclass
-class HalfSetSums:
+class HalfSetSums(TensorSums):
     """Back-projected ``(2, P, P, P // 2 + 1)`` complex data and real weights of the two half sets."""
 
     data: torch.Tensor
@@ -50,12 +51,6 @@ class HalfSetSums:
         """Empty sums."""
         shape = (2, padded, padded, padded // 2 + 1)
         return cls(torch.zeros(shape, dtype=torch.complex64, device=device), torch.zeros(shape, dtype=torch.float32, device=device))
-
-    def add_(self, other: HalfSetSums) -> HalfSetSums:
-        """Add ``other``'s sums in place."""
-        self.data.add_(other.data)
-        self.weight.add_(other.weight)
-        return self
 
 
 class ReconstructJob:
@@ -98,11 +93,9 @@ class ReconstructJob:
         validate_particle_images(table)
         box, pixel = uniform_geometry(table, str(context.particles))
         halves = half_set_labels(table, context.seed)
-        sums = self.back_project(context, table, halves, box, pixel)
-        data = context.tree_sum(sums.data, context.memory_budget_bytes / 8)
-        weight = context.tree_sum(sums.weight, context.memory_budget_bytes / 8)
+        sums = context.tree_sum(self.back_project(context, table, halves, box, pixel), context.memory_budget_bytes / 8)
         if context.is_main:
-            self.reconstruct_and_write(context, data, weight, box, pixel)
+            self.reconstruct_and_write(context, sums.data, sums.weight, box, pixel)
         context.fabric.barrier()
 
     def back_project(
@@ -117,7 +110,7 @@ class ReconstructJob:
         frequencies = frequencies[inside]
         symmetry = symmetry_matrices(context.symmetry, device=device, dtype=torch.float32)  # (G, 3, 3)
         batch_size = batch_size_for_budget(box, context.memory_budget_bytes / max(1, symmetry.shape[0]))
-        leaves = tree_leaves(np.arange(len(table)), batch_size, context.sum_tree_leaves, context.fabric.global_rank, context.fabric.world_size)
+        leaves = context.tree_leaves(np.arange(len(table)), batch_size)
         reader = ParticleImageReader(table, preload=context.preload)
         tree: SumTree[HalfSetSums] = SumTree()
         bar = progress_bar(sum(len(batches) for _, batches in leaves), "back-project", enabled=context.is_main, unit="batch")
