@@ -241,6 +241,16 @@ def test_classification_with_local_alignment_finds_classes_and_poses(two_class_d
     # the finer local searches cut the median angular error by a quarter (9.5° → 6.9°)
     assert float(errors.median()) < float(coarse_errors.median()) - 2.0
     assert float(np.median(np.linalg.norm(truth.origin_angstrom - result.origin_angstrom, axis=1))) < PIXEL
+    # the fine translations keep to a lattice through each particle's first origin (1 px steps
+    # in the global iterations, 0.5 px in the final ones), so that most particles keep their
+    # origin once aligned; children centred on their coarse translation (±0.25 of its step)
+    # moved every particle by a quarter of that step along x and y in every iteration
+    start = read_particles(two_class_data["particles"]).origin_angstrom
+    for iteration, step_px in ((8, 1.0), (10, 0.5)):
+        moved_steps = (read_particles(out / f"run_it{iteration:03d}_data.star").origin_angstrom - start) / (step_px * PIXEL)
+        assert np.abs(moved_steps - np.round(moved_steps)).max() < 1e-3
+    before = read_particles(out / "run_it009_data.star").origin_angstrom
+    assert np.mean(np.all(np.abs(result.origin_angstrom - before) < 1e-3, axis=1)) > 0.5
     # the log times every iteration's phases, the E-step's two passes among them
     timings = re.findall(r"iteration (\d+) took ([\d.]+) s: (.*)", (out / "train.log").read_text())
     assert [int(iteration) for iteration, _, _ in timings] == list(range(1, 11))
@@ -268,14 +278,16 @@ def test_a_local_search_on_a_fine_grid(two_class_data: dict[str, Path], tmp_path
 
 
 def test_alignment_without_a_translation_search(two_class_data: dict[str, Path], tmp_path: Path) -> None:
-    # offsets of range 0: only the fine pass's half-step children around each origin (the
+    # offsets of range 0: only the fine pass's children of the origin itself, it and the points
+    # 1 px along +x, +y and both in the first iteration, along −x and −y in the second (the
     # offset prior's width starts at half a pixel, as the M-step keeps it; 0 gave no samples)
     out = tmp_path / "no_shifts"
     classify(two_class_data, out, "job.n_iterations=2", "sampling.angular_step_deg=15", "sampling.offset_range_px=0")
     sampling = read_star(out / "run_it002_sampling.star")["sampling_general"]
     assert float(sampling["rlnOffsetRange"]) == 0.0
     start, result = (read_particles(path).origin_angstrom for path in (two_class_data["particles"], out / "run_it002_data.star"))
-    assert np.abs(result - start).max() <= 2 * 0.5 * PIXEL + 1e-3
+    moved = (result - start) / PIXEL
+    assert np.abs(moved).max() <= 1 + 1e-3 and np.abs(moved - np.round(moved)).max() < 1e-3
 
 
 def test_local_alignment_with_class_intensity_scales(two_class_data: dict[str, Path], tmp_path: Path) -> None:
@@ -330,16 +342,17 @@ def test_a_global_search_within_a_tiny_memory_budget_gives_the_same_result(two_c
 
 def test_broad_particles_skip_oversampling_in_a_run(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     # first iteration from identical references: broad posteriors. Oversampled, a best origin
-    # is a coarse offset (a multiple of 2 px from the input origin) ± 0.5 px; a particle with
-    # more significant coarse samples than the limit keeps the coarse offset itself
+    # is a coarse offset (a multiple of 2 px from the input origin) or one of its children 1 px
+    # along +x, +y or both; a particle with more significant coarse samples than the limit
+    # keeps a coarse offset
     def offsets_on_coarse_grid(limit: str) -> np.ndarray:
         out = tmp_path / limit
         classify(two_class_data, out, "job.n_iterations=1", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", f"sampling.max_significant_oversampled={limit}")
         moved = (read_particles(out / "run_it001_data.star").origin_angstrom - read_particles(two_class_data["particles"]).origin_angstrom) / PIXEL
         return (np.abs(moved / 2 - np.round(moved / 2)) < 1e-3).all(axis=1)
 
-    assert not offsets_on_coarse_grid("null").any()
-    assert offsets_on_coarse_grid("1").mean() > 0.5
+    oversampled, unrefined = offsets_on_coarse_grid("null"), offsets_on_coarse_grid("1")
+    assert not oversampled.all() and unrefined.mean() > max(0.95, oversampled.mean())
 
 
 def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path], tmp_path: Path) -> None:
@@ -492,14 +505,16 @@ def test_classification_with_symmetry_and_local_searches(tmp_path: Path) -> None
     # two C4-symmetric maps: with model.symmetry=C4 the grid covers a quarter of the
     # orientations, every slice is inserted with its mates, and local searches cross the
     # border of the asymmetric unit; classes, poses (up to the symmetry) and C4 maps come back
+    # (from the mean of the two maps the classes separate within 3 to 6 global iterations,
+    # depending on the random split: 0.985–0.995 after these 8 with seeds 0–4)
     from cryotorch.ops.symmetry import symmetry_matrices
 
     data = simulate_two_classes(tmp_path, [c4_average(blob_phantom(BOX, PIXEL, seed=seed)) for seed in (21, 22)], 200)
     out = tmp_path / "c4"
-    classify(data, out, "model.symmetry=C4", "job.n_iterations=6", "sampling.angular_step_deg=15", "sampling.offset_range_px=2",
+    classify(data, out, "model.symmetry=C4", "job.n_iterations=8", "sampling.angular_step_deg=15", "sampling.offset_range_px=2",
              "sampling.final_local_iterations=2", "sampling.final_angular_step_deg=7.5", "sampling.final_local_search_deg=15")
     truth = read_particles(data["truth"])
-    result = read_particles(out / "run_it006_data.star")
+    result = read_particles(out / "run_it008_data.star")
     assert accuracy(truth.class_number, result.class_number) >= 0.9
     c4 = symmetry_matrices("C4")
     errors = rotation_angle_deg(torch.as_tensor(truth.euler_deg), torch.as_tensor(result.euler_deg), c4)
@@ -508,7 +523,7 @@ def test_classification_with_symmetry_and_local_searches(tmp_path: Path) -> None
         # the first row and column of an even box have no mate under a quarter turn; the rest
         # is C4 to 1e-3 (2e-4 here, from the common frame's discretised turn about z; 3e-7
         # without it; C1 runs of the same data: 1e-2)
-        volume = torch.as_tensor(np.array(read_mrc(out / f"run_it006_class{k:03d}.mrc").data))
+        volume = torch.as_tensor(np.array(read_mrc(out / f"run_it008_class{k:03d}.mrc").data))
         inner = volume.clone()
         inner[:, 0, :] = 0
         inner[:, :, 0] = 0

@@ -107,7 +107,20 @@ def test_pose_grid_counts_and_oversampling() -> None:
     torch.testing.assert_close(unrefined.children_matrices(every)[:, 0], grid.coarse_matrices(every), rtol=0, atol=0)
     assert unrefined is grid.without_oversampling() and unrefined.without_oversampling() is unrefined
     assert grid.coarse_shifts_px.shape[0] == translation_grid(2.0, 1.0).shape[0] == 13
-    torch.testing.assert_close(grid.fine_shifts_px.mean(dim=1), grid.coarse_shifts_px)
+    # each coarse translation's children: itself and the points half its step along +x, +y
+    # and both; mirrored, along −x and −y: the same lattice of fine translations either way,
+    # which holds the centre, and the mirrored grid keeps what the grid computed
+    from cryotorch.em.sampling import mirror_translation_children
+
+    offsets = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, 0.5], [0.5, 0.5]])
+    torch.testing.assert_close(grid.fine_shifts_px - grid.coarse_shifts_px[:, None], offsets.expand(13, 4, 2))
+    mirrored = mirror_translation_children(grid)
+    torch.testing.assert_close(mirrored.fine_shifts_px - grid.coarse_shifts_px[:, None], -offsets.expand(13, 4, 2))
+    torch.testing.assert_close(mirrored.coarse_shifts_px, grid.coarse_shifts_px)
+    for each in (grid, mirrored):
+        lattice = each.fine_shifts_px.reshape(-1, 2) / 0.5
+        assert torch.equal(lattice, lattice.round()) and bool((lattice == 0).all(dim=1).any())
+    assert mirrored.without_oversampling() is unrefined and mirrored.child_spread_deg is grid.child_spread_deg
 
 
 def _alignment_problem(seed: int, healpix_order: int, n_particles: int, device: str = "cpu") -> tuple:
@@ -417,10 +430,11 @@ def test_nearest_orientations_and_translations_of_a_perturbed_grid() -> None:
             # a sample is its own nearest orientation
             own = children.reshape(-1, 3, 3)[[5, children.shape[0] * children.shape[1] - 3]]
             torch.testing.assert_close(samples.nearest(own), own)
-    # fine translations at step 1 px are the coarse ones (step 2 px) ± 0.5 px, here all moved
-    # by -0.2 · 2 px: the nearest to the centre lies at 0.5 - 0.4 along x and along y
-    torch.testing.assert_close(nearest_translation_px(grid).abs(), torch.tensor([0.5, 0.5]))
-    torch.testing.assert_close(nearest_translation_px(current), torch.tensor([0.1, 0.1]))
+    # fine translations at step 1 px are the coarse ones (step 2 px) and those 1 px further,
+    # a lattice through the centre; here all moved by -0.2 · 2 px: the nearest to the centre
+    # lies at -0.4 along x and along y
+    assert nearest_translation_px(grid).abs().max() == 0
+    torch.testing.assert_close(nearest_translation_px(current), torch.tensor([-0.4, -0.4]))
     assert nearest_translation_px(build_pose_grid(1, 3.0, 1.0, "C1", oversampling=0)).abs().max() == 0
 
 
@@ -778,7 +792,10 @@ def test_own_samples_score_as_the_union_of_a_sub_batch(scale_sigma: float, local
     )
     for name in EStepResult.__dataclass_fields__:
         if name != "slices":
-            torch.testing.assert_close(getattr(own, name), getattr(union, name), rtol=1e-4, atol=1e-4, msg=name)
+            # the fewest samples holding the significant mass: the two sums of the posteriors
+            # round differently, which can move a sample at the cut across it
+            tolerance = 1 if name == "n_significant" else 1e-4
+            torch.testing.assert_close(getattr(own, name), getattr(union, name), rtol=1e-4, atol=tolerance, msg=name)
     assert torch.equal(own_sums[0], union_sums[0]) and own_sums[0].numel() > 5
     for own_sum, union_sum in zip(own_sums[1:], union_sums[1:]):
         torch.testing.assert_close(own_sum, union_sum, rtol=1e-4, atol=1e-5 * float(union_sum.abs().max()))

@@ -21,6 +21,7 @@ __all__ = [
     "build_pose_grid",
     "grid_perturbation",
     "perturb_pose_grid",
+    "mirror_translation_children",
     "GridSamples",
     "nearest_translation_px",
     "translation_grid",
@@ -318,11 +319,22 @@ def build_pose_grid(
     The coarse grid is ``relion_refine``'s ``--healpix_order`` and ``--offset_step`` (RELION's
     GUI passes its angular and offset steps coarsened by the oversampling); adaptive oversampling by
     ``oversampling`` orders splits each orientation into ``4^os · 2^os`` and each translation
-    into ``(2^os)²`` finer samples, centred on the coarse one.
+    into ``(2^os)²`` finer samples: the coarse one and those a fine step, two, ... further
+    along +x and +y (:func:`mirror_translation_children` turns them to −x and −y).
+
+    RELION centres a coarse translation's children on it (± a quarter of a 2 px step), and
+    searches around the particle's origin rounded to whole pixels, so that the fine
+    translations keep to the half-pixel points. Around the origin itself, centred children
+    would miss it, and move every particle by half a fine step along x and y in every
+    iteration; rounding the origin keeps the grid off the particle's position in the coarse
+    pass and in the broad particles' unoversampled fine pass (on the benchmark set 2–2.5
+    points of class accuracy, ``docs/benchmarks.md``). Children from their coarse translation
+    make both passes score the origin itself, and keep the fine translations of every
+    iteration on the lattice of fine steps through the particle's first origin.
     """
     coarse_shifts = translation_grid(offset_range_px, offset_step_px, device)
     n_sub = 2**oversampling
-    sub = (torch.arange(n_sub, dtype=torch.float32, device=device) + 0.5) / n_sub - 0.5  # centred sub-steps
+    sub = torch.arange(n_sub, dtype=torch.float32, device=device) / n_sub  # from the coarse one
     sub_y, sub_x = torch.meshgrid(sub, sub, indexing="ij")
     sub_offsets = torch.stack([sub_x.flatten(), sub_y.flatten()], dim=-1) * offset_step_px  # (S, 2)
     return PoseGrid(
@@ -347,6 +359,24 @@ def grid_perturbation(seed: int, iteration: int, factor: float) -> float:
         value += float(np.random.default_rng([seed, step]).uniform(0.5 * factor, factor))
         value = (value + factor) % (2 * factor) - factor
     return value
+
+
+def mirror_translation_children(grid: PoseGrid) -> PoseGrid:
+    """The grid with each coarse translation's children turned about it, from ``c + d`` to
+    ``c − d``: the same lattice of fine translations, reached from the other side.
+
+    Children on one side of their coarse translation let a particle whose coarse posterior
+    holds one translation move by a fine step only that way; alternating the side every
+    iteration lets it move either way (:meth:`Class3DJob.pose_grid
+    <cryotorch.jobs.class3d.Class3DJob.pose_grid>`).
+    """
+    coarse = grid.coarse_shifts_px[:, None, :]
+    mirrored = replace(grid, fine_shifts_px=2 * coarse - grid.fine_shifts_px)
+    # what the grid has computed so far of its orientations (and its unoversampled grid, whose
+    # only children are the coarse samples) holds for the mirrored one
+    fields = set(grid.__dataclass_fields__)
+    vars(mirrored).update({name: value for name, value in vars(grid).items() if name not in fields})
+    return mirrored
 
 
 def perturb_pose_grid(grid: PoseGrid, perturbation: float, coarse_offset_step_px: float) -> PoseGrid:
@@ -439,9 +469,9 @@ class GridSamples:
 def nearest_translation_px(grid: PoseGrid) -> torch.Tensor:
     """``(2,)`` the x and the y of the grid's fine translations nearest to its centre (px).
 
-    The grid is centred on each particle's position, which its fine translations (the
-    children of the coarse ones) miss: by half the fine step with one order of
-    oversampling, and by the perturbation's remainder on a perturbed grid.
+    The grid is centred on each particle's position, which its fine translations hold (the
+    coarse ones are among their own children, :func:`build_pose_grid`), but on a perturbed
+    grid, which misses it by the perturbation's remainder.
     """
     shifts = grid.fine_shifts_px.reshape(-1, 2)
     return shifts.gather(0, shifts.abs().argmin(0, keepdim=True))[0]

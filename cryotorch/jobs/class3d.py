@@ -39,6 +39,7 @@ from cryotorch.em.sampling import (
     coarse_radius_shells,
     grid_perturbation,
     local_search_size,
+    mirror_translation_children,
     nearest_translation_px,
     perturb_pose_grid,
 )
@@ -704,14 +705,18 @@ class Class3DJob:
     def pose_grid(self, context: RunContext, iteration: int) -> PoseGrid:
         """The coarse/fine pose grid of the iteration's sampling settings (each built once per
         run), moved by this iteration's random perturbation (``sampling.perturb``, RELION's
-        ``--perturb``)."""
+        ``--perturb``), with its translations' children on the side of this iteration
+        (:func:`~cryotorch.em.sampling.mirror_translation_children`)."""
         sampling = self.sampling_at(context, iteration)
         order, coarse_step = self.coarse_sampling(sampling)
         key = order, float(sampling["offset_range_px"]), coarse_step
         if key not in self._pose_grids:
             self._pose_grids[key] = build_pose_grid(order, key[1], coarse_step, context.symmetry, int(sampling["oversampling"]), self.device)
+        grid = self._pose_grids[key]
+        # the translations' children along +x and +y in odd iterations, along −x and −y in even ones
+        grid = grid if iteration % 2 else mirror_translation_children(grid)
         perturbation = grid_perturbation(context.seed, iteration, float(sampling["perturb"]))
-        return perturb_pose_grid(self._pose_grids[key], perturbation, coarse_step)
+        return perturb_pose_grid(grid, perturbation, coarse_step)
 
     @staticmethod
     def coarse_sampling(sampling: dict[str, Any]) -> tuple[int, float]:
@@ -844,8 +849,8 @@ class Class3DJob:
         sample nearest to its last pose (:class:`PassSamples`): the share is taken between the
         last orientation and the pass's nearest orientation (on a perturbed grid none lies at
         the last pose, and the coarse pass's lie up to half its step away), each component's
-        self-fit turns by the phase of the shift Δs to the pass's nearest translation (the
-        grid, centred on the particle's position, misses it by half a fine step),
+        self-fit turns by the phase of the shift Δs to the pass's nearest translation (none:
+        both passes score the particle's position, but on a perturbed grid),
         ``cos(2π f·Δs / N)``, and only the pass's components count. The coarse pass scores a
         few low-resolution components, so its self-fit is a small part of the fine pass's; a
         coarse pass discounted by the fine pass's would drop the last class's samples before
