@@ -327,7 +327,7 @@ def build_pose_grid(
     translations keep to the half-pixel points. Around the origin itself, centred children
     would miss it, and move every particle by half a fine step along x and y in every
     iteration; rounding the origin keeps the grid off the particle's position in the coarse
-    pass and in the broad particles' unoversampled fine pass (on the benchmark set 2–2.5
+    pass and in the broad particles' unoversampled fine pass (on the benchmark set 1.5–2.5
     points of class accuracy, ``docs/benchmarks.md``). Children from their coarse translation
     make both passes score the origin itself, and keep the fine translations of every
     iteration on the lattice of fine steps through the particle's first origin.
