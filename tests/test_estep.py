@@ -502,7 +502,13 @@ def test_significant_samples_are_the_smallest_set_holding_the_mass(cap: int) -> 
     logits = torch.randn(b, n_shifts, n_pairs, generator=generator) * torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0, 100.0])[:, None, None]
     logits[0, :, :30] = -math.inf  # unsearched samples, as in a local search
     posterior = torch.softmax(logits.reshape(b, -1).double(), dim=-1)
-    top, order, log_normaliser = _top_logits(logits.clone(), cap)
+    given = logits.clone()
+    top, order, log_normaliser = _top_logits(given, cap)
+    assert torch.equal(given, logits)
+    # the normaliser: for the peaked rows (cap < 40 pairs) from the candidate pairs alone, for
+    # the broad ones from the whole row
+    reference_normaliser = torch.logsumexp(logits.double().reshape(b, -1), dim=-1, keepdim=True)
+    torch.testing.assert_close(log_normaliser.double(), reference_normaliser, rtol=1e-6, atol=1e-5)
     keep = _significant(top, log_normaliser, 0.999)
     # reference: a full sort of the posterior, and the fewest samples holding 99.9 % of it
     reference = torch.argsort(posterior, dim=-1, descending=True)[:, : min(cap, n_shifts * n_pairs)]

@@ -920,7 +920,7 @@ def _top_logits(logits: torch.Tensor, cap: int, floor: torch.Tensor | None = Non
 
     With ``floor`` ``(B, 1)``, the ``cap``-th largest value of each row found elsewhere, only
     the samples above it are sure to be returned (fewer may be, and others with them).
-    ``logits`` is consumed: it is overwritten while the normaliser is summed.
+    ``logits`` is left as it is.
     """
     b, t, p = logits.shape
     # the C largest samples lie in the C pairs whose maxima over translations are largest: a
@@ -931,17 +931,25 @@ def _top_logits(logits: torch.Tensor, cap: int, floor: torch.Tensor | None = Non
     n_pairs = min(cap, p)
     if floor is not None:
         n_pairs = max(1, min(n_pairs, int((maxima > floor).sum(-1).max())))
-    pairs = torch.topk(maxima, n_pairs, dim=-1).indices  # (B, Pc)
+    pair_maxima, pairs = torch.topk(maxima, n_pairs, dim=-1)  # (B, Pc)
     candidates = logits.gather(2, pairs[:, None, :].expand(b, t, -1)).reshape(b, -1)  # (B, T·Pc)
     top, position = torch.topk(candidates, min(cap, candidates.shape[1]), dim=-1)
     order = position // pairs.shape[1] * p + pairs.gather(1, position % pairs.shape[1])
-    # log-sum-exp from the row maxima that top-k already found, in place: no copy. Terms below
-    # e^-80 change the sum by less than float precision; clamped, exp avoids its slow path for
-    # very negative arguments (several times slower on CPU)
-    flat = logits.reshape(b, -1)
+    # the softmax normaliser Σ e^(x − peak) from the row maxima that top-k found. Its terms
+    # below e^-80 change the sum by less than float precision; clamped, exp avoids its slow
+    # path for very negative arguments (several times slower on CPU). Nor do the pairs left
+    # out of the candidates where their maxima lie at least `bound` below the peak: each of
+    # their fewer than T·P terms is then below 2^-24/(T·P), together below half a unit in
+    # the last place of the sum (≥ 1). There the candidates' terms are the sum; elsewhere
+    # (broad posteriors) the whole row's are
     peak = top[:, :1]
-    log_normaliser = peak + flat.sub_(peak).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True).log_()
-    return top, order, torch.where(torch.isfinite(peak), log_normaliser, -math.inf)
+    bound = math.log(t * p) + 24 * math.log(2)
+    total = candidates.sub_(peak).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True)
+    broad = (pair_maxima[:, -1:] > peak - bound).nonzero()[:, 0] if n_pairs < p else pairs.new_empty(0)
+    if broad.numel():
+        rows = logits.reshape(b, -1)[broad]
+        total[broad] = rows.sub_(peak[broad]).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True)
+    return top, order, torch.where(torch.isfinite(peak), peak + total.log(), -math.inf)
 
 
 def _significant(top: torch.Tensor, log_normaliser: torch.Tensor, fraction: float) -> torch.Tensor:
