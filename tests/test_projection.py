@@ -97,8 +97,8 @@ def test_trilinear_table_is_the_corners_side_by_side(reach: float) -> None:
     # all samples inside the grid (columns written in place) or some beyond it (masked corners)
     padded = 16
     generator = torch.Generator().manual_seed(8)
-    coordinates = (torch.rand(500, 3, generator=generator) * 2 - 1) * reach * torch.tensor([padded / 2, padded / 2, padded / 2])
-    coordinates[:, 0] = coordinates[:, 0].abs()
+    coordinates = (torch.rand(3, 500, generator=generator) * 2 - 1) * reach * (padded / 2)
+    coordinates[0] = coordinates[0].abs()
     index, weight = trilinear_table(coordinates, padded, padded // 2 + 1)
     corners = list(trilinear_corners(coordinates, padded, padded // 2 + 1))
     assert index.shape == weight.shape == (500, 8)

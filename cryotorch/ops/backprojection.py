@@ -9,10 +9,11 @@ weights plus a regulariser and undoes the gridding attenuation in real space.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cryotorch.conventions import irfft3_centered
 from cryotorch.ops.fourier import radius_grid_3d
-from cryotorch.ops.projection import CORNERS, gridding_kernel_3d, rotation_chunk_size, slice_coordinates, trilinear_corners
+from cryotorch.ops.projection import CORNERS, flat_index_dtype, gridding_kernel_3d, rotation_chunk_size, slice_coordinates, trilinear_corners, trilinear_table
 
 __all__ = ["insert_slices", "self_overlap_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
 
@@ -64,10 +65,10 @@ def self_overlap_sum(
     if extracted_rotations is not None:
         # in the inserted sample's half space (folded with it, not on its own)
         extracted, extracted_conjugate = slice_coordinates(extracted_rotations, frequencies, box_size, padded_size)
-        extracted = torch.where((conjugate != extracted_conjugate)[..., None], -extracted, extracted)
-    coordinates, extracted = coordinates.reshape(-1, 3), extracted.reshape(-1, 3)
+        extracted = torch.where(conjugate != extracted_conjugate, -extracted, extracted)
+    coordinates, extracted = coordinates.reshape(3, -1), extracted.reshape(3, -1)  # (3, S) planes
     lower = torch.floor(coordinates)
-    fraction = coordinates - lower  # (S, 3)
+    fraction = coordinates - lower
     extracted_lower = torch.floor(extracted)
     extracted_fraction = extracted - extracted_lower
 
@@ -78,16 +79,20 @@ def self_overlap_sum(
     below, level, above = (kernel[(at + step).clamp_(0, 4)] for step in (-1, 0, 1))
     rest = 1 - extracted_fraction
     reach = [rest * level + extracted_fraction * below, rest * above + extracted_fraction * level]
-    # per side and axis, contiguous: products of the strided columns of (S, 3) arrays are slower
-    sides = [[column.contiguous() for column in side.unbind(-1)] for side in ((1 - fraction) * reach[0], fraction * reach[1])]
-    flat = grid.reshape(-1)
+    # per side and axis
+    sides = [side.unbind(0) for side in ((1 - fraction) * reach[0], fraction * reach[1])]
+    n_grids = 1 if grid_index is None else grid.shape[0]
     # each sample's grid starts this far into the flat values
-    start = None if grid_index is None else (grid_index * (padded_size * padded_size * half_size)).repeat_interleave(frequencies.shape[0])
-    total = torch.zeros(coordinates.shape[0], dtype=grid.dtype, device=grid.device)
-    corners = CORNERS.tolist()
-    for (flat_index, trilinear), (dx, dy, dz) in zip(trilinear_corners(coordinates, padded_size, half_size), corners):
-        weight = sides[dx][0] * sides[dy][1] * sides[dz][2]
-        total += torch.where(trilinear > 0, weight, 0).to(grid.dtype) * flat[flat_index if start is None else flat_index + start]
+    start = None if grid_index is None else (grid_index.to(flat_index_dtype(padded_size, half_size, n_grids)) * (padded_size * padded_size * half_size)).repeat_interleave(frequencies.shape[0])
+    index, trilinear = trilinear_table(coordinates, padded_size, half_size)
+    weight = torch.empty_like(trilinear)
+    for column, (dx, dy, dz) in enumerate(CORNERS.tolist()):
+        torch.mul(sides[dx][0], sides[dy][1], out=weight[:, column]).mul_(sides[dz][2])
+    weight.masked_fill_(trilinear <= 0, 0)
+    if start is not None:
+        index = index.to(start.dtype).add_(start[:, None])
+    # Σ over the 8 corners of weight · grid value, as an embedding bag over the flat grid values
+    total = F.embedding_bag(index, grid.reshape(-1, 1), per_sample_weights=weight.to(grid.dtype), mode="sum")
     return total.reshape(rotations.shape[0], -1)
 
 
@@ -136,7 +141,7 @@ def insert_slices(
         real = values.real.to(data_real.dtype)
         imag = torch.where(conjugate.reshape(-1), -values.imag, values.imag).to(data_imag.dtype)
         sample_weights = slice_weights[start:stop].reshape(-1)
-        for flat_index, trilinear in trilinear_corners(coordinates.reshape(-1, 3), padded_size, half_size):
+        for flat_index, trilinear in trilinear_corners(coordinates.reshape(3, -1), padded_size, half_size):
             data_real.index_add_(0, flat_index, real * trilinear)
             data_imag.index_add_(0, flat_index, imag * trilinear)
             weight_flat.index_add_(0, flat_index, (sample_weights * trilinear).to(weight_flat.dtype))

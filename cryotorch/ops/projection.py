@@ -29,6 +29,7 @@ __all__ = [
     "extract_slices",
     "project_volumes",
     "rotation_chunk_size",
+    "flat_index_dtype",
 ]
 
 
@@ -91,23 +92,31 @@ def slice_coordinates(
     Returns
     -------
     coordinates
-        ``(R, M, 3)`` ``(x, y, z)`` in padded-grid units with ``x >= 0``.
+        ``(3, R, M)`` the ``x``, ``y`` and ``z`` planes in padded-grid units, ``x >= 0`` (one
+        contiguous plane per axis: element-wise work over the strided columns of an
+        ``(R, M, 3)`` array is several times slower).
     conjugate
         ``(R, M)`` bool, True where the sample was folded through the origin (take the
         complex conjugate: Friedel symmetry of a real volume).
     """
     scale = padded_size / box_size
-    in_plane = rotations[:, :2, :].to(frequencies.dtype)  # (R, 2, 3)
+    in_plane = rotations[:, :2, :].to(frequencies.dtype).permute(1, 2, 0)[..., None]  # (2, 3, R, 1)
     # kx·A[0] + ky·A[1] as two products and a sum: each sample's bits do not depend on how
     # many orientations are computed together (a matrix product picks its kernel by size)
-    coordinates = frequencies[:, :1] * in_plane[:, None, 0, :]  # (R, M, 3)
-    coordinates += frequencies[:, 1:] * in_plane[:, None, 1, :]
-    conjugate = coordinates[..., 0] < 0
+    coordinates = frequencies[:, 0] * in_plane[0]  # (3, R, M)
+    coordinates += frequencies[:, 1] * in_plane[1]
+    conjugate = coordinates[0] < 0
     # scaled and folded in one pass (±scale: exactly the scaled coordinates, negated)
-    return coordinates.mul_(torch.where(conjugate, -scale, scale)[..., None]), conjugate
+    return coordinates.mul_(torch.where(conjugate, -scale, scale)), conjugate
 
 
 CORNERS = torch.tensor([[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)])  # (8, 3) offsets (x, y, z)
+
+
+def flat_index_dtype(padded_size: int, half_size: int, n_grids: int = 1) -> torch.dtype:
+    """Index type of voxels in ``n_grids`` flat ``(P, P, H)`` grids: 32-bit where they fit (half
+    the memory traffic of 64-bit indices in gathers and index-adds)."""
+    return torch.int32 if n_grids * padded_size * padded_size * half_size < 2**31 else torch.int64
 
 
 @dataclass(frozen=True)
@@ -122,26 +131,21 @@ class _TrilinearParts:
 
 def _trilinear_parts(coordinates: torch.Tensor, padded_size: int, half_size: int) -> _TrilinearParts:
     """Lower-corner indices, per-axis weights and grid masks of samples at ``coordinates``
-    ``(S, 3)`` (as in :func:`trilinear_corners`)."""
+    ``(3, S)`` (as in :func:`trilinear_corners`)."""
     centre = padded_size // 2
-    shifted = coordinates + torch.tensor([0.0, centre, centre], device=coordinates.device)
+    shifted = coordinates + torch.tensor([0.0, centre, centre], dtype=coordinates.dtype, device=coordinates.device)[:, None]
     base = torch.floor(shifted)
-    fraction = shifted - base  # (S, 3)
-    # every per-axis array contiguous: element-wise ops and reductions over the strided
-    # columns of an (S, 3) array are several times slower
-    lows = [column.contiguous() for column in base.unbind(-1)]
-    x0, y0, z0 = (low.long() for low in lows)
-    base_index = (z0 * padded_size + y0) * half_size + x0
     # per axis: weight of the lower and upper neighbour, and the 4 products of x and y shared
     # by the corners of both z planes
-    upper = [fraction[:, a].contiguous() for a in range(3)]
-    axes = [(1 - weight, weight) for weight in upper]
+    axes = [(1 - weight, weight) for weight in (shifted - base).unbind(0)]
     planar = {(dx, dy): axes[0][dx] * axes[1][dy] for dy in (0, 1) for dx in (0, 1)}
+    x0, y0, z0 = base.to(flat_index_dtype(padded_size, half_size)).unbind(0)
+    base_index = (z0 * padded_size + y0).mul_(half_size).add_(x0)
     limits = [(x0, half_size), (y0, padded_size), (z0, padded_size)]
     # samples well inside the grid (all of them, but for the outermost shells) need no masks
     # (one device sync: the bounds are compared on the device)
-    bounds = torch.stack([torch.stack(low.aminmax()) for low in lows])  # (3, 2)
-    sizes = torch.tensor([size for _, size in limits], dtype=base.dtype, device=base.device)
+    bounds = torch.stack([torch.stack(low.aminmax()) for low, _ in limits])  # (3, 2)
+    sizes = torch.tensor([size for _, size in limits], dtype=bounds.dtype, device=bounds.device)
     all_inside = bool(((bounds[:, 0] >= 0) & (bounds[:, 1] + 1 < sizes)).all())
     inside = None if all_inside else [((low >= 0) & (low < size), (low + 1 >= 0) & (low + 1 < size)) for low, size in limits]
     return _TrilinearParts(base_index, planar, axes[2], inside)
@@ -175,8 +179,9 @@ def _corners(parts: _TrilinearParts, padded_size: int, half_size: int) -> Iterat
 def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """For each of the 8 trilinear corners: flat voxel index and weight of every sample.
 
-    ``coordinates`` are ``(S, 3)`` ``(x, y, z)`` in padded-grid units with ``x >= 0`` (from
-    :func:`slice_coordinates`); corners outside the grid get weight 0 (at index 0).
+    ``coordinates`` are ``(3, S)`` ``x``, ``y`` and ``z`` planes in padded-grid units with
+    ``x >= 0`` (from :func:`slice_coordinates`); corners outside the grid get weight 0 (at
+    index 0). Indices are :func:`flat_index_dtype`'s.
     """
     return _corners(_trilinear_parts(coordinates, padded_size, half_size), padded_size, half_size)
 
@@ -186,10 +191,10 @@ def trilinear_table(coordinates: torch.Tensor, padded_size: int, half_size: int)
     in the order of :data:`CORNERS` (the bags of an ``embedding_bag``)."""
     parts = _trilinear_parts(coordinates, padded_size, half_size)
     corners = [(dx, dy, dz) for dx, dy, dz in CORNERS.tolist()]
-    offsets = torch.tensor([_corner_offset(corner, padded_size, half_size) for corner in corners], device=coordinates.device)
+    offsets = torch.tensor([_corner_offset(corner, padded_size, half_size) for corner in corners], dtype=parts.base_index.dtype, device=coordinates.device)
     index = parts.base_index[:, None] + offsets
     # each corner's product written into its column (stacking the 8 products costs a copy)
-    weight = coordinates.new_empty(coordinates.shape[0], 8)
+    weight = coordinates.new_empty(coordinates.shape[1], 8)
     for column, (dx, dy, dz) in enumerate(corners):
         torch.mul(parts.planar[dx, dy], parts.z_weights[dz], out=weight[:, column])
     if parts.inside is not None:
@@ -248,7 +253,7 @@ def extract_slices(
     out = volumes_ft.new_empty(rotations.shape[0], n_freq, n_classes)
     for start in range(0, rotations.shape[0], chunk):
         coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
-        index, weight = trilinear_table(coordinates.reshape(-1, 3), padded_size, half_size)
+        index, weight = trilinear_table(coordinates.reshape(3, -1), padded_size, half_size)
         # trilinear interpolation as a weighted sum of 8 table rows per sample
         sampled = F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode="sum").view(-1, n_freq, n_classes, 2)
         # folded samples take the conjugate: their imaginary parts negated in place
