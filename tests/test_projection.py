@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch_fourier_slice import project_3d_to_2d
 
 from cryotorch.conventions import fft_frequencies_2d, rfft3_centered
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, self_overlap_sum, symmetrize_hermitian_plane
+from cryotorch.ops.backprojection import crop_size, insert_slices, reconstruct_from_sums, self_overlap_sum, symmetrize_hermitian_plane, uncrop
 from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import radius_grid_3d
 from cryotorch.ops.fsc import fourier_shell_correlation
@@ -136,6 +138,37 @@ def test_insertion_is_the_adjoint_of_extraction(phantom: torch.Tensor) -> None:
     lhs = float((extracted * slices.conj()).sum().real)
     rhs = float((volume_ft * data.conj()).sum().real)
     assert lhs == pytest.approx(rhs, rel=1e-4)
+
+
+@pytest.mark.parametrize("radius", [5.3, 9.7, 16.0])
+def test_insertion_into_a_crop_is_the_crop_of_the_whole_grid(radius: float) -> None:
+    # slices within `radius` (the lattice's components, and samples on the rim itself, where
+    # the upper neighbours reach farthest) inserted into the centred crop that crop_size
+    # gives fill it with the whole grid's bits, and uncrop gives back the whole grid (at
+    # Nyquist, the whole grid)
+    padded = padded_box_size(BOX, 2)
+    generator = torch.Generator().manual_seed(11)
+    rotations = torch.cat([torch.eye(3)[None], random_rotations(39, generator).float()])
+    frequencies = fft_frequencies_2d(BOX).reshape(-1, 2)
+    angles = torch.rand(200, generator=generator) * 2 * math.pi
+    rim = radius * torch.stack([angles.cos(), angles.sin()], dim=-1)
+    frequencies = torch.cat([frequencies[frequencies.norm(dim=-1) <= radius], rim])
+    slices = torch.view_as_complex(torch.randn(40, frequencies.shape[0], 2, generator=generator))
+    slice_weights = torch.rand(40, frequencies.shape[0], generator=generator)
+    whole = torch.zeros(padded, padded, padded // 2 + 1, dtype=torch.complex64)
+    whole_weight = torch.zeros(whole.shape)
+    insert_slices(whole, whole_weight, slices, slice_weights, rotations, frequencies, BOX)
+    size = crop_size(padded, BOX, radius)
+    assert (size < padded) == (radius < BOX / 2 - 1)
+    data = torch.zeros(size, size, size // 2 + 1, dtype=torch.complex64)
+    weight = torch.zeros(data.shape)
+    insert_slices(data, weight, slices, slice_weights, rotations, frequencies, BOX, padded_size=padded)
+    assert torch.equal(uncrop(data, padded), whole)
+    assert torch.equal(uncrop(weight, padded), whole_weight)
+    if size < padded:
+        # every inserted value landed: nothing was dropped at the crop's edges (the whole
+        # grid drops the neighbours beyond its own edge at Nyquist)
+        assert float(weight.sum()) == pytest.approx(float(slice_weights.sum()), rel=1e-5)
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.3])

@@ -10,7 +10,7 @@ significant samples do to first order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,7 +18,7 @@ from cryotorch.conventions import rfft3_centered
 from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
 from cryotorch.em.sums import TensorSums
 from cryotorch.model.class_model import ClassModel
-from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
+from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane, uncrop
 from cryotorch.ops.fourier import radial_average, radius_grid_3d, shell_index_3d, shell_power_3d, shells_to_padded_grid
 from cryotorch.ops.fsc import fourier_shell_correlation
 from cryotorch.ops.projection import prepare_fourier_volumes
@@ -36,7 +36,9 @@ class SufficientStatistics(TensorSums):
     Attributes
     ----------
     data, weight
-        ``(K, P, P, P // 2 + 1)`` back-projected ``Σ w·L`` and ``Σ w·2Q``.
+        ``(K, Q, Q, Q // 2 + 1)`` back-projected ``Σ w·L`` and ``Σ w·2Q``: the whole padded
+        grid (``Q = P``) or its centred crop that an iteration's slices reach
+        (:func:`~cryotorch.ops.backprojection.crop_size`; :meth:`uncropped` gives the whole).
     class_sum
         ``(K,)`` Σ_i p(k | X_i).
     noise_power, noise_count
@@ -59,9 +61,9 @@ class SufficientStatistics(TensorSums):
     n_particles: torch.Tensor
 
     @classmethod
-    def zeros(cls, n_classes: int, padded_size: int, n_groups: int, n_shells: int, device: torch.device) -> "SufficientStatistics":
-        """Empty sums."""
-        grid = (n_classes, padded_size, padded_size, padded_size // 2 + 1)
+    def zeros(cls, n_classes: int, grid_size: int, n_groups: int, n_shells: int, device: torch.device) -> "SufficientStatistics":
+        """Empty sums, on grids of ``grid_size`` (the padded size, or a crop's)."""
+        grid = (n_classes, grid_size, grid_size, grid_size // 2 + 1)
         float64 = dict(dtype=torch.float64, device=device)
         return cls(
             data=torch.zeros(grid, dtype=torch.complex64, device=device),
@@ -75,13 +77,18 @@ class SufficientStatistics(TensorSums):
             n_particles=torch.zeros((), **float64),
         )
 
-    def insert(self, slices: list[WeightedSlices], frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
-        """Back-project posterior-weighted slices into their classes' sums."""
+    def insert(self, slices: list[WeightedSlices], frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float, padded_size: int | None = None) -> None:
+        """Back-project posterior-weighted slices into their classes' sums (grids that crop
+        a ``padded_size`` grid: see :func:`~cryotorch.ops.backprojection.insert_slices`)."""
         for item in slices:
             insert_slices(
                 self.data[item.class_index], self.weight[item.class_index], item.data, item.weight,
-                item.rotations, frequencies, box_size, memory_budget_bytes,
+                item.rotations, frequencies, box_size, memory_budget_bytes, padded_size,
             )
+
+    def uncropped(self, padded_size: int) -> SufficientStatistics:
+        """These sums on the whole ``padded_size`` grid (themselves where they are not cropped)."""
+        return replace(self, data=uncrop(self.data, padded_size), weight=uncrop(self.weight, padded_size))
 
     def accumulate(
         self,
@@ -93,6 +100,7 @@ class SufficientStatistics(TensorSums):
         box_size: int,
         pixel_size_angstrom: float,
         memory_budget_bytes: float,
+        padded_size: int | None = None,
     ) -> None:
         """Add one batch's E-step outcome.
 
@@ -102,8 +110,10 @@ class SufficientStatistics(TensorSums):
             ``(B,)`` 0-based optics group of each particle.
         shells
             ``(M,)`` shell index of each Fourier component used.
+        padded_size
+            Size of the padded grid that the sums crop (None: theirs).
         """
-        self.insert(result.slices, frequencies, box_size, memory_budget_bytes)
+        self.insert(result.slices, frequencies, box_size, memory_budget_bytes, padded_size)
         self.class_sum += result.class_posterior.double().sum(0)
         # noise and scale at the best sample: the best origin relative to the prior one
         offsets = result.best_origin_px - batch.prior_origin_px

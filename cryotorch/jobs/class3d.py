@@ -65,7 +65,7 @@ from cryotorch.io import (
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import PhaseTimer, log_central_slices, log_scalars, progress_bar
-from cryotorch.ops.backprojection import self_overlap_sum
+from cryotorch.ops.backprojection import crop_size, self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import lowpass_filter_3d, soft_disc_masks, soft_spherical_mask
 from cryotorch.ops.fourier import coloured_noise_2d, fourier_crop_3d, shell_index_2d, translate_2d_ft
@@ -615,10 +615,12 @@ class Class3DJob:
         carried = self.carried_caches([fine, unrefined], context.sum_tree_leaves, budget, len(row_sets))
         drained = [cache for cache in (fine, unrefined) if cache is not None and cache not in carried]
         trees: list[SumTree[TreeSums]] = [SumTree() for _ in row_sets]
+        # the sums' grids hold the crop of the padded grid that this iteration's slices reach
+        grid_size = crop_size(self.padded, box, radius)
         bar = progress_bar(sum(len(batches) for _, _, batches in steps), f"iteration {iteration}", enabled=context.is_main, unit="batch")
         timer.lap("set-up")
         for number, leaf, batches in steps:
-            stats = self.empty_sums(self.n_classes)
+            stats = self.empty_sums(self.n_classes, grid_size)
             if offsets is not None and batches:
                 self.self_fit_offsets(offsets, model, state, np.concatenate(batches), frequencies, shells, passes, use_ctf, budget / 4)
             timer.lap("self-fit")
@@ -634,21 +636,21 @@ class Class3DJob:
                 self.expand_symmetry(result.slices)
                 new_state.store(index, result)
                 timer.lap("E-step")
-                stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4)
+                stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4, self.padded)
                 timer.lap("back-projection")
             # the slice sums held by the caches belong to this leaf
             for cache in drained:
-                stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4)
+                stats.insert(self.expand_symmetry(cache.drain()), frequencies, box, budget / 4, self.padded)
             trees[number].add_leaf(leaf, TreeSums(stats, [cache.take_table() for cache in carried]))
             timer.lap("back-projection")
         bar.close()
         sets = []
         for tree in trees:
-            sums = context.tree_sum(tree.total() or TreeSums(self.empty_sums(self.n_classes), [cache.empty_table() for cache in carried]), budget / 8)
+            sums = context.tree_sum(tree.total() or TreeSums(self.empty_sums(self.n_classes, grid_size), [cache.empty_table() for cache in carried]), budget / 8)
             timer.lap("all-reduce")
             for cache, table in zip(carried, sums.tables):
-                sums.stats.insert(self.expand_symmetry(cache.table_slices(table)), frequencies, box, budget / 4)
-            sets.append(sums.stats)
+                sums.stats.insert(self.expand_symmetry(cache.table_slices(table)), frequencies, box, budget / 4, self.padded)
+            sets.append(sums.stats.uncropped(self.padded))
             timer.lap("back-projection")
         stats = sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
         new_state = self.gather_state(context, new_state, own_rows)
@@ -755,9 +757,10 @@ class Class3DJob:
         labels = np.random.default_rng(context.seed).integers(self.n_classes, size=len(self.table))
         return torch.as_tensor(labels, device=self.device)
 
-    def empty_sums(self, n_classes: int) -> SufficientStatistics:
-        """Zero sums of ``n_classes`` maps at this job's box, optics groups and shells."""
-        return SufficientStatistics.zeros(n_classes, self.padded, len(self.group_names), self.box // 2 + 1, self.device)
+    def empty_sums(self, n_classes: int, grid_size: int | None = None) -> SufficientStatistics:
+        """Zero sums of ``n_classes`` maps at this job's box, optics groups and shells, on
+        grids of ``grid_size`` (None: the whole padded grid)."""
+        return SufficientStatistics.zeros(n_classes, self.padded if grid_size is None else grid_size, len(self.group_names), self.box // 2 + 1, self.device)
 
     @staticmethod
     def carried_caches(caches: list[FinePassCache | None], n_leaves: int, memory_budget_bytes: float, n_trees: int = 1) -> list[FinePassCache]:

@@ -8,6 +8,8 @@ weights plus a regulariser and undoes the gridding attenuation in real space.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +17,7 @@ from cryotorch.conventions import irfft3_centered
 from cryotorch.ops.fourier import radius_grid_3d
 from cryotorch.ops.projection import CORNERS, flat_index_dtype, gridding_kernel_3d, rotation_chunk_size, slice_coordinates, trilinear_corners, trilinear_table
 
-__all__ = ["insert_slices", "self_overlap_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
+__all__ = ["insert_slices", "crop_size", "uncrop", "self_overlap_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
 
 def self_overlap_sum(
     grid: torch.Tensor,
@@ -105,15 +107,17 @@ def insert_slices(
     frequencies: torch.Tensor,
     box_size: int,
     memory_budget_bytes: float = 2**28,
+    padded_size: int | None = None,
 ) -> None:
     """Accumulate weighted central slices into a padded Fourier grid, in place.
 
     Parameters
     ----------
     data_ft
-        ``(P, P, P // 2 + 1)`` complex accumulator (centred rfft layout).
+        ``(Q, Q, Q // 2 + 1)`` complex accumulator (centred rfft layout): the whole padded
+        grid (``Q = P``) or its centred crop (:func:`crop_size`).
     weight
-        ``(P, P, P // 2 + 1)`` real accumulator of ``slice_weights``.
+        ``(Q, Q, Q // 2 + 1)`` real accumulator of ``slice_weights``.
     slices
         ``(R, M)`` complex values to insert (e.g. ``CTF · image`` for each orientation).
     slice_weights
@@ -124,8 +128,12 @@ def insert_slices(
         ``(M, 2)`` ``(kx, ky)`` in cycles per unpadded box.
     box_size
         Unpadded box size N.
+    padded_size
+        Size P of the padded grid that the accumulators crop (None: their own size); samples
+        beyond the crop are dropped, so it must hold every sample's neighbours.
     """
-    padded_size, half_size = data_ft.shape[0], data_ft.shape[-1]
+    grid_size, half_size = data_ft.shape[0], data_ft.shape[-1]
+    padded_size = grid_size if padded_size is None else padded_size
     # 1-D index_add_ of floats is several times faster on CPU than of complex values or rows
     # of 2: real and imaginary parts go into the two strided float views of the grid
     data_pairs = torch.view_as_real(data_ft).view(-1, 2)
@@ -141,10 +149,31 @@ def insert_slices(
         real = values.real.to(data_real.dtype)
         imag = torch.where(conjugate.reshape(-1), -values.imag, values.imag).to(data_imag.dtype)
         sample_weights = slice_weights[start:stop].reshape(-1)
-        for flat_index, trilinear in trilinear_corners(coordinates.reshape(3, -1), padded_size, half_size):
+        for flat_index, trilinear in trilinear_corners(coordinates.reshape(3, -1), grid_size, half_size, padded_size):
             data_real.index_add_(0, flat_index, real * trilinear)
             data_imag.index_add_(0, flat_index, imag * trilinear)
             weight_flat.index_add_(0, flat_index, (sample_weights * trilinear).to(weight_flat.dtype))
+
+
+def crop_size(padded_size: int, box_size: int, radius: float) -> int:
+    """Size ``Q`` of the centred crop of a ``P``-grid (centred rfft layout, ``(Q, Q, Q // 2 +
+    1)``) that holds the trilinear neighbours of every slice sample within ``radius`` (cycles
+    per unpadded box): its samples lie within ``r = radius · P/N`` of the centre, their upper
+    neighbours at most ``⌊r⌋ + 1`` beyond it. ``P`` where the crop would not be smaller."""
+    half = int(math.floor(radius * padded_size / box_size)) + 2
+    return min(padded_size, 2 * half)
+
+
+def uncrop(grid: torch.Tensor, padded_size: int) -> torch.Tensor:
+    """``(..., P, P, P // 2 + 1)`` the whole padded grid, zero outside the centred crop
+    ``grid`` ``(..., Q, Q, Q // 2 + 1)`` (itself where ``Q = P``)."""
+    size = grid.shape[-2]
+    if size == padded_size:
+        return grid
+    start = padded_size // 2 - size // 2
+    whole = grid.new_zeros(*grid.shape[:-3], padded_size, padded_size, padded_size // 2 + 1)
+    whole[..., start : start + size, start : start + size, : grid.shape[-1]] = grid
+    return whole
 
 
 def symmetrize_hermitian_plane(grid: torch.Tensor, conjugate: bool) -> torch.Tensor:

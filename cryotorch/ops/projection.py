@@ -129,19 +129,22 @@ class _TrilinearParts:
     inside: list[tuple[torch.Tensor, torch.Tensor]] | None  # per axis, lower/upper in the grid; None: all are
 
 
-def _trilinear_parts(coordinates: torch.Tensor, padded_size: int, half_size: int) -> _TrilinearParts:
+def _trilinear_parts(coordinates: torch.Tensor, grid_size: int, half_size: int, padded_size: int | None = None) -> _TrilinearParts:
     """Lower-corner indices, per-axis weights and grid masks of samples at ``coordinates``
     ``(3, S)`` (as in :func:`trilinear_corners`)."""
-    centre = padded_size // 2
+    # the weights as on the whole grid (the same bits), the indices moved to the crop
+    centre = (grid_size if padded_size is None else padded_size) // 2
     shifted = coordinates + torch.tensor([0.0, centre, centre], dtype=coordinates.dtype, device=coordinates.device)[:, None]
     base = torch.floor(shifted)
     # per axis: weight of the lower and upper neighbour, and the 4 products of x and y shared
     # by the corners of both z planes
     axes = [(1 - weight, weight) for weight in (shifted - base).unbind(0)]
     planar = {(dx, dy): axes[0][dx] * axes[1][dy] for dy in (0, 1) for dx in (0, 1)}
-    x0, y0, z0 = base.to(flat_index_dtype(padded_size, half_size)).unbind(0)
-    base_index = (z0 * padded_size + y0).mul_(half_size).add_(x0)
-    limits = [(x0, half_size), (y0, padded_size), (z0, padded_size)]
+    x0, y0, z0 = base.to(flat_index_dtype(grid_size, half_size)).unbind(0)
+    if centre != grid_size // 2:
+        y0, z0 = y0 - (centre - grid_size // 2), z0 - (centre - grid_size // 2)
+    base_index = (z0 * grid_size + y0).mul_(half_size).add_(x0)
+    limits = [(x0, half_size), (y0, grid_size), (z0, grid_size)]
     # samples well inside the grid (all of them, but for the outermost shells) need no masks
     # (one device sync: the bounds are compared on the device)
     bounds = torch.stack([torch.stack(low.aminmax()) for low, _ in limits])  # (3, 2)
@@ -176,14 +179,17 @@ def _corners(parts: _TrilinearParts, padded_size: int, half_size: int) -> Iterat
             yield torch.where(valid, flat_index, 0), torch.where(valid, trilinear, 0)
 
 
-def trilinear_corners(coordinates: torch.Tensor, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def trilinear_corners(coordinates: torch.Tensor, grid_size: int, half_size: int, padded_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """For each of the 8 trilinear corners: flat voxel index and weight of every sample.
 
     ``coordinates`` are ``(3, S)`` ``x``, ``y`` and ``z`` planes in padded-grid units with
-    ``x >= 0`` (from :func:`slice_coordinates`); corners outside the grid get weight 0 (at
-    index 0). Indices are :func:`flat_index_dtype`'s.
+    ``x >= 0`` (from :func:`slice_coordinates`), on a ``(grid_size, grid_size, half_size)``
+    grid in the centred rfft layout: the padded grid itself, or the centred crop of a
+    ``padded_size`` one (None: the grid is not cropped), whose weights are the whole grid's,
+    bit for bit. Corners outside the grid get weight 0 (at index 0). Indices are
+    :func:`flat_index_dtype`'s.
     """
-    return _corners(_trilinear_parts(coordinates, padded_size, half_size), padded_size, half_size)
+    return _corners(_trilinear_parts(coordinates, grid_size, half_size, padded_size), grid_size, half_size)
 
 
 def trilinear_table(coordinates: torch.Tensor, padded_size: int, half_size: int) -> tuple[torch.Tensor, torch.Tensor]:
