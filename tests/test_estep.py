@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix, fft_frequencies_2d
-from cryotorch.em.estep import CoarseProjections, PreparedBatch, ScoreProjections, phase_ramps, profiled_scale, score_batch, score_terms, scaled_score
+from cryotorch.em.estep import CoarseProjections, PreparedBatch, ScoreProjections, SliceTable, phase_ramps, profiled_scale, score_batch, score_terms, scaled_score
 from cryotorch.em.sampling import PoseGrid, build_pose_grid, translation_grid
 
 from conftest import DEVICES, c4_average
@@ -222,6 +222,29 @@ def test_whole_slice_tables_back_project_what_draining_each_leaf_does() -> None:
     assert not small.holds_every_sum
     with pytest.raises(ValueError, match="drain"):
         small.take_table()
+
+
+def test_slice_tables_add_as_if_they_held_every_id() -> None:
+    # tables of the ids their particles reached add row by row, as tables with a row for
+    # every id (zeros elsewhere) add, bit for bit: overlapping, equal, disjoint and empty ids
+    generator = torch.Generator().manual_seed(4)
+
+    def table(ids: list[int]) -> SliceTable:
+        index = torch.tensor(sorted(ids), dtype=torch.long)
+        data = torch.view_as_complex(torch.randn(len(ids), 6, 2, generator=generator))
+        return SliceTable(index, data, torch.rand(len(ids), 6, generator=generator))
+
+    n_ids = 12
+    cases = [([1, 4, 5, 9], [0, 4, 9, 11]), ([2, 3], [2, 3]), ([0, 1], [7]), ([], [3, 8]), ([5], [])]
+    for left, right in cases:
+        a, b = table(left), table(right)
+        expected = a.dense(n_ids).add_(b.dense(n_ids))
+        got = a.add_(b)
+        assert torch.equal(got.ids, torch.tensor(sorted(set(left) | set(right)), dtype=torch.long))
+        dense = got.dense(n_ids)
+        assert torch.equal(dense.data, expected.data) and torch.equal(dense.weight, expected.weight)
+        # processes add the sums only, never the ids
+        assert [t.data_ptr() for t in dense.tensors()] == [dense.data.data_ptr(), dense.weight.data_ptr()]
 
 
 @pytest.mark.parametrize("n_classes", [1, 2, 3])

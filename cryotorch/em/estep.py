@@ -495,13 +495,43 @@ class WeightedSlices:
 
 @dataclass
 class SliceTable(TensorSums):
-    """Posterior-weighted slice sums of every fine id ``(k·R + r)·F + f`` of a
-    :class:`FinePassCache`'s grid, zero where none was added: sums of disjoint sets of
-    particles that add like any other sums, to be inserted once
-    (:meth:`FinePassCache.table_slices`)."""
+    """Posterior-weighted slice sums of fine ids ``(k·R + r)·F + f`` of a
+    :class:`FinePassCache`'s grid: sums of disjoint sets of particles, to be inserted once
+    (:meth:`FinePassCache.table_slices`). A table holds rows for the ids its particles reached
+    only, ascending; two tables add row by row (:meth:`add_`), where an id missing from one
+    counts as zeros, as if every table held every id (:meth:`dense`, the layout in which
+    processes add them: :meth:`tensors`)."""
 
-    data: torch.Tensor  # (K·R·F, M) complex Σ w·L
-    weight: torch.Tensor  # (K·R·F, M) real Σ w·2Q
+    ids: torch.Tensor  # (U,) ascending fine ids
+    data: torch.Tensor  # (U, M) complex Σ w·L
+    weight: torch.Tensor  # (U, M) real Σ w·2Q
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The sums (not the ids): processes add :meth:`dense` tables of the same ids."""
+        return [self.data, self.weight]
+
+    def add_(self, other: SliceTable) -> SliceTable:
+        """Add ``other``'s sums row by row, in place: the rows of ids held by both are the
+        sums ``self + other``, those of one table alone its own values."""
+        if torch.equal(self.ids, other.ids):
+            self.data.add_(other.data)
+            self.weight.add_(other.weight)
+            return self
+        ids = torch.unique(torch.cat([self.ids, other.ids]))
+        mine, theirs = torch.searchsorted(ids, self.ids), torch.searchsorted(ids, other.ids)
+        data = self.data.new_zeros(ids.shape[0], self.data.shape[1])
+        weight = self.weight.new_zeros(ids.shape[0], self.weight.shape[1])
+        data[mine], weight[mine] = self.data, self.weight
+        self.ids, self.data, self.weight = ids, data.index_add_(0, theirs, other.data), weight.index_add_(0, theirs, other.weight)
+        return self
+
+    def dense(self, n_ids: int) -> SliceTable:
+        """The same sums with a row for each of the ``n_ids`` fine ids (zeros where none was
+        added)."""
+        data = self.data.new_zeros(n_ids, self.data.shape[1])
+        weight = self.weight.new_zeros(n_ids, self.weight.shape[1])
+        data[self.ids], weight[self.ids] = self.data, self.weight
+        return SliceTable(torch.arange(n_ids, device=self.ids.device), data, weight)
 
 
 @dataclass
@@ -731,31 +761,30 @@ class FinePassCache:
 
     @property
     def slice_table_bytes(self) -> int:
-        """Size of one :class:`SliceTable` of this cache."""
+        """Size of the largest :class:`SliceTable` of this cache (a row for every fine id)."""
         return self.n_ids * self.frequencies.shape[0] * 12
 
     def empty_table(self) -> SliceTable:
-        """A :class:`SliceTable` of zeros."""
-        shape, device = (self.n_ids, self.frequencies.shape[0]), self.frequencies.device
-        return SliceTable(torch.zeros(shape, dtype=torch.complex64, device=device), torch.zeros(shape, device=device))
+        """A :class:`SliceTable` without rows."""
+        n, device = self.frequencies.shape[0], self.frequencies.device
+        return SliceTable(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, n, dtype=torch.complex64, device=device), torch.empty(0, n, device=device))
 
     def take_table(self) -> SliceTable:
-        """The summed slices held, as a :class:`SliceTable`; the sum table is emptied. Only
-        where :attr:`holds_every_sum`, so that no sum was handed back before."""
+        """The summed slices held, as a :class:`SliceTable` of their ids; the sum table is
+        emptied. Only where :attr:`holds_every_sum`, so that no sum was handed back before."""
         if not self.holds_every_sum:
             raise ValueError(f"the sum table holds {self.sum_capacity} of {self.n_ids} fine ids; drain() it instead")
-        table = self.empty_table()
         used = slice(0, self.sum_slots.n_used)
-        table.data[self.sum_ids[used]] = self.sum_data[used]
-        table.weight[self.sum_ids[used]] = self.sum_weight[used]
+        ids, order = torch.sort(self.sum_ids[used])
+        table = SliceTable(ids, self.sum_data[used][order], self.sum_weight[used][order])
         self.sum_slots.clear()
         return table
 
     def table_slices(self, table: SliceTable) -> list[WeightedSlices]:
         """The rows of ``table`` that hold any sum, per class, ready for insertion (a row of
         zeros would add nothing)."""
-        ids = ((table.weight != 0).any(dim=1) | (table.data != 0).any(dim=1)).nonzero()[:, 0]
-        return self._slices(ids, table.data[ids], table.weight[ids])
+        rows = ((table.weight != 0).any(dim=1) | (table.data != 0).any(dim=1)).nonzero()[:, 0]
+        return self._slices(table.ids[rows], table.data[rows], table.weight[rows])
 
     def drain(self) -> list[WeightedSlices]:
         """The summed slices held, per class; the table is emptied."""

@@ -107,8 +107,16 @@ class TreeSums(TensorSums):
     tables: list[SliceTable]
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every sum, in a fixed order, for summation across processes."""
+        """Every sum, in a fixed order, for summation across processes (with
+        :meth:`SliceTable.dense` tables)."""
         return self.stats.tensors() + [tensor for table in self.tables for tensor in table.tensors()]
+
+    def add_(self, other: TreeSums) -> TreeSums:
+        """Add ``other``'s sums in place (the tables row by row)."""
+        self.stats.add_(other.stats)
+        for table, addend in zip(self.tables, other.tables, strict=True):
+            table.add_(addend)
+        return self
 
 
 @dataclass
@@ -646,7 +654,11 @@ class Class3DJob:
         bar.close()
         sets = []
         for tree in trees:
-            sums = context.tree_sum(tree.total() or TreeSums(self.empty_sums(self.n_classes, grid_size), [cache.empty_table() for cache in carried]), budget / 8)
+            node = tree.total() or TreeSums(self.empty_sums(self.n_classes, grid_size), [cache.empty_table() for cache in carried])
+            if context.fabric.world_size > 1:
+                # processes add their nodes' tables in the same layout: a row for every id
+                node = TreeSums(node.stats, [table.dense(cache.n_ids) for cache, table in zip(carried, node.tables)])
+            sums = context.tree_sum(node, budget / 8)
             timer.lap("all-reduce")
             for cache, table in zip(carried, sums.tables):
                 sums.stats.insert(self.expand_symmetry(cache.table_slices(table)), frequencies, box, budget / 4, self.padded)
