@@ -154,10 +154,10 @@ def _trilinear_parts(coordinates: torch.Tensor, grid_size: int, half_size: int, 
     return _TrilinearParts(base_index, planar, axes[2], inside)
 
 
-def _corner_offset(corner: tuple[int, int, int], padded_size: int, half_size: int) -> int:
+def _corner_offset(corner: tuple[int, int, int], grid_size: int, half_size: int) -> int:
     """Flat-index offset of ``corner`` ``(dx, dy, dz)`` from the lower corner."""
     dx, dy, dz = corner
-    return (dz * padded_size + dy) * half_size + dx
+    return (dz * grid_size + dy) * half_size + dx
 
 
 def _corner_valid(parts: _TrilinearParts, corner: tuple[int, int, int]) -> torch.Tensor:
@@ -167,11 +167,11 @@ def _corner_valid(parts: _TrilinearParts, corner: tuple[int, int, int]) -> torch
     return parts.inside[0][dx] & parts.inside[1][dy] & parts.inside[2][dz]
 
 
-def _corners(parts: _TrilinearParts, padded_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _corners(parts: _TrilinearParts, grid_size: int, half_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Each corner's ``(S,)`` flat indices and weights, in the order of :data:`CORNERS`."""
     for dx, dy, dz in CORNERS.tolist():
         trilinear = parts.planar[dx, dy] * parts.z_weights[dz]
-        flat_index = parts.base_index + _corner_offset((dx, dy, dz), padded_size, half_size)
+        flat_index = parts.base_index + _corner_offset((dx, dy, dz), grid_size, half_size)
         if parts.inside is None:
             yield flat_index, trilinear
         else:
@@ -192,12 +192,12 @@ def trilinear_corners(coordinates: torch.Tensor, grid_size: int, half_size: int,
     return _corners(_trilinear_parts(coordinates, grid_size, half_size, padded_size), grid_size, half_size)
 
 
-def trilinear_table(coordinates: torch.Tensor, padded_size: int, half_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def trilinear_table(coordinates: torch.Tensor, grid_size: int, half_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`trilinear_corners` as two ``(S, 8)`` arrays, flat indices and weights, corners
     in the order of :data:`CORNERS` (the bags of an ``embedding_bag``)."""
-    parts = _trilinear_parts(coordinates, padded_size, half_size)
+    parts = _trilinear_parts(coordinates, grid_size, half_size)
     corners = [(dx, dy, dz) for dx, dy, dz in CORNERS.tolist()]
-    offsets = torch.tensor([_corner_offset(corner, padded_size, half_size) for corner in corners], dtype=parts.base_index.dtype, device=coordinates.device)
+    offsets = torch.tensor([_corner_offset(corner, grid_size, half_size) for corner in corners], dtype=parts.base_index.dtype, device=coordinates.device)
     index = parts.base_index[:, None] + offsets
     # each corner's product written into its column (stacking the 8 products costs a copy)
     weight = coordinates.new_empty(coordinates.shape[1], 8)
