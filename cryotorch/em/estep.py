@@ -29,6 +29,7 @@ import torch
 from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.em.sampling import PoseGrid, local_search
 from cryotorch.em.sums import TensorSums
+from cryotorch.ops.fourier import squared_magnitude
 from cryotorch.ops.healpix import pairwise_matrix_angle_deg, rowwise_matrix_angle_deg
 from cryotorch.ops.projection import extract_slices
 
@@ -180,7 +181,7 @@ class ScoreProjections:
     @classmethod
     def of(cls, projections: torch.Tensor) -> ScoreProjections:
         """The layout of complex projections ``(..., C, n)``."""
-        return cls(torch.cat([projections.real, projections.imag], dim=-1), projections.abs() ** 2)
+        return cls(torch.cat([projections.real, projections.imag], dim=-1), squared_magnitude(projections))
 
     def flatten(self) -> ScoreProjections:
         """All leading dimensions as one: ``(C, 2n)`` and ``(C, n)``."""
@@ -283,7 +284,7 @@ class HalfTurnProjections:
         """The layout of complex projections ``(K, D·H, n)``: the first ``H`` psi samples of
         each of D directions, per class."""
         flat = projections.reshape(-1, projections.shape[-1])
-        return cls(flat.real.contiguous(), flat.imag.contiguous(), flat.abs() ** 2, n_half)
+        return cls(flat.real.contiguous(), flat.imag.contiguous(), squared_magnitude(flat), n_half)
 
     @property
     def n_columns(self) -> int:
@@ -970,14 +971,16 @@ def _top_logits(logits: torch.Tensor, cap: int, floor: torch.Tensor | None = Non
     # out of the candidates where their maxima lie at least `bound` below the peak: each of
     # their fewer than T·P terms is then below 2^-24/(T·P), together below half a unit in
     # the last place of the sum (≥ 1). There the candidates' terms are the sum; elsewhere
-    # (broad posteriors) the whole row's are
+    # (broad posteriors) the terms of every pair whose maximum lies within `bound` of the
+    # peak are, gathered from the row (a tenth of a broad row's pairs on the benchmark set)
     peak = top[:, :1]
     bound = math.log(t * p) + 24 * math.log(2)
     total = candidates.sub_(peak).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True)
     broad = (pair_maxima[:, -1:] > peak - bound).nonzero()[:, 0] if n_pairs < p else pairs.new_empty(0)
     if broad.numel():
-        rows = logits.reshape(b, -1)[broad]
-        total[broad] = rows.sub_(peak[broad]).clamp_(min=_EXP_FLOOR).exp_().sum(-1, keepdim=True)
+        row, pair = (maxima[broad] > peak[broad] - bound).nonzero(as_tuple=True)
+        terms = logits[broad[row], :, pair].sub_(peak[broad[row]]).clamp_(min=_EXP_FLOOR).exp_().sum(-1)  # (near pairs,)
+        total[broad] = torch.zeros(broad.shape[0], dtype=total.dtype, device=total.device).index_add_(0, row, terms)[:, None]
     return top, order, torch.where(torch.isfinite(peak), peak + total.log(), -math.inf)
 
 
@@ -1364,7 +1367,7 @@ def _fine_sub_batch(
     angles_to_best = pairwise_matrix_angle_deg(fine_matrices[best_rot], fine_matrices, grid.symmetry_matrices)  # (b, Rf)
     spread = torch.sqrt((rotation_posterior * angles_to_best.to(rotation_posterior.dtype) ** 2).sum(-1))
     class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).index_add_(1, fine_class, rotation_posterior)
-    image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)
+    image_norm = 0.5 * (squared_magnitude(batch.spectra) * batch.inv_sigma2).sum(-1)
 
     # M-step sums: Σ_{i,t} w·L per fine orientation, Σ_i (Σ_t w)·2Q per fine orientation,
     # over the orientations carrying a visible share of some particle's posterior
@@ -1431,7 +1434,7 @@ def _own_samples_sub_batch(
     rows = torch.view_as_real(weighted).view(b, -1, n_sub_shift, 2 * n)[torch.arange(b, device=device)[:, None], shift_at]  # (b, c, S, 2n)
     columns = torch.view_as_real(table).view(-1, n_sub_rot, 2 * n)[pair_at]  # (b, c, F, 2n)
     cross = torch.matmul(rows, columns.transpose(-1, -2))  # (b, c, S, F)
-    norm = (q @ (table.abs() ** 2).reshape(-1, n).T).view(b, -1, n_sub_rot)  # (b, Uc, F)
+    norm = (q @ squared_magnitude(table).reshape(-1, n).T).view(b, -1, n_sub_rot)  # (b, Uc, F)
     norm = norm.gather(1, pair_at[:, :, None].expand(-1, -1, n_sub_rot))[:, :, None, :]  # (b, c, 1, F)
     entry_class = classes[pair_at]  # (b, c)
     if class_scale is None:
@@ -1457,7 +1460,7 @@ def _own_samples_sub_batch(
     angles_to_best = rowwise_matrix_angle_deg(entry_matrices[particles, best_entry, best_child], entry_matrices, grid.symmetry_matrices)
     spread = torch.sqrt((entry_posterior * angles_to_best.to(entry_posterior.dtype) ** 2).sum((1, 2)))
     class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).scatter_add_(1, entry_class, entry_posterior.sum(-1))
-    image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)
+    image_norm = 0.5 * (squared_magnitude(batch.spectra) * batch.inv_sigma2).sum(-1)
 
     # M-step sums per fine orientation (class·R + coarse orientation)·F + child, over the
     # orientations where some particle holds a visible share of its posterior (summed over
@@ -1531,7 +1534,7 @@ def _expectation_fixed_pose(
     q = 0.5 * (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2
     # diagonal of the same GEMMs: each particle against its own orientation only
     cross = torch.einsum("bn,kbn->bk", weighted.real, projections.real) + torch.einsum("bn,kbn->bk", weighted.imag, projections.imag)
-    norm = torch.einsum("bn,kbn->bk", q, projections.abs() ** 2)
+    norm = torch.einsum("bn,kbn->bk", q, squared_magnitude(projections))
     if class_offset is not None:
         cross = cross + class_offset
     if settings.scale_sigma > 0:
@@ -1547,7 +1550,7 @@ def _expectation_fixed_pose(
     best = posterior.argmax(dim=-1)
     if settings.hard_classification:
         posterior = torch.nn.functional.one_hot(best, n_classes).to(posterior.dtype)
-    image_norm = 0.5 * (batch.spectra.abs() ** 2 * batch.inv_sigma2).sum(-1)
+    image_norm = 0.5 * (squared_magnitude(batch.spectra) * batch.inv_sigma2).sum(-1)
     two_q = 2 * q
     # classes holding a negligible share of a particle's posterior add nothing visible
     slices = [

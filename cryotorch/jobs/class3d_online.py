@@ -41,7 +41,7 @@ from cryotorch.jobs.class3d import Class3DJob, ParticleState
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import progress, save_class_sizes_plot, save_histogram_plot
-from cryotorch.ops.fourier import fourier_crop_2d
+from cryotorch.ops.fourier import fourier_crop_2d, squared_magnitude
 from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class OnlineClass3DJob(Class3DJob):
             batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
             model_image = batch.ctf * extract_slices(volume_ft, self.rotations(chunk), frequencies, self.box)[0]
             cross = ((batch.spectra.conj() * model_image).real * batch.inv_sigma2).sum(-1)
-            power = (model_image.abs() ** 2 * batch.inv_sigma2).sum(-1)
+            power = (squared_magnitude(model_image) * batch.inv_sigma2).sum(-1)
             scales[torch.as_tensor(chunk, device=self.device)] = cross / power.clamp(min=1e-30)
         rows = torch.as_tensor(np.concatenate(own or [np.zeros(0, dtype=np.int64)]), device=self.device)
         scales = context.gather_rows(rows, scales[rows], len(self.table))

@@ -9,6 +9,7 @@ import torch
 from cryotorch.conventions import fft_frequencies_2d, irfft2_centered, irfft3_centered, rfft2_centered, rfft3_centered
 
 __all__ = [
+    "squared_magnitude",
     "frequency_grid_3d",
     "radius_grid_2d",
     "radius_grid_3d",
@@ -22,6 +23,12 @@ __all__ = [
     "fourier_crop_2d",
     "fourier_crop_3d",
 ]
+
+
+def squared_magnitude(values: torch.Tensor) -> torch.Tensor:
+    """``|z|²`` of complex ``values`` (any shape), as ``Re(z)² + Im(z)²``: without the square
+    root that ``abs()`` takes, about three times faster on a CPU than ``abs() ** 2``."""
+    return values.real.square().add_(values.imag.square())
 
 
 def frequency_grid_3d(box_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -141,7 +148,7 @@ def shell_power_3d(volume_ft: torch.Tensor, n_shells: int | None = None) -> torc
     """
     box_size = volume_ft.shape[-3]
     n_shells = n_shells or box_size // 2 + 1
-    return radial_average(volume_ft.abs() ** 2, shell_index_3d(box_size, volume_ft.device), n_shells)
+    return radial_average(squared_magnitude(volume_ft), shell_index_3d(box_size, volume_ft.device), n_shells)
 
 
 def shells_to_padded_grid(values: torch.Tensor, n_padded_shells: int, box_size: int, padded_size: int) -> torch.Tensor:
