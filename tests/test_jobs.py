@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -169,7 +170,7 @@ def test_bad_input_fails_with_a_clear_message(tmp_path: Path) -> None:
         assert message is not None and phrase in message
 
 
-def test_two_processes_give_the_same_maps_as_one(tmp_path: Path) -> None:
+def test_two_processes_and_two_nodes_give_the_same_maps_as_one(tmp_path: Path) -> None:
     # the batches are the leaves of a summation tree shared out among the processes
     # (tree_leaves): with one thread each, two processes write one process's maps bit for
     # bit; a tiny budget makes batches of a few particles, so that every leaf holds some
@@ -182,5 +183,22 @@ def test_two_processes_give_the_same_maps_as_one(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # two nodes of one process each (torchrun --nnodes=2, both on this machine): torchrun
+    # leaves a node's single process all the cores, so it is given one thread as above
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
+             f"--master_port={port}", "-m", "cryotorch.train", "+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002",
+             "compute.num_threads=1", f"hydra.run.dir={tmp_path / 'nodes'}"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outcomes = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in outcomes)
     for name in ("run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc"):
-        np.testing.assert_array_equal(read_mrc(tmp_path / "two" / name).data, read_mrc(tmp_path / "one" / name).data)
+        for layout in ("two", "nodes"):
+            np.testing.assert_array_equal(read_mrc(tmp_path / layout / name).data, read_mrc(tmp_path / "one" / name).data)
