@@ -188,17 +188,24 @@ def test_two_processes_and_two_nodes_give_the_same_maps_as_one(tmp_path: Path) -
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    nodes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
-             f"--master_port={port}", "-m", "cryotorch.train", "+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002",
-             "compute.num_threads=1", f"hydra.run.dir={tmp_path / 'nodes'}"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outcomes = [node.communicate(timeout=600) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in outcomes)
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as output:
+            nodes.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
+                 f"--master_port={port}", "-m", "cryotorch.train", "+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002",
+                 "compute.num_threads=1", f"hydra.run.dir={tmp_path / 'nodes'}"],
+                cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+            ))
+    try:
+        codes = [node.wait(timeout=600) for node in nodes]
+    finally:  # a node left waiting for the other is stopped, with its process
+        for node in nodes:
+            if node.poll() is None:
+                node.terminate()
+                node.wait(timeout=60)
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
     for name in ("run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc"):
         for layout in ("two", "nodes"):
             np.testing.assert_array_equal(read_mrc(tmp_path / layout / name).data, read_mrc(tmp_path / "one" / name).data)
