@@ -70,6 +70,11 @@ class PreparedBatch:
         """The sub-batch of particles ``index``."""
         return PreparedBatch(*(getattr(self, name)[index] for name in self.__dataclass_fields__))
 
+    def image_norm(self) -> torch.Tensor:
+        """``(B,)`` ``½ Σ |X|²/σ²``: the constant of each particle's log-likelihood that the
+        scores leave out, added back for its log-likelihood contribution."""
+        return 0.5 * (squared_magnitude(self.spectra) * self.inv_sigma2).sum(-1)
+
 
 @dataclass
 class EStepSettings:
@@ -1367,7 +1372,6 @@ def _fine_sub_batch(
     angles_to_best = pairwise_matrix_angle_deg(fine_matrices[best_rot], fine_matrices, grid.symmetry_matrices)  # (b, Rf)
     spread = torch.sqrt((rotation_posterior * angles_to_best.to(rotation_posterior.dtype) ** 2).sum(-1))
     class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).index_add_(1, fine_class, rotation_posterior)
-    image_norm = 0.5 * (squared_magnitude(batch.spectra) * batch.inv_sigma2).sum(-1)
 
     # M-step sums: Σ_{i,t} w·L per fine orientation, Σ_i (Σ_t w)·2Q per fine orientation,
     # over the orientations carrying a visible share of some particle's posterior
@@ -1382,7 +1386,7 @@ def _fine_sub_batch(
         best_origin_px=batch.prior_origin_px + fine_shifts[best_shift],
         max_posterior=posterior.reshape(b, -1).max(dim=-1).values,
         n_significant=_significant_count(posterior.reshape(b, -1), settings.significance, settings.max_significant * n_sub_rot * n_sub_shift),
-        log_likelihood=log_evidence - image_norm,
+        log_likelihood=log_evidence - batch.image_norm(),
         class_posterior=class_posterior,
         angular_spread_deg=spread,
         best_projections=projections[best_rot],
@@ -1460,7 +1464,6 @@ def _own_samples_sub_batch(
     angles_to_best = rowwise_matrix_angle_deg(entry_matrices[particles, best_entry, best_child], entry_matrices, grid.symmetry_matrices)
     spread = torch.sqrt((entry_posterior * angles_to_best.to(entry_posterior.dtype) ** 2).sum((1, 2)))
     class_posterior = torch.zeros(b, n_classes, dtype=posterior.dtype, device=device).scatter_add_(1, entry_class, entry_posterior.sum(-1))
-    image_norm = 0.5 * (squared_magnitude(batch.spectra) * batch.inv_sigma2).sum(-1)
 
     # M-step sums per fine orientation (class·R + coarse orientation)·F + child, over the
     # orientations where some particle holds a visible share of its posterior (summed over
@@ -1489,7 +1492,7 @@ def _own_samples_sub_batch(
         best_origin_px=batch.prior_origin_px + fine_shifts[shift_at[particles, best_entry], best_sub_shift],
         max_posterior=posterior.view(b, -1).max(dim=-1).values,
         n_significant=_significant_count(posterior.view(b, -1), settings.significance, settings.max_significant * n_sub_rot * n_sub_shift),
-        log_likelihood=log_evidence - image_norm,
+        log_likelihood=log_evidence - batch.image_norm(),
         class_posterior=class_posterior,
         angular_spread_deg=spread,
         best_projections=table[best_pair, best_child],
@@ -1550,7 +1553,6 @@ def _expectation_fixed_pose(
     best = posterior.argmax(dim=-1)
     if settings.hard_classification:
         posterior = torch.nn.functional.one_hot(best, n_classes).to(posterior.dtype)
-    image_norm = 0.5 * (squared_magnitude(batch.spectra) * batch.inv_sigma2).sum(-1)
     two_q = 2 * q
     # classes holding a negligible share of a particle's posterior add nothing visible
     slices = [
@@ -1564,7 +1566,7 @@ def _expectation_fixed_pose(
         best_origin_px=batch.prior_origin_px,
         max_posterior=posterior.max(dim=-1).values,
         n_significant=_significant_count(posterior, settings.significance, n_classes),
-        log_likelihood=log_evidence - image_norm,
+        log_likelihood=log_evidence - batch.image_norm(),
         class_posterior=posterior,
         angular_spread_deg=torch.zeros(b, dtype=posterior.dtype, device=device),
         best_projections=projections.permute(1, 0, 2)[torch.arange(b, device=device), best],
