@@ -40,7 +40,8 @@ from cryotorch.io import ParticleImageReader, ParticleTable, write_particles
 from cryotorch.jobs.class3d import Class3DJob, ParticleState
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
-from cryotorch.monitor import progress, save_class_sizes_plot, save_histogram_plot
+from cryotorch.monitor import progress
+from cryotorch.monitor.plots import save_class_sizes_plot, save_histogram_plot
 from cryotorch.ops.fourier import fourier_crop_2d, squared_magnitude
 from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
 

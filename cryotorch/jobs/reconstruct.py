@@ -25,7 +25,8 @@ from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, val
 from cryotorch.em.mstep import half_set_reconstruction
 from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.jobs.context import RunContext
-from cryotorch.monitor import log_central_slices, log_curve, log_scalars, progress_bar, save_fsc_plot
+from cryotorch.monitor import log_central_slices, log_curve, log_scalars, progress_bar
+from cryotorch.monitor.plots import save_fsc_plot
 from cryotorch.ops.backprojection import insert_slices
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import soft_spherical_mask
