@@ -54,6 +54,12 @@ def test_centred_fft_round_trip_and_centre(box: int) -> None:
     delta = torch.zeros(box, box, box, dtype=torch.float64)
     delta[box // 2, box // 2, box // 2] = 1
     torch.testing.assert_close(rfft3_centered(delta), torch.ones(box, box, box // 2 + 1, dtype=torch.complex128))
+    # the layout is NumPy's fftshift(rfftn(ifftshift(.))), for a batch and a transposed view too
+    batch = torch.randn(2, box, box, box, dtype=torch.float64).transpose(-1, -2)
+    reference = np.fft.fftshift(np.fft.rfftn(np.fft.ifftshift(batch.numpy(), axes=(1, 2, 3)), axes=(1, 2, 3)), axes=(1, 2))
+    np.testing.assert_allclose(rfft3_centered(batch).numpy(), reference, rtol=0, atol=1e-10)
+    inverse = np.fft.fftshift(np.fft.irfftn(np.fft.ifftshift(reference, axes=(1, 2)), s=(box,) * 3, axes=(1, 2, 3)), axes=(1, 2, 3))
+    np.testing.assert_allclose(irfft3_centered(torch.from_numpy(reference), box).numpy(), inverse, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["centered", "shifted"])
