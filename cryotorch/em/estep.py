@@ -75,6 +75,13 @@ class PreparedBatch:
         scores leave out, added back for its log-likelihood contribution."""
         return 0.5 * (squared_magnitude(self.spectra) * self.inv_sigma2).sum(-1)
 
+    def ctf_weight(self, n: int | None = None) -> torch.Tensor:
+        """``(B, n)`` ``(scale·CTF)²/σ²`` of the first ``n`` components (all of them: None):
+        twice the factor ``q`` of ``|P|²`` in the scores (``L·P − q·|P|²``), and what each
+        image adds to the reconstruction's weights (times its posterior)."""
+        m = self.ctf.shape[1] if n is None else n
+        return (self.scale[:, None] * self.ctf[:, :m]) ** 2 * self.inv_sigma2[:, :m]
+
 
 @dataclass
 class EStepSettings:
@@ -819,7 +826,7 @@ def _score_operands(batch: PreparedBatch, ramps: torch.Tensor, n: int) -> tuple[
     weighted = shifted * factor[:, None, :]  # L
     b, t = weighted.shape[:2]
     stacked = torch.cat([weighted.real, weighted.imag], dim=-1).reshape(b * t, 2 * n)
-    q = 0.5 * (batch.scale[:, None] * batch.ctf[:, :n]) ** 2 * batch.inv_sigma2[:, :n]  # (B, n)
+    q = 0.5 * batch.ctf_weight(n)  # (B, n)
     return weighted, stacked, q
 
 
@@ -1378,8 +1385,7 @@ def _fine_sub_batch(
     active = (rotation_posterior.amax(0) > 1e-4).nonzero()[:, 0]
     weights = posterior[:, :, active].permute(2, 0, 1).reshape(active.numel(), -1)  # (Ra, b·Tf)
     data = torch.complex(weights @ weighted.real.reshape(-1, n), weights @ weighted.imag.reshape(-1, n))
-    two_q = (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2  # (b, n)
-    weight = rotation_posterior[:, active].T @ two_q  # (Ra, n)
+    weight = rotation_posterior[:, active].T @ batch.ctf_weight()  # (Ra, n)
     result = EStepResult(
         best_class=fine_class[best_rot],
         best_euler_deg=best_euler.double(),
@@ -1478,7 +1484,7 @@ def _own_samples_sub_batch(
     chosen = entry_active.nonzero()
     chosen_weights = posterior[chosen[:, 0], chosen[:, 1]].transpose(-1, -2)  # (E, F, S)
     sums = torch.matmul(chosen_weights, rows[chosen[:, 0], chosen[:, 1]])  # (E, F, 2n)
-    two_q = (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2  # (b, n)
+    two_q = batch.ctf_weight()  # (b, n)
     chosen_ids = entry_id[chosen[:, 0], chosen[:, 1]].reshape(-1)  # (E·F,)
     keep = active_ids[torch.searchsorted(ids, chosen_ids)]
     out_ids, out_of = torch.unique(chosen_ids[keep], return_inverse=True)
@@ -1534,7 +1540,8 @@ def _expectation_fixed_pose(
     projections = extract_slices(volumes_ft, rotations, frequencies, settings.box_size, settings.memory_budget_bytes)  # (K, b, n)
     factor = batch.scale[:, None] * batch.ctf * batch.inv_sigma2
     weighted = batch.spectra * factor  # L (b, n)
-    q = 0.5 * (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2
+    two_q = batch.ctf_weight()
+    q = 0.5 * two_q
     # diagonal of the same GEMMs: each particle against its own orientation only
     cross = torch.einsum("bn,kbn->bk", weighted.real, projections.real) + torch.einsum("bn,kbn->bk", weighted.imag, projections.imag)
     norm = torch.einsum("bn,kbn->bk", q, squared_magnitude(projections))
@@ -1553,7 +1560,6 @@ def _expectation_fixed_pose(
     best = posterior.argmax(dim=-1)
     if settings.hard_classification:
         posterior = torch.nn.functional.one_hot(best, n_classes).to(posterior.dtype)
-    two_q = 2 * q
     # classes holding a negligible share of a particle's posterior add nothing visible
     slices = [
         WeightedSlices(k, rotations[members], posterior[members, k, None] * weighted[members], posterior[members, k, None] * two_q[members])

@@ -71,8 +71,11 @@ def self_overlap_sum(
     coordinates, extracted = coordinates.reshape(3, -1), extracted.reshape(3, -1)  # (3, S) planes
     lower = torch.floor(coordinates)
     fraction = coordinates - lower
-    extracted_lower = torch.floor(extracted)
-    extracted_fraction = extracted - extracted_lower
+    if extracted_rotations is None:
+        extracted_lower, extracted_fraction = lower, fraction
+    else:
+        extracted_lower = torch.floor(extracted)
+        extracted_fraction = extracted - extracted_lower
 
     # per axis, for the lower and upper inserted corner: Σ_u t'_u·K(v − u) over the extraction's
     # two corners; K(d) for d = −2 … 2 (0 beyond) looked up at d = offset − 1, offset, offset + 1
