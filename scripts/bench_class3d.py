@@ -34,6 +34,9 @@ sampling.final_offset_range_px=1 job.tau2_estimate=posterior job.mask_diameter_A
 sampling.local_search_deg=5 sampling.offset_step_px=0.25 sampling.offset_range_px=1
 job.tau2_estimate=posterior job.mask_diameter_A=250``.
 
+With ``--maps-only --workdir DIR`` it writes the true maps into DIR and stops, for running the
+benchmark set's jobs by hand (README, "The benchmark set, step by step").
+
 The low-SNR schedule of docs/benchmarks.md (E-step limited to 30 Å in the first iterations):
 ``--iterations 36 --class3d-overrides job.highres_limit_estep_A=30 job.highres_limit_estep_iterations=20``.
 """
@@ -226,6 +229,7 @@ def main() -> None:
     parser.add_argument("--class3d-overrides", nargs="*", default=[], help="extra key=value settings of the class3d runs, e.g. sampling.final_local_iterations=5")
     parser.add_argument("--continue-iterations", type=int, default=0, help="then continue the aligned run in its folder for this many iterations")
     parser.add_argument("--continue-overrides", nargs="*", default=[], help="key=value settings of the continuation (instead of --class3d-overrides)")
+    parser.add_argument("--maps-only", action="store_true", help="write the true maps (classA.mrc, classB.mrc, junk.mrc) into --workdir and stop")
     args = parser.parse_args()
     start_thread_pool()
     # the runs' device: compute.accelerator is auto unless an override names it
@@ -235,6 +239,9 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_class3d_"))
     work.mkdir(parents=True, exist_ok=True)
     class_a, class_b, junk = make_maps(args.map, work)
+    if args.maps_only:
+        print(f"true maps: {class_a}, {class_b}, {junk} ({BOX} px, {PIXEL} Å/px)")
+        return
     for snr in args.snr:
         folder = work / f"snr{snr}"
         particles, truth = simulate_set([class_a, class_b], folder, args.particles, args.junk, snr)
