@@ -19,7 +19,7 @@ from cryotorch.io import read_mrc, read_particles, read_star, write_mrc
 from cryotorch.ops.healpix import rotation_angle_deg
 
 from conftest import c4_average, quarter_turn
-from test_jobs import REPO, input_errors, train
+from test_jobs import REPO, one_process_runs, train
 
 BOX, PIXEL = 32, 6.0
 
@@ -143,18 +143,17 @@ def test_reference_mask_and_grey_scale(two_class_data: dict[str, Path], tmp_path
         assert np.abs(volume[outside]).max() < 1e-6 * np.abs(volume).max()
     bright = folder / "bright.mrc"
     write_mrc(bright, 1000 * torch.as_tensor(np.array(read_mrc(two_class_data["reference"]).data)), PIXEL)
-    results = {}
-    for name, extra in (("plain", ()), ("bright", (f"job.reference={bright}",)), ("absolute", (f"job.reference={bright}", "job.reference_absolute_greyscale=true"))):
-        run = tmp_path / name
-        train(*class3d_overrides(two_class_data, run, "job.n_iterations=1", "sampling.align=false"), *extra)
-        results[name] = read_mrc(run / "run_it001_class001.mrc").data
+    bad = folder / "bad_mask.mrc"
+    write_mrc(bad, 2 * ((x**2 + y**2 + z**2).sqrt() <= 9).float(), PIXEL)
+    settings = {"plain": [], "bright": [f"job.reference={bright}"], "absolute": [f"job.reference={bright}", "job.reference_absolute_greyscale=true"]}
+    runs = [(class3d_overrides(two_class_data, tmp_path / name, "job.n_iterations=1", "sampling.align=false", *extra), tmp_path / name) for name, extra in settings.items()]
+    *ended, bad_mask = one_process_runs([*runs, (class3d_overrides(two_class_data, tmp_path / "bad", f"job.reference_mask={bad}"), tmp_path / "bad")])
+    assert ended == [None] * len(settings)
+    results = {name: read_mrc(tmp_path / name / "run_it001_class001.mrc").data for name in settings}
     scale = np.abs(results["plain"]).max()
     assert np.allclose(results["bright"], results["plain"], rtol=0, atol=1e-3 * scale)
     assert not np.allclose(results["absolute"], results["plain"], rtol=0, atol=0.1 * scale)
-    bad = folder / "bad_mask.mrc"
-    write_mrc(bad, 2 * ((x**2 + y**2 + z**2).sqrt() <= 9).float(), PIXEL)
-    result = train(*class3d_overrides(two_class_data, tmp_path / "bad", f"job.reference_mask={bad}"), check=False)
-    assert result.returncode == 2 and "bad_mask.mrc" in result.stderr + result.stdout and "[0, 1]" in result.stderr + result.stdout
+    assert bad_mask is not None and "bad_mask.mrc" in bad_mask and "[0, 1]" in bad_mask
 
 
 def test_fast_subsets_classify_a_subset_first(tmp_path: Path) -> None:
@@ -328,8 +327,9 @@ def test_a_global_search_within_a_tiny_memory_budget_gives_the_same_result(two_c
     # back-projection work in small chunks too. Only the order of sums differs: the maps agree
     # to ~3e-5 of their maximum after one iteration; after two to ~2e-3, as samples at the
     # edge of a particle's significant mass fall in or out
-    for budget in ("null", "0.001"):
-        classify(two_class_data, tmp_path / budget, "job.n_iterations=2", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", f"compute.memory_budget_gb={budget}")
+    settings = ("job.n_iterations=2", "sampling.angular_step_deg=15", "sampling.offset_range_px=2")
+    runs = [(class3d_overrides(two_class_data, tmp_path / budget, *settings, f"compute.memory_budget_gb={budget}"), tmp_path / budget) for budget in ("null", "0.001")]
+    assert one_process_runs(runs) == [None, None]
     for iteration, tolerance in ((1, 1e-4), (2, 5e-3)):
         roomy, tight = (read_particles(tmp_path / budget / f"run_it{iteration:03d}_data.star") for budget in ("null", "0.001"))
         np.testing.assert_array_equal(tight.class_number, roomy.class_number)
@@ -431,16 +431,20 @@ def test_select_writes_the_chosen_classes(two_class_data: dict[str, Path], tmp_p
     classify(two_class_data, out, "job.n_iterations=2", "sampling.align=false")
     classes = final_classes(out, 2)
     selected = tmp_path / "select"
-    train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[2]", f"hydra.run.dir={selected}")
+    select = ["+job=select", f"data.particles={out / 'run_it002_data.star'}"]
+    # the second with an output name whose folders it makes
+    one, both, empty, none = one_process_runs([
+        ([*select, "job.classes=[2]"], selected),
+        ([*select, "job.classes=[1,2]", "job.output_name=subsets/both.star"], selected),
+        ([*select, "job.classes=[]"], tmp_path / "bad"),
+        ([*select, "job.classes=[5]"], tmp_path / "none"),
+    ])
+    assert one is None and both is None
     subset = read_particles(selected / "particles.star")
     assert len(subset) == int((classes == 2).sum()) and (subset.class_number == 2).all()
-    # an output name with folders makes them
-    train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[1,2]", "job.output_name=subsets/both.star", f"hydra.run.dir={selected}")
     assert len(read_particles(selected / "subsets" / "both.star")) == len(classes)
-    empty = train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[]", f"hydra.run.dir={tmp_path / 'bad'}", check=False)
-    assert empty.returncode == 2 and "job.classes" in empty.stderr + empty.stdout
-    none = train("+job=select", f"data.particles={out / 'run_it002_data.star'}", "job.classes=[5]", f"hydra.run.dir={tmp_path / 'none'}", check=False)
-    assert none.returncode == 2 and "job.classes=[5] select no particle" in none.stderr + none.stdout
+    assert empty is not None and "job.classes" in empty
+    assert none is not None and "job.classes=[5] select no particle" in none
 
 
 def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path: Path) -> None:
@@ -466,7 +470,7 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
         ([f"job.reference=[{empty},{empty}]", "job.K=2"], "are zero inside the particle mask"),
     ]
     common = ["+job=class3d", f"data.particles={two_class_data['particles']}"]
-    messages = input_errors([([*common, *overrides], tmp_path / str(number)) for number, (overrides, _) in enumerate(cases)])
+    messages = one_process_runs([([*common, *overrides], tmp_path / str(number)) for number, (overrides, _) in enumerate(cases)])
     for (overrides, phrase), message in zip(cases, messages, strict=True):
         assert message is not None and phrase in message, overrides
 
@@ -481,21 +485,18 @@ def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dic
 
 def test_fixed_references_classify_against_known_maps(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     folder = two_class_data["folder"]
-    out = tmp_path / "fixed"
-    train(
-        "+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]",
-        "job.K=2", "job.ini_high_A=null", "job.n_iterations=2", "job.update_references=false", "sampling.align=false", f"hydra.run.dir={out}",
-    )
+    out, same = tmp_path / "fixed", tmp_path / "same"
+    fixed = ["+job=class3d", f"data.particles={two_class_data['particles']}", "job.K=2", "job.ini_high_A=null", "job.update_references=false", "sampling.align=false"]
+    # the second against two copies of one map
+    assert one_process_runs([
+        ([*fixed, f"job.reference=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]", "job.n_iterations=2"], out),
+        ([*fixed, f"job.reference=[{folder / 'map0.mrc'},{folder / 'map0.mrc'}]", "job.n_iterations=3"], same),
+    ]) == [None, None]
     np.testing.assert_array_equal(read_mrc(out / "run_it001_class001.mrc").data, read_mrc(out / "run_it002_class001.mrc").data)
     truth = read_particles(two_class_data["truth"]).class_number
     assert float(np.mean(final_classes(out, 2) == truth)) >= 0.95  # labels follow the references
     # the fixed maps hold none of the particles, so a particle's last class neither helps nor
     # hurts it: against two copies of one map every class posterior stays 1/2
-    same = tmp_path / "same"
-    train(
-        "+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference=[{folder / 'map0.mrc'},{folder / 'map0.mrc'}]",
-        "job.K=2", "job.ini_high_A=null", "job.n_iterations=3", "job.update_references=false", "sampling.align=false", f"hydra.run.dir={same}",
-    )
     for iteration in (2, 3):
         pmax = read_star(same / f"run_it00{iteration}_data.star")["particles"]["rlnMaxValueProbDistribution"].to_numpy(float)
         np.testing.assert_allclose(pmax, 0.5, atol=1e-3)

@@ -19,7 +19,7 @@ from cryotorch.jobs.class3d_online import kmeans
 from cryotorch.ops.fourier import fourier_crop_2d, fourier_crop_3d
 
 from test_class3d import accuracy
-from test_jobs import REPO, input_errors, train
+from test_jobs import REPO, one_process_runs, train
 
 BOX, PIXEL = 32, 6.0
 
@@ -39,11 +39,15 @@ def three_class_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     return {"folder": folder, "particles": sim / "particles.star", "truth": sim / "truth.star"}
 
 
-def classify(data: dict[str, Path], out: Path, *extra: str) -> None:
-    train(
+def online_overrides(data: dict[str, Path], *extra: str) -> list[str]:
+    return [
         "+job=class3d_online", f"data.particles={data['particles']}", "job.K=3", "job.n_online_epochs=1", "job.batch_size_per_class=60",
-        "job.init_particles_per_class=60", "job.max_full_iterations=3", f"hydra.run.dir={out}", *extra,
-    )
+        "job.init_particles_per_class=60", "job.max_full_iterations=3", *extra,
+    ]
+
+
+def classify(data: dict[str, Path], out: Path, *extra: str) -> None:
+    train(*online_overrides(data, *extra), f"hydra.run.dir={out}")
 
 
 def last_iteration(out: Path) -> int:
@@ -114,8 +118,8 @@ def test_a_killed_online_run_resumes_to_the_same_result(three_class_data: dict[s
 def test_a_converged_run_goes_on_under_other_stopping_criteria(three_class_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "converged"
     lenient = ["job.n_online_epochs=2", "job.max_full_iterations=2", "job.switch_threshold=1.0", "job.rms_change_threshold=10"]
-    classify(three_class_data, out, *lenient)  # converges in its first full-batch iteration (3)
-    classify(three_class_data, out, *lenient)  # the same command finds it finished
+    # the first converges in its first full-batch iteration (3), and the same command then finds it finished
+    assert one_process_runs([(online_overrides(three_class_data, *lenient), out)] * 2) == [None, None]
     assert (out / "run_it003_data.star").is_file() and not (out / "run_it004_data.star").exists()
     classify(three_class_data, out, "job.n_online_epochs=2", "job.max_full_iterations=2", "job.switch_threshold=null", "job.rms_change_threshold=null")
     assert (out / "run_it004_data.star").is_file()
@@ -151,7 +155,7 @@ def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: P
         ("sampling.align=true", ["sampling.align=false"]),
         ("job.mask_diameter_A=5000", ["job.mask_diameter_A=5000 Å does not fit the particles' box"]),
     ]
-    messages = input_errors([(["+job=class3d_online", f"data.particles={particles}", override], tmp_path / str(number)) for number, (override, _) in enumerate(cases)])
+    messages = one_process_runs([(["+job=class3d_online", f"data.particles={particles}", override], tmp_path / str(number)) for number, (override, _) in enumerate(cases)])
     for (override, phrases), message in zip(cases, messages, strict=True):
         assert message is not None and all(phrase in message for phrase in phrases), override
 

@@ -35,7 +35,7 @@ def train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess[st
 # runs the override lists of argv[1] (JSON: [[overrides, output folder], ...]) as
 # ``python -m cryotorch.train`` would, one after the other in this one process, and prints
 # the message of the bad input each stops with (null for a run that ends well)
-_INPUT_ERRORS = """
+_ONE_PROCESS_RUNS = """
 import json, sys
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -62,23 +62,24 @@ print(json.dumps(messages))
 """
 
 
-def input_errors(cases: list[tuple[list[str], Path]]) -> list[str | None]:
-    """The bad-input message each run of ``cases`` (overrides, output folder) stops with, None
-    for one that ends well: as ``python -m cryotorch.train`` reports them, from one process
-    rather than one each (most of a failing run's time is its imports)."""
+def one_process_runs(cases: list[tuple[list[str], Path]]) -> list[str | None]:
+    """Run ``cases`` (overrides, output folder) one after the other, as ``python -m
+    cryotorch.train`` would, in one process rather than one each (most of a short run's time
+    is its imports; the runs write no ``train.log``); returns the bad-input message each run
+    stops with, None for one that ends well."""
     argument = json.dumps([[overrides, str(folder)] for overrides, folder in cases])
-    result = subprocess.run([sys.executable, "-c", _INPUT_ERRORS, argument], cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-c", _ONE_PROCESS_RUNS, argument], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def simulate(folder: Path, map_path: Path, n_particles: int, snr: str, seed: int = 0, extra: tuple[str, ...] = ()) -> Path:
-    train(
+def simulation(map_path: Path, n_particles: int, snr: str) -> list[str]:
+    """Overrides of a simulate run of ``map_path`` at 5 Å/px, box 64, realistic defocus."""
+    return [
         "+job=simulate", f"job.maps=[{map_path}]", "job.pixel_size_angstrom=5.0", "job.box_size=64",
         f"job.n_particles={n_particles}", f"job.snr={snr}", "job.defocus_min_angstrom=8000",
-        "job.defocus_max_angstrom=25000", f"seed={seed}", f"hydra.run.dir={folder}", *extra,
-    )
-    return folder / "particles.star"
+        "job.defocus_max_angstrom=25000", "seed=0",
+    ]
 
 
 def test_simulate_writes_particles_truth_and_logs(tmp_path: Path) -> None:
@@ -103,9 +104,8 @@ def test_simulate_writes_particles_truth_and_logs(tmp_path: Path) -> None:
 
 def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_path: Path) -> None:
     map_path = shared_data / "maps" / "aspire_70S" / "clean70SRibosome_vol_65p.mrc"
-    star = simulate(tmp_path / "sim", map_path, 5000, "null")
-    out = tmp_path / "rec"
-    train("+job=reconstruct", f"data.particles={star}", f"hydra.run.dir={out}")
+    star, out = tmp_path / "sim" / "particles.star", tmp_path / "rec"
+    assert one_process_runs([(simulation(map_path, 5000, "null"), star.parent), (["+job=reconstruct", f"data.particles={star}"], out)]) == [None, None]
     truth = crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), 64)
     reconstruction = torch.as_tensor(np.array(read_mrc(out / "run_class001.mrc").data))
     fsc = fourier_shell_correlation(rfft3_centered(reconstruction), rfft3_centered(truth))
@@ -117,22 +117,26 @@ def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_p
         assert read_mrc(out / name).voxel_size_angstrom[0] == pytest.approx(5.0)
 
 
-def half_map_resolution(shared_data: Path, tmp_path: Path, n_particles: int) -> float:
+def half_map_resolutions(shared_data: Path, tmp_path: Path, sizes: tuple[int, ...]) -> list[float]:
+    """Half-map FSC 0.143 resolution (Å) of the map reconstructed from each number of
+    simulated particles (SNR 0.05)."""
     map_path = shared_data / "maps" / "aspire_70S" / "clean70SRibosome_vol_65p.mrc"
-    star = simulate(tmp_path / f"sim{n_particles}", map_path, n_particles, "0.05")
-    out = tmp_path / f"rec{n_particles}"
-    train("+job=reconstruct", f"data.particles={star}", "job.mask_diameter_angstrom=300", f"hydra.run.dir={out}")
-    return float(read_star(out / "run_fsc.star")["general"]["rlnFinalResolution"])
+    runs = []
+    for n in sizes:
+        star = tmp_path / f"sim{n}" / "particles.star"
+        runs += [(simulation(map_path, n, "0.05"), star.parent), (["+job=reconstruct", f"data.particles={star}", "job.mask_diameter_angstrom=300"], tmp_path / f"rec{n}")]
+    assert one_process_runs(runs) == [None] * len(runs)
+    return [float(read_star(tmp_path / f"rec{n}" / "run_fsc.star")["general"]["rlnFinalResolution"]) for n in sizes]
 
 
 def test_resolution_improves_with_more_particles(shared_data: Path, tmp_path: Path) -> None:
-    few, many = (half_map_resolution(shared_data, tmp_path, n) for n in (300, 3000))
+    few, many = half_map_resolutions(shared_data, tmp_path, (300, 3000))
     assert many < few - 2.0
 
 
 @pytest.mark.slow
 def test_resolution_improves_from_1k_to_10k_particles(shared_data: Path, tmp_path: Path) -> None:
-    few, many = (half_map_resolution(shared_data, tmp_path, n) for n in (1000, 10000))
+    few, many = half_map_resolutions(shared_data, tmp_path, (1000, 10000))
     assert many < few - 1.5
 
 
@@ -150,7 +154,7 @@ def test_bad_input_fails_with_a_clear_message(tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert "nope.star" in missing.stderr + missing.stdout
     star = tmp_path / "c" / "particles.star"
-    no_job, simulated, *bad = input_errors([
+    no_job, simulated, *bad = one_process_runs([
         ([], tmp_path / "b"),
         (["+job=simulate", "job.n_particles=4", "job.phantom_box_size=16"], tmp_path / "c"),
         (["+job=reconstruct", f"data.particles={star}", "model.symmetry=X7"], tmp_path / "d"),
