@@ -556,7 +556,8 @@ class Class3DJob:
         timer = PhaseTimer(device, _PHASES)
         radius = self.current_radius(model, iteration)
         frequencies, component_index, shells = self.components(radius)
-        volumes_ft = prepare_fourier_volumes(model.volumes * self.mask, context.padding_factor)
+        # the maps were masked once (reference, M-step), as RELION's projector holds them
+        volumes_ft = prepare_fourier_volumes(model.volumes, context.padding_factor)
         budget = context.memory_budget_bytes
         grid = None
         coarse = None
