@@ -274,7 +274,7 @@ class OnlineClass3DJob(Class3DJob):
         ``labels[chunk]`` and their half sets."""
         batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
         rotations = self.rotations(chunk)
-        two_q = (batch.scale[:, None] * batch.ctf) ** 2 * batch.inv_sigma2
+        two_q = batch.ctf_weight()
         weighted = batch.spectra * batch.scale[:, None] * batch.ctf * batch.inv_sigma2
         subset = torch.as_tensor(labels[chunk], device=self.device)
         half = self.halves[torch.as_tensor(chunk, device=self.device)]
