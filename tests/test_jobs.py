@@ -117,6 +117,32 @@ def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_p
         assert read_mrc(out / name).voxel_size_angstrom[0] == pytest.approx(5.0)
 
 
+def test_benchmark_maps_for_running_its_jobs_by_hand(shared_data: Path, tmp_path: Path) -> None:
+    # scripts/bench_class3d.py --maps-only (README, "The benchmark set, step by step"): class A
+    # is the 70S map in a 64 px box at 5 Å/px, class B the same map with one compact ball
+    # holding 10 % of its positive mass (at least, to the next whole radius) set to zero, and
+    # an empty map for the junk
+    map_path = shared_data / "maps" / "aspire_70S" / "clean70SRibosome_vol_65p.mrc"
+    result = subprocess.run(
+        [sys.executable, "scripts/bench_class3d.py", "--map", str(map_path), "--maps-only", "--workdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    maps = {name: read_mrc(tmp_path / f"{name}.mrc") for name in ("classA", "classB", "junk")}
+    assert all(m.data.shape == (64, 64, 64) and m.voxel_size_angstrom[0] == pytest.approx(5.0) for m in maps.values())
+    class_a = np.array(maps["classA"].data)
+    np.testing.assert_array_equal(class_a, crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), 64).numpy())
+    removed = np.array(maps["classB"].data) != class_a
+    np.testing.assert_array_equal(np.array(maps["classB"].data)[removed], 0)
+    positive = class_a.clip(min=0)
+    assert 0.10 <= positive[removed].sum() / positive.sum() < 0.15
+    # one ball: the changed voxels fill the smallest ball about their centre that holds them
+    points = np.argwhere(removed)
+    radius = np.linalg.norm(points - points.mean(0), axis=1).max()
+    assert removed.sum() / (4 / 3 * np.pi * radius**3) > 0.9
+    assert not np.array(maps["junk"].data).any()
+
+
 def half_map_resolutions(shared_data: Path, tmp_path: Path, sizes: tuple[int, ...]) -> list[float]:
     """Half-map FSC 0.143 resolution (Å) of the map reconstructed from each number of
     simulated particles (SNR 0.05)."""
