@@ -75,6 +75,12 @@ class PreparedBatch:
         scores leave out, added back for its log-likelihood contribution."""
         return 0.5 * (squared_magnitude(self.spectra) * self.inv_sigma2).sum(-1)
 
+    def ctf_factor(self, n: int | None = None) -> torch.Tensor:
+        """``(B, n)`` ``scale·CTF/σ²`` of the first ``n`` components (all of them: None): the
+        factor that turns an image's spectrum into ``L``, the cross term's operand."""
+        m = self.ctf.shape[1] if n is None else n
+        return self.scale[:, None] * self.ctf[:, :m] * self.inv_sigma2[:, :m]
+
     def ctf_weight(self, n: int | None = None) -> torch.Tensor:
         """``(B, n)`` ``(scale·CTF)²/σ²`` of the first ``n`` components (all of them: None):
         twice the factor ``q`` of ``|P|²`` in the scores (``L·P − q·|P|²``), and what each
@@ -821,7 +827,7 @@ class FinePassCache:
 def _score_operands(batch: PreparedBatch, ramps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``L`` ``(B, T, n)``, its real and imaginary parts side by side ``(B·T, 2n)`` (the cross
     term's operand) and ``Q`` ``(B, n)`` (the norm term's)."""
-    factor = batch.scale[:, None] * batch.ctf[:, :n] * batch.inv_sigma2[:, :n]  # (B, n)
+    factor = batch.ctf_factor(n)  # (B, n)
     shifted = batch.spectra[:, None, :n] * ramps[None, :, :n]  # (B, T, n)
     weighted = shifted * factor[:, None, :]  # L
     b, t = weighted.shape[:2]
@@ -1538,8 +1544,7 @@ def _expectation_fixed_pose(
     b, n = batch.spectra.shape
     rotations = euler_deg_to_matrix(batch.prior_euler_deg).float()
     projections = extract_slices(volumes_ft, rotations, frequencies, settings.box_size, settings.memory_budget_bytes)  # (K, b, n)
-    factor = batch.scale[:, None] * batch.ctf * batch.inv_sigma2
-    weighted = batch.spectra * factor  # L (b, n)
+    weighted = batch.spectra * batch.ctf_factor()  # L (b, n)
     two_q = batch.ctf_weight()
     q = 0.5 * two_q
     # diagonal of the same GEMMs: each particle against its own orientation only

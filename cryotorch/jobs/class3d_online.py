@@ -275,7 +275,7 @@ class OnlineClass3DJob(Class3DJob):
         batch = self.prepare(model, state, chunk, component_index, shells, frequencies, self.ctf)
         rotations = self.rotations(chunk)
         two_q = batch.ctf_weight()
-        weighted = batch.spectra * batch.scale[:, None] * batch.ctf * batch.inv_sigma2
+        weighted = batch.spectra * batch.ctf_factor()
         subset = torch.as_tensor(labels[chunk], device=self.device)
         half = self.halves[torch.as_tensor(chunk, device=self.device)]
         for h in (1, 2):
