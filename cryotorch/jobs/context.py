@@ -96,17 +96,19 @@ class RunContext:
         """Sum of ``tensor`` over a power-of-two number of processes, added pairwise in rank
         order, ``((r0 + r1) + (r2 + r3)) + …``, so that ranks holding consecutive nodes of a
         :class:`~cryotorch.em.sums.SumTree` end with the bits of its root. The ranks' values
-        are gathered in chunks of at most ``chunk_bytes`` per rank."""
+        are gathered in chunks that hold at most ``chunk_bytes`` for all ranks together
+        (``chunk_bytes / world_size`` from each), and added in place."""
         world_size = self.fabric.world_size
         if world_size == 1:
             return tensor
         values = torch.view_as_real(tensor) if tensor.is_complex() else tensor
         flat, total = values.reshape(-1), torch.empty_like(values)
-        size = max(1, int(chunk_bytes // flat.element_size()))
+        size = max(1, int(chunk_bytes // (world_size * flat.element_size())))
         for start in range(0, flat.numel(), size):
             parts = self.fabric.all_gather(flat[start : start + size].contiguous())  # (ranks, chunk)
             while parts.shape[0] > 1:
-                parts = parts[0::2] + parts[1::2]
+                parts[0::2] += parts[1::2]
+                parts = parts[0::2]
             total.view(-1)[start : start + size] = parts[0]
         return torch.view_as_complex(total) if tensor.is_complex() else total
 
