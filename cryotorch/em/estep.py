@@ -78,15 +78,13 @@ class PreparedBatch:
     def ctf_factor(self, n: int | None = None) -> torch.Tensor:
         """``(B, n)`` ``scale·CTF/σ²`` of the first ``n`` components (all of them: None): the
         factor that turns an image's spectrum into ``L``, the cross term's operand."""
-        m = self.ctf.shape[1] if n is None else n
-        return self.scale[:, None] * self.ctf[:, :m] * self.inv_sigma2[:, :m]
+        return self.scale[:, None] * self.ctf[:, :n] * self.inv_sigma2[:, :n]
 
     def ctf_weight(self, n: int | None = None) -> torch.Tensor:
         """``(B, n)`` ``(scale·CTF)²/σ²`` of the first ``n`` components (all of them: None):
         twice the factor ``q`` of ``|P|²`` in the scores (``L·P − q·|P|²``), and what each
         image adds to the reconstruction's weights (times its posterior)."""
-        m = self.ctf.shape[1] if n is None else n
-        return (self.scale[:, None] * self.ctf[:, :m]) ** 2 * self.inv_sigma2[:, :m]
+        return (self.scale[:, None] * self.ctf[:, :n]) ** 2 * self.inv_sigma2[:, :n]
 
 
 @dataclass
