@@ -129,3 +129,27 @@ def test_map_with_nan_or_infinite_voxels_is_input_error(tmp_path: Path) -> None:
             mrc.set_data(volume)
     with pytest.raises(InputError, match=r"holes\.mrc: 2 of 120 voxels are NaN or infinite \(the first at x, y, z = 1, 3, 2\)"):
         read_mrc(path)
+
+
+def test_unreadable_maps_and_stacks_are_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"MRC file .*nope\.mrc does not exist; check the path"):
+        read_mrc(tmp_path / "nope.mrc")
+    stub = tmp_path / "stub.mrc"
+    stub.write_bytes(b"not an MRC file")
+    with pytest.raises(InputError, match=r"stub\.mrc.*check that it is an intact MRC file|stub\.mrc.*truncated or not an MRC file"):
+        read_mrc(stub)
+    complex_map = tmp_path / "complex.mrc"
+    with mrcfile.new(complex_map) as mrc:
+        mrc.set_data(np.zeros((4, 4, 4), dtype=np.complex64))
+    with pytest.raises(InputError, match=r"complex\.mrc has mode 4; supported modes are 0, 1, 2, 6 and 12 — convert it to mode 2"):
+        read_mrc(complex_map)
+    oblong = tmp_path / "oblong.mrcs"
+    write_mrc(oblong, np.zeros((2, 4, 6)), voxel_size_angstrom=1.0)
+    with pytest.raises(InputError, match=r"image stack .*oblong\.mrcs has non-square 6x4 images; crop or re-extract them square"):
+        ImageStack(oblong)
+    swapped = tmp_path / "swapped.mrcs"
+    with mrcfile.new(swapped) as mrc:
+        mrc.set_data(np.zeros((2, 4, 4), dtype=np.float32))
+        mrc.header.mapc, mrc.header.mapr = 2, 1
+    with pytest.raises(InputError, match=r"image stack .*swapped\.mrcs stores its axes in the order mapc/mapr/maps = 2/1/3; rewrite it in the standard order 1/2/3"):
+        ImageStack(swapped)

@@ -79,11 +79,10 @@ def _open_mrc(path: Path, *, header_only: bool = False, mmap: bool = False) -> M
             f"cannot read the data of MRC file {path}: {reasons}; the file is probably truncated or "
             "not an MRC file — re-export or re-copy it"
         )
-    if int(mrc.header.mode) not in _BYTES_PER_VALUE:
+    mode = int(mrc.header.mode)
+    if mode not in _BYTES_PER_VALUE:
         mrc.close()
-        raise InputError(
-            f"MRC file {path} has mode {int(mrc.header.mode)}; supported modes are 0, 1, 2, 6 and 12 — convert it to mode 2"
-        )
+        raise InputError(f"MRC file {path} has mode {mode}; supported modes are 0, 1, 2, 6 and 12 — convert it to mode 2")
     return mrc
 
 
@@ -207,11 +206,9 @@ class ImageStack:
         self._mrc = _open_mrc(self.path, mmap=True)
         header = self._mrc.header
         if _axis_permutation(header) != (0, 1, 2):
+            order = f"{int(header.mapc)}/{int(header.mapr)}/{int(header.maps)}"
             self.close()
-            raise InputError(
-                f"image stack {self.path} stores its axes in the order mapc/mapr/maps = "
-                f"{int(header.mapc)}/{int(header.mapr)}/{int(header.maps)}; rewrite it in the standard order 1/2/3"
-            )
+            raise InputError(f"image stack {self.path} stores its axes in the order mapc/mapr/maps = {order}; rewrite it in the standard order 1/2/3")
         data = self._mrc.data
         self._images = data[None] if data.ndim == 2 else data  # (n, y, x)
         self.n_images = int(self._images.shape[0])
