@@ -102,6 +102,78 @@ def test_simulate_writes_particles_truth_and_logs(tmp_path: Path) -> None:
     assert images.std() == pytest.approx(1.0, rel=0.15)
 
 
+def test_simulate_reuses_poses_and_ctfs_and_draws_class_fractions(shared_data: Path, tmp_path: Path) -> None:
+    # poses cycled from a RELION STAR (4 rows), CTFs drawn from another (5 rows), three times
+    # as many particles of the first map as of the second, and a particles.star without poses
+    # (data to be aligned from scratch) beside the truth
+    from cryotorch.data.phantom import blob_phantom
+    from cryotorch.io import write_mrc
+
+    maps = [tmp_path / f"map{index}.mrc" for index in range(2)]
+    for index, path in enumerate(maps):
+        write_mrc(path, blob_phantom(16, 6.0, seed=index), 6.0)
+    poses_star, ctfs_star = shared_data / "maps/aspire_70S/rln_proj_65_shifted.star", shared_data / "real_particles/relion31_cryodrgn/relion31.star"
+    poses, ctfs = read_particles(poses_star), read_particles(ctfs_star)
+    out = tmp_path / "sim"
+    sim = ["+job=simulate", f"job.maps=[{maps[0]},{maps[1]}]", "job.n_particles=400"]
+    star = out / "particles.star"
+    messages = one_process_runs([
+        ([*sim, "job.class_fractions=[3,1]", f"job.poses_from={poses_star}", f"job.ctf_from={ctfs_star}", "job.write_poses=false"], out),
+        (["+job=reconstruct", f"data.particles={star}"], tmp_path / "rec"),
+        (["+job=class3d", f"data.particles={star}", f"job.reference={maps[0]}", "sampling.align=false"], tmp_path / "cls"),
+        (["+job=select", f"data.particles={star}", "job.classes=[1]"], tmp_path / "sel"),
+        (["+job=select", f"data.particles={out / 'truth.star'}", "job.classes=[7]"], tmp_path / "sel7"),
+        (["+job=select", f"data.particles={out / 'truth.star'}", "job.classes=[1,7]"], tmp_path / "sel17"),
+    ])
+    assert messages[0] is None and messages[5] is None
+    no_poses = f"{star}: no rlnAngleRot/Tilt/Psi columns; reconstruct needs particles with poses"
+    phrases = [no_poses, f"{star}: sampling.align=false needs particles with poses", f"{star}: no rlnClassNumber column",
+               "job.classes=[7] select no particle (its particles are in classes [1, 2])"]
+    for message, phrase in zip(messages[1:5], phrases, strict=True):
+        assert message is not None and phrase in message
+    particles, truth = read_particles(star), read_particles(out / "truth.star")
+    assert not particles.has_poses and truth.has_poses
+    cycle = np.arange(400) % 4
+    np.testing.assert_allclose(truth.euler_deg, poses.euler_deg[cycle])
+    np.testing.assert_allclose(truth.origin_angstrom, poses.origin_angstrom[cycle])
+    drawn = np.stack([particles.defocus_u_angstrom, particles.defocus_v_angstrom, particles.defocus_angle_deg, particles.voltage_kv], 1)
+    source = np.stack([ctfs.defocus_u_angstrom, ctfs.defocus_v_angstrom, ctfs.defocus_angle_deg, ctfs.voltage_kv], 1)
+    row = np.abs(drawn[:, None, :] - source[None, :, :]).max(-1).argmin(1)
+    np.testing.assert_allclose(drawn, source[row], rtol=1e-6)
+    assert set(row.tolist()) == set(range(len(ctfs)))
+    assert set(np.unique(truth.class_number)) == {1, 2} and abs(float(np.mean(truth.class_number == 1)) - 0.75) < 0.07
+    assert len(read_particles(tmp_path / "sel17" / "particles.star")) == int((truth.class_number == 1).sum())
+
+
+def test_simulate_bad_input_is_reported(shared_data: Path, tmp_path: Path) -> None:
+    from cryotorch.data.phantom import blob_phantom
+    from cryotorch.io import write_mrc
+
+    cube, small, flat, coarse, unknown = (tmp_path / f"{name}.mrc" for name in ("cube", "small", "flat", "coarse", "unknown"))
+    write_mrc(cube, blob_phantom(16, 6.0, seed=0), 6.0)
+    write_mrc(small, blob_phantom(12, 6.0, seed=0), 6.0)
+    write_mrc(flat, torch.zeros(16, 16, 8), 6.0)
+    write_mrc(coarse, blob_phantom(16, 6.0, seed=0), 7.0)
+    write_mrc(unknown, blob_phantom(16, 6.0, seed=0), 0.0)
+    no_ctf = shared_data / "maps/aspire_70S/rln_proj_65_shifted.star"
+    cases = [
+        ([f"job.maps=[{cube}]", "job.n_particles=0"], "job.n_particles must be at least 1, got 0"),
+        ([f"job.maps=[{cube}]", "job.junk_fraction=1"], "job.junk_fraction must be in [0, 1), got 1"),
+        ([f"job.maps=[{cube}]", "job.noise=pink"], "job.noise must be 'white' or 'coloured', got 'pink'"),
+        ([f"job.maps=[{cube}]", "job.snr=0"], "job.snr must be positive (or null for noise-free images), got 0"),
+        ([f"job.maps=[{cube}]", "job.defocus_min_angstrom=30000"], "job.defocus_min_angstrom is larger than job.defocus_max_angstrom: swap them"),
+        ([f"job.maps=[{flat}]"], f"{flat}: map of shape (16, 16, 8) is not a cube"),
+        ([f"job.maps=[{cube},{small}]"], "job.maps have different box sizes [(16, 16, 16), (12, 12, 12)]: resample them to one box"),
+        ([f"job.maps=[{cube},{coarse}]"], "job.maps have different voxel sizes [6.0, 7.0] Å: resample them to one"),
+        ([f"job.maps=[{unknown}]"], f"{unknown}: the header's voxel size is 0; set job.pixel_size_angstrom"),
+        ([f"job.maps=[{cube},{cube}]", "job.class_fractions=[1]"], "job.class_fractions [1.0] must list one non-negative fraction per map (2)"),
+        ([f"job.maps=[{cube}]", f"job.ctf_from={no_ctf}"], f"{no_ctf}: job.ctf_from needs a STAR with defocus columns"),
+    ]
+    messages = one_process_runs([(["+job=simulate", "job.n_particles=8", *overrides], tmp_path / str(number)) for number, (overrides, _) in enumerate(cases)])
+    for (overrides, phrase), message in zip(cases, messages, strict=True):
+        assert message is not None and phrase in message, overrides
+
+
 def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_path: Path) -> None:
     map_path = shared_data / "maps" / "aspire_70S" / "clean70SRibosome_vol_65p.mrc"
     star, out = tmp_path / "sim" / "particles.star", tmp_path / "rec"
@@ -189,13 +261,22 @@ def test_bad_input_fails_with_a_clear_message(tmp_path: Path) -> None:
         (["+job=reconstruct", f"data.particles={star}", "compute.accelerator=tpu"], tmp_path / "g"),
         (["+job=reconstruct", f"data.particles={star}", "compute.accelerator=cuda", "compute.devices=64"], tmp_path / "h"),
         (["+job=reconstruct", f"data.particles={star}", "compute.sum_tree_leaves=6"], tmp_path / "i"),
+        (["+job=reconstruct", f"data.particles={star}", "job.tau2_fudge=0"], tmp_path / "j"),
+        (["+job=reconstruct", f"data.particles={star}", "job.mask_diameter_angstrom=-1"], tmp_path / "k"),
+        (["+job=reconstruct", f"data.particles={star}", "job.wiener_constant=-1"], tmp_path / "l"),
+        (["+job=reconstruct", f"data.particles={star}", "job.fsc_threshold=1"], tmp_path / "m"),
+        (["+job=reconstruct"], tmp_path / "n"),
+        (["+job=select", "job.classes=[1]"], tmp_path / "o"),
     ])
     assert no_job is not None and "+job=" in no_job
     assert simulated is None and star.exists()
     # without a GPU cuda is refused as such; with one, 64 GPUs are more than it has
     no_gpus = "compute.accelerator=cuda, but PyTorch" if not torch.cuda.is_available() else "compute.devices=64 asks for more GPUs than the"
     phrases = ["X7", "job.max_resolution_angstrom=0 must be positive", "compute.memory_budget_gb=-1", "compute.accelerator=tpu is not one of auto, cpu, cuda", no_gpus,
-               "compute.sum_tree_leaves=6 must be a power of two"]
+               "compute.sum_tree_leaves=6 must be a power of two", "job.tau2_fudge must be positive, got 0",
+               "job.mask_diameter_angstrom=-1 must be positive (Å), or null for none", "job.wiener_constant=-1 must be ≥ 0",
+               "job.fsc_threshold=1 must lie in (0, 1), e.g. 0.143", "reconstruct needs particles: set data.particles=",
+               "select needs a classification's data STAR: set data.particles="]
     for message, phrase in zip(bad, phrases, strict=True):
         assert message is not None and phrase in message
 

@@ -140,7 +140,7 @@ class SimulateJob:
         """``(n,)`` true class per particle: 1..K for the maps, K+1 for junk."""
         fractions = np.asarray(self.class_fractions if self.class_fractions else [1.0] * n_classes, dtype=np.float64)
         if len(fractions) != n_classes or (fractions < 0).any() or fractions.sum() <= 0:
-            raise InputError(f"job.class_fractions {list(fractions)} must list one non-negative fraction per map ({n_classes})")
+            raise InputError(f"job.class_fractions {fractions.tolist()} must list one non-negative fraction per map ({n_classes})")
         probabilities = np.append(fractions / fractions.sum() * (1 - self.junk_fraction), self.junk_fraction)
         return rng.choice(n_classes + 1, size=self.n_particles, p=probabilities) + 1
 
