@@ -155,3 +155,36 @@ def test_malformed_particle_star(tmp_path: Path) -> None:
 def test_unknown_suffix(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"particles\.txt"):
         read_particles(tmp_path / "particles.txt")
+
+
+_OPTICS = "data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n_rlnImageSize\n_rlnVoltage\n{rows}\n"
+_PARTICLES = "data_particles\nloop_\n_rlnImageName\n{columns}\n{rows}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_OPTICS.format(rows="1 2.0 8 300\n2 2.0 8 300") + _PARTICLES.format(columns="_rlnRandomSubset", rows="1@stack.mrcs 1"),
+         r"particles\.star: data_particles has no rlnOpticsGroup column but data_optics defines 2 groups; add rlnOpticsGroup to every particle row"),
+        ("data_optics\nloop_\n_rlnImagePixelSize\n_rlnImageSize\n2.0 8\n2.0 8\n" + _PARTICLES.format(columns="_rlnOpticsGroup", rows="1@stack.mrcs 1"),
+         r"particles\.star: data_optics has no rlnOpticsGroup column; number its rows 1, 2, \.\.\."),
+        (_OPTICS.format(rows="1 2.0 8 300\n1 2.0 8 300") + _PARTICLES.format(columns="_rlnOpticsGroup", rows="1@stack.mrcs 1"),
+         r"particles\.star: data_optics lists an rlnOpticsGroup twice; give each group one row"),
+        (_OPTICS.format(rows="1 2.0 8 300") + _PARTICLES.format(columns="_rlnOpticsGroup\n_rlnRandomSubset", rows="1@stack.mrcs 1 1\n2@stack.mrcs 1 1.5"),
+         r"particles\.star, particle row 2: column rlnRandomSubset holds 1\.5, which is not a whole number; fix the value"),
+        (_OPTICS.format(rows="1 2.0 8 300") + _PARTICLES.format(columns="_rlnOpticsGroup\n_rlnRandomSubset", rows="1@stack.mrcs 1 3"),
+         r"particles\.star, particle row 1: rlnRandomSubset is 3; it must be 1 or 2"),
+        (_OPTICS.format(rows="1 0.0 8 300") + _PARTICLES.format(columns="_rlnOpticsGroup", rows="1@stack.mrcs 1"),
+         r"particles\.star, particle row 1: pixel size 0\.0 Å is not positive; fix it"),
+        ("data_a\nloop_\n_rlnAngleRot\n1.0\ndata_b\nloop_\n_rlnAngleTilt\n2.0\n",
+         r"particles\.star: no particle table found — none of the blocks \(data_a, data_b\) has an rlnImageName column"),
+        ("data_a\nloop_\n_rlnImageName\n1@stack.mrcs\ndata_b\nloop_\n_rlnImageName\n2@stack.mrcs\n",
+         r"particles\.star: several blocks \(data_a, data_b\) list images"),
+    ],
+    ids=["optics-group-column", "optics-numbering", "optics-twice", "fractional-integer", "random-subset", "pixel-size", "no-particles", "two-particle-blocks"],
+)
+def test_malformed_relion_tables(tmp_path: Path, text: str, message: str) -> None:
+    star = tmp_path / "particles.star"
+    star.write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_particles(star)

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cryotorch.data.particles import half_set_labels, uniform_geometry
+from cryotorch.errors import InputError
 from cryotorch.io import (
     ParticleImageReader,
     ParticleTable,
@@ -205,6 +207,22 @@ def test_from_arrays_broadcasts_and_defaults() -> None:
     assert table.has_ctf and not table.has_poses and table.euler_deg.shape == (2, 3)
     np.testing.assert_array_equal(table.defocus_v_angstrom, [1e4, 2e4])
     assert table.ctf_scale.tolist() == [1.0, 1.0] and table.random_subset.tolist() == [0, 0]
+
+
+def test_mixed_pixel_sizes_are_reported_and_half_sets_are_drawn_where_missing(shared_data: Path) -> None:
+    # a RELION 3.1 file of six optics groups at 1.24 and 1.25 Å/px: no single geometry
+    path = shared_data / "metadata/cryodrgn/relion31.6opticsgroups.star"
+    with pytest.raises(InputError, match=r"relion31\.6opticsgroups\.star: particles have box sizes \[196\] px and pixel sizes \[1\.24, 1\.25\] Å"):
+        uniform_geometry(read_particles(path), str(path))
+    assert uniform_geometry(read_particles(shared_data / "metadata/cryodrgn/relion5.star"), "relion5.star") == (448, 0.89)
+    # without rlnRandomSubset a seeded split puts ceil(N/2) particles in half 1; a valid column is kept
+    table = ParticleTable.from_arrays(stack_paths=["/a.mrcs"] * 7, stack_indices=np.arange(7), pixel_size_angstrom=1.0, box_size_px=32)
+    halves = half_set_labels(table, seed=3)
+    assert sorted(halves.tolist()) == [1, 1, 1, 1, 2, 2, 2]
+    np.testing.assert_array_equal(halves, half_set_labels(table, seed=3))
+    assert any((half_set_labels(table, seed) != halves).any() for seed in range(4, 10))
+    table.random_subset = np.array([2, 1, 2, 1, 2, 1, 2])
+    np.testing.assert_array_equal(half_set_labels(table, seed=3), table.random_subset)
 
 
 def test_image_reader_preload_and_pickle(shared_data: Path) -> None:

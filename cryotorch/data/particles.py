@@ -76,7 +76,7 @@ def uniform_geometry(table: ParticleTable, source: str) -> tuple[int, float]:
     if len(boxes) != 1 or len(pixels) != 1:
         raise InputError(
             f"{source}: particles have box sizes {boxes.tolist()} px and pixel sizes {pixels.tolist()} Å; "
-            "reconstruct needs one of each (re-extract or rescale the optics groups to match)"
+            "all particles need one box size and one pixel size (re-extract or rescale the optics groups to match)"
         )
     return int(boxes[0]), float(pixels[0])
 
