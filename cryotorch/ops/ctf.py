@@ -30,10 +30,6 @@ class CtfParameters:
     bfactor_angstrom2: torch.Tensor
     scale: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "CtfParameters":
-        """The same parameters on ``device``."""
-        return CtfParameters(**{name: value.to(device) for name, value in vars(self).items()})
-
 
 def electron_wavelength_angstrom(voltage_kv: torch.Tensor) -> torch.Tensor:
     """Relativistic electron wavelength in Å for an acceleration voltage in kV."""

@@ -6,7 +6,7 @@ import torch
 
 from cryotorch.ops.fourier import radial_average, shell_index_3d
 
-__all__ = ["fourier_shell_correlation", "resolution_at_threshold", "shell_resolution_angstrom"]
+__all__ = ["fourier_shell_correlation", "resolution_at_threshold"]
 
 
 def fourier_shell_correlation(volume_a_ft: torch.Tensor, volume_b_ft: torch.Tensor) -> torch.Tensor:
@@ -22,12 +22,6 @@ def fourier_shell_correlation(volume_a_ft: torch.Tensor, volume_b_ft: torch.Tens
     power_b = radial_average(volume_b_ft.abs().double() ** 2, shells, n_shells)
     denominator = torch.sqrt(power_a * power_b)
     return torch.where(denominator > 0, cross / denominator.clamp(min=1e-300), torch.zeros_like(cross))
-
-
-def shell_resolution_angstrom(n_shells: int, box_size: int, pixel_size_angstrom: float) -> torch.Tensor:
-    """Resolution in Å of shells 0 … n_shells-1 (inf at DC)."""
-    shell = torch.arange(n_shells, dtype=torch.float64)
-    return box_size * pixel_size_angstrom / shell
 
 
 def resolution_at_threshold(fsc: torch.Tensor, box_size: int, pixel_size_angstrom: float, threshold: float = 0.143) -> float:

@@ -1,10 +1,10 @@
-"""Rotation utilities: uniform random rotations, quaternions, axis-angle vectors."""
+"""Rotation utilities: uniform random rotations from quaternions."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["quaternion_to_matrix", "random_rotations", "axis_angle_to_matrix"]
+__all__ = ["quaternion_to_matrix", "random_rotations"]
 
 
 def quaternion_to_matrix(quaternions: torch.Tensor) -> torch.Tensor:
@@ -23,11 +23,3 @@ def random_rotations(n: int, generator: torch.Generator, dtype: torch.dtype = to
     quaternions = torch.randn(n, 4, generator=generator, dtype=dtype)
     return quaternion_to_matrix(quaternions / quaternions.norm(dim=-1, keepdim=True))
 
-
-def axis_angle_to_matrix(rotation_vectors: torch.Tensor) -> torch.Tensor:
-    """``(..., 3)`` axis-angle vectors (radians) → ``(..., 3, 3)`` active rotations (Rodrigues)."""
-    angle = rotation_vectors.norm(dim=-1, keepdim=True)
-    axis = rotation_vectors / angle.clamp(min=torch.finfo(rotation_vectors.dtype).tiny)
-    half = angle / 2
-    quaternion = torch.cat([torch.cos(half), axis * torch.sin(half)], dim=-1)
-    return quaternion_to_matrix(quaternion)
