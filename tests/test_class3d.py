@@ -452,8 +452,9 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     write_mrc(wrong_box, torch.zeros(40, 40, 40), PIXEL)
     result = train("+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference={wrong_box}", f"hydra.run.dir={tmp_path / 'a'}", check=False)
     assert result.returncode == 2 and "big.mrc" in result.stderr + result.stdout and "box" in result.stderr + result.stdout
-    empty = tmp_path / "empty.mrc"
+    empty, coarse = tmp_path / "empty.mrc", tmp_path / "coarse.mrc"
     write_mrc(empty, torch.zeros(BOX, BOX, BOX), PIXEL)
+    write_mrc(coarse, read_mrc(two_class_data["reference"]).data, 7.0)
     reference = f"job.reference={two_class_data['reference']}"
     # each wrong setting, and a phrase its message must hold
     cases = [
@@ -468,9 +469,35 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
         ([reference, "job.mask_diameter_A=0"], "job.mask_diameter_A=0 Å does not fit the particles' box"),
         ([f"job.reference={empty}"], f"job.reference: {empty} is zero inside the particle mask"),
         ([f"job.reference=[{empty},{empty}]", "job.K=2"], "are zero inside the particle mask"),
+        ([reference, "job.K=0"], "job.K must be at least 1, got 0"),
+        ([reference, "job.n_iterations=0"], "job.n_iterations must be at least 1, got 0"),
+        ([reference, "job.tau2_fudge=0"], "job.tau2_fudge must be positive, got 0"),
+        ([reference, "job.highres_limit_estep_A=-5"], "job.highres_limit_estep_A=-5 must be a resolution in Å"),
+        ([reference, "job.scale_prior_sigma=-1"], "job.scale_prior_sigma must be 0 (off), positive or null"),
+        ([f"job.reference=[{two_class_data['reference']},{two_class_data['reference']}]", "job.K=3"], "job.reference lists 2 maps for job.K=3 classes"),
+        (["job.reference=null"], "class3d needs a reference map: set job.reference=ref.mrc"),
+        ([reference, "data.particles=null"], "class3d needs particles: set data.particles="),
+        ([reference, "sampling.final_local_iterations=2", "sampling.final_angular_step_deg=0"], "sampling.final_angular_step_deg and sampling.final_local_search_deg must be positive"),
+        ([reference, "sampling.angular_step_deg=0"], "sampling.angular_step_deg=0 must be positive"),
+        ([reference, "sampling.offset_range_px=-1"], "sampling.offset_range_px=-1 must be ≥ 0"),
+        ([reference, "sampling.oversampling=-1"], "sampling.oversampling=-1 must be ≥ 0"),
+        ([reference, "sampling.significance=0"], "sampling.significance=0 must lie in (0, 1]"),
+        ([f"job.reference={coarse}"], f"{coarse}: voxel size 7 Å differs from the particles' 6 Å"),
+        ([reference, f"job.continue_from={tmp_path}"], f"{tmp_path}: no run_checkpoint.pt to continue from"),
+        # a checkpoint in the run's own folder, which the run would resume from
+        ([reference], "not a readable class3d checkpoint"),
+        ([reference], "not a class3d checkpoint (no iteration, model, particles)"),
+        ([reference], "checkpoint holds (1, 2, 2, 2) volumes, this run needs (4, 32, 32, 32)"),
     ]
+    folders = [tmp_path / str(number) for number in range(len(cases))]
+    for folder, checkpoint in zip(folders[-3:], [None, {}, {"iteration": 1, "model": {"volumes": torch.zeros(1, 2, 2, 2)}, "particles": {}}]):
+        folder.mkdir()
+        if checkpoint is None:
+            (folder / "run_checkpoint.pt").write_bytes(b"not a checkpoint")
+        else:
+            torch.save(checkpoint, folder / "run_checkpoint.pt")
     common = ["+job=class3d", f"data.particles={two_class_data['particles']}"]
-    messages = one_process_runs([([*common, *overrides], tmp_path / str(number)) for number, (overrides, _) in enumerate(cases)])
+    messages = one_process_runs([([*common, *overrides], folder) for folder, (overrides, _) in zip(folders, cases, strict=True)])
     for (overrides, phrase), message in zip(cases, messages, strict=True):
         assert message is not None and phrase in message, overrides
 
@@ -500,6 +527,22 @@ def test_fixed_references_classify_against_known_maps(two_class_data: dict[str, 
     for iteration in (2, 3):
         pmax = read_star(same / f"run_it00{iteration}_data.star")["particles"]["rlnMaxValueProbDistribution"].to_numpy(float)
         np.testing.assert_allclose(pmax, 0.5, atol=1e-3)
+
+
+def test_an_empty_class_is_reported(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # a third, fixed reference that none of the particles resembles
+    folder, other, out = two_class_data["folder"], tmp_path / "other.mrc", tmp_path / "empty"
+    write_mrc(other, blob_phantom(BOX, PIXEL, seed=13), PIXEL)
+    train(
+        "+job=class3d", f"data.particles={two_class_data['particles']}", f"job.reference=[{folder / 'map0.mrc'},{folder / 'map1.mrc'},{other}]",
+        "job.K=3", "job.ini_high_A=null", "job.update_references=false", "sampling.align=false", "job.n_iterations=2", f"hydra.run.dir={out}",
+    )
+    log = (out / "train.log").read_text()
+    assert re.search(r"WARNING\] - iteration 1: class 3 is (collapsing|empty) \(0\.00 % of particles\)", log)
+    assert "iteration 2: class 3 is empty (0.00 % of particles); it is kept but holds no reliable structure" in log
+    assert not re.search(r"class [12] is (collapsing|empty)", log)
+    classes = read_star(out / "run_it002_model.star")["model_classes"]["rlnClassDistribution"].to_numpy(float)
+    assert classes[2] < 1e-3 and (final_classes(out, 2) != 3).all()
 
 
 def test_classification_with_symmetry_and_local_searches(tmp_path: Path) -> None:

@@ -143,10 +143,24 @@ def test_two_processes_write_the_same_bits_as_one(three_class_data: dict[str, Pa
             np.testing.assert_array_equal(read_mrc(two / f"run_it{iteration:03d}_class00{k}.mrc").data, read_mrc(uninterrupted / f"run_it{iteration:03d}_class00{k}.mrc").data)
 
 
+def test_given_class_maps_seed_their_classes(three_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # the true maps, in reverse order and on another grey scale, without per-particle scales:
+    # class k holds the particles of the k-th map given
+    folder, out = three_class_data["folder"], tmp_path / "given"
+    given = [folder / f"map{index}.mrc" for index in (2, 1, 0)]
+    for path in given:
+        write_mrc(tmp_path / path.name, 5.0 * torch.as_tensor(np.array(read_mrc(path).data)), PIXEL)
+    maps = ",".join(str(tmp_path / path.name) for path in given)
+    assert one_process_runs([(online_overrides(three_class_data, f"job.reference=[{maps}]", "job.per_particle_scale=none", "job.n_online_epochs=0", "job.max_full_iterations=2"), out)]) == [None]
+    truth = read_particles(three_class_data["truth"]).class_number
+    assert float(np.mean(read_particles(out / "run_it002_data.star").class_number == 4 - truth)) >= 0.95
+    extra = torch.load(out / "run_checkpoint.pt", weights_only=True)["extra"]
+    assert torch.equal(extra["particle_scale"], torch.ones(len(truth)))
+
+
 def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: Path) -> None:
     result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.init_mode=magic", f"hydra.run.dir={tmp_path / 'a'}", check=False)
     assert result.returncode == 2 and "job.init_mode" in result.stderr + result.stdout
-    particles = three_class_data["particles"]
     cases = [
         ("job.target_resolution_A=5", ["Nyquist"]),
         # a STAR file carries no per-particle scale to take as input
@@ -154,8 +168,15 @@ def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: P
         # it classifies at the given poses: asking it to align is an error, not silently ignored
         ("sampling.align=true", ["sampling.align=false"]),
         ("job.mask_diameter_A=5000", ["job.mask_diameter_A=5000 Å does not fit the particles' box"]),
+        ("job.n_online_epochs=-1", ["job.n_online_epochs (-1) and job.max_full_iterations (3) must be ≥ 0"]),
+        (f"job.reference=[{three_class_data['folder'] / 'map0.mrc'}]", ["job.reference lists 1 maps; class3d_online needs one map per class (job.K=3)"]),
+        ("job.per_particle_scale=fitted", ["job.per_particle_scale must be 'consensus', 'input' or 'none', got 'fitted'"]),
+        ("job.learning_rate=0", ["job.learning_rate must lie in (0, 1]"]),
+        ("job.class_similarity=2", ["job.class_similarity must lie in [0, 1]"]),
+        ("job.pca_n_reconstructions=2", ["job.pca_n_reconstructions ≥ job.K"]),
+        ("job.scale_range=[1.5,2]", ["job.scale_range must be [low, high] with 0 < low ≤ 1 ≤ high, got [1.5, 2]"]),
     ]
-    messages = one_process_runs([(["+job=class3d_online", f"data.particles={particles}", override], tmp_path / str(number)) for number, (override, _) in enumerate(cases)])
+    messages = one_process_runs([(online_overrides(three_class_data, override), tmp_path / str(number)) for number, (override, _) in enumerate(cases)])
     for (override, phrases), message in zip(cases, messages, strict=True):
         assert message is not None and all(phrase in message for phrase in phrases), override
 

@@ -264,3 +264,20 @@ def test_a_sum_tree_adds_in_the_same_order_whoever_holds_its_subtrees() -> None:
             parts = [left.add_(right) for left, right in zip(parts[0::2], parts[1::2])]
         for ours, theirs in zip(parts[0].tensors(), root.tensors()):
             assert torch.equal(ours, theirs)
+    # three ranks (an uneven share: leaves 0-1, 2-4, 5-7) hold runs that are no subtree: a
+    # rank adds its nodes left to right, so its total is (2 + 3) + 4, and the whole differs
+    # from the tree's root only in its rounding
+    shares = [tree_leaves(np.arange(LEAVES), 1, LEAVES, rank, 3) for rank in range(3)]
+    totals = []
+    for share in shares:
+        tree = SumTree()
+        for index, _ in share:
+            tree.add_leaf(index, sums(leaves[index]))
+        totals.append(tree.total())
+    assert [index for index, _ in shares[1]] == [2, 3, 4]
+    expected = sums(leaves[2]).add_(sums(leaves[3])).add_(sums(leaves[4]))
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(totals[1].tensors(), expected.tensors()))
+    whole_sum = totals[0].add_(totals[1]).add_(totals[2])
+    torch.testing.assert_close(whole_sum.weight, root.weight, rtol=1e-5, atol=1e-3)
+    # a rank with no leaf (more processes than leaves) holds no sums
+    assert SumTree().total() is None
