@@ -87,3 +87,20 @@ def test_missing_blob_field_names_field_and_file(tmp_path: Path) -> None:
         np.save(handle, records)
     with pytest.raises(InputError, match=r"bad\.cs.*blob/path"):
         read_particles(tmp_path / "bad.cs")
+
+
+def test_unreadable_plain_and_oblong_exports_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "text.cs").write_text("uid,blob/path\n1,a.mrc\n")
+    with pytest.raises(InputError, match=r"cannot read cryoSPARC file .*text\.cs: .*; check that it is a \.cs export"):
+        read_particles(tmp_path / "text.cs")
+    with open(tmp_path / "plain.cs", "wb") as handle:
+        np.save(handle, np.zeros((3, 2)))
+    with pytest.raises(InputError, match=r"plain\.cs is not a cryoSPARC \.cs file \(no structured array inside\)"):
+        read_particles(tmp_path / "plain.cs")
+    records = np.zeros(2, dtype=[("blob/path", "S40"), ("blob/idx", "<u4"), ("blob/psize_A", "<f4"), ("blob/shape", "<u4", (2,))])
+    records["blob/path"], records["blob/psize_A"], records["blob/shape"] = b"stack.mrc", 1.5, [(16, 16), (16, 20)]
+    (tmp_path / "stack.mrc").touch()
+    with open(tmp_path / "oblong.cs", "wb") as handle:
+        np.save(handle, records)
+    with pytest.raises(InputError, match=r"oblong\.cs, row 2: blob/shape \[16, 20\] is not square; re-extract square particles"):
+        read_particles(tmp_path / "oblong.cs")

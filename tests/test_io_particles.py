@@ -225,6 +225,28 @@ def test_mixed_pixel_sizes_are_reported_and_half_sets_are_drawn_where_missing(sh
     np.testing.assert_array_equal(half_set_labels(table, seed=3), table.random_subset)
 
 
+def test_image_reader_keeps_few_stacks_open_and_refuses_mixed_boxes(tmp_path: Path) -> None:
+    # one stack per micrograph, as RELION extracts them: 5 stacks of 3 images, read in an
+    # order that comes back to each stack after others, through a reader that holds 2 open
+    rng = np.random.default_rng(0)
+    stacks = [rng.normal(size=(3, 8, 8)).astype(np.float32) for _ in range(5)]
+    paths = [tmp_path / f"mic{index}.mrcs" for index in range(5)]
+    for path, images in zip(paths, stacks):
+        write_mrc(path, images, voxel_size_angstrom=2.0)
+    table = ParticleTable.from_arrays(
+        stack_paths=[str(path) for path in paths for _ in range(3)], stack_indices=np.tile(np.arange(3), 5), pixel_size_angstrom=2.0, box_size_px=8,
+    )
+    reader = ParticleImageReader(table, max_open_stacks=2)
+    every = np.concatenate(stacks)
+    for rows in (np.array([0, 14, 5]), np.array([9, 1, 12, 6]), np.array([2, 13, 4, 10])):
+        np.testing.assert_array_equal(reader.read(rows), every[rows])
+        assert len(reader._open_stacks) <= 2
+    np.testing.assert_array_equal(reader.read(np.arange(15)), every)
+    table.box_size_px[12:] = 16
+    with pytest.raises(InputError, match=r"rows \[0, 12\] mix box sizes \[8, 16\]; read images of one box size at a time"):
+        ParticleImageReader(table).read(np.array([0, 12]))
+
+
 def test_image_reader_preload_and_pickle(shared_data: Path) -> None:
     table = read_particles(shared_data / "real_particles/trpv1_cryojax/trpv1_small_stack.star")
     rows = np.array([9, 0, 4, 4])

@@ -84,6 +84,15 @@ def test_round_trip_keeps_values_types_and_text(tmp_path: Path) -> None:
         ("data_a\nloop_\n_x\n1\nloop_\n_y\n2\n", "a second loop_"),
         ("data_a\n_x 1\ndata_a\n_y 2\n", "appears twice"),
         ("data_a\n_x\n", "needs exactly one value"),
+        ("data_a extra\n", "line 1: unexpected text after data_a; put each block name on its own line"),
+        ("data_a\n_x 1\nloop_\n_y\n2\n", "line 3: block data_a mixes _key value pairs with a loop_"),
+        ("data_a\nloop_\n_x 1\n", "line 3: unexpected value after loop label _x; put one label per line"),
+        ("data_a\nloop_\n_x\n1\n_y\n", "line 5: label _y after the rows of the loop in block data_a"),
+        ("data_a\nloop_\n_x\n;\ntext\n;\n", "line 4: multi-line ';' text fields are not supported"),
+        ("data_a\n1 2\n", "line 2: value '1' outside any loop_ or _key"),
+        ("# only a comment\n", "holds no data_ block; check that it is a STAR file"),
+        # a comment ends a line's values (quoted '#' is a value)
+        ("data_a\nloop_\n_x\n_y\n'a b' 1 # note\n'#c' 2 3\n", "line 6: row 2 of the loop in block data_a has 3 values"),
     ],
 )
 def test_malformed_structures_name_the_line(tmp_path: Path, text: str, fragment: str) -> None:
