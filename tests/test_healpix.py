@@ -157,7 +157,7 @@ def test_orientation_grid_c1_order_2(device: str) -> None:
     assert torch.allclose(torch.remainder(torch.deg2rad(rot), 2 * math.pi), phi)
 
 
-@pytest.mark.parametrize(("symmetry", "order"), [("C4", 2), ("D7", 3), ("T", 3), ("O", 3), ("I", 3), ("I3", 3)])
+@pytest.mark.parametrize(("symmetry", "order"), [("C4", 2), ("D1", 3), ("D7", 3), ("T", 3), ("O", 3), ("I", 3), ("I3", 3)])
 def test_orientation_grid_asymmetric_unit(symmetry: str, order: int) -> None:
     grid = orientation_grid(order, symmetry)
     group = symmetry_matrices(symmetry)
