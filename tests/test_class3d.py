@@ -512,13 +512,17 @@ def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dic
 
 def test_fixed_references_classify_against_known_maps(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     folder = two_class_data["folder"]
-    out, same = tmp_path / "fixed", tmp_path / "same"
+    out, same, preloaded = tmp_path / "fixed", tmp_path / "same", tmp_path / "preloaded"
     fixed = ["+job=class3d", f"data.particles={two_class_data['particles']}", "job.K=2", "job.ini_high_A=null", "job.update_references=false", "sampling.align=false"]
-    # the second against two copies of one map
+    # the second against two copies of one map; the third as the first, its images read into RAM first
     assert one_process_runs([
         ([*fixed, f"job.reference=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]", "job.n_iterations=2"], out),
         ([*fixed, f"job.reference=[{folder / 'map0.mrc'},{folder / 'map0.mrc'}]", "job.n_iterations=3"], same),
-    ]) == [None, None]
+        ([*fixed, f"job.reference=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]", "job.n_iterations=2", "data.preload=true"], preloaded),
+    ]) == [None, None, None]
+    for name in ("run_it002_model.star", "run_it002_data.star"):
+        assert (out / name).read_text() == (preloaded / name).read_text(), name
+    np.testing.assert_array_equal(read_mrc(out / "run_it002_class002.mrc").data, read_mrc(preloaded / "run_it002_class002.mrc").data)
     np.testing.assert_array_equal(read_mrc(out / "run_it001_class001.mrc").data, read_mrc(out / "run_it002_class001.mrc").data)
     truth = read_particles(two_class_data["truth"]).class_number
     assert float(np.mean(final_classes(out, 2) == truth)) >= 0.95  # labels follow the references
