@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.io import read_mrc, read_particles, read_star, write_mrc
+from cryotorch.io import read_mrc, read_particles, read_star, write_mrc, write_particles
 from cryotorch.ops.healpix import rotation_angle_deg
 
 from conftest import c4_average, quarter_turn
@@ -455,6 +456,10 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     empty, coarse = tmp_path / "empty.mrc", tmp_path / "coarse.mrc"
     write_mrc(empty, torch.zeros(BOX, BOX, BOX), PIXEL)
     write_mrc(coarse, read_mrc(two_class_data["reference"]).data, 7.0)
+    # the particles as they would be without CTF parameters
+    no_ctf = tmp_path / "no_ctf.star"
+    table = read_particles(two_class_data["particles"])
+    write_particles(no_ctf, replace(table, has_ctf=False))
     reference = f"job.reference={two_class_data['reference']}"
     # each wrong setting, and a phrase its message must hold
     cases = [
@@ -482,6 +487,7 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
         ([reference, "sampling.offset_range_px=-1"], "sampling.offset_range_px=-1 must be ≥ 0"),
         ([reference, "sampling.oversampling=-1"], "sampling.oversampling=-1 must be ≥ 0"),
         ([reference, "sampling.significance=0"], "sampling.significance=0 must lie in (0, 1]"),
+        ([reference, f"data.particles={no_ctf}"], f"{no_ctf}: the particles have no CTF parameters (rlnDefocusU/V); set job.ctf=false"),
         ([f"job.reference={coarse}"], f"{coarse}: voxel size 7 Å differs from the particles' 6 Å"),
         ([reference, f"job.continue_from={tmp_path}"], f"{tmp_path}: no run_checkpoint.pt to continue from"),
         # a checkpoint in the run's own folder, which the run would resume from
@@ -508,6 +514,18 @@ def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dic
     optimiser = read_star(out / "run_it002_optimiser.star")["optimiser_general"]
     assert int(optimiser["rlnRefsAreCtfCorrected"]) == 0 and int(optimiser["rlnDoIgnoreCtfUntilFirstPeak"]) == 1
     assert np.isfinite(read_mrc(out / "run_it002_class001.mrc").data).all()
+
+
+def test_images_without_ctfs_are_classified_with_ctf_correction_off(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # simulated without CTFs (and written without CTF columns), classified with job.ctf=false
+    folder, sim, out = two_class_data["folder"], tmp_path / "sim", tmp_path / "no_ctf"
+    assert one_process_runs([
+        (["+job=simulate", f"job.maps=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]", "job.n_particles=120", "job.snr=5", "job.ctf=false"], sim),
+        (["+job=class3d", f"data.particles={sim / 'particles.star'}", f"job.reference={two_class_data['reference']}", "job.K=2", "job.ini_high_A=30",
+          "job.ctf=false", "sampling.align=false", "job.n_iterations=6"], out),
+    ]) == [None, None]
+    assert not read_particles(sim / "particles.star").has_ctf
+    assert accuracy(read_particles(sim / "truth.star").class_number, final_classes(out, 6)) >= 0.95
 
 
 def test_fixed_references_classify_against_known_maps(two_class_data: dict[str, Path], tmp_path: Path) -> None:

@@ -177,11 +177,22 @@ def test_simulate_bad_input_is_reported(shared_data: Path, tmp_path: Path) -> No
 def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_path: Path) -> None:
     map_path = shared_data / "maps" / "aspire_70S" / "clean70SRibosome_vol_65p.mrc"
     star, out = tmp_path / "sim" / "particles.star", tmp_path / "rec"
-    assert one_process_runs([(simulation(map_path, 5000, "null"), star.parent), (["+job=reconstruct", f"data.particles={star}"], out)]) == [None, None]
+    # and without CTFs, in the simulation and the reconstruction
+    plain_star, plain = tmp_path / "plain_sim" / "particles.star", tmp_path / "plain_rec"
+    assert one_process_runs([
+        (simulation(map_path, 5000, "null"), star.parent), (["+job=reconstruct", f"data.particles={star}"], out),
+        ([*simulation(map_path, 1000, "null"), "job.ctf=false"], plain_star.parent), (["+job=reconstruct", f"data.particles={plain_star}", "job.ctf=false"], plain),
+        # CTF correction asked for where the images have none
+        (["+job=reconstruct", f"data.particles={plain_star}"], tmp_path / "asked"),
+    ]) == [None, None, None, None, f"{plain_star}: the particles have no CTF parameters (rlnDefocusU/V); set job.ctf=false for images without a CTF, "
+                                   "or estimate the CTFs first (CtfFind, or cryoSPARC's Patch CTF)"]
+    assert not read_particles(plain_star).has_ctf
     truth = crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), 64)
     reconstruction = torch.as_tensor(np.array(read_mrc(out / "run_class001.mrc").data))
     fsc = fourier_shell_correlation(rfft3_centered(reconstruction), rfft3_centered(truth))
     assert float(fsc[1:25].min()) >= 0.9  # up to 3/4 of Nyquist (shell 24 of 32)
+    without_ctf = fourier_shell_correlation(rfft3_centered(torch.as_tensor(np.array(read_mrc(plain / "run_class001.mrc").data))), rfft3_centered(truth))
+    assert float(without_ctf[1:17].min()) >= 0.9  # up to half Nyquist from 1,000 images
     fsc_star = read_star(out / "run_fsc.star")
     assert float(fsc_star["general"]["rlnFinalResolution"]) < 13.0
     assert (out / "run_fsc.png").stat().st_size > 1000

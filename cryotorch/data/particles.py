@@ -22,6 +22,7 @@ __all__ = [
     "iterate_batches",
     "batch_size_for_budget",
     "uniform_geometry",
+    "require_ctf",
 ]
 
 
@@ -79,6 +80,15 @@ def uniform_geometry(table: ParticleTable, source: str) -> tuple[int, float]:
             "all particles need one box size and one pixel size (re-extract or rescale the optics groups to match)"
         )
     return int(boxes[0]), float(pixels[0])
+
+
+def require_ctf(table: ParticleTable, source: str, ctf: bool) -> None:
+    """With CTF correction on (``ctf``), the particles must carry their CTF parameters."""
+    if ctf and not table.has_ctf:
+        raise InputError(
+            f"{source}: the particles have no CTF parameters (rlnDefocusU/V); set job.ctf=false for images without a CTF, "
+            "or estimate the CTFs first (CtfFind, or cryoSPARC's Patch CTF)"
+        )
 
 
 def half_set_labels(table: ParticleTable, seed: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from cryotorch.conventions import (
     rfft2_centered,
     rfft3_centered,
 )
-from cryotorch.data.particles import ctf_parameters, half_set_labels, uniform_geometry
+from cryotorch.data.particles import ctf_parameters, half_set_labels, require_ctf, uniform_geometry
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, SliceTable, WeightedSlices, class_ess, expectation, global_search_batches
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
 from cryotorch.em.sampling import (
@@ -288,6 +288,7 @@ class Class3DJob:
         sampling = context.sampling
         if not self.references:
             raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
+        require_ctf(table, str(context.particles), self.ctf)
         if not sampling["align"] and not table.has_poses:
             raise InputError(f"{context.particles}: sampling.align=false needs particles with poses (rlnAngleRot/Tilt/Psi)")
         final = int(sampling["final_local_iterations"])

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d, image_shift_from_origin, rfft2_centered, rfft3_centered
-from cryotorch.data.particles import ParticleBatch, batch_size_for_budget, half_set_labels, iterate_batches, uniform_geometry
+from cryotorch.data.particles import ParticleBatch, batch_size_for_budget, half_set_labels, iterate_batches, require_ctf, uniform_geometry
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, validate_particle_images, write_mrc, write_star
 from cryotorch.em.mstep import half_set_reconstruction
@@ -91,6 +91,7 @@ class ReconstructJob:
         table = read_particles(context.particles, context.project_dir)
         if not table.has_poses:
             raise InputError(f"{context.particles}: no rlnAngleRot/Tilt/Psi columns; reconstruct needs particles with poses")
+        require_ctf(table, str(context.particles), self.ctf)
         validate_particle_images(table)
         box, pixel = uniform_geometry(table, str(context.particles))
         halves = half_set_labels(table, context.seed)

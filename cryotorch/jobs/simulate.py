@@ -189,7 +189,7 @@ class SimulateJob:
         n_classes, box = volumes.shape[0], volumes.shape[-1]
         classes = self.draw_classes(rng, n_classes)
         euler, origins = self.draw_poses(rng, generator)
-        ctf_columns = self.draw_ctf(rng)
+        ctf_columns = self.draw_ctf(rng) if self.ctf else {}
         stack_path = context.output_dir / "particles.mrcs"
         table = ParticleTable.from_arrays(
             stack_paths=np.full(self.n_particles, str(stack_path), dtype=object),
