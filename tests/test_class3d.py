@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.io import read_mrc, read_particles, read_star, write_mrc, write_particles
+from cryotorch.io import ParticleImageReader, read_mrc, read_particles, read_star, write_mrc, write_particles
 from cryotorch.ops.healpix import rotation_angle_deg
 
 from conftest import c4_average, quarter_turn
@@ -186,20 +186,21 @@ def test_random_split_of_identical_particles_is_neither_held_nor_repelled(
     # self-fit)
     volume = blob_phantom(BOX, PIXEL, seed=11)
     write_mrc(tmp_path / "map.mrc", volume, PIXEL)
-    sim = tmp_path / "sim"
-    train("+job=simulate", f"job.maps=[{tmp_path / 'map.mrc'}]", f"job.n_particles={n_particles}", "job.snr=0.5", "job.origin_sigma_angstrom=4",
-          "job.defocus_min_angstrom=10000", "job.defocus_max_angstrom=20000", f"hydra.run.dir={sim}")
-    out = tmp_path / "split"
-    train("+job=class3d", f"data.particles={sim / 'particles.star'}", f"job.reference={tmp_path / 'map.mrc'}", "job.K=2", "job.ini_high_A=30",
-          "job.n_iterations=2", f"sampling.align={align}", f"sampling.angular_step_deg={angular_step_deg}", f"job.tau2_estimate={tau2_estimate}",
-          f"hydra.run.dir={out}")
+    sim, out, plain = tmp_path / "sim", tmp_path / "split", tmp_path / "plain"
+    classify = ["+job=class3d", f"data.particles={sim / 'particles.star'}", f"job.reference={tmp_path / 'map.mrc'}", "job.K=2", "job.ini_high_A=30", "job.n_iterations=2"]
+    runs = [
+        (["+job=simulate", f"job.maps=[{tmp_path / 'map.mrc'}]", f"job.n_particles={n_particles}", "job.snr=0.5", "job.origin_sigma_angstrom=4",
+          "job.defocus_min_angstrom=10000", "job.defocus_max_angstrom=20000"], sim),
+        ([*classify, f"sampling.align={align}", f"sampling.angular_step_deg={angular_step_deg}", f"job.tau2_estimate={tau2_estimate}"], out),
+    ]
+    # RELION's plain likelihood: a particle fits its own contribution, and stays
+    plain_too = tau2_estimate == "map" and align == "false"
+    if plain_too:
+        runs.append(([*classify, "sampling.align=false", "job.self_fit_discount=false"], plain))
+    assert one_process_runs(runs) == [None] * len(runs)
     changes = float(read_star(out / "run_it002_optimiser.star")["optimiser_general"]["rlnChangesOptimalClasses"])
     assert 0.3 <= changes <= 0.7
-    if tau2_estimate == "map" and align == "false":
-        # RELION's plain likelihood: a particle fits its own contribution, and stays
-        plain = tmp_path / "plain"
-        train("+job=class3d", f"data.particles={sim / 'particles.star'}", f"job.reference={tmp_path / 'map.mrc'}", "job.K=2", "job.ini_high_A=30",
-              "job.n_iterations=2", "sampling.align=false", "job.self_fit_discount=false", f"hydra.run.dir={plain}")
+    if plain_too:
         assert float(read_star(plain / "run_it002_optimiser.star")["optimiser_general"]["rlnChangesOptimalClasses"]) < 0.2
 
 
@@ -526,6 +527,30 @@ def test_images_without_ctfs_are_classified_with_ctf_correction_off(two_class_da
     ]) == [None, None]
     assert not read_particles(sim / "particles.star").has_ctf
     assert accuracy(read_particles(sim / "truth.star").class_number, final_classes(out, 6)) >= 0.95
+
+
+def test_optics_groups_get_their_own_noise_spectra_and_scales(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # every other particle in optics group 2, its image (signal and noise) twice as strong
+    table = read_particles(two_class_data["particles"])
+    n = len(table)
+    second = np.arange(n) % 2 == 1
+    images = ParticleImageReader(table).read(np.arange(n))
+    images[second] *= 2.0
+    write_mrc(tmp_path / "groups.mrcs", images, PIXEL)
+    grouped = replace(table, stack_paths=np.full(n, str(tmp_path / "groups.mrcs"), dtype=object), stack_indices=np.arange(n),
+                      optics_group=np.where(second, 2, 1), source_particles=None, source_optics=None)
+    write_particles(tmp_path / "groups.star", grouped)
+    out = tmp_path / "groups"
+    assert one_process_runs([(class3d_overrides({**two_class_data, "particles": tmp_path / "groups.star"}, out, "sampling.align=false", "job.n_iterations=5"), out)]) == [None]
+    model = read_star(out / "run_it005_model.star")
+    groups = model["model_groups"]
+    assert groups["rlnGroupNrParticles"].tolist() == [n - int(second.sum()), int(second.sum())]
+    scales = groups["rlnGroupScaleCorrection"].to_numpy(float)
+    assert scales[1] / scales[0] == pytest.approx(2.0, rel=0.1)
+    sigma2 = [model[f"model_optics_group_{group}"]["rlnSigma2Noise"].to_numpy(float)[1 : BOX // 2] for group in (1, 2)]
+    assert np.median(sigma2[1] / sigma2[0]) == pytest.approx(4.0, rel=0.1)
+    # as the same images in one group (test_classification_without_alignment_separates_the_classes)
+    assert accuracy(read_particles(two_class_data["truth"]).class_number, final_classes(out, 5)) >= 0.95
 
 
 def test_fixed_references_classify_against_known_maps(two_class_data: dict[str, Path], tmp_path: Path) -> None:
