@@ -117,8 +117,10 @@ def test_particles_without_zero_masking_get_noise_outside_the_mask(two_class_dat
     # current noise spectrum, drawn per particle from the seed; the classes still separate,
     # and the maps differ from the zero-masked run's but not between two runs
     runs = {"noise": (tmp_path / "noise", 10), "again": (tmp_path / "again", 2), "zeros": (tmp_path / "zeros", 2)}
-    for name, (out, n_iterations) in runs.items():
-        classify(two_class_data, out, f"job.n_iterations={n_iterations}", "sampling.align=false", *(() if name == "zeros" else ("job.zero_mask=false",)))
+    assert one_process_runs([
+        (class3d_overrides(two_class_data, out, f"job.n_iterations={n_iterations}", "sampling.align=false", *(() if name == "zeros" else ("job.zero_mask=false",))), out)
+        for name, (out, n_iterations) in runs.items()
+    ]) == [None] * 3
     noise = runs["noise"][0]
     truth = read_particles(two_class_data["truth"]).class_number
     assert accuracy(truth, final_classes(noise, 10)) >= 0.95
@@ -137,19 +139,19 @@ def test_reference_mask_and_grey_scale(two_class_data: dict[str, Path], tmp_path
     z, y, x = torch.meshgrid(centre, centre, centre, indexing="ij")
     write_mrc(folder / "mask.mrc", ((x**2 + y**2 + z**2).sqrt() <= 9).float(), PIXEL)
     out = tmp_path / "masked"
-    classify(two_class_data, out, "job.n_iterations=2", "sampling.align=false", f"job.reference_mask={folder / 'mask.mrc'}")
-    outside = ((x**2 + y**2 + z**2).sqrt() > 9).numpy()
-    for k in (1, 2):
-        volume = read_mrc(out / f"run_it002_class00{k}.mrc").data
-        assert np.abs(volume[outside]).max() < 1e-6 * np.abs(volume).max()
+    masked = (class3d_overrides(two_class_data, out, "job.n_iterations=2", "sampling.align=false", f"job.reference_mask={folder / 'mask.mrc'}"), out)
     bright = folder / "bright.mrc"
     write_mrc(bright, 1000 * torch.as_tensor(np.array(read_mrc(two_class_data["reference"]).data)), PIXEL)
     bad = folder / "bad_mask.mrc"
     write_mrc(bad, 2 * ((x**2 + y**2 + z**2).sqrt() <= 9).float(), PIXEL)
     settings = {"plain": [], "bright": [f"job.reference={bright}"], "absolute": [f"job.reference={bright}", "job.reference_absolute_greyscale=true"]}
     runs = [(class3d_overrides(two_class_data, tmp_path / name, "job.n_iterations=1", "sampling.align=false", *extra), tmp_path / name) for name, extra in settings.items()]
-    *ended, bad_mask = one_process_runs([*runs, (class3d_overrides(two_class_data, tmp_path / "bad", f"job.reference_mask={bad}"), tmp_path / "bad")])
-    assert ended == [None] * len(settings)
+    *ended, bad_mask = one_process_runs([masked, *runs, (class3d_overrides(two_class_data, tmp_path / "bad", f"job.reference_mask={bad}"), tmp_path / "bad")])
+    assert ended == [None] * (1 + len(settings))
+    outside = ((x**2 + y**2 + z**2).sqrt() > 9).numpy()
+    for k in (1, 2):
+        volume = read_mrc(out / f"run_it002_class00{k}.mrc").data
+        assert np.abs(volume[outside]).max() < 1e-6 * np.abs(volume).max()
     results = {name: read_mrc(tmp_path / name / "run_it001_class001.mrc").data for name in settings}
     scale = np.abs(results["plain"]).max()
     assert np.allclose(results["bright"], results["plain"], rtol=0, atol=1e-3 * scale)
