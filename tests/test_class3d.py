@@ -41,18 +41,25 @@ def two_class_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return simulate_two_classes(folder, [blob_phantom(BOX, PIXEL, seed=seed) for seed in (11, 12)], 240)
 
 
-def simulate_two_classes(folder: Path, maps: list[torch.Tensor], n_particles: int) -> dict[str, Path]:
-    """Particles of two maps at SNR 0.5 (written with their mean as the reference) in ``folder``."""
+def two_class_simulation(folder: Path, maps: list[torch.Tensor], n_particles: int) -> tuple[tuple[list[str], Path], dict[str, Path]]:
+    """Two maps and their mean (the reference) written into ``folder``; the simulate run of
+    their particles at SNR 0.5 (overrides, output folder) and the paths it writes."""
     for index, volume in enumerate(maps):
         write_mrc(folder / f"map{index}.mrc", volume, PIXEL)
     write_mrc(folder / "reference.mrc", (maps[0] + maps[1]) / 2, PIXEL)
     sim = folder / "sim"
-    train(
+    overrides = [
         "+job=simulate", f"job.maps=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]", f"job.n_particles={n_particles}",
         "job.snr=0.5", "job.origin_sigma_angstrom=4", "job.defocus_min_angstrom=10000", "job.defocus_max_angstrom=20000",
-        f"hydra.run.dir={sim}",
-    )
-    return {"folder": folder, "particles": sim / "particles.star", "truth": sim / "truth.star", "reference": folder / "reference.mrc"}
+    ]
+    return (overrides, sim), {"folder": folder, "particles": sim / "particles.star", "truth": sim / "truth.star", "reference": folder / "reference.mrc"}
+
+
+def simulate_two_classes(folder: Path, maps: list[torch.Tensor], n_particles: int) -> dict[str, Path]:
+    """Particles of two maps at SNR 0.5 (written with their mean as the reference) in ``folder``."""
+    (overrides, sim), data = two_class_simulation(folder, maps, n_particles)
+    train(*overrides, f"hydra.run.dir={sim}")
+    return data
 
 
 def class3d_overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -162,9 +169,9 @@ def test_reference_mask_and_grey_scale(two_class_data: dict[str, Path], tmp_path
 def test_fast_subsets_classify_a_subset_first(tmp_path: Path) -> None:
     # RELION's fast subsets: of 1,500 particles, 1,000 in each of iterations 1-3 (10, 30, 60 %,
     # at least 1,000), then all; the particles not yet seen are reported as class 0
-    data = simulate_two_classes(tmp_path, [blob_phantom(BOX, PIXEL, seed=seed) for seed in (11, 12)], 1500)
+    simulation, data = two_class_simulation(tmp_path, [blob_phantom(BOX, PIXEL, seed=seed) for seed in (11, 12)], 1500)
     out = tmp_path / "subsets"
-    classify(data, out, "job.n_iterations=4", "sampling.align=false", "job.fast_subsets=true")
+    assert one_process_runs([simulation, (class3d_overrides(data, out, "job.n_iterations=4", "sampling.align=false", "job.fast_subsets=true"), out)]) == [None, None]
     first = final_classes(out, 1)
     assert (first > 0).sum() == 1000 and set(np.unique(first)) == {0, 1, 2}
     truth = read_particles(data["truth"]).class_number
@@ -432,18 +439,18 @@ def test_cuda_runs_are_repeatable_and_agree_with_the_cpu(two_class_data: dict[st
 
 def test_select_writes_the_chosen_classes(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "noalign"
-    classify(two_class_data, out, "job.n_iterations=2", "sampling.align=false")
-    classes = final_classes(out, 2)
     selected = tmp_path / "select"
     select = ["+job=select", f"data.particles={out / 'run_it002_data.star'}"]
-    # the second with an output name whose folders it makes
-    one, both, empty, none = one_process_runs([
+    # the second selection with an output name whose folders it makes
+    classified, one, both, empty, none = one_process_runs([
+        (class3d_overrides(two_class_data, out, "job.n_iterations=2", "sampling.align=false"), out),
         ([*select, "job.classes=[2]"], selected),
         ([*select, "job.classes=[1,2]", "job.output_name=subsets/both.star"], selected),
         ([*select, "job.classes=[]"], tmp_path / "bad"),
         ([*select, "job.classes=[5]"], tmp_path / "none"),
     ])
-    assert one is None and both is None
+    assert classified is None and one is None and both is None
+    classes = final_classes(out, 2)
     subset = read_particles(selected / "particles.star")
     assert len(subset) == int((classes == 2).sum()) and (subset.class_number == 2).all()
     assert len(read_particles(selected / "subsets" / "both.star")) == len(classes)
@@ -602,10 +609,11 @@ def test_classification_with_symmetry_and_local_searches(tmp_path: Path) -> None
     # depending on the random split: 0.985–0.995 after these 8 with seeds 0–4)
     from cryotorch.ops.symmetry import symmetry_matrices
 
-    data = simulate_two_classes(tmp_path, [c4_average(blob_phantom(BOX, PIXEL, seed=seed)) for seed in (21, 22)], 200)
+    simulation, data = two_class_simulation(tmp_path, [c4_average(blob_phantom(BOX, PIXEL, seed=seed)) for seed in (21, 22)], 200)
     out = tmp_path / "c4"
-    classify(data, out, "model.symmetry=C4", "job.n_iterations=8", "sampling.angular_step_deg=15", "sampling.offset_range_px=2",
-             "sampling.final_local_iterations=2", "sampling.final_angular_step_deg=7.5", "sampling.final_local_search_deg=15")
+    settings = ("model.symmetry=C4", "job.n_iterations=8", "sampling.angular_step_deg=15", "sampling.offset_range_px=2",
+                "sampling.final_local_iterations=2", "sampling.final_angular_step_deg=7.5", "sampling.final_local_search_deg=15")
+    assert one_process_runs([simulation, (class3d_overrides(data, out, *settings), out)]) == [None, None]
     truth = read_particles(data["truth"])
     result = read_particles(out / "run_it008_data.star")
     assert accuracy(truth.class_number, result.class_number) >= 0.9
