@@ -497,7 +497,7 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
         ([reference, "sampling.offset_range_px=-1"], "sampling.offset_range_px=-1 must be ≥ 0"),
         ([reference, "sampling.oversampling=-1"], "sampling.oversampling=-1 must be ≥ 0"),
         ([reference, "sampling.significance=0"], "sampling.significance=0 must lie in (0, 1]"),
-        ([reference, f"data.particles={no_ctf}"], f"{no_ctf}: the particles have no CTF parameters (rlnDefocusU/V); set job.ctf=false"),
+        ([reference, f"data.particles={no_ctf}"], f"{no_ctf}: the particles have no CTF parameters (rlnDefocusU/V, or ctf/df1_A in a .cs file); set job.ctf=false"),
         ([f"job.reference={coarse}"], f"{coarse}: voxel size 7 Å differs from the particles' 6 Å"),
         ([reference, f"job.continue_from={tmp_path}"], f"{tmp_path}: no run_checkpoint.pt to continue from"),
         # a checkpoint in the run's own folder, which the run would resume from

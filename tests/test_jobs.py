@@ -184,7 +184,7 @@ def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_p
         ([*simulation(map_path, 1000, "null"), "job.ctf=false"], plain_star.parent), (["+job=reconstruct", f"data.particles={plain_star}", "job.ctf=false"], plain),
         # CTF correction asked for where the images have none
         (["+job=reconstruct", f"data.particles={plain_star}"], tmp_path / "asked"),
-    ]) == [None, None, None, None, f"{plain_star}: the particles have no CTF parameters (rlnDefocusU/V); set job.ctf=false for images without a CTF, "
+    ]) == [None, None, None, None, f"{plain_star}: the particles have no CTF parameters (rlnDefocusU/V, or ctf/df1_A in a .cs file); set job.ctf=false for images without a CTF, "
                                    "or estimate the CTFs first (CtfFind, or cryoSPARC's Patch CTF)"]
     assert not read_particles(plain_star).has_ctf
     truth = crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), 64)

@@ -86,7 +86,7 @@ def require_ctf(table: ParticleTable, source: str, ctf: bool) -> None:
     """With CTF correction on (``ctf``), the particles must carry their CTF parameters."""
     if ctf and not table.has_ctf:
         raise InputError(
-            f"{source}: the particles have no CTF parameters (rlnDefocusU/V); set job.ctf=false for images without a CTF, "
+            f"{source}: the particles have no CTF parameters (rlnDefocusU/V, or ctf/df1_A in a .cs file); set job.ctf=false for images without a CTF, "
             "or estimate the CTFs first (CtfFind, or cryoSPARC's Patch CTF)"
         )
 

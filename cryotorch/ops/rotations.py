@@ -22,4 +22,3 @@ def random_rotations(n: int, generator: torch.Generator, dtype: torch.dtype = to
     """``(n, 3, 3)`` rotations drawn uniformly (Haar) from normalised Gaussian quaternions."""
     quaternions = torch.randn(n, 4, generator=generator, dtype=dtype)
     return quaternion_to_matrix(quaternions / quaternions.norm(dim=-1, keepdim=True))
-
