@@ -376,13 +376,7 @@ def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path]
         time.sleep(0.05)
     process.kill()  # SIGKILL while iteration 2 is written or iteration 3 runs
     assert process.wait() == -signal.SIGKILL
-    continued = tmp_path / "continued"
-    classify(two_class_data, continued, "job.n_iterations=3", "sampling.align=false", f"job.continue_from={killed}")
-    assert (continued / "run_it003_data.star").is_file() and not (continued / "run_it001_data.star").exists()
-    train(*overrides)  # the same command again resumes in its folder
-    np.testing.assert_array_equal(final_classes(killed, 4), final_classes(whole, 4))
-    for k in (1, 2):
-        np.testing.assert_array_equal(read_mrc(killed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data)
+    first_written = (killed / "run_it001_data.star").stat().st_mtime_ns
     # a damaged checkpoint, or one of another version, is an input error that names it
     checkpoint = torch.load(whole / "run_checkpoint.pt", weights_only=True)
     del checkpoint["model"]["inserted_radius"]
@@ -394,9 +388,22 @@ def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path]
             torch.save(checkpoint, folder / "run_checkpoint.pt")
         else:
             (folder / "run_checkpoint.pt").write_bytes(content)
-        result = train(*class3d_overrides(two_class_data, tmp_path / f"{name}_run", "sampling.align=false", f"job.continue_from={folder}"), check=False)
-        output = result.stderr + result.stdout
-        assert result.returncode == 2 and f"{folder / 'run_checkpoint.pt'}" in output and "start the run in a new folder" in output, output[-2000:]
+    continued = tmp_path / "continued"
+    # continued into another folder; then the same command again, which resumes in its folder
+    messages = one_process_runs([
+        (class3d_overrides(two_class_data, continued, "job.n_iterations=3", "sampling.align=false", f"job.continue_from={killed}"), continued),
+        (overrides, killed),
+        *[(class3d_overrides(two_class_data, tmp_path / f"{name}_run", "sampling.align=false", f"job.continue_from={tmp_path / name}"), tmp_path / f"{name}_run") for name in damaged],
+    ])
+    assert messages[:2] == [None, None]
+    assert (continued / "run_it003_data.star").is_file() and not (continued / "run_it001_data.star").exists()
+    # resumed, not started again: its first iteration is the one written before the kill
+    assert (killed / "run_it001_data.star").stat().st_mtime_ns == first_written
+    np.testing.assert_array_equal(final_classes(killed, 4), final_classes(whole, 4))
+    for k in (1, 2):
+        np.testing.assert_array_equal(read_mrc(killed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data)
+    for name, message in zip(damaged, messages[2:], strict=True):
+        assert message is not None and f"{tmp_path / name / 'run_checkpoint.pt'}" in message and "start the run in a new folder" in message, message
 
 
 @pytest.mark.parametrize(("tau2_estimate", "align"), [("map", "false"), ("fsc", "false"), ("map", "true")])
