@@ -428,6 +428,23 @@ def test_two_processes_write_the_same_bits_as_one(two_class_data: dict[str, Path
             np.testing.assert_array_equal(read_mrc(two / f"run_it{iteration:03d}_class00{k}.mrc").data, read_mrc(one / f"run_it{iteration:03d}_class00{k}.mrc").data)
 
 
+@pytest.mark.slow
+def test_three_processes_find_what_one_finds(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # a number of processes that does not divide the summation tree: each rank's leaves are not
+    # one subtree, so the ranks' sums are all-reduced (context.all_reduce_sum) and their
+    # particles gathered from unequal shares; the sums may round differently, nothing more
+    one, three = tmp_path / "one", tmp_path / "three"
+    settings = ["job.n_iterations=3", "job.tau2_estimate=fsc", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.final_local_iterations=1"]
+    classify(two_class_data, one, *settings, "compute.num_threads=1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m", "cryotorch.train"]
+    result = subprocess.run([*torchrun, *class3d_overrides(two_class_data, three, *settings)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(np.mean(final_classes(three, 3) == final_classes(one, 3))) >= 0.99
+    for k in (1, 2):
+        ours, theirs = (read_mrc(out / f"run_it003_class00{k}.mrc").data for out in (three, one))
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-3 * float(np.abs(theirs).max()))
+
+
 @pytest.mark.gpu
 def test_cuda_runs_are_repeatable_and_agree_with_the_cpu(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     # alignment with local searches: the same command twice on the GPU writes the same maps

@@ -244,6 +244,24 @@ def test_resolution_improves_with_more_particles(shared_data: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_three_processes_reconstruct_what_one_does(tmp_path: Path) -> None:
+    # three ranks do not split the 8-leaf summation tree into subtrees: their sums are
+    # all-reduced (complex ones as real pairs) and agree with one process to rounding
+    train("+job=simulate", "job.n_particles=200", "job.phantom_box_size=24", f"hydra.run.dir={tmp_path / 'sim'}")
+    star = tmp_path / "sim" / "particles.star"
+    train("+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002", f"hydra.run.dir={tmp_path / 'one'}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m", "cryotorch.train"]
+    result = subprocess.run(
+        [*torchrun, "+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002", f"hydra.run.dir={tmp_path / 'three'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc"):
+        ours, theirs = (np.array(read_mrc(tmp_path / folder / name).data) for folder in ("three", "one"))
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * float(np.abs(theirs).max()))
+
+
+@pytest.mark.slow
 def test_resolution_improves_from_1k_to_10k_particles(shared_data: Path, tmp_path: Path) -> None:
     few, many = half_map_resolutions(shared_data, tmp_path, (1000, 10000))
     assert many < few - 1.5
