@@ -20,7 +20,7 @@ from cryotorch.io import ParticleImageReader, read_mrc, read_particles, read_sta
 from cryotorch.ops.healpix import rotation_angle_deg
 
 from conftest import c4_average, quarter_turn
-from test_jobs import REPO, one_process_runs, train
+from test_jobs import REPO, one_process_runs, torchrun, train
 
 BOX, PIXEL = 32, 6.0
 
@@ -417,9 +417,7 @@ def test_two_processes_write_the_same_bits_as_one(two_class_data: dict[str, Path
     if align == "true":
         settings += ["sampling.final_local_iterations=1"]
     classify(two_class_data, one, *settings, "compute.num_threads=1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
-    result = subprocess.run([*torchrun, *class3d_overrides(two_class_data, two, *settings)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(2, *class3d_overrides(two_class_data, two, *settings))
     for iteration in (1, 3):
         ones, twos = (read_particles(out / f"run_it{iteration:03d}_data.star") for out in (one, two))
         for name in ("class_number", "euler_deg", "origin_angstrom"):
@@ -436,9 +434,7 @@ def test_three_processes_find_what_one_finds(two_class_data: dict[str, Path], tm
     one, three = tmp_path / "one", tmp_path / "three"
     settings = ["job.n_iterations=3", "job.tau2_estimate=fsc", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.final_local_iterations=1"]
     classify(two_class_data, one, *settings, "compute.num_threads=1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m", "cryotorch.train"]
-    result = subprocess.run([*torchrun, *class3d_overrides(two_class_data, three, *settings)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(3, *class3d_overrides(two_class_data, three, *settings))
     assert float(np.mean(final_classes(three, 3) == final_classes(one, 3))) >= 0.99
     for k in (1, 2):
         ours, theirs = (read_mrc(out / f"run_it003_class00{k}.mrc").data for out in (three, one))

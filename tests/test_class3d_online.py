@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,12 @@ import torch
 from cryotorch.data.particles import half_set_labels
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.em.estep import class_ess, class_temperature
-from cryotorch.io import read_mrc, read_particles, write_mrc
+from cryotorch.io import read_mrc, read_particles, write_mrc, write_particles
 from cryotorch.jobs.class3d_online import kmeans
 from cryotorch.ops.fourier import fourier_crop_2d, fourier_crop_3d
 
 from test_class3d import accuracy
-from test_jobs import REPO, one_process_runs, train
+from test_jobs import REPO, one_process_runs, torchrun, train
 
 BOX, PIXEL = 32, 6.0
 
@@ -129,13 +130,10 @@ def test_two_processes_write_the_same_bits_as_one(three_class_data: dict[str, Pa
     # every minibatch (and the consensus and initial maps) is cut into the same batches and
     # leaves of the summation tree, whatever the number of processes
     two = tmp_path / "two"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
-    result = subprocess.run(
-        [*torchrun, "+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.K=3", "job.batch_size_per_class=60",
-         "job.init_particles_per_class=60", *RESUMABLE, f"hydra.run.dir={two}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+    torchrun(
+        2, "+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.K=3", "job.batch_size_per_class=60",
+        "job.init_particles_per_class=60", *RESUMABLE, f"hydra.run.dir={two}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     for iteration in (1, 3):
         ones, twos = (read_particles(out / f"run_it{iteration:03d}_data.star") for out in (uninterrupted, two))
         np.testing.assert_array_equal(twos.class_number, ones.class_number)
@@ -161,6 +159,8 @@ def test_given_class_maps_seed_their_classes(three_class_data: dict[str, Path], 
 def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: Path) -> None:
     result = train("+job=class3d_online", f"data.particles={three_class_data['particles']}", "job.init_mode=magic", f"hydra.run.dir={tmp_path / 'a'}", check=False)
     assert result.returncode == 2 and "job.init_mode" in result.stderr + result.stdout
+    no_ctf = tmp_path / "no_ctf.star"
+    write_particles(no_ctf, replace(read_particles(three_class_data["particles"]), has_ctf=False))
     cases = [
         ("job.target_resolution_A=5", ["Nyquist"]),
         # a STAR file carries no per-particle scale to take as input
@@ -174,6 +174,7 @@ def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: P
         ("job.learning_rate=0", ["job.learning_rate must lie in (0, 1]"]),
         ("job.class_similarity=2", ["job.class_similarity must lie in [0, 1]"]),
         ("job.pca_n_reconstructions=2", ["job.pca_n_reconstructions ≥ job.K"]),
+        (f"data.particles={no_ctf}", [f"{no_ctf}: the particles have no CTF parameters", "set job.ctf=false"]),
         ("job.scale_range=[1.5,2]", ["job.scale_range must be [low, high] with 0 < low ≤ 1 ≤ high, got [1.5, 2]"]),
     ]
     messages = one_process_runs([(online_overrides(three_class_data, override), tmp_path / str(number)) for number, (override, _) in enumerate(cases)])

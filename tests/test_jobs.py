@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cryotorch.conventions import rfft3_centered
-from cryotorch.io import read_mrc, read_particles, read_star
+from cryotorch.data.phantom import blob_phantom
+from cryotorch.io import ParticleImageReader, read_mrc, read_particles, read_star, write_mrc
 from cryotorch.ops.filters import crop_or_pad_3d
 from cryotorch.ops.fsc import fourier_shell_correlation
 
@@ -30,6 +31,13 @@ def train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess[st
     if check and result.returncode != 0:
         raise AssertionError(f"train {' '.join(overrides)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def torchrun(n_processes: int, *overrides: str) -> None:
+    """Run ``python -m cryotorch.train`` under ``torchrun --standalone --nproc_per_node=N``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}", "-m", "cryotorch.train", *overrides]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # runs the override lists of argv[1] (JSON: [[overrides, output folder], ...]) as
@@ -95,8 +103,6 @@ def test_simulate_writes_particles_truth_and_logs(tmp_path: Path) -> None:
     assert (out / "phantom.mrc").is_file() and (out / "config.yaml").is_file()
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
     # images are normalised to unit noise, as after RELION's extraction
-    from cryotorch.io import ParticleImageReader
-
     junk = np.nonzero(truth.class_number == 2)[0]
     images = ParticleImageReader(particles).read(junk)
     assert images.std() == pytest.approx(1.0, rel=0.15)
@@ -106,9 +112,6 @@ def test_simulate_reuses_poses_and_ctfs_and_draws_class_fractions(shared_data: P
     # poses cycled from a RELION STAR (4 rows), CTFs drawn from another (5 rows), three times
     # as many particles of the first map as of the second, and a particles.star without poses
     # (data to be aligned from scratch) beside the truth
-    from cryotorch.data.phantom import blob_phantom
-    from cryotorch.io import write_mrc
-
     maps = [tmp_path / f"map{index}.mrc" for index in range(2)]
     for index, path in enumerate(maps):
         write_mrc(path, blob_phantom(16, 6.0, seed=index), 6.0)
@@ -146,9 +149,6 @@ def test_simulate_reuses_poses_and_ctfs_and_draws_class_fractions(shared_data: P
 
 
 def test_simulate_bad_input_is_reported(shared_data: Path, tmp_path: Path) -> None:
-    from cryotorch.data.phantom import blob_phantom
-    from cryotorch.io import write_mrc
-
     cube, small, flat, coarse, unknown = (tmp_path / f"{name}.mrc" for name in ("cube", "small", "flat", "coarse", "unknown"))
     write_mrc(cube, blob_phantom(16, 6.0, seed=0), 6.0)
     write_mrc(small, blob_phantom(12, 6.0, seed=0), 6.0)
@@ -250,12 +250,7 @@ def test_three_processes_reconstruct_what_one_does(tmp_path: Path) -> None:
     train("+job=simulate", "job.n_particles=200", "job.phantom_box_size=24", f"hydra.run.dir={tmp_path / 'sim'}")
     star = tmp_path / "sim" / "particles.star"
     train("+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002", f"hydra.run.dir={tmp_path / 'one'}")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m", "cryotorch.train"]
-    result = subprocess.run(
-        [*torchrun, "+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002", f"hydra.run.dir={tmp_path / 'three'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(3, "+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002", f"hydra.run.dir={tmp_path / 'three'}")
     for name in ("run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc", "run_class001.mrc"):
         ours, theirs = (np.array(read_mrc(tmp_path / folder / name).data) for folder in ("three", "one"))
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * float(np.abs(theirs).max()))
@@ -317,12 +312,7 @@ def test_two_processes_and_two_nodes_give_the_same_maps_as_one(tmp_path: Path) -
     train("+job=simulate", "job.n_particles=200", "job.phantom_box_size=24", f"hydra.run.dir={tmp_path / 'sim'}")
     star = tmp_path / "sim" / "particles.star"
     train("+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002", "compute.num_threads=1", f"hydra.run.dir={tmp_path / 'one'}")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cryotorch.train"]
-    result = subprocess.run(
-        [*torchrun, "+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002", f"hydra.run.dir={tmp_path / 'two'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(2, "+job=reconstruct", f"data.particles={star}", "compute.memory_budget_gb=0.0002", f"hydra.run.dir={tmp_path / 'two'}")
     # two nodes of one process each (torchrun --nnodes=2, both on this machine): torchrun
     # leaves a node's single process all the cores, so it is given one thread as above
     with socket.socket() as probe:

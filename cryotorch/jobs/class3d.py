@@ -272,11 +272,13 @@ class Class3DJob:
         self.finish(context, state)
 
     def read_table(self, context: RunContext) -> ParticleTable:
-        """The particles, checked for what the job needs (:meth:`check_table`) and for readable images."""
+        """The particles, checked for what the job needs (:meth:`check_table`), for CTF
+        parameters where CTF correction is on, and for readable images."""
         if context.particles is None:
             raise InputError(f"{self.name} needs particles: set data.particles=path/to/particles.star")
         table = read_particles(context.particles, context.project_dir)
         self.check_table(context, table)
+        require_ctf(table, str(context.particles), self.ctf)
         validate_particle_images(table)
         return table
 
@@ -288,7 +290,6 @@ class Class3DJob:
         sampling = context.sampling
         if not self.references:
             raise InputError("class3d needs a reference map: set job.reference=ref.mrc")
-        require_ctf(table, str(context.particles), self.ctf)
         if not sampling["align"] and not table.has_poses:
             raise InputError(f"{context.particles}: sampling.align=false needs particles with poses (rlnAngleRot/Tilt/Psi)")
         final = int(sampling["final_local_iterations"])

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
-from cryotorch.data.particles import half_set_labels, require_ctf
+from cryotorch.data.particles import half_set_labels
 from cryotorch.em.estep import EStepSettings, PreparedBatch, WeightedSlices, expectation
 from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, update_noise_and_weights
 from cryotorch.em.sums import SumTree, TensorSums
@@ -164,7 +164,6 @@ class OnlineClass3DJob(Class3DJob):
             raise InputError("class3d_online classifies at the particles' poses and does not align: set sampling.align=false (or use +job=class3d)")
         if not table.has_poses:
             raise InputError(f"{context.particles}: no poses (rlnAngleRot/Tilt/Psi or alignments3D/pose); class3d_online classifies the particles of a consensus refinement")
-        require_ctf(table, str(context.particles), self.ctf)
         if self.per_particle_scale == "input" and table.intensity_scale is None:
             raise InputError(f"{context.particles}: no per-particle scale (cryoSPARC alignments3D/alpha) for job.per_particle_scale=input; use consensus or none")
 
