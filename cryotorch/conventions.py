@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -43,6 +44,8 @@ __all__ = [
     "irfft2_centered",
     "rfft3_centered",
     "irfft3_centered",
+    "padded_rfft3_centered",
+    "padded_irfft3_centered",
     "image_center_px",
     "image_shift_from_origin",
 ]
@@ -178,3 +181,111 @@ def irfft3_centered(spectrum: torch.Tensor, box_size: int) -> torch.Tensor:
     """``(..., N, N, N // 2 + 1)`` centred rfft → ``(..., N, N, N)`` real volumes."""
     volumes = torch.fft.irfftn(_roll(spectrum, (-(box_size // 2),) * 2, (-3, -2)), s=(box_size,) * 3, dim=(-3, -2, -1))
     return _roll(volumes, (box_size // 2,) * 3, (-3, -2, -1))
+
+
+# Transforms of a volume zero-padded to P³ whose spectrum is wanted (or given) only in a
+# centred crop of Q³ components, or whose inverse is wanted only in the central N³ voxels:
+# one 1-D transform per axis, each over the lines that hold data and keeping only the
+# components or voxels wanted, instead of a P³ transform and a crop. Along each axis the
+# centred component k (index k + Q // 2) is the standard FFT's index k mod P, and the voxel
+# at offset u from the padded centre (index u + N // 2 of the window) its index u mod P.
+_LINE_CHUNK_ELEMENTS = 2**24
+
+
+def _centred_to_standard(values: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Centred components (or window voxels) along ``dim`` placed at their standard FFT
+    indices of a ``size``-long axis, zero elsewhere."""
+    length = values.shape[dim]
+    shape = list(values.shape)
+    shape[dim] = size
+    out = values.new_zeros(shape)
+    negative = length // 2
+    out.narrow(dim, 0, length - negative).copy_(values.narrow(dim, negative, length - negative))
+    out.narrow(dim, size - negative, negative).copy_(values.narrow(dim, 0, negative))
+    return out
+
+
+def _transform_axis(
+    values: torch.Tensor,
+    dim: int,
+    padded_size: int,
+    length: int,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    chunk_dim: int | None = None,
+    centred: bool = True,
+) -> torch.Tensor:
+    """``transform`` (a 1-D FFT along ``dim`` of a ``padded_size``-long axis, which may change
+    its dtype) of ``values`` placed by :func:`_centred_to_standard` (``centred=False``: given
+    as they are, for a transform that pads them itself), keeping the ``length`` centred
+    outputs; done in slabs along ``chunk_dim`` (None: at once) so that the padded work array
+    stays small."""
+    size = 1 if chunk_dim is None else values.shape[chunk_dim]
+    per_slab = values.numel() // max(1, size * values.shape[dim]) * padded_size
+    step = size if chunk_dim is None else max(1, _LINE_CHUNK_ELEMENTS // max(1, per_slab))
+    out: torch.Tensor | None = None
+    negative = length // 2
+    for start in range(0, size, step):
+        part = values if chunk_dim is None else values.narrow(chunk_dim, start, min(step, size - start))
+        result = transform(_centred_to_standard(part, dim, padded_size) if centred else part)
+        if out is None:
+            shape = list(values.shape)
+            shape[dim] = length
+            out = result.new_empty(shape)
+        target = out if chunk_dim is None else out.narrow(chunk_dim, start, part.shape[chunk_dim])
+        target.narrow(dim, 0, negative).copy_(result.narrow(dim, padded_size - negative, negative))
+        target.narrow(dim, negative, length - negative).copy_(result.narrow(dim, 0, length - negative))
+    assert out is not None
+    return out
+
+
+def padded_rfft3_centered(volumes: torch.Tensor, padded_size: int, crop_size: int | None = None) -> torch.Tensor:
+    """Centred rfft of volumes zero-padded to ``padded_size``, in a centred crop.
+
+    Equal (to rounding) to ``rfft3_centered`` of the ``(..., P, P, P)`` array holding
+    ``volumes`` at its centre (the voxel ``N // 2`` at ``P // 2``), cropped to components
+    ``-Q // 2 … Q - Q // 2 - 1`` along z and y and ``0 … Q // 2`` along x.
+
+    Parameters
+    ----------
+    volumes
+        ``(..., N, N, N)`` real volumes.
+    padded_size
+        P ≥ N.
+    crop_size
+        Q ≤ P (None: P).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., Q, Q, Q // 2 + 1)`` complex.
+    """
+    crop = padded_size if crop_size is None else crop_size
+    spectrum = torch.fft.rfft(_centred_to_standard(volumes, -1, padded_size), dim=-1)[..., : crop // 2 + 1]
+    spectrum = _transform_axis(spectrum, -2, padded_size, crop, lambda part: torch.fft.fft(part, dim=-2))
+    return _transform_axis(spectrum, -3, padded_size, crop, lambda part: torch.fft.fft(part, dim=-3), chunk_dim=-2)
+
+
+def padded_irfft3_centered(spectrum: torch.Tensor, padded_size: int, box_size: int) -> torch.Tensor:
+    """The central ``box_size``³ voxels of the inverse centred rfft of a padded grid.
+
+    Equal (to rounding) to ``irfft3_centered(grid, P)[w, w, w]``, ``w`` the ``N`` voxels from
+    ``P // 2 - N // 2``, where ``grid`` is ``(..., P, P, P // 2 + 1)`` and zero outside the
+    centred crop ``spectrum`` (``Q = P``: the grid itself).
+
+    Parameters
+    ----------
+    spectrum
+        ``(..., Q, Q, Q // 2 + 1)`` complex, the centred crop of a ``padded_size`` grid.
+    padded_size
+        P ≥ Q.
+    box_size
+        N ≤ P voxels kept along each axis.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., N, N, N)`` real.
+    """
+    volumes = _transform_axis(spectrum, -3, padded_size, box_size, lambda part: torch.fft.ifft(part, dim=-3), chunk_dim=-2)
+    volumes = _transform_axis(volumes, -2, padded_size, box_size, lambda part: torch.fft.ifft(part, dim=-2))
+    return _transform_axis(volumes, -1, padded_size, box_size, lambda part: torch.fft.irfft(part, n=padded_size, dim=-1), chunk_dim=-2, centred=False)

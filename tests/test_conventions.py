@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from cryotorch import conventions
 from cryotorch.conventions import (
     euler_deg_to_matrix,
     irfft2_centered,
     irfft3_centered,
     matrix_to_euler_deg,
+    padded_irfft3_centered,
+    padded_rfft3_centered,
     rfft2_centered,
     rfft3_centered,
 )
@@ -60,6 +63,30 @@ def test_centred_fft_round_trip_and_centre(box: int) -> None:
     np.testing.assert_allclose(rfft3_centered(batch).numpy(), reference, rtol=0, atol=1e-10)
     inverse = np.fft.fftshift(np.fft.irfftn(np.fft.ifftshift(reference, axes=(1, 2)), s=(box,) * 3, axes=(1, 2, 3)), axes=(1, 2, 3))
     np.testing.assert_allclose(irfft3_centered(torch.from_numpy(reference), box).numpy(), inverse, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("box", "padded", "crop"), [(16, 32, 32), (16, 32, 14), (15, 31, 12), (16, 33, 21), (16, 16, 16)])
+def test_padded_transforms_are_the_cropped_transforms_of_the_padded_grid(box: int, padded: int, crop: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the forward transform of a volume zero-padded to P, cropped to Q components, and the
+    # central N voxels of the inverse of a grid that is zero beyond a Q crop, against the
+    # whole P³ transforms; then again in slabs of a few lines
+    generator = torch.Generator().manual_seed(box + padded + crop)
+    volumes = torch.randn(2, box, box, box, dtype=torch.float64, generator=generator)
+    whole = torch.zeros(2, padded, padded, padded, dtype=torch.float64)
+    start = padded // 2 - box // 2
+    window = slice(start, start + box)
+    whole[:, window, window, window] = volumes
+    first = padded // 2 - crop // 2
+    crop_index = (slice(None), slice(first, first + crop), slice(first, first + crop), slice(0, crop // 2 + 1))
+    spectrum = torch.view_as_complex(torch.randn(2, crop, crop, crop // 2 + 1, 2, dtype=torch.float64, generator=generator))
+    grid = torch.zeros(2, padded, padded, padded // 2 + 1, dtype=torch.complex128)
+    grid[crop_index] = spectrum
+    forward = rfft3_centered(whole)[crop_index]
+    inverse = irfft3_centered(grid, padded)[:, window, window, window]
+    for slab_elements in (2**24, 64):
+        monkeypatch.setattr(conventions, "_LINE_CHUNK_ELEMENTS", slab_elements)
+        torch.testing.assert_close(padded_rfft3_centered(volumes, padded, crop), forward, rtol=0, atol=1e-12)
+        torch.testing.assert_close(padded_irfft3_centered(spectrum, padded, box), inverse, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["centered", "shifted"])

@@ -12,9 +12,10 @@ from torch_fourier_slice import project_3d_to_2d
 
 from cryotorch.conventions import fft_frequencies_2d, rfft3_centered
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.ops.backprojection import crop_size, insert_slices, reconstruct_from_sums, self_overlap_sum, symmetrize_hermitian_plane, uncrop
+from cryotorch.em.mstep import reconstruct_class
+from cryotorch.ops.backprojection import crop_size, insert_slices, reconstruct_from_sums, self_overlap_sum, symmetrize_hermitian_plane
 from cryotorch.ops.filters import soft_spherical_mask
-from cryotorch.ops.fourier import radius_grid_3d
+from cryotorch.ops.fourier import radius_grid_3d, shell_index_3d
 from cryotorch.ops.fsc import fourier_shell_correlation
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes, project_volumes, trilinear_corners, trilinear_table
 from cryotorch.ops.rotations import random_rotations
@@ -140,12 +141,18 @@ def test_insertion_is_the_adjoint_of_extraction(phantom: torch.Tensor) -> None:
     assert lhs == pytest.approx(rhs, rel=1e-4)
 
 
+def _crop_of(grid: torch.Tensor, size: int) -> tuple[slice, ...]:
+    """Index of the centred crop of ``size`` of a ``(..., P, P, P // 2 + 1)`` grid."""
+    start = grid.shape[-2] // 2 - size // 2
+    return (..., slice(start, start + size), slice(start, start + size), slice(0, size // 2 + 1))
+
+
 @pytest.mark.parametrize("radius", [5.3, 9.7, 16.0])
 def test_insertion_into_a_crop_is_the_crop_of_the_whole_grid(radius: float) -> None:
     # slices within `radius` (the lattice's components, and samples on the rim itself, where
     # the upper neighbours reach farthest) inserted into the centred crop that crop_size
-    # gives fill it with the whole grid's bits, and uncrop gives back the whole grid (at
-    # Nyquist, the whole grid)
+    # gives fill it with the whole grid's bits, the whole grid holds nothing beyond it, and
+    # every padded shell that holds weight lies whole inside it (at Nyquist, the whole grid)
     padded = padded_box_size(BOX, 2)
     generator = torch.Generator().manual_seed(11)
     rotations = torch.cat([torch.eye(3)[None], random_rotations(39, generator).float()])
@@ -159,16 +166,34 @@ def test_insertion_into_a_crop_is_the_crop_of_the_whole_grid(radius: float) -> N
     whole_weight = torch.zeros(whole.shape)
     insert_slices(whole, whole_weight, slices, slice_weights, rotations, frequencies, BOX)
     size = crop_size(padded, BOX, radius)
-    assert (size < padded) == (radius < BOX / 2 - 1)
+    assert (size < padded) == (radius < BOX / 2 - 2)
     data = torch.zeros(size, size, size // 2 + 1, dtype=torch.complex64)
     weight = torch.zeros(data.shape)
     insert_slices(data, weight, slices, slice_weights, rotations, frequencies, BOX, padded_size=padded)
-    assert torch.equal(uncrop(data, padded), whole)
-    assert torch.equal(uncrop(weight, padded), whole_weight)
+    crop = _crop_of(whole, size)
+    assert torch.equal(data, whole[crop]) and torch.equal(weight, whole_weight[crop])
+    beyond = whole_weight.clone()
+    beyond[crop] = 0
+    assert not beyond.any()
+    shells = shell_index_3d(padded)
+    touched = shells <= int(shells[whole_weight > 0].max())
+    inside = torch.zeros_like(touched)
+    inside[crop] = True
+    assert not (touched & ~inside).any()
     if size < padded:
         # every inserted value landed: nothing was dropped at the crop's edges (the whole
         # grid drops the neighbours beyond its own edge at Nyquist)
         assert float(weight.sum()) == pytest.approx(float(slice_weights.sum()), rel=1e-5)
+        # the M-step on the crop makes the whole grid's map, SSNR and posterior variance
+        tau2 = torch.linspace(2.0, 0.01, BOX // 2 + 1, dtype=torch.float64)
+        on_whole = reconstruct_class(whole, whole_weight, tau2, BOX, 2.0)
+        on_crop = reconstruct_class(data, weight, tau2, BOX, 2.0, padded)
+        torch.testing.assert_close(on_crop[0], on_whole[0], rtol=0, atol=1e-6 * float(on_whole[0].abs().max()))
+        torch.testing.assert_close(on_crop[1], on_whole[1])
+        torch.testing.assert_close(on_crop[2], on_whole[2][crop])
+        # and what the E-step reads back of the variance at the inserted samples
+        overlap = self_overlap_sum(on_whole[2], rotations, frequencies, BOX, 0.3)
+        torch.testing.assert_close(self_overlap_sum(on_crop[2], rotations, frequencies, BOX, 0.3, padded_size=padded), overlap)
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.3])

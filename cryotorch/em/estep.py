@@ -126,6 +126,9 @@ class EStepSettings:
         A global search's coarse pass scores this many orientations at a time and keeps only
         each particle's ``max_significant`` best samples between the pieces, so that its
         score matrix is ``(B, T, K·piece)`` however large the grid; None scores all at once.
+    padded_size
+        Size P of the padded grid whose centred crop the prepared volumes hold (None: they
+        hold all of it).
     target_class_ess
         Without alignment: flatten the class posteriors, ``p ∝ p(X|k)^τ p(k)^τ`` with one
         temperature ``τ ≤ 1`` per batch, until the batch's mean class ESS ``1/Σ_k p²`` reaches
@@ -148,6 +151,7 @@ class EStepSettings:
     coarse_piece_rotations: int | None = None
     target_class_ess: float | None = None
     hard_classification: bool = False
+    padded_size: int | None = None
 
 
 @dataclass
@@ -359,7 +363,8 @@ class CoarseProjections:
     Parameters
     ----------
     volumes_ft
-        ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes.
+        ``(K, Q, Q, Q // 2 + 1)`` prepared Fourier volumes, the padded grid or its centred
+        crop (``padded_size``).
     grid
         The pose grid whose coarse orientations (:meth:`PoseGrid.coarse_matrices`) are
         projected.
@@ -370,10 +375,15 @@ class CoarseProjections:
     memory_budget_bytes
         Working memory of an extraction; a quarter of it holds the projections of a global
         search or a local search's table.
+    padded_size
+        Size P of the padded grid (None: that of ``volumes_ft``).
     """
 
-    def __init__(self, volumes_ft: torch.Tensor, grid: PoseGrid, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
+    def __init__(
+        self, volumes_ft: torch.Tensor, grid: PoseGrid, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float, padded_size: int | None = None
+    ) -> None:
         self.volumes_ft, self.grid, self.frequencies, self.box_size = volumes_ft, grid, frequencies, box_size
+        self.padded_size = padded_size
         self.memory_budget_bytes = memory_budget_bytes
         n_classes, n = volumes_ft.shape[0], frequencies.shape[0]
         self.holds_all = self.fit_whole(n_classes, grid.n_rotations, n, memory_budget_bytes)
@@ -409,7 +419,7 @@ class CoarseProjections:
     def _extract(self, rotations: torch.Tensor) -> torch.Tensor:
         """``(K, U, n)`` projections along the coarse orientations ``rotations`` ``(U,)``."""
         matrices = self.grid.coarse_matrices(rotations)
-        return extract_slices(self.volumes_ft, matrices, self.frequencies, self.box_size, self.memory_budget_bytes)
+        return extract_slices(self.volumes_ft, matrices, self.frequencies, self.box_size, self.memory_budget_bytes, self.padded_size)
 
     def pieces(self, piece_rotations: int | None = None) -> Iterator[tuple[int, int, HalfTurnProjections]]:
         """Every orientation, about ``piece_rotations`` at a time (None: all at once), as
@@ -691,7 +701,8 @@ class FinePassCache:
     Parameters
     ----------
     volumes_ft
-        ``(K, P, P, P // 2 + 1)`` prepared Fourier volumes.
+        ``(K, Q, Q, Q // 2 + 1)`` prepared Fourier volumes, the padded grid or its centred
+        crop (``padded_size``).
     grid
         The pose grid whose children (:meth:`PoseGrid.children_matrices`) are projected.
     frequencies
@@ -700,14 +711,19 @@ class FinePassCache:
         Image size N.
     memory_budget_bytes
         Size of each table.
+    padded_size
+        Size P of the padded grid (None: that of ``volumes_ft``).
     """
 
-    def __init__(self, volumes_ft: torch.Tensor, grid: PoseGrid, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float) -> None:
+    def __init__(
+        self, volumes_ft: torch.Tensor, grid: PoseGrid, frequencies: torch.Tensor, box_size: int, memory_budget_bytes: float, padded_size: int | None = None
+    ) -> None:
         n_classes = volumes_ft.shape[0]
         n_rot, n_sub = grid.n_rotations, grid.n_children
         n = frequencies.shape[0]
         device = volumes_ft.device
         self.volumes_ft, self.grid, self.frequencies, self.box_size = volumes_ft, grid, frequencies, box_size
+        self.padded_size = padded_size
         self.memory_budget_bytes = memory_budget_bytes
         capacity = int(max(1, min(n_rot, memory_budget_bytes // (n_classes * n_sub * n * 8))))
         self.slots = _TableSlots(capacity, device)
@@ -741,7 +757,7 @@ class FinePassCache:
         ``coarse_rotations`` ``(U,)``."""
         n_sub, n = self.grid.n_children, self.frequencies.shape[0]
         matrices = self.grid.children_matrices(coarse_rotations).reshape(-1, 3, 3)
-        values = extract_slices(volumes_ft, matrices, self.frequencies, self.box_size, self.memory_budget_bytes)
+        values = extract_slices(volumes_ft, matrices, self.frequencies, self.box_size, self.memory_budget_bytes, self.padded_size)
         return values.reshape(volumes_ft.shape[0], -1, n_sub, n)
 
     def add(self, ids: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> list[WeightedSlices]:
@@ -1541,7 +1557,7 @@ def _expectation_fixed_pose(
     frequencies = settings.frequencies
     b, n = batch.spectra.shape
     rotations = euler_deg_to_matrix(batch.prior_euler_deg).float()
-    projections = extract_slices(volumes_ft, rotations, frequencies, settings.box_size, settings.memory_budget_bytes)  # (K, b, n)
+    projections = extract_slices(volumes_ft, rotations, frequencies, settings.box_size, settings.memory_budget_bytes, settings.padded_size)  # (K, b, n)
     weighted = batch.spectra * batch.ctf_factor()  # L (b, n)
     two_q = batch.ctf_weight()
     q = 0.5 * two_q

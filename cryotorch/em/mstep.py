@@ -10,7 +10,7 @@ significant samples do to first order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -18,10 +18,10 @@ from cryotorch.conventions import rfft3_centered
 from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
 from cryotorch.em.sums import TensorSums
 from cryotorch.model.class_model import ClassModel
-from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane, uncrop
-from cryotorch.ops.fourier import radial_average, radius_grid_3d, shell_index_3d, shell_power_3d, shells_to_padded_grid
+from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
+from cryotorch.ops.fourier import radial_average, shell_index_3d, shell_power_3d, shells_to_padded_grid, squared_magnitude
 from cryotorch.ops.fsc import fourier_shell_correlation
-from cryotorch.ops.projection import prepare_fourier_volumes
+from cryotorch.ops.projection import gridding_kernel_3d, padded_box_size
 
 __all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "map_signal_power", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
 
@@ -38,7 +38,7 @@ class SufficientStatistics(TensorSums):
     data, weight
         ``(K, Q, Q, Q // 2 + 1)`` back-projected ``Σ w·L`` and ``Σ w·2Q``: the whole padded
         grid (``Q = P``) or its centred crop that an iteration's slices reach
-        (:func:`~cryotorch.ops.backprojection.crop_size`; :meth:`uncropped` gives the whole).
+        (:func:`~cryotorch.ops.backprojection.crop_size`), zero beyond.
     class_sum
         ``(K,)`` Σ_i p(k | X_i).
     noise_power, noise_count
@@ -86,10 +86,6 @@ class SufficientStatistics(TensorSums):
                 item.rotations, frequencies, box_size, memory_budget_bytes, padded_size,
             )
 
-    def uncropped(self, padded_size: int) -> SufficientStatistics:
-        """These sums on the whole ``padded_size`` grid (themselves where they are not cropped)."""
-        return replace(self, data=uncrop(self.data, padded_size), weight=uncrop(self.weight, padded_size))
-
     def accumulate(
         self,
         result: EStepResult,
@@ -132,18 +128,22 @@ class SufficientStatistics(TensorSums):
 
 
 def reconstruct_class(
-    data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, box_size: int, tau2_fudge: float
+    data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, box_size: int, tau2_fudge: float, padded_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAP reconstruction of one class from its back-projected sums.
 
     Parameters
     ----------
     data, weight
-        ``(P, P, P // 2 + 1)`` ``Σ w·L`` and ``Σ w·2Q`` on the padded grid.
+        ``(Q, Q, Q // 2 + 1)`` ``Σ w·L`` and ``Σ w·2Q`` on the padded grid (``Q = P``) or on
+        its centred crop (:func:`~cryotorch.ops.backprojection.crop_size`: zero beyond, every
+        shell that holds data whole).
     tau2
         ``(N // 2 + 1,)`` signal power per unpadded shell (the prior).
     tau2_fudge
         Regularisation parameter T.
+    padded_size
+        Size P of the padded grid (None: ``Q``).
 
     Returns
     -------
@@ -152,10 +152,11 @@ def reconstruct_class(
     ssnr
         ``(N // 2 + 1,)`` spectral signal-to-noise ratio per unpadded shell.
     inverse_denominator
-        ``(P, P, P // 2 + 1)`` ``1/(weight + 1/(p³·T·τ²))``.
+        ``(Q, Q, Q // 2 + 1)`` ``1/(weight + 1/(p³·T·τ²))``.
     """
-    padded = data.shape[0]
-    padded_shells = shell_index_3d(padded, data.device)
+    size = data.shape[0]
+    padded = size if padded_size is None else padded_size
+    padded_shells = shell_index_3d(size, data.device)
     p3 = (padded / box_size) ** 3
     data = symmetrize_hermitian_plane(data, conjugate=True)
     weight = symmetrize_hermitian_plane(weight, conjugate=False)
@@ -163,7 +164,7 @@ def reconstruct_class(
     tau2_padded = shells_to_padded_grid(tau2, padded // 2 + 1, box_size, padded)
     regularisation = 1.0 / (p3 * tau2_fudge * tau2_padded.clamp(min=1e-30))
     regularisation[0] = 0.0
-    volume = reconstruct_from_sums(data, weight, box_size, regularisation.float())
+    volume = reconstruct_from_sums(data, weight, box_size, regularisation.float(), padded)
     mean_weight = radial_average(weight.double(), padded_shells, padded // 2 + 1)
     ssnr = (p3 * tau2_fudge * tau2_padded * mean_weight)[padded_shell_of_unpadded(box_size, padded, data.device)]
     inverse_denominator = 1.0 / (weight + regularisation.float()[padded_shells.clamp(max=padded // 2)]).clamp(min=1e-30)
@@ -180,6 +181,7 @@ def maximization(
     symmetry_matrices: torch.Tensor | None = None,
     tau2_estimate: str = "map",
     second_half: SufficientStatistics | None = None,
+    padded_size: int | None = None,
 ) -> list[int]:
     """Update ``model`` in place from the summed statistics; returns the empty classes.
 
@@ -204,8 +206,13 @@ def maximization(
         (:func:`half_set_signal_power`, RELION's Refine3D update), before the map is made.
     second_half
         With ``"fsc"``: the sums of the particles of half set 2 (``stats`` holds all).
+    padded_size
+        Size P of the padded grid whose centred crop the sums hold (None: the sums' own);
+        ``model.inverse_denominator`` becomes the same crop.
     """
     box = model.box_size
+    padded = stats.data.shape[1] if padded_size is None else padded_size
+    inverse_denominators = torch.zeros_like(stats.weight)
     empty = []
     # what the sums were made with, for the self-fit discount of the next E-step
     model.inserted_sigma2.copy_(model.sigma2_noise)
@@ -219,19 +226,20 @@ def maximization(
                 raise ValueError("tau2_estimate='fsc' needs the sums of half set 2 (second_half)")
             data = torch.stack([stats.data[k] - second_half.data[k], second_half.data[k]])
             weight = torch.stack([stats.weight[k] - second_half.weight[k], second_half.weight[k]])
-            model.tau2[k] = half_set_signal_power(data, weight, box, mask)[0]
-        volume, model.ssnr[k], model.inverse_denominator[k] = reconstruct_class(stats.data[k], stats.weight[k], model.tau2[k], box, tau2_fudge)
+            model.tau2[k] = half_set_signal_power(data, weight, box, mask, padded)[0]
+        volume, model.ssnr[k], inverse_denominators[k] = reconstruct_class(stats.data[k], stats.weight[k], model.tau2[k], box, tau2_fudge, padded)
         model.volumes[k] = volume * mask
         if tau2_estimate == "posterior":
-            measured = expected_signal_power(stats.data[k], stats.weight[k], model.tau2[k], box)
+            measured = expected_signal_power(stats.data[k], stats.weight[k], model.tau2[k], box, padded)
             model.tau2[k, : max_shell + 1] = measured[: max_shell + 1]
+    model.inverse_denominator = inverse_denominators
     update_noise_and_weights(model, stats, max_shell)
     if common_frame and model.n_classes > 1:
         model.volumes.copy_(remove_rigid_differences(model.volumes, model.class_weights, mask, symmetry_matrices))
     if tau2_estimate == "map":
         for k in range(model.n_classes):
             if k not in empty:
-                model.tau2[k] = map_signal_power(model.volumes[k][None], stats.data.shape[1] / box)[0]
+                model.tau2[k] = map_signal_power(model.volumes[k][None], padded / box)[0]
     return empty
 
 
@@ -260,13 +268,29 @@ def map_signal_power(volumes: torch.Tensor, padding_factor: float) -> torch.Tens
         ``(K, N // 2 + 1)`` float64 signal power per unpadded shell.
     """
     box_size = volumes.shape[-1]
-    prepared = prepare_fourier_volumes(volumes, padding_factor)
-    padded_size = prepared.shape[1]
-    shells = torch.round(radius_grid_3d(padded_size, volumes.device) * box_size / padded_size).long()
-    return 0.5 * radial_average(prepared.abs().double() ** 2, shells, box_size // 2 + 1)
+    padded_size = padded_box_size(box_size, padding_factor)
+    n_shells = box_size // 2 + 1
+    # the power does not depend on where the map sits in the padded box: padded at the end
+    # of each axis (the standard transform's own zero padding, no centring), and transformed
+    # along z in slabs of y rows, so that no padded grid is held whole
+    corrected = volumes / gridding_kernel_3d(box_size, padded_size, volumes.device)
+    spectrum = torch.fft.fft(torch.fft.rfft(corrected, n=padded_size, dim=-1), n=padded_size, dim=-2)  # (K, N, P, H)
+    k_full = torch.fft.fftfreq(padded_size, 1 / padded_size, device=volumes.device)
+    k_half = torch.arange(padded_size // 2 + 1, device=volumes.device, dtype=k_full.dtype)
+    sums = torch.zeros(volumes.shape[0], n_shells + 1, dtype=torch.float64, device=volumes.device)
+    counts = torch.zeros(n_shells + 1, dtype=torch.float64, device=volumes.device)
+    step = max(1, 2**22 // (padded_size * (padded_size // 2 + 1)))
+    for start in range(0, padded_size, step):
+        rows = slice(start, start + step)
+        slab = torch.fft.fft(spectrum[:, :, rows], n=padded_size, dim=-3)  # (K, P, rows, H)
+        radius = (k_full[:, None, None] ** 2 + k_full[rows][None, :, None] ** 2 + k_half[None, None, :] ** 2).sqrt()
+        shells = torch.round(radius * box_size / padded_size).long().clamp(max=n_shells).reshape(-1)
+        sums.index_add_(1, shells, squared_magnitude(slab).reshape(volumes.shape[0], -1).double())
+        counts += torch.bincount(shells, minlength=n_shells + 1).double()
+    return 0.5 * sums[:, :n_shells] / counts[:n_shells].clamp(min=1)
 
 
-def expected_signal_power(data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, box_size: int) -> torch.Tensor:
+def expected_signal_power(data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, box_size: int, padded_size: int | None = None) -> torch.Tensor:
     """Update of the prior's signal power τ²: ``E[|V|²/2 | data]`` per shell.
 
     The posterior under the current prior (``T = 1``) has mean ``m`` and, per component,
@@ -279,21 +303,25 @@ def expected_signal_power(data: torch.Tensor, weight: torch.Tensor, tau2: torch.
     Parameters
     ----------
     data, weight
-        ``(P, P, P // 2 + 1)`` back-projected sums of one class on the padded grid.
+        ``(Q, Q, Q // 2 + 1)`` back-projected sums of one class on the padded grid or its
+        centred crop (as :func:`reconstruct_class`).
     tau2
         ``(N // 2 + 1,)`` current signal power per unpadded shell.
     box_size
         Unpadded box size N.
+    padded_size
+        Size P of the padded grid (None: ``Q``).
 
     Returns
     -------
     torch.Tensor
-        ``(N // 2 + 1,)`` float64 expected signal power per unpadded shell.
+        ``(N // 2 + 1,)`` float64 expected signal power per unpadded shell (on a crop, only
+        the shells whose padded shells it holds whole are meaningful).
     """
-    padded = data.shape[0]
-    mean, _, variance = reconstruct_class(data, weight, tau2, box_size, 1.0)
+    padded = data.shape[0] if padded_size is None else padded_size
+    mean, _, variance = reconstruct_class(data, weight, tau2, box_size, 1.0, padded)
     mean_power = 0.5 * shell_power_3d(rfft3_centered(mean).to(torch.complex128))
-    shell_variance = radial_average(variance.double(), shell_index_3d(padded, data.device), padded // 2 + 1)
+    shell_variance = radial_average(variance.double(), shell_index_3d(data.shape[0], data.device), padded // 2 + 1)
     return mean_power + shell_variance[padded_shell_of_unpadded(box_size, padded, data.device)] / (padded / box_size) ** 3
 
 
@@ -435,6 +463,7 @@ def half_set_reconstruction(
     wiener_constant: float = 1e-3,
     mask: torch.Tensor | None = None,
     final_halves: bool = True,
+    padded_size: int | None = None,
 ) -> HalfSetMaps:
     """Reconstruct half maps, measure their FSC, and reconstruct again with τ² from it.
 
@@ -446,27 +475,30 @@ def half_set_reconstruction(
     Parameters
     ----------
     data, weight
-        ``(2, P, P, P // 2 + 1)`` back-projected sums of the two half sets.
+        ``(2, Q, Q, Q // 2 + 1)`` back-projected sums of the two half sets on the padded grid
+        or its centred crop (as :func:`reconstruct_class`).
     mask
         ``(N, N, N)`` mask applied to the first half maps before their FSC, or None.
     final_halves
         Reconstruct the half maps again with the FSC-based τ²; False returns the first ones
         (when only the full map is wanted).
+    padded_size
+        Size P of the padded grid (None: ``Q``).
     """
     data, weight = _symmetrized_halves(data, weight)
-    padded = data.shape[1]
+    padded = data.shape[1] if padded_size is None else padded_size
     n_padded_shells = padded // 2 + 1
-    padded_shells = shell_index_3d(padded, data.device)
-    first, fsc = half_map_fsc(data, weight, box_size, wiener_constant, mask)
+    padded_shells = shell_index_3d(data.shape[1], data.device)
+    first, fsc = half_map_fsc(data, weight, box_size, wiener_constant, mask, padded)
     halves = first
     if final_halves:
         halves = torch.stack([
-            reconstruct_from_sums(data[h], weight[h], box_size, fsc_regularisation(fsc, radial_average(weight[h].double(), padded_shells, n_padded_shells), box_size, padded, tau2_fudge).float())
+            reconstruct_from_sums(data[h], weight[h], box_size, fsc_regularisation(fsc, radial_average(weight[h].double(), padded_shells, n_padded_shells), box_size, padded, tau2_fudge).float(), padded)
             for h in (0, 1)
         ])
     fsc_full = 2 * fsc.clamp(min=0) / (1 + fsc.clamp(min=0))
     mean_weight = radial_average(weight.sum(0).double(), padded_shells, n_padded_shells)
-    full = reconstruct_from_sums(data.sum(0), weight.sum(0), box_size, fsc_regularisation(fsc_full, mean_weight, box_size, padded, tau2_fudge).float())
+    full = reconstruct_from_sums(data.sum(0), weight.sum(0), box_size, fsc_regularisation(fsc_full, mean_weight, box_size, padded, tau2_fudge).float(), padded)
     return HalfSetMaps(halves, full, fsc)
 
 
@@ -479,19 +511,22 @@ def _symmetrized_halves(data: torch.Tensor, weight: torch.Tensor) -> tuple[torch
 
 
 def half_map_fsc(
-    data: torch.Tensor, weight: torch.Tensor, box_size: int, wiener_constant: float = 1e-3, mask: torch.Tensor | None = None
+    data: torch.Tensor, weight: torch.Tensor, box_size: int, wiener_constant: float = 1e-3, mask: torch.Tensor | None = None, padded_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lightly regularised half maps and their FSC.
 
     Parameters
     ----------
     data, weight
-        ``(2, P, P, P // 2 + 1)`` back-projected sums of the two half sets, Hermitian planes
-        symmetrised.
+        ``(2, Q, Q, Q // 2 + 1)`` back-projected sums of the two half sets, Hermitian planes
+        symmetrised, on the padded grid or its centred crop.
     wiener_constant
-        Each half map's regularisation, as a fraction of its mean weight.
+        Each half map's regularisation, as a fraction of its mean weight (over the whole
+        padded grid).
     mask
         ``(N, N, N)`` mask applied to both half maps before their FSC, or None.
+    padded_size
+        Size P of the padded grid (None: ``Q``).
 
     Returns
     -------
@@ -500,12 +535,17 @@ def half_map_fsc(
     fsc
         ``(N // 2 + 1,)`` their FSC per shell.
     """
-    halves = torch.stack([reconstruct_from_sums(data[h], weight[h], box_size, wiener_constant * float(weight[h].mean())) for h in (0, 1)])
+    padded = data.shape[1] if padded_size is None else padded_size
+    # the mean over the whole grid: a crop holds all of the weight in fewer components
+    share = (data.shape[1] / padded) ** 2 * (data.shape[-1] / (padded // 2 + 1))
+    halves = torch.stack([reconstruct_from_sums(data[h], weight[h], box_size, wiener_constant * float(weight[h].mean()) * share, padded) for h in (0, 1)])
     weighting = 1.0 if mask is None else mask
     return halves, fourier_shell_correlation(rfft3_centered(halves[0] * weighting), rfft3_centered(halves[1] * weighting))
 
 
-def half_set_signal_power(data: torch.Tensor, weight: torch.Tensor, box_size: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def half_set_signal_power(
+    data: torch.Tensor, weight: torch.Tensor, box_size: int, mask: torch.Tensor | None = None, padded_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The prior's signal power τ² of a structure from the FSC of its two half sets.
 
     The full map's SSNR is ``2·FSC/(1 − FSC)`` (FSC clamped to [0.001, 0.999]) and its noise
@@ -518,11 +558,14 @@ def half_set_signal_power(data: torch.Tensor, weight: torch.Tensor, box_size: in
     Parameters
     ----------
     data, weight
-        ``(2, P, P, P // 2 + 1)`` back-projected sums of the two half sets.
+        ``(2, Q, Q, Q // 2 + 1)`` back-projected sums of the two half sets on the padded grid
+        or its centred crop (as :func:`reconstruct_class`).
     box_size
         Unpadded box size N.
     mask
         ``(N, N, N)`` mask the FSC is measured in (the one the maps are multiplied by), or None.
+    padded_size
+        Size P of the padded grid (None: ``Q``).
 
     Returns
     -------
@@ -532,9 +575,9 @@ def half_set_signal_power(data: torch.Tensor, weight: torch.Tensor, box_size: in
         ``(N // 2 + 1,)`` FSC of the half maps.
     """
     data, weight = _symmetrized_halves(data, weight)
-    padded = data.shape[1]
-    _, fsc = half_map_fsc(data, weight, box_size, mask=mask)
+    padded = data.shape[1] if padded_size is None else padded_size
+    _, fsc = half_map_fsc(data, weight, box_size, mask=mask, padded_size=padded)
     ssnr = _ssnr_from_fsc(fsc, 2.0)
-    mean_weight = radial_average(weight.sum(0).double(), shell_index_3d(padded, data.device), padded // 2 + 1)
+    mean_weight = radial_average(weight.sum(0).double(), shell_index_3d(data.shape[1], data.device), padded // 2 + 1)
     per_unpadded = mean_weight[padded_shell_of_unpadded(box_size, padded, data.device)] * (padded / box_size) ** 3
     return torch.where(per_unpadded > 0, ssnr / per_unpadded.clamp(min=1e-300), torch.zeros_like(ssnr)), fsc

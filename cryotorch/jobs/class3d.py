@@ -558,8 +558,9 @@ class Class3DJob:
         timer = PhaseTimer(device, _PHASES)
         radius = self.current_radius(model, iteration)
         frequencies, component_index, shells = self.components(radius)
-        # the maps were masked once (reference, M-step), as RELION's projector holds them
-        volumes_ft = prepare_fourier_volumes(model.volumes, context.padding_factor)
+        # the maps were masked once (reference, M-step), as RELION's projector holds them; it
+        # holds the crop of the padded grid that this iteration's components reach
+        volumes_ft = prepare_fourier_volumes(model.volumes, context.padding_factor, crop_size(self.padded, box, radius))
         budget = context.memory_budget_bytes
         grid = None
         coarse = None
@@ -571,10 +572,10 @@ class Class3DJob:
             grid = self.pose_grid(context, iteration)
             coarse_shell = min(radius, coarse_radius_shells(box, pixel, self.diameter_A, grid.coarse_step_deg))
             n_coarse = max(1, int((frequencies.norm(dim=-1) <= max(coarse_shell, 3)).sum()))
-            coarse = CoarseProjections(volumes_ft, grid, frequencies[:n_coarse], box, budget)
-            fine = FinePassCache(volumes_ft, grid, frequencies, box, budget / 4)
+            coarse = CoarseProjections(volumes_ft, grid, frequencies[:n_coarse], box, budget, self.padded)
+            fine = FinePassCache(volumes_ft, grid, frequencies, box, budget / 4, self.padded)
             if oversampled_limit is not None:
-                unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, budget / 8)
+                unrefined = FinePassCache(volumes_ft, grid.without_oversampling(), frequencies, box, budget / 8, self.padded)
         piece_rotations = None
         if grid is None:
             batch_size = int(max(1, min(512, budget / 4 / (self.n_classes * 16 + frequencies.shape[0] * 64))))
@@ -606,6 +607,7 @@ class Class3DJob:
             # dense fine-pass score matrices: on a CPU small enough to stay in cache
             memory_budget_bytes=min(budget / 4, 2**26) if device.type == "cpu" else budget / 4,
             coarse_piece_rotations=piece_rotations,
+            padded_size=self.padded,
         )
         forced = self.forced_classes(context, iteration)
         passes = self.pass_samples(iteration, grid, unrefined, n_coarse, frequencies.shape[0])
@@ -665,13 +667,13 @@ class Class3DJob:
             timer.lap("all-reduce")
             for cache, table in zip(carried, sums.tables):
                 sums.stats.insert(self.expand_symmetry(cache.table_slices(table)), frequencies, box, budget / 4, self.padded)
-            sets.append(sums.stats.uncropped(self.padded))
+            sets.append(sums.stats)
             timer.lap("back-projection")
         stats = sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
         new_state = self.gather_state(context, new_state, own_rows)
         timer.lap("all-reduce")
         references = model.volumes.clone()
-        empty = maximization(model, stats, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry, self.tau2_estimate, sets[-1] if len(sets) > 1 else None)
+        empty = maximization(model, stats, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry, self.tau2_estimate, sets[-1] if len(sets) > 1 else None, self.padded)
         if not self.update_references:
             # classification against fixed maps: only noise, scales and class weights are learnt;
             # the maps hold none of the particles' data, so nothing is discounted as self-fit
@@ -919,7 +921,7 @@ class Class3DJob:
             # each particle over the map of its last class, all classes in one sum
             classes = previous[members] - 1
             share = self_overlap_sum(
-                model.inverse_denominator, rotations[members], frequencies, self.box, self.self_overlap, None if extracted is None else extracted[members], classes
+                model.inverse_denominator, rotations[members], frequencies, self.box, self.self_overlap, None if extracted is None else extracted[members], classes, self.padded,
             )
             weight = state.class_probability[index[members]]  # its share of the class's sums
             terms = four_q[members] * share

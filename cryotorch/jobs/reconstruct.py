@@ -116,13 +116,16 @@ class ReconstructJob:
         reader = ParticleImageReader(table, preload=context.preload)
         tree: SumTree[HalfSetSums] = SumTree()
         bar = progress_bar(sum(len(batches) for _, batches in leaves), "back-project", enabled=context.is_main, unit="batch")
+        spare: list[HalfSetSums] = []
         for leaf, batches in leaves:
-            sums = HalfSetSums.zeros(padded, device)
+            if not batches:
+                continue  # an empty leaf adds nothing: the tree's sums are the same bits without it
+            sums = spare.pop().zero_() if spare else HalfSetSums.zeros(padded, device)
             for rows in batches:
                 (batch,) = iterate_batches(table, reader, rows, batch_size, device)
                 self.insert_batch(sums, batch, halves, symmetry, frequencies, inside, box, pixel, context.memory_budget_bytes)
                 bar.update()
-            tree.add_leaf(leaf, sums)
+            spare.extend(tree.add_leaf(leaf, sums))
         bar.close()
         return tree.total() or HalfSetSums.zeros(padded, device)
 

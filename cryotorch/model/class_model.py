@@ -16,9 +16,10 @@ class ClassModel(nn.Module):
     volumes
         ``(K, N, N, N)`` float32 real-space class maps.
     inverse_denominator
-        ``(K, P, P, P // 2 + 1)`` float32 ``1/(weight + 1/τ²)`` of the last reconstruction on
-        the padded Fourier grid: a particle's own share of its class map, which the E-step
-        uses to discount the particle's fit to the map it helped to make.
+        ``(K, Q, Q, Q // 2 + 1)`` float32 ``1/(weight + 1/τ²)`` of the last reconstruction on
+        the centred crop of the ``(P, P, P // 2 + 1)`` padded Fourier grid that its sums
+        reached (Q = 0 before the first): a particle's own share of its class map, which the
+        E-step uses to discount the particle's fit to the map it helped to make.
     inserted_sigma2
         ``(G, N // 2 + 1)`` float64 noise variances the last reconstruction's sums were weighted
         with (the E-step's ``sigma2_noise``, before the M-step updated it).
@@ -55,9 +56,10 @@ class ClassModel(nn.Module):
         super().__init__()
         n_shells = box_size // 2 + 1
         self.box_size = box_size
+        self.padded_size = padded_size
         self.pixel_size_angstrom = pixel_size_angstrom
         self.register_buffer("volumes", torch.zeros(n_classes, box_size, box_size, box_size))
-        self.register_buffer("inverse_denominator", torch.zeros(n_classes, padded_size, padded_size, padded_size // 2 + 1))
+        self.register_buffer("inverse_denominator", torch.zeros(n_classes, 0, 0, 1))
         self.register_buffer("inserted_sigma2", torch.ones(n_groups, n_shells, dtype=torch.float64))
         self.register_buffer("inserted_radius", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("class_weights", torch.full((n_classes,), 1.0 / n_classes, dtype=torch.float64))
@@ -66,6 +68,13 @@ class ClassModel(nn.Module):
         self.register_buffer("tau2", torch.ones(n_classes, n_shells, dtype=torch.float64))
         self.register_buffer("ssnr", torch.zeros(n_classes, n_shells, dtype=torch.float64))
         self.register_buffer("offset_sigma_angstrom", torch.tensor(10.0, dtype=torch.float64))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        # the crop of the last reconstruction's grid: its size is the checkpoint's
+        crop = state_dict.get(prefix + "inverse_denominator")
+        if isinstance(crop, torch.Tensor) and crop.dim() == 4 and crop.shape[0] == self.n_classes and crop.shape[1] <= self.padded_size:
+            self.inverse_denominator = torch.zeros_like(crop, device=self.volumes.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     @property
     def n_classes(self) -> int:

@@ -13,11 +13,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cryotorch.conventions import irfft3_centered
-from cryotorch.ops.fourier import radius_grid_3d
+from cryotorch.conventions import padded_irfft3_centered
+from cryotorch.ops.fourier import cached_radius_and_shell_3d
 from cryotorch.ops.projection import CORNERS, flat_index_dtype, gridding_kernel_3d, rotation_chunk_size, slice_coordinates, trilinear_corners, trilinear_table
 
-__all__ = ["insert_slices", "crop_size", "uncrop", "self_overlap_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
+__all__ = ["insert_slices", "crop_size", "self_overlap_sum", "symmetrize_hermitian_plane", "reconstruct_from_sums"]
 
 def self_overlap_sum(
     grid: torch.Tensor,
@@ -27,6 +27,7 @@ def self_overlap_sum(
     neighbour_overlap: float = 0.0,
     extracted_rotations: torch.Tensor | None = None,
     grid_index: torch.Tensor | None = None,
+    padded_size: int | None = None,
 ) -> torch.Tensor:
     """``Σ_v c_v · grid_v`` over the trilinear corners v of each slice sample.
 
@@ -42,8 +43,9 @@ def self_overlap_sum(
     Parameters
     ----------
     grid
-        ``(P, P, P // 2 + 1)`` real values in the centred rfft layout (e.g. ``1/w``), or
-        ``(K, P, P, P // 2 + 1)`` with ``grid_index``.
+        ``(Q, Q, Q // 2 + 1)`` real values in the centred rfft layout (e.g. ``1/w``), or
+        ``(K, Q, Q, Q // 2 + 1)`` with ``grid_index``: the padded grid (``Q = P``) or its
+        centred crop, which must hold every sample's corners.
     rotations
         ``(R, 3, 3)`` RELION matrices A the slices were inserted at.
     frequencies
@@ -55,13 +57,16 @@ def self_overlap_sum(
     grid_index
         ``(R,)`` which of the K grids each slice is summed over (one call for slices of
         several classes); None: ``grid`` is a single grid.
+    padded_size
+        Size P of the padded grid (None: ``Q``).
 
     Returns
     -------
     torch.Tensor
         ``(R, M)`` sums.
     """
-    padded_size, half_size = grid.shape[-2], grid.shape[-1]
+    grid_size, half_size = grid.shape[-2], grid.shape[-1]
+    padded_size = grid_size if padded_size is None else padded_size
     coordinates, conjugate = slice_coordinates(rotations, frequencies, box_size, padded_size)
     extracted = coordinates
     if extracted_rotations is not None:
@@ -88,8 +93,8 @@ def self_overlap_sum(
     sides = [side.unbind(0) for side in ((1 - fraction) * reach[0], fraction * reach[1])]
     n_grids = 1 if grid_index is None else grid.shape[0]
     # each sample's grid starts this far into the flat values
-    start = None if grid_index is None else (grid_index.to(flat_index_dtype(padded_size, half_size, n_grids)) * (padded_size * padded_size * half_size)).repeat_interleave(frequencies.shape[0])
-    index, trilinear = trilinear_table(coordinates, padded_size, half_size)
+    start = None if grid_index is None else (grid_index.to(flat_index_dtype(grid_size, half_size, n_grids)) * (grid_size * grid_size * half_size)).repeat_interleave(frequencies.shape[0])
+    index, trilinear = trilinear_table(coordinates, grid_size, half_size, padded_size)
     weight = torch.empty_like(trilinear)
     for column, (dx, dy, dz) in enumerate(CORNERS.tolist()):
         torch.mul(sides[dx][0], sides[dy][1], out=weight[:, column]).mul_(sides[dz][2])
@@ -161,22 +166,13 @@ def insert_slices(
 def crop_size(padded_size: int, box_size: int, radius: float) -> int:
     """Size ``Q`` of the centred crop of a ``P``-grid (centred rfft layout, ``(Q, Q, Q // 2 +
     1)``) that holds the trilinear neighbours of every slice sample within ``radius`` (cycles
-    per unpadded box): its samples lie within ``r = radius · P/N`` of the centre, their upper
-    neighbours at most ``⌊r⌋ + 1`` beyond it. ``P`` where the crop would not be smaller."""
-    half = int(math.floor(radius * padded_size / box_size)) + 2
+    per unpadded box) and every padded-grid shell they touch, whole: the samples lie within
+    ``r = radius · P/N`` of the centre, their neighbours within ``r + √3``, in shells up to
+    ``⌊r⌋ + 3``, whose components lie at most ``⌊r⌋ + 3`` from the centre along each axis.
+    Averages over those shells are then the same on the crop as on the whole grid. ``P`` where
+    the crop would not be smaller."""
+    half = int(math.floor(radius * padded_size / box_size)) + 4
     return min(padded_size, 2 * half)
-
-
-def uncrop(grid: torch.Tensor, padded_size: int) -> torch.Tensor:
-    """``(..., P, P, P // 2 + 1)`` the whole padded grid, zero outside the centred crop
-    ``grid`` ``(..., Q, Q, Q // 2 + 1)`` (itself where ``Q = P``)."""
-    size = grid.shape[-2]
-    if size == padded_size:
-        return grid
-    start = padded_size // 2 - size // 2
-    whole = grid.new_zeros(*grid.shape[:-3], padded_size, padded_size, padded_size // 2 + 1)
-    whole[..., start : start + size, start : start + size, : grid.shape[-1]] = grid
-    return whole
 
 
 def symmetrize_hermitian_plane(grid: torch.Tensor, conjugate: bool) -> torch.Tensor:
@@ -203,35 +199,42 @@ def reconstruct_from_sums(
     weight: torch.Tensor,
     box_size: int,
     regularisation: torch.Tensor | float,
+    padded_size: int | None = None,
 ) -> torch.Tensor:
     """Regularised reconstruction ``V = data / (weight + regularisation)``, back in real space.
 
     Parameters
     ----------
     data_ft, weight
-        ``(P, P, P // 2 + 1)`` accumulated back-projections and weights (after
-        :func:`symmetrize_hermitian_plane`).
+        ``(Q, Q, Q // 2 + 1)`` accumulated back-projections and weights (after
+        :func:`symmetrize_hermitian_plane`): the whole padded grid (``Q = P``) or its centred
+        crop, the rest of the grid taken as zero.
     box_size
         Unpadded box size N.
     regularisation
         A constant, or ``(n_shells,)`` values per padded-grid shell (``1/τ²`` in the units of
         ``weight``), indexed by the rounded padded-grid radius.
+    padded_size
+        Size P of the padded grid (None: ``Q``).
 
     Returns
     -------
     torch.Tensor
         ``(N, N, N)`` real volume, gridding-corrected, zero beyond the Nyquist sphere.
     """
-    padded_size = data_ft.shape[0]
-    radius = radius_grid_3d(padded_size, data_ft.device)
+    padded_size = data_ft.shape[0] if padded_size is None else padded_size
+    radius, shell = cached_radius_and_shell_3d(data_ft.shape[0], data_ft.device)
     if isinstance(regularisation, torch.Tensor):
-        shell = torch.round(radius).long().clamp(max=regularisation.shape[0] - 1)
-        regularisation = regularisation[shell]
-    denominator = weight + regularisation
-    volume_ft = torch.where(denominator > 0, data_ft / denominator.clamp(min=torch.finfo(weight.dtype).tiny), 0)
-    nyquist = padded_size * (box_size // 2) / box_size
-    volume_ft = torch.where(radius <= nyquist, volume_ft, 0)
-    padded = irfft3_centered(volume_ft, padded_size)
-    start = padded_size // 2 - box_size // 2
-    volume = padded[start : start + box_size, start : start + box_size, start : start + box_size]
+        # the last value for the shells beyond (the cube's corners): no clamped copy of the shells
+        beyond = int(shell.max()) + 1 - regularisation.shape[0]
+        if beyond > 0:
+            regularisation = torch.cat([regularisation, regularisation[-1:].expand(beyond)])
+        denominator = regularisation[shell].add_(weight)
+    else:
+        denominator = weight + regularisation
+    # one grid of each kind at a time, in place: the padded grids of large boxes are GiBs
+    dropped = (denominator <= 0) | (radius > padded_size * (box_size // 2) / box_size)
+    volume_ft = data_ft / denominator.clamp_(min=torch.finfo(weight.dtype).tiny)
+    del denominator
+    volume = padded_irfft3_centered(volume_ft.masked_fill_(dropped, 0), padded_size, box_size)
     return volume / gridding_kernel_3d(box_size, padded_size, data_ft.device)

@@ -13,6 +13,7 @@ __all__ = [
     "frequency_grid_3d",
     "radius_grid_2d",
     "radius_grid_3d",
+    "cached_radius_and_shell_3d",
     "shell_index_2d",
     "shell_index_3d",
     "translate_2d_ft",
@@ -50,6 +51,12 @@ def _radius_and_shell_3d(box_size: int, device: torch.device) -> tuple[torch.Ten
     and device (each M-step asks for them several times per class)."""
     radius = frequency_grid_3d(box_size, device).norm(dim=-1)
     return radius, torch.round(radius).long()
+
+
+def cached_radius_and_shell_3d(box_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grids of :func:`radius_grid_3d` and :func:`shell_index_3d` themselves, shared by
+    every caller: read them, never write them (no copy of a padded grid's size is made)."""
+    return _radius_and_shell_3d(box_size, torch.device(device or "cpu"))
 
 
 def radius_grid_3d(box_size: int, device: torch.device | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cryotorch.conventions import fft_frequencies_2d, irfft2_centered, rfft3_centered
+from cryotorch.conventions import fft_frequencies_2d, irfft2_centered, padded_rfft3_centered
 
 __all__ = [
     "padded_box_size",
@@ -50,7 +50,7 @@ def gridding_kernel_3d(box_size: int, padded_size: int, device: torch.device | N
     return profile[:, None, None] * profile[None, :, None] * profile[None, None, :]
 
 
-def prepare_fourier_volumes(volumes: torch.Tensor, padding_factor: float = 2.0) -> torch.Tensor:
+def prepare_fourier_volumes(volumes: torch.Tensor, padding_factor: float = 2.0, crop_size: int | None = None) -> torch.Tensor:
     """Gridding-correct, pad and transform volumes for slice extraction.
 
     Parameters
@@ -59,22 +59,23 @@ def prepare_fourier_volumes(volumes: torch.Tensor, padding_factor: float = 2.0) 
         ``(K, N, N, N)`` real volumes (indexed z, y, x).
     padding_factor
         Oversampling of the Fourier grid (RELION's default 2).
+    crop_size
+        Keep only the centred crop of this size Q of the padded grid (None: all of it), e.g.
+        :func:`~cryotorch.ops.backprojection.crop_size` of the components to be extracted;
+        extract from it with ``padded_size=P``.
 
     Returns
     -------
     torch.Tensor
-        ``(K, P, P, P // 2 + 1)`` complex centred rfft of the padded volumes, ``P = padded size``.
+        ``(K, Q, Q, Q // 2 + 1)`` complex centred rfft of the padded volumes (``Q = P``, the
+        padded size, without ``crop_size``).
     """
     box_size = volumes.shape[-1]
     padded_size = padded_box_size(box_size, padding_factor)
     corrected = volumes / gridding_kernel_3d(box_size, padded_size, volumes.device)
-    start = padded_size // 2 - box_size // 2
-    end = start + box_size
-    padded = volumes.new_zeros(volumes.shape[0], padded_size, padded_size, padded_size)
-    padded[:, start:end, start:end, start:end] = corrected
-    # stored voxel-major (classes innermost), viewed as (K, P, P, P // 2 + 1): extraction then
+    # stored voxel-major (classes innermost), viewed as (K, Q, Q, Q // 2 + 1): extraction then
     # reads each neighbour's values of all classes from one place
-    return rfft3_centered(padded).permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    return padded_rfft3_centered(corrected, padded_size, crop_size).permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
 def slice_coordinates(
@@ -192,10 +193,10 @@ def trilinear_corners(coordinates: torch.Tensor, grid_size: int, half_size: int,
     return _corners(_trilinear_parts(coordinates, grid_size, half_size, padded_size), grid_size, half_size)
 
 
-def trilinear_table(coordinates: torch.Tensor, grid_size: int, half_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def trilinear_table(coordinates: torch.Tensor, grid_size: int, half_size: int, padded_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`trilinear_corners` as two ``(S, 8)`` arrays, flat indices and weights, corners
     in the order of :data:`CORNERS` (the bags of an ``embedding_bag``)."""
-    parts = _trilinear_parts(coordinates, grid_size, half_size)
+    parts = _trilinear_parts(coordinates, grid_size, half_size, padded_size)
     corners = [(dx, dy, dz) for dx, dy, dz in CORNERS.tolist()]
     offsets = torch.tensor([_corner_offset(corner, grid_size, half_size) for corner in corners], dtype=parts.base_index.dtype, device=coordinates.device)
     index = parts.base_index[:, None] + offsets
@@ -229,13 +230,15 @@ def extract_slices(
     frequencies: torch.Tensor,
     box_size: int,
     memory_budget_bytes: float = 2**28,
+    padded_size: int | None = None,
 ) -> torch.Tensor:
     """Central slices of K Fourier volumes along R orientations.
 
     Parameters
     ----------
     volumes_ft
-        ``(K, P, P, P // 2 + 1)`` complex, from :func:`prepare_fourier_volumes`.
+        ``(K, Q, Q, Q // 2 + 1)`` complex, from :func:`prepare_fourier_volumes`: the padded
+        grid (``Q = P``) or its centred crop.
     rotations
         ``(R, 3, 3)`` RELION matrices A.
     frequencies
@@ -244,13 +247,17 @@ def extract_slices(
         Unpadded box size N.
     memory_budget_bytes
         Working memory allowed per chunk of rotations.
+    padded_size
+        Size P of the padded grid (None: ``Q``); samples whose neighbours fall outside a crop
+        take zero there.
 
     Returns
     -------
     torch.Tensor
         ``(K, R, M)`` complex slice values.
     """
-    n_classes, padded_size, half_size = volumes_ft.shape[0], volumes_ft.shape[1], volumes_ft.shape[-1]
+    n_classes, grid_size, half_size = volumes_ft.shape[0], volumes_ft.shape[1], volumes_ft.shape[-1]
+    padded_size = grid_size if padded_size is None else padded_size
     n_freq = frequencies.shape[0]
     # one row per voxel holding every class's (real, imaginary) pair: a view of the storage
     # that prepare_fourier_volumes lays out, so that the 8 neighbours of a sample are 8 rows
@@ -259,7 +266,7 @@ def extract_slices(
     out = volumes_ft.new_empty(rotations.shape[0], n_freq, n_classes)
     for start in range(0, rotations.shape[0], chunk):
         coordinates, conjugate = slice_coordinates(rotations[start : start + chunk], frequencies, box_size, padded_size)
-        index, weight = trilinear_table(coordinates.reshape(3, -1), padded_size, half_size)
+        index, weight = trilinear_table(coordinates.reshape(3, -1), grid_size, half_size, padded_size)
         # trilinear interpolation as a weighted sum of 8 table rows per sample
         sampled = F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode="sum").view(-1, n_freq, n_classes, 2)
         # folded samples take the conjugate: their imaginary parts negated in place
