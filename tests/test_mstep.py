@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d, rfft3_centered
@@ -12,6 +13,7 @@ from cryotorch.data.particles import exact_tree_sum, tree_leaves
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.em.mstep import SufficientStatistics, expected_signal_power, half_set_signal_power, map_signal_power, reconstruct_class, remove_rigid_differences, rigid_motion_basis
 from cryotorch.em.sums import SumTree
+from cryotorch.model import ClassModel
 from cryotorch.ops.backprojection import insert_slices
 from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import radial_average, shell_index_3d
@@ -281,3 +283,18 @@ def test_a_sum_tree_adds_in_the_same_order_whoever_holds_its_subtrees() -> None:
     torch.testing.assert_close(whole_sum.weight, root.weight, rtol=1e-5, atol=1e-3)
     # a rank with no leaf (more processes than leaves) holds no sums
     assert SumTree().total() is None
+
+
+def test_a_class_model_reloads_the_crop_its_checkpoint_holds() -> None:
+    # the posterior variance is kept on the crop of the padded grid that the last sums
+    # reached, whose size changes from iteration to iteration: a model made for the run
+    # takes the checkpoint's size; one of another K is refused
+    saved = ClassModel(2, 16, 32, 1, 5.0)
+    saved.inverse_denominator = torch.rand(2, 12, 12, 7, generator=torch.Generator().manual_seed(1))
+    state = saved.state_dict()
+    fresh = ClassModel(2, 16, 32, 1, 5.0)
+    assert fresh.inverse_denominator.shape == (2, 0, 0, 1)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.inverse_denominator, saved.inverse_denominator)
+    with pytest.raises(RuntimeError, match="inverse_denominator"):
+        ClassModel(3, 16, 32, 1, 5.0).load_state_dict(state)
