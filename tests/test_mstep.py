@@ -11,10 +11,10 @@ import torch
 from cryotorch.conventions import fft_frequencies_2d, rfft3_centered
 from cryotorch.data.particles import exact_tree_sum, tree_leaves
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.em.mstep import SufficientStatistics, expected_signal_power, half_set_signal_power, map_signal_power, reconstruct_class, remove_rigid_differences, rigid_motion_basis
+from cryotorch.em.mstep import SufficientStatistics, expected_signal_power, half_set_reconstruction, half_set_signal_power, map_signal_power, reconstruct_class, remove_rigid_differences, rigid_motion_basis
 from cryotorch.em.sums import SumTree
 from cryotorch.model import ClassModel
-from cryotorch.ops.backprojection import insert_slices
+from cryotorch.ops.backprojection import crop_size, insert_slices
 from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import radial_average, shell_index_3d
 from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
@@ -206,6 +206,43 @@ def test_half_set_signal_power_follows_the_signal_and_vanishes_without_it() -> N
     tau2_noise, _ = half_set_signal_power(*half_sums(torch.zeros_like(slices)), box, mask)
     relative = (tau2_noise / noise_power)[2:]
     assert float(relative.mean()) < 0.1 and float(relative.max()) < 0.5, relative
+
+
+def test_half_set_maps_from_a_crop_are_those_of_the_whole_grid() -> None:
+    """Half-set sums within a resolution limit, held on the crop that crop_size gives (as
+    reconstruct and class3d hold them) and on the whole padded grid: the same half maps, full
+    map and FSC, the same FSC-based τ², and the same posterior τ² in the shells measured."""
+    box, padded, radius = 24, 48, 7.0
+    generator = torch.Generator().manual_seed(4)
+    volume = blob_phantom(box, 5.0, seed=5)
+    frequencies = fft_frequencies_2d(box).reshape(-1, 2).float()
+    frequencies = frequencies[frequencies.norm(dim=-1) <= radius]
+    rotations = random_rotations(400, generator).float()
+    slices = extract_slices(prepare_fourier_volumes(volume[None].float(), 2.0), rotations, frequencies, box)[0]
+    slices = slices + 3 * torch.complex(torch.randn(slices.shape, generator=generator), torch.randn(slices.shape, generator=generator))
+    size = crop_size(padded, box, radius)
+    assert size < padded
+    grids = {}
+    for grid_size in (padded, size):
+        data = torch.zeros(2, grid_size, grid_size, grid_size // 2 + 1, dtype=torch.complex64)
+        weight = torch.zeros(data.shape)
+        for half in (0, 1):
+            rows = slice(half, None, 2)
+            insert_slices(data[half], weight[half], slices[rows], torch.ones(frequencies.shape[0]), rotations[rows], frequencies, box, padded_size=padded)
+        grids[grid_size] = (data, weight)
+    mask = soft_spherical_mask(box, 0.4 * box, 2.0)
+    whole = half_set_reconstruction(*grids[padded], box, 1.0, mask=mask)
+    cropped = half_set_reconstruction(*grids[size], box, 1.0, mask=mask, padded_size=padded)
+    scale = float(whole.full.abs().max())
+    torch.testing.assert_close(cropped.halves, whole.halves, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(cropped.full, whole.full, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(cropped.fsc, whole.fsc, rtol=0, atol=1e-5)
+    torch.testing.assert_close(half_set_signal_power(*grids[size], box, mask, padded)[0], half_set_signal_power(*grids[padded], box, mask)[0], rtol=1e-4, atol=0)
+    tau2 = torch.linspace(1.0, 0.01, box // 2 + 1, dtype=torch.float64)
+    measured = int(radius) + 1
+    on_crop = expected_signal_power(grids[size][0].sum(0), grids[size][1].sum(0), tau2, box, padded)
+    on_whole = expected_signal_power(grids[padded][0].sum(0), grids[padded][1].sum(0), tau2, box)
+    torch.testing.assert_close(on_crop[:measured], on_whole[:measured], rtol=1e-4, atol=0)
 
 
 LEAVES = 8  # compute.sum_tree_leaves

@@ -27,7 +27,7 @@ from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.jobs.context import RunContext
 from cryotorch.monitor import log_central_slices, log_curve, log_scalars, progress_bar
 from cryotorch.monitor.plots import save_fsc_plot
-from cryotorch.ops.backprojection import insert_slices
+from cryotorch.ops.backprojection import crop_size, insert_slices
 from cryotorch.ops.ctf import compute_ctf
 from cryotorch.ops.filters import soft_spherical_mask
 from cryotorch.ops.fourier import translate_2d_ft
@@ -42,15 +42,17 @@ __all__ = ["ReconstructJob"]
 
 @dataclass
 class HalfSetSums(TensorSums):
-    """Back-projected ``(2, P, P, P // 2 + 1)`` complex data and real weights of the two half sets."""
+    """Back-projected ``(2, Q, Q, Q // 2 + 1)`` complex data and real weights of the two half
+    sets, on the centred crop of the padded grid that the resolution limit reaches (``Q = P``
+    without one)."""
 
     data: torch.Tensor
     weight: torch.Tensor
 
     @classmethod
-    def zeros(cls, padded: int, device: torch.device) -> HalfSetSums:
-        """Empty sums."""
-        shape = (2, padded, padded, padded // 2 + 1)
+    def zeros(cls, grid_size: int, device: torch.device) -> HalfSetSums:
+        """Empty sums on grids of ``grid_size``."""
+        shape = (2, grid_size, grid_size, grid_size // 2 + 1)
         return cls(torch.zeros(shape, dtype=torch.complex64, device=device), torch.zeros(shape, dtype=torch.float32, device=device))
 
 
@@ -97,7 +99,7 @@ class ReconstructJob:
         halves = half_set_labels(table, context.seed)
         sums = context.tree_sum(self.back_project(context, table, halves, box, pixel), context.memory_budget_bytes / 8)
         if context.is_main:
-            self.reconstruct_and_write(context, sums.data, sums.weight, box, pixel)
+            self.reconstruct_and_write(context, sums.data, sums.weight, box, pixel, padded_box_size(box, context.padding_factor))
         context.fabric.barrier()
 
     def back_project(
@@ -109,6 +111,7 @@ class ReconstructJob:
         frequencies = fft_frequencies_2d(box, device).reshape(-1, 2)
         limit = box // 2 if self.max_resolution_angstrom is None else min(box // 2, box * pixel / self.max_resolution_angstrom)
         inside = frequencies.norm(dim=-1) <= limit
+        grid_size = crop_size(padded, box, limit)
         frequencies = frequencies[inside]
         symmetry = symmetry_matrices(context.symmetry, device=device, dtype=torch.float32)  # (G, 3, 3)
         batch_size = batch_size_for_budget(box, context.memory_budget_bytes / max(1, symmetry.shape[0]))
@@ -120,14 +123,14 @@ class ReconstructJob:
         for leaf, batches in leaves:
             if not batches:
                 continue  # an empty leaf adds nothing: the tree's sums are the same bits without it
-            sums = spare.pop().zero_() if spare else HalfSetSums.zeros(padded, device)
+            sums = spare.pop().zero_() if spare else HalfSetSums.zeros(grid_size, device)
             for rows in batches:
                 (batch,) = iterate_batches(table, reader, rows, batch_size, device)
-                self.insert_batch(sums, batch, halves, symmetry, frequencies, inside, box, pixel, context.memory_budget_bytes)
+                self.insert_batch(sums, batch, halves, symmetry, frequencies, inside, box, pixel, context.memory_budget_bytes, padded)
                 bar.update()
             spare.extend(tree.add_leaf(leaf, sums))
         bar.close()
-        return tree.total() or HalfSetSums.zeros(padded, device)
+        return tree.total() or HalfSetSums.zeros(grid_size, device)
 
     def insert_batch(
         self,
@@ -140,9 +143,11 @@ class ReconstructJob:
         box: int,
         pixel: float,
         memory_budget_bytes: float,
+        padded: int,
     ) -> None:
         """Back-project one batch into its particles' half sets (``frequencies`` ``(M, 2)``
-        are the components ``inside`` the resolution limit, ``symmetry`` ``(G, 3, 3)``)."""
+        are the components ``inside`` the resolution limit, ``symmetry`` ``(G, 3, 3)``; the
+        sums crop the ``padded`` grid)."""
         device = sums.data.device
         spectra = rfft2_centered(batch.images).reshape(len(batch.rows), -1)[:, inside]
         # undo the image's translation by -origin to centre the particle
@@ -169,11 +174,13 @@ class ReconstructJob:
                 frequencies,
                 box,
                 memory_budget_bytes,
+                padded,
             )
 
-    def reconstruct_and_write(self, context: RunContext, data: torch.Tensor, weight: torch.Tensor, box: int, pixel: float) -> None:
-        """FSC-regularised half and full maps, FSC table and plot, TensorBoard summaries."""
-        maps = half_set_reconstruction(data, weight, box, self.tau2_fudge, self.wiener_constant)
+    def reconstruct_and_write(self, context: RunContext, data: torch.Tensor, weight: torch.Tensor, box: int, pixel: float, padded: int) -> None:
+        """FSC-regularised half and full maps, FSC table and plot, TensorBoard summaries, from
+        sums on the centred crop ``data``, ``weight`` of the ``padded`` grid."""
+        maps = half_set_reconstruction(data, weight, box, self.tau2_fudge, self.wiener_constant, padded_size=padded)
         halves_final, full = maps.halves, maps.full
 
         unmasked = fourier_shell_correlation(rfft3_centered(halves_final[0]), rfft3_centered(halves_final[1]))
