@@ -90,6 +90,25 @@ def simulation(map_path: Path, n_particles: int, snr: str) -> list[str]:
     ]
 
 
+def test_blob_phantom_is_its_sum_of_gaussians() -> None:
+    # the phantom made as one product of the blobs' profiles, against each blob's Gaussian of
+    # its distance, summed voxel by voxel (the same draws, taken again with the same seed)
+    box, pixel, n_blobs = 20, 2.0, 30
+    generator = torch.Generator().manual_seed(5)
+    directions = torch.randn(n_blobs, 3, generator=generator)
+    directions /= directions.norm(dim=1, keepdim=True)
+    centres = directions * 0.35 * box * torch.rand(n_blobs, 1, generator=generator) ** (1 / 3)
+    centres[:, 0] = centres[:, 0] * 0.8 + 0.15 * 0.35 * box * torch.sign(centres[:, 1])
+    weights = 0.5 + torch.rand(n_blobs, generator=generator)
+    coordinate = torch.arange(box, dtype=torch.float64) - box // 2
+    z, y, x = torch.meshgrid(coordinate, coordinate, coordinate, indexing="ij")
+    expected = torch.zeros(box, box, box, dtype=torch.float64)
+    for (cx, cy, cz), weight in zip(centres.double().tolist(), weights.double().tolist()):
+        expected += weight * torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * 1.5**2))
+    expected *= ((x**2 + y**2 + z**2).sqrt() < 0.45 * box).double()
+    torch.testing.assert_close(blob_phantom(box, pixel, seed=5, n_blobs=n_blobs).double(), expected / expected.max(), rtol=0, atol=1e-6)
+
+
 def test_simulate_writes_particles_truth_and_logs(tmp_path: Path) -> None:
     out = tmp_path / "sim"
     train("+job=simulate", "job.n_particles=40", "job.phantom_box_size=32", "job.junk_fraction=0.25", "job.noise=coloured", "job.origin_sigma_angstrom=6", f"hydra.run.dir={out}")
