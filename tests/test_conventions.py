@@ -25,6 +25,8 @@ from cryotorch.conventions import fft_frequencies_2d, image_shift_from_origin
 from cryotorch.ops.projection import project_volumes
 from cryotorch.ops.rotations import random_rotations
 
+from conftest import DEVICES
+
 
 def test_euler_matrix_matches_relion_formula_for_known_angles() -> None:
     # rot = 90: A = Rz(90) maps the reference x axis onto the image -y axis (passive rotation)
@@ -65,8 +67,9 @@ def test_centred_fft_round_trip_and_centre(box: int) -> None:
     np.testing.assert_allclose(irfft3_centered(torch.from_numpy(reference), box).numpy(), inverse, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("box", "padded", "crop"), [(16, 32, 32), (16, 32, 14), (15, 31, 12), (16, 33, 21), (16, 16, 16)])
-def test_padded_transforms_are_the_cropped_transforms_of_the_padded_grid(box: int, padded: int, crop: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_padded_transforms_are_the_cropped_transforms_of_the_padded_grid(box: int, padded: int, crop: int, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # the forward transform of a volume zero-padded to P, cropped to Q components, and the
     # central N voxels of the inverse of a grid that is zero beyond a Q crop, against the
     # whole P³ transforms; then again in slabs of a few lines
@@ -85,8 +88,8 @@ def test_padded_transforms_are_the_cropped_transforms_of_the_padded_grid(box: in
     inverse = irfft3_centered(grid, padded)[:, window, window, window]
     for slab_elements in (2**24, 64):
         monkeypatch.setattr(conventions, "_LINE_CHUNK_ELEMENTS", slab_elements)
-        torch.testing.assert_close(padded_rfft3_centered(volumes, padded, crop), forward, rtol=0, atol=1e-12)
-        torch.testing.assert_close(padded_irfft3_centered(spectrum, padded, box), inverse, rtol=0, atol=1e-15)
+        torch.testing.assert_close(padded_rfft3_centered(volumes.to(device), padded, crop).cpu(), forward, rtol=0, atol=1e-12)
+        torch.testing.assert_close(padded_irfft3_centered(spectrum.to(device), padded, box).cpu(), inverse, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["centered", "shifted"])
