@@ -45,10 +45,12 @@ def radius_grid_2d(box_size: int, device: torch.device | None = None) -> torch.T
     return fft_frequencies_2d(box_size, device).norm(dim=-1)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _radius_and_shell_3d(box_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The grids of :func:`radius_grid_3d` and :func:`shell_index_3d`, computed once per size
-    and device (each M-step asks for them several times per class)."""
+    and device (each M-step asks for them several times per class). An iteration asks for two
+    or three sizes (the box, the crop of the padded grid); the crop grows with the resolution,
+    and the grids of a 512-px padded grid take 1.6 GB, so only the last four sizes are kept."""
     radius = frequency_grid_3d(box_size, device).norm(dim=-1)
     return radius, torch.round(radius).long()
 
