@@ -19,7 +19,7 @@ from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
 from cryotorch.em.sums import TensorSums
 from cryotorch.model.class_model import ClassModel
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
-from cryotorch.ops.fourier import radial_average, shell_index_3d, shell_power_3d, shells_to_padded_grid, squared_magnitude
+from cryotorch.ops.fourier import cached_radius_and_shell_3d, radial_average, shell_power_3d, shells_to_padded_grid, squared_magnitude
 from cryotorch.ops.fsc import fourier_shell_correlation
 from cryotorch.ops.projection import gridding_kernel_3d, padded_box_size
 
@@ -156,7 +156,7 @@ def reconstruct_class(
     """
     size = data.shape[0]
     padded = size if padded_size is None else padded_size
-    padded_shells = shell_index_3d(size, data.device)
+    padded_shells = cached_radius_and_shell_3d(size, data.device)[1]
     p3 = (padded / box_size) ** 3
     data = symmetrize_hermitian_plane(data, conjugate=True)
     weight = symmetrize_hermitian_plane(weight, conjugate=False)
@@ -321,7 +321,7 @@ def expected_signal_power(data: torch.Tensor, weight: torch.Tensor, tau2: torch.
     padded = data.shape[0] if padded_size is None else padded_size
     mean, _, variance = reconstruct_class(data, weight, tau2, box_size, 1.0, padded)
     mean_power = 0.5 * shell_power_3d(rfft3_centered(mean).to(torch.complex128))
-    shell_variance = radial_average(variance.double(), shell_index_3d(data.shape[0], data.device), padded // 2 + 1)
+    shell_variance = radial_average(variance.double(), cached_radius_and_shell_3d(data.shape[0], data.device)[1], padded // 2 + 1)
     return mean_power + shell_variance[padded_shell_of_unpadded(box_size, padded, data.device)] / (padded / box_size) ** 3
 
 
@@ -488,7 +488,7 @@ def half_set_reconstruction(
     data, weight = _symmetrized_halves(data, weight)
     padded = data.shape[1] if padded_size is None else padded_size
     n_padded_shells = padded // 2 + 1
-    padded_shells = shell_index_3d(data.shape[1], data.device)
+    padded_shells = cached_radius_and_shell_3d(data.shape[1], data.device)[1]
     first, fsc = half_map_fsc(data, weight, box_size, wiener_constant, mask, padded)
     halves = first
     if final_halves:
@@ -578,6 +578,6 @@ def half_set_signal_power(
     padded = data.shape[1] if padded_size is None else padded_size
     _, fsc = half_map_fsc(data, weight, box_size, mask=mask, padded_size=padded)
     ssnr = _ssnr_from_fsc(fsc, 2.0)
-    mean_weight = radial_average(weight.sum(0).double(), shell_index_3d(data.shape[1], data.device), padded // 2 + 1)
+    mean_weight = radial_average(weight.sum(0).double(), cached_radius_and_shell_3d(data.shape[1], data.device)[1], padded // 2 + 1)
     per_unpadded = mean_weight[padded_shell_of_unpadded(box_size, padded, data.device)] * (padded / box_size) ** 3
     return torch.where(per_unpadded > 0, ssnr / per_unpadded.clamp(min=1e-300), torch.zeros_like(ssnr)), fsc

@@ -558,9 +558,11 @@ class Class3DJob:
         timer = PhaseTimer(device, _PHASES)
         radius = self.current_radius(model, iteration)
         frequencies, component_index, shells = self.components(radius)
-        # the maps were masked once (reference, M-step), as RELION's projector holds them; it
-        # holds the crop of the padded grid that this iteration's components reach
-        volumes_ft = prepare_fourier_volumes(model.volumes, context.padding_factor, crop_size(self.padded, box, radius))
+        # the crop of the padded grid that this iteration's components reach: the projector and
+        # the sums hold only it
+        grid_size = crop_size(self.padded, box, radius)
+        # the maps were masked once (reference, M-step), as RELION's projector holds them
+        volumes_ft = prepare_fourier_volumes(model.volumes, context.padding_factor, grid_size)
         budget = context.memory_budget_bytes
         grid = None
         coarse = None
@@ -628,8 +630,6 @@ class Class3DJob:
         carried = self.carried_caches([fine, unrefined], context.sum_tree_leaves, budget, len(row_sets))
         drained = [cache for cache in (fine, unrefined) if cache is not None and cache not in carried]
         trees: list[SumTree[TreeSums]] = [SumTree() for _ in row_sets]
-        # the sums' grids hold the crop of the padded grid that this iteration's slices reach
-        grid_size = crop_size(self.padded, box, radius)
         bar = progress_bar(sum(len(batches) for _, _, batches in steps), f"iteration {iteration}", enabled=context.is_main, unit="batch")
         timer.lap("set-up")
         for number, leaf, batches in steps:
