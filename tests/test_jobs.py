@@ -17,6 +17,7 @@ from cryotorch.conventions import rfft3_centered
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.io import ParticleImageReader, read_mrc, read_particles, read_star, write_mrc
 from cryotorch.ops.filters import crop_or_pad_3d
+from cryotorch.ops.fourier import shell_power_3d
 from cryotorch.ops.fsc import fourier_shell_correlation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,9 +202,11 @@ def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_p
     assert one_process_runs([
         (simulation(map_path, 5000, "null"), star.parent), (["+job=reconstruct", f"data.particles={star}"], out),
         ([*simulation(map_path, 1000, "null"), "job.ctf=false"], plain_star.parent), (["+job=reconstruct", f"data.particles={plain_star}", "job.ctf=false"], plain),
+        # with a resolution limit: the sums held on the crop of the padded grid it reaches
+        (["+job=reconstruct", f"data.particles={plain_star}", "job.ctf=false", "job.max_resolution_angstrom=20"], tmp_path / "limited"),
         # CTF correction asked for where the images have none
         (["+job=reconstruct", f"data.particles={plain_star}"], tmp_path / "asked"),
-    ]) == [None, None, None, None, f"{plain_star}: the particles have no CTF parameters (rlnDefocusU/V, or ctf/df1_A in a .cs file); set job.ctf=false for images without a CTF, "
+    ]) == [None, None, None, None, None, f"{plain_star}: the particles have no CTF parameters (rlnDefocusU/V, or ctf/df1_A in a .cs file); set job.ctf=false for images without a CTF, "
                                    "or estimate the CTFs first (CtfFind, or cryoSPARC's Patch CTF)"]
     assert not read_particles(plain_star).has_ctf
     truth = crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), 64)
@@ -212,6 +215,14 @@ def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_p
     assert float(fsc[1:25].min()) >= 0.9  # up to 3/4 of Nyquist (shell 24 of 32)
     without_ctf = fourier_shell_correlation(rfft3_centered(torch.as_tensor(np.array(read_mrc(plain / "run_class001.mrc").data))), rfft3_centered(truth))
     assert float(without_ctf[1:17].min()) >= 0.9  # up to half Nyquist from 1,000 images
+    # limited to 20 Å (shell 16): the same map up to the limit, next to nothing beyond it
+    limited = rfft3_centered(torch.as_tensor(np.array(read_mrc(tmp_path / "limited" / "run_class001.mrc").data)))
+    assert float(fourier_shell_correlation(limited, rfft3_centered(truth))[1:15].min()) >= 0.9
+    power, plain_power = (shell_power_3d(spectrum) for spectrum in (limited, rfft3_centered(torch.as_tensor(np.array(read_mrc(plain / "run_class001.mrc").data)))))
+    # the unlimited map's power up to the limit; beyond, below 2 % of it up to the last full shell
+    ratio = power / plain_power
+    assert torch.allclose(ratio[1:16], torch.ones(15, dtype=ratio.dtype), rtol=0, atol=0.01), ratio
+    assert float(ratio[18:32].max()) < 0.02, ratio
     fsc_star = read_star(out / "run_fsc.star")
     assert float(fsc_star["general"]["rlnFinalResolution"]) < 13.0
     assert (out / "run_fsc.png").stat().st_size > 1000
