@@ -17,6 +17,8 @@ import torch
 
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.io import ParticleImageReader, read_mrc, read_particles, read_star, write_mrc, write_particles
+from cryotorch.ops.filters import crop_or_pad_3d, soft_spherical_mask
+from cryotorch.ops.fourier import fourier_resample_3d
 from cryotorch.ops.healpix import rotation_angle_deg
 
 from conftest import c4_average, quarter_turn
@@ -518,7 +520,7 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
         ([reference, "sampling.oversampling=-1"], "sampling.oversampling=-1 must be ≥ 0"),
         ([reference, "sampling.significance=0"], "sampling.significance=0 must lie in (0, 1]"),
         ([reference, f"data.particles={no_ctf}"], f"{no_ctf}: the particles have no CTF parameters (rlnDefocusU/V, or ctf/df1_A in a .cs file); set job.ctf=false"),
-        ([f"job.reference={coarse}"], f"{coarse}: voxel size 7 Å differs from the particles' 6 Å"),
+        ([f"job.reference={coarse}"], f"{coarse}: map of 32 px × 7 Å does not match the particles' 32 px × 6 Å; resample it"),
         ([reference, f"job.continue_from={tmp_path}"], f"{tmp_path}: no run_checkpoint.pt to continue from"),
         # a checkpoint in the run's own folder, which the run would resume from
         ([reference], "not a readable class3d checkpoint"),
@@ -536,6 +538,28 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
     messages = one_process_runs([([*common, *overrides], folder) for folder, (overrides, _) in zip(folders, cases, strict=True)])
     for (overrides, phrase), message in zip(cases, messages, strict=True):
         assert message is not None and phrase in message, overrides
+
+
+def test_reference_of_another_box_and_voxel_size_is_resized_on_request(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # the reference and a soft mask at 4 Å in a 56 px box (224 Å across, the particles' 192 Å)
+    reference = torch.as_tensor(np.array(read_mrc(two_class_data["reference"]).data))
+    fine_reference, fine_mask, mask = tmp_path / "fine_reference.mrc", tmp_path / "fine_mask.mrc", tmp_path / "mask.mrc"
+    write_mrc(fine_reference, crop_or_pad_3d(fourier_resample_3d(reference, 48), 56), 4.0)
+    write_mrc(fine_mask, soft_spherical_mask(56, 21.0, 3.0), 4.0)
+    write_mrc(mask, soft_spherical_mask(BOX, 14.0, 2.0), PIXEL)
+    common = ["+job=class3d", f"data.particles={two_class_data['particles']}", "job.K=2", "job.ini_high_A=30", "job.n_iterations=1", "sampling.align=false"]
+    native, resized = tmp_path / "native", tmp_path / "resized"
+    messages = one_process_runs([
+        ([*common, f"job.reference={two_class_data['reference']}", f"job.reference_mask={mask}"], native),
+        ([*common, f"job.reference={fine_reference}", f"job.reference_mask={fine_mask}", "job.resize_reference=true"], resized),
+        ([*common, f"job.reference={fine_reference}"], tmp_path / "refused"),
+    ])
+    assert messages[:2] == [None, None]
+    assert messages[2] is not None and "map of 56 px × 4 Å does not match the particles' 32 px × 6 Å" in messages[2] and "job.resize_reference=true" in messages[2]
+    np.testing.assert_array_equal(final_classes(resized, 1), final_classes(native, 1))
+    for k in (1, 2):
+        a, b = (np.array(read_mrc(out / f"run_it001_class{k:03d}.mrc").data) for out in (native, resized))
+        assert np.linalg.norm(a - b) < 0.01 * np.linalg.norm(a)
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:

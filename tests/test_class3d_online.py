@@ -17,7 +17,7 @@ from cryotorch.data.phantom import blob_phantom
 from cryotorch.em.estep import class_ess, class_temperature
 from cryotorch.io import read_mrc, read_particles, write_mrc, write_particles
 from cryotorch.jobs.class3d_online import kmeans
-from cryotorch.ops.fourier import fourier_crop_2d, fourier_crop_3d
+from cryotorch.ops.fourier import fourier_crop_2d, fourier_resample_3d
 
 from test_class3d import accuracy
 from test_jobs import REPO, one_process_runs, torchrun, train
@@ -209,7 +209,7 @@ def test_fourier_crop_keeps_band_limited_values() -> None:
     z3, y3, x3 = torch.meshgrid(coarse * 4.0, coarse * 4.0, coarse * 4.0, indexing="ij")
     fine = torch.meshgrid(coordinate * 2.0, coordinate * 2.0, coordinate * 2.0, indexing="ij")
     volume = torch.exp(-((fine[2] - 5) ** 2 + fine[1] ** 2 + fine[0] ** 2) / (2 * 15.0**2))
-    torch.testing.assert_close(fourier_crop_3d(volume, 32), torch.exp(-((x3 - 5) ** 2 + y3**2 + z3**2) / (2 * 15.0**2)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(fourier_resample_3d(volume, 32), torch.exp(-((x3 - 5) ** 2 + y3**2 + z3**2) / (2 * 15.0**2)), atol=1e-3, rtol=0)
     with pytest.raises(ValueError):
         fourier_crop_2d(image[None], 31)
 

@@ -67,8 +67,8 @@ from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import PhaseTimer, log_central_slices, log_scalars, progress_bar
 from cryotorch.ops.backprojection import crop_size, self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
-from cryotorch.ops.filters import lowpass_filter_3d, soft_disc_masks, soft_spherical_mask
-from cryotorch.ops.fourier import coloured_noise_2d, fourier_crop_3d, shell_index_2d, translate_2d_ft
+from cryotorch.ops.filters import lowpass_filter_3d, resample_map, soft_disc_masks, soft_spherical_mask
+from cryotorch.ops.fourier import coloured_noise_2d, fourier_resample_3d, shell_index_2d, translate_2d_ft
 from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes, rotation_chunk_size
 from cryotorch.ops.rotations import random_rotations
@@ -189,6 +189,7 @@ class Class3DJob:
         tau2_estimate: str = "map",
         mask_diameter_A: float | None = None,
         reference_mask: str | None = None,
+        resize_reference: bool = False,
         zero_mask: bool = True,
         reference_absolute_greyscale: bool = False,
         ini_high_A: float = 60.0,
@@ -233,6 +234,7 @@ class Class3DJob:
         self.tau2_estimate = tau2_estimate
         self.mask_diameter_A = mask_diameter_A
         self.reference_mask = reference_mask
+        self.resize_reference = resize_reference
         self.zero_mask = zero_mask
         self.reference_absolute_greyscale = reference_absolute_greyscale
         self.ini_high_A = ini_high_A
@@ -341,7 +343,7 @@ class Class3DJob:
         self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
         self.padded = padded_box_size(box, context.padding_factor)
         if self.reference_mask:
-            self.mask = self.read_mask(self.reference_mask)
+            self.mask = self.read_map(self.reference_mask, mask=True)
         else:
             self.mask = soft_spherical_mask(box, self.mask_radius_px, 5.0, device=self.device)
         self.self_kept, self.self_overlap = self.self_fit_geometry(self.padded)
@@ -359,28 +361,42 @@ class Class3DJob:
         """Work after the last iteration (none but a log line here)."""
         log.info("%s finished: %d iterations in %s", self.name, self.n_iterations, context.output_dir)
 
-    def read_map(self, path: str) -> torch.Tensor:
-        """A map, checked against the particles' box and pixel size, Fourier-cropped to the
-        working box."""
+    def read_map(self, path: str, mask: bool = False) -> torch.Tensor:
+        """A map at the working box: checked against the particles' box and pixel size (or
+        resized to them, with ``job.resize_reference``), Fourier-cropped to the working box.
+        A ``mask`` must hold values in [0, 1], and is kept there after resampling."""
         volume = read_mrc(path)
-        self.check_map(volume.data.shape, volume.voxel_size_angstrom[0], path, self.full_box, self.full_pixel)
         values = torch.as_tensor(np.array(volume.data), device=self.device)
-        return fourier_crop_3d(values, self.box) if self.box != self.full_box else values
-
-    def read_mask(self, path: str) -> torch.Tensor:
-        """A mask map, read as :meth:`read_map` and checked for values in [0, 1]."""
-        values = self.read_map(path)
-        if float(values.min()) < -1e-3 or float(values.max()) > 1 + 1e-3:
+        if mask and (float(values.min()) < -1e-3 or float(values.max()) > 1 + 1e-3):
             raise InputError(f"{path}: mask values span [{float(values.min()):.3g}, {float(values.max()):.3g}]; a mask must lie in [0, 1]")
-        return values.clamp(0, 1)
+        values = self.fit_to_particles(values, volume.voxel_size_angstrom[0], path)
+        if self.box != self.full_box:
+            values = fourier_resample_3d(values, self.box)
+        return values.clamp(0, 1) if mask else values
 
-    @staticmethod
-    def check_map(shape: tuple[int, ...], voxel: float, path: str, box: int, pixel: float) -> None:
-        """A map must have the particles' box and (where its header says) pixel size."""
-        if tuple(shape) != (box, box, box):
-            raise InputError(f"{path}: map of shape {tuple(shape)} does not match the particles' box {box}; resample it to {box}³")
-        if voxel > 0 and abs(voxel - pixel) > 0.01 * pixel:
-            raise InputError(f"{path}: voxel size {voxel:.4g} Å differs from the particles' {pixel:.4g} Å; rescale the map")
+    def fit_to_particles(self, values: torch.Tensor, voxel: float, path: str) -> torch.Tensor:
+        """``values`` of a map whose voxel size (Å; 0 where its header holds none) may differ
+        from the particles': the map itself where its box and voxel size (to 1 %) are theirs,
+        else, with ``job.resize_reference``, the map resampled and windowed to them
+        (:func:`resample_map`, RELION's ``--trust_ref_size``); otherwise an error."""
+        box, pixel = self.full_box, self.full_pixel
+        if values.ndim != 3 or len(set(values.shape)) != 1:
+            raise InputError(f"{path}: map of shape {tuple(values.shape)} is not a cube; give a cubic map of the particles' box {box}")
+        size = values.shape[-1]
+        if size == box and (voxel <= 0 or abs(voxel - pixel) <= 0.01 * pixel):
+            return values
+        described = f"{size} px" + (f" × {voxel:.4g} Å" if voxel > 0 else "")
+        if not self.resize_reference:
+            raise InputError(
+                f"{path}: map of {described} does not match the particles' {box} px × {pixel:.4g} Å; resample it "
+                f"(relion_image_handler --rescale_angpix {pixel:.4g} --new_box {box}), or set job.resize_reference=true "
+                "to have it resampled and windowed here (RELION's --trust_ref_size)"
+            )
+        if voxel <= 0:
+            raise InputError(f"{path}: its header holds no voxel size, so it cannot be resized to {pixel:.4g} Å; set it (relion_image_handler --force_header_angpix)")
+        resized, actual = resample_map(values.float(), voxel, pixel, box)
+        log.warning("%s: resized from %s to the particles' %d px × %.4g Å (voxel size %.5g Å)", path, described, box, pixel, actual)
+        return resized
 
     def initial_state(self, table: ParticleTable) -> ParticleState:
         """Assignments before the first iteration: the table's poses, no class."""

@@ -87,6 +87,7 @@ class OnlineClass3DJob(Class3DJob):
         reference: str | list[str] | None = None,
         solvent_mask: str | None = None,
         focus_mask: str | None = None,
+        resize_reference: bool = False,
         target_resolution_A: float | None = None,
         init_mode: str = "simple",
         init_particles_per_class: int = 500,
@@ -113,7 +114,7 @@ class OnlineClass3DJob(Class3DJob):
             raise InputError(f"job.n_online_epochs ({n_online_epochs}) and job.max_full_iterations ({max_full_iterations}) must be ≥ 0, one of them > 0")
         super().__init__(
             name=name, reference=reference, K=K, n_iterations=n_online_epochs + max_full_iterations, tau2_fudge=tau2_fudge,
-            mask_diameter_A=mask_diameter_A, reference_mask=solvent_mask, zero_mask=zero_mask, ini_high_A=0.0, ctf=ctf,
+            mask_diameter_A=mask_diameter_A, reference_mask=solvent_mask, resize_reference=resize_reference, zero_mask=zero_mask, ini_high_A=0.0, ctf=ctf,
             scale_prior_sigma=0.0, continue_from=continue_from,
         )
         if self.references and len(self.references) != K:
@@ -170,7 +171,7 @@ class OnlineClass3DJob(Class3DJob):
     def set_up(self, context: RunContext, table: ParticleTable) -> None:
         """The set-up of class3d at the cropped box, the focus mask and half sets."""
         super().set_up(context, table)
-        self.focus = self.read_mask(self.focus_mask_path) if self.focus_mask_path else None
+        self.focus = self.read_map(self.focus_mask_path, mask=True) if self.focus_mask_path else None
         self.halves = torch.as_tensor(half_set_labels(table, context.seed), device=self.device)
         self.memory_budget = context.memory_budget_bytes
         # every shell inside Nyquist but the last, whose trilinear corners leave the padded grid

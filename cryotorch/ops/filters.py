@@ -1,10 +1,13 @@
-"""Masks and Fourier filters: soft spheres, soft-edged masks, raised-cosine low-pass, B-factor."""
+"""Masks and Fourier filters: soft spheres, soft-edged masks, raised-cosine low-pass, B-factor,
+resampling of maps to another voxel size."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from cryotorch.ops.fourier import radius_grid_3d
+from cryotorch.ops.fourier import fourier_resample_3d, radius_grid_3d
 
 __all__ = [
     "real_space_radius",
@@ -15,6 +18,7 @@ __all__ = [
     "lowpass_filter_3d",
     "bfactor_filter_3d",
     "crop_or_pad_3d",
+    "resample_map",
 ]
 
 
@@ -99,3 +103,49 @@ def crop_or_pad_3d(volume: torch.Tensor, box_size: int) -> torch.Tensor:
     dst = slice(dst_start, dst_start + n)
     out[..., dst, dst, dst] = volume[..., src, src, src]
     return out
+
+
+def resample_map(
+    volume: torch.Tensor, voxel_size_angstrom: float, pixel_size_angstrom: float, box_size: int, max_padding: int = 64
+) -> tuple[torch.Tensor, float]:
+    """A map brought to ``box_size`` voxels of (nearly) ``pixel_size_angstrom``, its centre
+    kept at the box centre: what RELION's ``--trust_ref_size`` does to a reference of another
+    box or pixel size.
+
+    Fourier resampling (:func:`fourier_resample_3d`) scales the voxel size by the ratio of two
+    even box sizes, ``M / n``. The map is first windowed in real space to the extent the new
+    box needs (plus a voxel each side), then zero-padded by up to ``max_padding`` voxels to the
+    size ``M`` whose resampled size ``n`` comes nearest the asked ratio, and the result is
+    windowed to ``box_size``. The voxel size then misses the asked one by far less than with a
+    single rounding of the box (RELION's, up to one voxel in ``n``).
+
+    Parameters
+    ----------
+    volume
+        ``(N, N, N)`` map.
+    voxel_size_angstrom
+        Its voxel size (Å).
+    pixel_size_angstrom
+        Voxel size wanted (Å).
+    box_size
+        Box wanted (voxels).
+    max_padding
+        Most voxels of zero padding tried for the best ratio.
+
+    Returns
+    -------
+    tuple[torch.Tensor, float]
+        The ``(box_size,) * 3`` map and its voxel size (Å).
+    """
+    ratio = voxel_size_angstrom / pixel_size_angstrom
+    needed = min(volume.shape[-1], 2 * math.ceil(box_size / ratio / 2) + 2)
+    needed += needed % 2
+
+    def relative_error(size: int) -> float:
+        resampled = max(2, 2 * round(size * ratio / 2))
+        return abs(size * ratio / resampled - 1)
+
+    size = min(range(needed, needed + max_padding + 1, 2), key=relative_error)
+    resampled_size = max(2, 2 * round(size * ratio / 2))
+    resampled = fourier_resample_3d(crop_or_pad_3d(volume, size), resampled_size)
+    return crop_or_pad_3d(resampled, box_size), voxel_size_angstrom * size / resampled_size

@@ -22,7 +22,7 @@ __all__ = [
     "shell_power_3d",
     "shells_to_padded_grid",
     "fourier_crop_2d",
-    "fourier_crop_3d",
+    "fourier_resample_3d",
 ]
 
 
@@ -198,12 +198,30 @@ def fourier_crop_2d(images: torch.Tensor, box_size: int) -> torch.Tensor:
     return irfft2_centered(spectrum, box_size) * (box_size / n_in) ** 2
 
 
-def fourier_crop_3d(volumes: torch.Tensor, box_size: int) -> torch.Tensor:
-    """``(..., N, N, N)`` volumes resampled to ``(..., n, n, n)`` as :func:`fourier_crop_2d`."""
+def fourier_resample_3d(volumes: torch.Tensor, box_size: int) -> torch.Tensor:
+    """``(..., N, N, N)`` volumes resampled to ``(..., n, n, n)`` (``n = box_size``, even) in
+    Fourier space, their values kept (a band-limited map on another grid of the same extent):
+    the pixel size becomes ``N/n`` times larger.
+
+    A smaller box keeps the components below its Nyquist frequency (as
+    :func:`fourier_crop_2d`); a larger one pads with zeros, leaving out the Nyquist planes of
+    an even N, whose components stand for both ``±N/2`` and have no single place on the
+    finer grid.
+    """
     n_in = volumes.shape[-1]
-    if box_size > n_in or box_size % 2:
-        raise ValueError(f"Fourier crop needs an even box of at most {n_in}, got {box_size}")
-    start = n_in // 2 - box_size // 2
-    window = slice(start, start + box_size)
-    spectrum = rfft3_centered(volumes)[..., window, window, : box_size // 2 + 1]
-    return irfft3_centered(spectrum, box_size) * (box_size / n_in) ** 3
+    if box_size % 2 or box_size < 2:
+        raise ValueError(f"Fourier resampling needs an even box, got {n_in} → {box_size}")
+    if box_size == n_in:
+        return volumes
+    spectrum = rfft3_centered(volumes)
+    if box_size < n_in:
+        start = n_in // 2 - box_size // 2
+        window = slice(start, start + box_size)
+        resampled = spectrum[..., window, window, : box_size // 2 + 1]
+    else:
+        nyquist = 1 - n_in % 2
+        start = box_size // 2 - n_in // 2
+        inner, columns = slice(start + nyquist, start + n_in), n_in // 2 + 1 - nyquist
+        resampled = spectrum.new_zeros(*spectrum.shape[:-3], box_size, box_size, box_size // 2 + 1)
+        resampled[..., inner, inner, :columns] = spectrum[..., nyquist:, nyquist:, :columns]
+    return irfft3_centered(resampled, box_size) * (box_size / n_in) ** 3
