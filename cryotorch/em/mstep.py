@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cryotorch.conventions import rfft3_centered
+from cryotorch.conventions import irfft3_centered, rfft3_centered
 from cryotorch.em.estep import EStepResult, PreparedBatch, WeightedSlices
 from cryotorch.em.sums import TensorSums
 from cryotorch.model.class_model import ClassModel
 from cryotorch.ops.backprojection import insert_slices, reconstruct_from_sums, symmetrize_hermitian_plane
-from cryotorch.ops.fourier import cached_radius_and_shell_3d, radial_average, shell_power_3d, shells_to_padded_grid, squared_magnitude
+from cryotorch.ops.fourier import cached_radius_and_shell_3d, frequency_grid_3d, radial_average, shell_power_3d, shells_to_padded_grid, squared_magnitude
 from cryotorch.ops.fsc import fourier_shell_correlation
 from cryotorch.ops.projection import gridding_kernel_3d, padded_box_size
 
@@ -338,15 +338,15 @@ def rigid_motion_basis(volume: torch.Tensor) -> torch.Tensor:
     the gradient is taken in Fourier space, so it is exact for a band-limited map.
     """
     box = volume.shape[-1]
-    frequencies = torch.fft.fftfreq(box, device=volume.device, dtype=volume.dtype)
-    spectrum = torch.fft.fftn(torch.fft.ifftshift(volume))
+    spectrum = rfft3_centered(volume)
+    frequencies = frequency_grid_3d(box, volume.device).to(volume.dtype)  # (N, N, N // 2 + 1, 3): kx, ky, kz
     gradient = []
-    for axis in range(3):  # z, y, x (array order)
-        shape = [1, 1, 1]
-        shape[axis] = box
-        derivative = torch.fft.ifftn(spectrum * (2j * torch.pi * frequencies.reshape(shape)))
-        gradient.append(torch.fft.fftshift(derivative.real))
-    d_z, d_y, d_x = gradient
+    for axis in range(3):  # x, y, z
+        k = frequencies[..., axis]
+        # a Nyquist component stands for both ±N/2, whose derivatives cancel
+        derivative = torch.where(k.abs() == box / 2, 0.0, 2j * torch.pi * k / box)
+        gradient.append(irfft3_centered(spectrum * derivative, box))
+    d_x, d_y, d_z = gradient
     axis_values = torch.arange(box, device=volume.device, dtype=volume.dtype) - box // 2
     z, y, x = axis_values[:, None, None], axis_values[None, :, None], axis_values[None, None, :]
     return torch.stack([d_x, d_y, d_z, y * d_z - z * d_y, z * d_x - x * d_z, x * d_y - y * d_x])
