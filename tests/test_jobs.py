@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from cryotorch.conventions import rfft3_centered
+from cryotorch.conventions import rfft2_centered, rfft3_centered
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.io import ParticleImageReader, read_mrc, read_particles, read_star, write_mrc
 from cryotorch.ops.filters import crop_or_pad_3d
-from cryotorch.ops.fourier import shell_power_3d
+from cryotorch.jobs.simulate import coloured_noise_psd
+from cryotorch.ops.fourier import radial_average, shell_index_2d, shell_power_3d, squared_magnitude
 from cryotorch.ops.fsc import fourier_shell_correlation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +127,13 @@ def test_simulate_writes_particles_truth_and_logs(tmp_path: Path) -> None:
     junk = np.nonzero(truth.class_number == 2)[0]
     images = ParticleImageReader(particles).read(junk)
     assert images.std() == pytest.approx(1.0, rel=0.15)
+    # with the spectrum asked for: their mean power over that of coloured_noise_psd is flat
+    # beyond the sparse lowest shells (white noise would fall against it by the PSD's ~3.8)
+    box, pixel = images.shape[-1], float(particles.pixel_size_angstrom[0])
+    shells = shell_index_2d(box)
+    measured = radial_average(squared_magnitude(rfft2_centered(torch.as_tensor(images, dtype=torch.float64))).mean(0), shells, box // 2)
+    ratio = measured[2:] / radial_average(coloured_noise_psd(box, pixel).double(), shells, box // 2)[2:]
+    assert float(ratio.max() / ratio.min()) < 2
 
 
 def test_simulate_reuses_poses_and_ctfs_and_draws_class_fractions(shared_data: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from cryotorch.conventions import (
     image_shift_from_origin,
     irfft2_centered,
     matrix_to_euler_deg,
+    rfft2_centered,
 )
 from cryotorch.data.particles import batch_size_for_budget, ctf_parameters
 from cryotorch.data.phantom import blob_phantom
@@ -221,7 +222,7 @@ class SimulateJob:
                         noise_sigma = float(reference.var(dim=(-2, -1)).mean().sqrt()) / np.sqrt(self.snr)
                     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64).float().to(device)
                     if psd is not None:
-                        noise = irfft2_centered(torch.fft.fftshift(torch.fft.rfft2(noise), dim=-2) * psd.sqrt(), box)
+                        noise = irfft2_centered(rfft2_centered(noise) * psd.sqrt(), box)
                     clean = (clean + noise_sigma * noise) / noise_sigma  # unit noise, as RELION normalises
                 writer.write(start, clean.cpu().numpy())
         write_particles(context.output_dir / "particles.star", table if self.write_poses else self.without_poses(table))
