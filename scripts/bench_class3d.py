@@ -57,7 +57,7 @@ import torch
 
 from cryotorch.conventions import irfft3_centered, rfft3_centered
 from cryotorch.io import read_mrc, read_particles, write_mrc
-from cryotorch.ops.filters import crop_or_pad_3d, lowpass_filter_3d
+from cryotorch.ops.filters import crop_or_pad, lowpass_filter_3d
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 from cryotorch.monitor.timing import device_description
 from cryotorch.ops.healpix import rotation_angle_deg
@@ -73,7 +73,7 @@ def train(*overrides: str) -> None:
 def load_map(map_path: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The map in the benchmark box, its positive part, the voxel coordinates ``(x, y, z)``
     from the centre, and the centre of mass ``(3,)`` of the positive part."""
-    volume = crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), BOX)
+    volume = crop_or_pad(torch.as_tensor(np.array(read_mrc(map_path).data)), BOX)
     positive = volume.clamp(min=0)
     coordinate = torch.arange(BOX, dtype=torch.float32) - BOX // 2
     z, y, x = torch.meshgrid(coordinate, coordinate, coordinate, indexing="ij")

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from cryotorch.data.phantom import blob_phantom
-from cryotorch.io import ParticleImageReader, read_mrc, read_particles, read_star, write_mrc, write_particles
-from cryotorch.ops.filters import crop_or_pad_3d, soft_spherical_mask
-from cryotorch.ops.fourier import fourier_resample_3d
+from cryotorch.data.particles import CommonGridReader, common_geometry
+from cryotorch.io import MrcStackWriter, ParticleImageReader, read_mrc, read_particles, read_star, write_mrc, write_particles
+from cryotorch.ops.filters import crop_or_pad, resample_to_grid, soft_spherical_mask
+from cryotorch.ops.fourier import fourier_resample
 from cryotorch.ops.healpix import rotation_angle_deg
 
 from conftest import c4_average, quarter_turn
@@ -544,7 +545,7 @@ def test_reference_of_another_box_and_voxel_size_is_resized_on_request(two_class
     # the reference and a soft mask at 4 Å in a 56 px box (224 Å across, the particles' 192 Å)
     reference = torch.as_tensor(np.array(read_mrc(two_class_data["reference"]).data))
     fine_reference, fine_mask, mask = tmp_path / "fine_reference.mrc", tmp_path / "fine_mask.mrc", tmp_path / "mask.mrc"
-    write_mrc(fine_reference, crop_or_pad_3d(fourier_resample_3d(reference, 48), 56), 4.0)
+    write_mrc(fine_reference, crop_or_pad(fourier_resample(reference, 48), 56), 4.0)
     write_mrc(fine_mask, soft_spherical_mask(56, 21.0, 3.0), 4.0)
     write_mrc(mask, soft_spherical_mask(BOX, 14.0, 2.0), PIXEL)
     common = ["+job=class3d", f"data.particles={two_class_data['particles']}", "job.K=2", "job.ini_high_A=30", "job.n_iterations=1", "sampling.align=false"]
@@ -560,6 +561,68 @@ def test_reference_of_another_box_and_voxel_size_is_resized_on_request(two_class
     for k in (1, 2):
         a, b = (np.array(read_mrc(out / f"run_it001_class{k:03d}.mrc").data) for out in (native, resized))
         assert np.linalg.norm(a - b) < 0.01 * np.linalg.norm(a)
+
+
+def mixed_optics_groups(data: dict[str, Path], folder: Path) -> tuple[Path, np.ndarray]:
+    """The simulated particles with every other one moved to a second optics group of 4.5 Å
+    pixels in 44 px boxes (their images Fourier-resampled, as if recorded at another
+    magnification): the STAR file, and the rows of the second group."""
+    table = read_particles(data["particles"])
+    second = np.arange(1, len(table), 2)
+    images = torch.as_tensor(ParticleImageReader(table).read(second))
+    finer, pixel = resample_to_grid(images, PIXEL, 4.5, 44, ndim=2)
+    assert pixel == pytest.approx(4.5)
+    with MrcStackWriter(folder / "finer.mrcs", len(second), 44, 4.5) as writer:
+        writer.write(0, finer.numpy())
+    mixed = table.select(np.arange(len(table)))
+    mixed.stack_paths = mixed.stack_paths.copy()
+    mixed.stack_paths[second] = str(folder / "finer.mrcs")
+    mixed.stack_indices[second] = np.arange(len(second))
+    mixed.optics_group[second] = 2
+    mixed.pixel_size_angstrom[second] = 4.5
+    mixed.box_size_px[second] = 44
+    write_particles(folder / "mixed.star", mixed)
+    return folder / "mixed.star", second
+
+
+def test_optics_groups_of_other_pixel_and_box_sizes_are_read_on_one_grid(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    path, second = mixed_optics_groups(two_class_data, tmp_path)
+    table, original = read_particles(path), read_particles(two_class_data["particles"])
+    assert sorted(set(zip(table.box_size_px.tolist(), table.pixel_size_angstrom.tolist()))) == [(32, 6.0), (44, 4.5)]
+    assert common_geometry(table, str(path)) == (BOX, PIXEL)
+    rows = np.arange(len(table))
+    expected = ParticleImageReader(original).read(rows)
+    for preload in (False, True):
+        images = CommonGridReader(table, BOX, PIXEL, preload=preload).read(rows)
+        first = np.setdiff1d(rows, second)
+        np.testing.assert_array_equal(images[first], expected[first])
+        # back on the 6 Å grid: the original images but for their Nyquist lines (which hold
+        # ~5 % of white noise's power) and the sinc tails cut off at the edges
+        below_nyquist = [fourier_resample(torch.as_tensor(values[second]), BOX - 2, ndim=2).numpy() for values in (images, expected)]
+        assert np.linalg.norm(below_nyquist[0] - below_nyquist[1]) < 0.04 * np.linalg.norm(below_nyquist[1])
+    # a coarser second group sets the grid: its pixel size, the first group's extent
+    coarse = table.select(rows)
+    coarse.pixel_size_angstrom = np.where(table.optics_group == 2, 7.5, PIXEL)
+    assert common_geometry(coarse, "coarse") == (26, 7.5)
+
+
+def test_class3d_and_reconstruct_take_optics_groups_of_other_pixel_sizes(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    path, _ = mixed_optics_groups(two_class_data, tmp_path)
+    mixed = tmp_path / "mixed"
+    common = ["+job=class3d", f"job.reference={two_class_data['reference']}", "job.K=2", "job.ini_high_A=30", "job.n_iterations=6", "sampling.align=false"]
+    assert one_process_runs([
+        ([*common, f"data.particles={path}"], mixed),
+        (["+job=reconstruct", f"data.particles={path}"], tmp_path / "reconstruct_mixed"),
+        (["+job=reconstruct", f"data.particles={two_class_data['particles']}"], tmp_path / "reconstruct_native"),
+    ]) == [None, None, None]
+    truth = read_particles(two_class_data["truth"]).class_number
+    assert accuracy(truth, final_classes(mixed, 6)) >= 0.95
+    output = read_particles(mixed / "run_it006_data.star")
+    np.testing.assert_array_equal(output.optics_group, read_particles(path).optics_group)
+    np.testing.assert_allclose(output.pixel_size_angstrom, read_particles(path).pixel_size_angstrom)
+    maps = [np.array(read_mrc(tmp_path / f"reconstruct_{name}" / "run_class001.mrc").data) for name in ("mixed", "native")]
+    assert maps[0].shape == (BOX,) * 3 and read_mrc(tmp_path / "reconstruct_mixed" / "run_class001.mrc").voxel_size_angstrom[0] == pytest.approx(PIXEL)
+    assert np.linalg.norm(maps[0] - maps[1]) < 0.01 * np.linalg.norm(maps[1])
 
 
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from cryotorch.data.phantom import blob_phantom
 from cryotorch.em.estep import class_ess, class_temperature
 from cryotorch.io import read_mrc, read_particles, write_mrc, write_particles
 from cryotorch.jobs.class3d_online import kmeans
-from cryotorch.ops.fourier import fourier_crop_2d, fourier_resample_3d
+from cryotorch.ops.fourier import fourier_resample
 
 from test_class3d import accuracy
 from test_jobs import REPO, one_process_runs, torchrun, train
@@ -205,13 +205,13 @@ def test_fourier_crop_keeps_band_limited_values() -> None:
     image = torch.exp(-(x**2 + y**2) / (2 * 20.0**2))
     coarse = torch.arange(32) - 16
     y2, x2 = torch.meshgrid(coarse * 4.0, coarse * 4.0, indexing="ij")
-    torch.testing.assert_close(fourier_crop_2d(image[None], 32)[0], torch.exp(-(x2**2 + y2**2) / (2 * 20.0**2)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(fourier_resample(image[None], 32, ndim=2)[0], torch.exp(-(x2**2 + y2**2) / (2 * 20.0**2)), atol=1e-3, rtol=0)
     z3, y3, x3 = torch.meshgrid(coarse * 4.0, coarse * 4.0, coarse * 4.0, indexing="ij")
     fine = torch.meshgrid(coordinate * 2.0, coordinate * 2.0, coordinate * 2.0, indexing="ij")
     volume = torch.exp(-((fine[2] - 5) ** 2 + fine[1] ** 2 + fine[0] ** 2) / (2 * 15.0**2))
-    torch.testing.assert_close(fourier_resample_3d(volume, 32), torch.exp(-((x3 - 5) ** 2 + y3**2 + z3**2) / (2 * 15.0**2)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(fourier_resample(volume, 32), torch.exp(-((x3 - 5) ** 2 + y3**2 + z3**2) / (2 * 15.0**2)), atol=1e-3, rtol=0)
     with pytest.raises(ValueError):
-        fourier_crop_2d(image[None], 31)
+        fourier_resample(image[None], 31, ndim=2)
 
 
 def _rotation_vectors(matrices: torch.Tensor) -> np.ndarray:

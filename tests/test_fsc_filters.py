@@ -10,14 +10,14 @@ import torch
 from cryotorch.conventions import fft_frequencies_2d, irfft2_centered, rfft2_centered, rfft3_centered
 from cryotorch.ops.filters import (
     bfactor_filter_3d,
-    crop_or_pad_3d,
+    crop_or_pad,
     lowpass_filter_3d,
-    resample_map,
+    resample_to_grid,
     soft_disc_masks,
     soft_edge_mask,
     soft_spherical_mask,
 )
-from cryotorch.ops.fourier import coloured_noise_2d, fourier_resample_3d, radial_average, radius_grid_3d, shell_index_2d, shell_power_3d, squared_magnitude, translate_2d_ft
+from cryotorch.ops.fourier import coloured_noise_2d, fourier_resample, radial_average, radius_grid_3d, shell_index_2d, shell_power_3d, squared_magnitude, translate_2d_ft
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 
 
@@ -149,9 +149,9 @@ def test_lowpass_and_bfactor_filters() -> None:
 def test_crop_or_pad_keeps_the_centre() -> None:
     volume = torch.zeros(9, 9, 9)
     volume[4, 4, 4] = 1
-    padded = crop_or_pad_3d(volume, 12)
+    padded = crop_or_pad(volume, 12)
     assert padded[6, 6, 6] == 1 and padded.sum() == 1
-    assert crop_or_pad_3d(padded, 9)[4, 4, 4] == 1
+    assert crop_or_pad(padded, 9)[4, 4, 4] == 1
 
 
 def gaussian_map(box_size: int, voxel_size_angstrom: float, centre_angstrom: tuple[float, float, float], sigma_angstrom: float) -> torch.Tensor:
@@ -165,23 +165,23 @@ def gaussian_map(box_size: int, voxel_size_angstrom: float, centre_angstrom: tup
 
 def test_fourier_resampling_keeps_band_limited_values() -> None:
     coarse = gaussian_map(32, 4.0, (5.0, -3.0, 2.0), 12.0)
-    fine = fourier_resample_3d(coarse, 64)
+    fine = fourier_resample(coarse, 64)
     torch.testing.assert_close(fine, gaussian_map(64, 2.0, (5.0, -3.0, 2.0), 12.0), atol=1e-4, rtol=0)
-    torch.testing.assert_close(fourier_resample_3d(fine, 32), coarse, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fourier_resample(fine, 32), coarse, atol=1e-4, rtol=0)
     # an odd box has no Nyquist planes to leave out
-    torch.testing.assert_close(fourier_resample_3d(gaussian_map(33, 4.0, (0.0, 0.0, 0.0), 12.0), 66), gaussian_map(66, 2.0, (0.0, 0.0, 0.0), 12.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(fourier_resample(gaussian_map(33, 4.0, (0.0, 0.0, 0.0), 12.0), 66), gaussian_map(66, 2.0, (0.0, 0.0, 0.0), 12.0), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="even box"):
-        fourier_resample_3d(coarse, 31)
+        fourier_resample(coarse, 31)
 
 
 @pytest.mark.parametrize(
     ("box_in", "voxel_in", "voxel_out", "box_out"),
     [(40, 5.0, 3.3, 64), (64, 3.0, 5.0, 40), (50, 4.0, 4.0, 64), (48, 6.0, 1.9, 128), (100, 1.06, 2.37, 48)],
 )
-def test_resample_map_reaches_the_asked_voxel_and_box_size(box_in: int, voxel_in: float, voxel_out: float, box_out: int) -> None:
+def test_resample_to_grid_reaches_the_asked_voxel_and_box_size(box_in: int, voxel_in: float, voxel_out: float, box_out: int) -> None:
     # up- and down-sampling by ratios that no single pair of even boxes near the map's gives
     centre, sigma = (7.0, -4.0, 3.0), 12.0
-    resampled, voxel = resample_map(gaussian_map(box_in, voxel_in, centre, sigma), voxel_in, voxel_out, box_out)
+    resampled, voxel = resample_to_grid(gaussian_map(box_in, voxel_in, centre, sigma), voxel_in, voxel_out, box_out)
     assert resampled.shape == (box_out,) * 3
     assert voxel == pytest.approx(voxel_out, rel=1e-3)
     torch.testing.assert_close(resampled, gaussian_map(box_out, voxel, centre, sigma), atol=1e-3, rtol=0)

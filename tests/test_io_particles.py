@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryotorch.data.particles import half_set_labels, uniform_geometry
+from cryotorch.data.particles import common_geometry, half_set_labels
 from cryotorch.errors import InputError
 from cryotorch.io import (
     ParticleImageReader,
@@ -209,12 +209,16 @@ def test_from_arrays_broadcasts_and_defaults() -> None:
     assert table.ctf_scale.tolist() == [1.0, 1.0] and table.random_subset.tolist() == [0, 0]
 
 
-def test_mixed_pixel_sizes_are_reported_and_half_sets_are_drawn_where_missing(shared_data: Path) -> None:
-    # a RELION 3.1 file of six optics groups at 1.24 and 1.25 Å/px: no single geometry
+def test_mixed_pixel_sizes_share_the_coarsest_and_half_sets_are_drawn_where_missing(shared_data: Path) -> None:
+    # a RELION 3.1 file of six optics groups at 1.24 and 1.25 Å/px: all read at 1.25 Å, in
+    # the first group's 196 px (its own pixel size); a group without a box cannot be placed
     path = shared_data / "metadata/cryodrgn/relion31.6opticsgroups.star"
-    with pytest.raises(InputError, match=r"relion31\.6opticsgroups\.star: particles have box sizes \[196\] px and pixel sizes \[1\.24, 1\.25\] Å"):
-        uniform_geometry(read_particles(path), str(path))
-    assert uniform_geometry(read_particles(shared_data / "metadata/cryodrgn/relion5.star"), "relion5.star") == (448, 0.89)
+    table = read_particles(path)
+    assert common_geometry(table, str(path)) == (196, 1.25)
+    table.box_size_px[table.optics_group == 2] = 0
+    with pytest.raises(InputError, match=r"relion31\.6opticsgroups\.star: optics groups \[2\] have no box size or pixel size, beside others that do; set rlnImageSize"):
+        common_geometry(table, str(path))
+    assert common_geometry(read_particles(shared_data / "metadata/cryodrgn/relion5.star"), "relion5.star") == (448, 0.89)
     # without rlnRandomSubset a seeded split puts ceil(N/2) particles in half 1; a valid column is kept
     table = ParticleTable.from_arrays(stack_paths=["/a.mrcs"] * 7, stack_indices=np.arange(7), pixel_size_angstrom=1.0, box_size_px=32)
     halves = half_set_labels(table, seed=3)

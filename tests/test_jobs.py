@@ -16,7 +16,7 @@ import torch
 from cryotorch.conventions import rfft2_centered, rfft3_centered
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.io import ParticleImageReader, read_mrc, read_particles, read_star, write_mrc
-from cryotorch.ops.filters import crop_or_pad_3d
+from cryotorch.ops.filters import crop_or_pad
 from cryotorch.jobs.simulate import coloured_noise_psd
 from cryotorch.ops.fourier import radial_average, shell_index_2d, shell_power_3d, squared_magnitude
 from cryotorch.ops.fsc import fourier_shell_correlation
@@ -217,7 +217,7 @@ def test_noise_free_reconstruction_matches_the_true_map(shared_data: Path, tmp_p
     ]) == [None, None, None, None, None, f"{plain_star}: the particles have no CTF parameters (rlnDefocusU/V, or ctf/df1_A in a .cs file); set job.ctf=false for images without a CTF, "
                                    "or estimate the CTFs first (CtfFind, or cryoSPARC's Patch CTF)"]
     assert not read_particles(plain_star).has_ctf
-    truth = crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), 64)
+    truth = crop_or_pad(torch.as_tensor(np.array(read_mrc(map_path).data)), 64)
     reconstruction = torch.as_tensor(np.array(read_mrc(out / "run_class001.mrc").data))
     fsc = fourier_shell_correlation(rfft3_centered(reconstruction), rfft3_centered(truth))
     assert float(fsc[1:25].min()) >= 0.9  # up to 3/4 of Nyquist (shell 24 of 32)
@@ -252,7 +252,7 @@ def test_benchmark_maps_for_running_its_jobs_by_hand(shared_data: Path, tmp_path
     maps = {name: read_mrc(tmp_path / f"{name}.mrc") for name in ("classA", "classB", "junk")}
     assert all(m.data.shape == (64, 64, 64) and m.voxel_size_angstrom[0] == pytest.approx(5.0) for m in maps.values())
     class_a = np.array(maps["classA"].data)
-    np.testing.assert_array_equal(class_a, crop_or_pad_3d(torch.as_tensor(np.array(read_mrc(map_path).data)), 64).numpy())
+    np.testing.assert_array_equal(class_a, crop_or_pad(torch.as_tensor(np.array(read_mrc(map_path).data)), 64).numpy())
     removed = np.array(maps["classB"].data) != class_a
     np.testing.assert_array_equal(np.array(maps["classB"].data)[removed], 0)
     positive = class_a.clip(min=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,6 +13,9 @@ from cryotorch.conventions import euler_deg_to_matrix
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable
 from cryotorch.ops.ctf import CtfParameters
+from cryotorch.ops.filters import resample_to_grid
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ParticleBatch",
@@ -21,7 +25,8 @@ __all__ = [
     "exact_tree_sum",
     "iterate_batches",
     "batch_size_for_budget",
-    "uniform_geometry",
+    "common_geometry",
+    "CommonGridReader",
     "require_ctf",
 ]
 
@@ -70,16 +75,90 @@ def ctf_parameters(table: ParticleTable, rows: np.ndarray, device: torch.device 
     )
 
 
-def uniform_geometry(table: ParticleTable, source: str) -> tuple[int, float]:
-    """The single box size (px) and pixel size (Å) of all particles, or a clear error."""
-    boxes = np.unique(table.box_size_px)
-    pixels = np.unique(np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4))
-    if len(boxes) != 1 or len(pixels) != 1:
+def _geometries(table: ParticleTable) -> tuple[list[tuple[int, float]], np.ndarray]:
+    """The distinct (box px, pixel Å to 4 decimals) of the particles, and ``(N,)`` the index of
+    each particle's."""
+    pixels = np.round(np.asarray(table.pixel_size_angstrom, dtype=np.float64), 4)
+    pairs, codes = np.unique(np.stack([np.asarray(table.box_size_px, dtype=np.float64), pixels], axis=1), axis=0, return_inverse=True)
+    return [(int(box), float(pixel)) for box, pixel in pairs], codes.reshape(-1)
+
+
+def common_geometry(table: ParticleTable, source: str) -> tuple[int, float]:
+    """The box size (px) and pixel size (Å) all particles are processed at.
+
+    Their own where they share one. Optics groups of different pixel or box sizes (other
+    detectors, magnifications or extractions, merged as RELION 3.1 merges them) are brought
+    by :class:`CommonGridReader` to the coarsest pixel size among them, so that every image is
+    Fourier-cropped, none padded with frequencies it does not hold, and to the box that keeps
+    the extent (Å) of the first optics group's.
+    """
+    geometries, _ = _geometries(table)
+    if len(geometries) == 1:
+        return geometries[0]
+    unknown = (np.asarray(table.box_size_px) < 2) | ~(np.asarray(table.pixel_size_angstrom) > 0)
+    if unknown.any():
         raise InputError(
-            f"{source}: particles have box sizes {boxes.tolist()} px and pixel sizes {pixels.tolist()} Å; "
-            "all particles need one box size and one pixel size (re-extract or rescale the optics groups to match)"
+            f"{source}: optics groups {np.unique(np.asarray(table.optics_group)[unknown]).tolist()} have no box size or pixel size, beside others "
+            "that do; set rlnImageSize and rlnImagePixelSize in each optics group"
         )
-    return int(boxes[0]), float(pixels[0])
+    first = int(np.argmin(table.optics_group))
+    extent = float(table.box_size_px[first]) * float(table.pixel_size_angstrom[first])
+    pixel = max(pixel for _, pixel in geometries)
+    box = max(2, 2 * round(extent / pixel / 2))
+    log.info(
+        "%s: optics groups of %s px × Å are resampled on reading to %d px × %.4g Å (the coarsest pixel size, the first group's extent)",
+        source, ", ".join(f"{b} × {p:.4g}" for b, p in geometries), box, pixel,
+    )
+    return box, pixel
+
+
+class CommonGridReader:
+    """Particle images on one grid: those of a :class:`~cryotorch.io.ParticleImageReader`,
+    with the images of optics groups of another box or pixel size resampled on reading
+    (:func:`~cryotorch.ops.filters.resample_to_grid`) to ``box_size`` px of
+    ``pixel_size_angstrom`` (:func:`common_geometry`).
+
+    Parameters
+    ----------
+    table
+        Particles to read.
+    box_size, pixel_size_angstrom
+        The grid of the images returned (px, Å).
+    preload
+        Read (and resample) every image into memory now.
+    """
+
+    def __init__(self, table: ParticleTable, box_size: int, pixel_size_angstrom: float, preload: bool = False) -> None:
+        self.box_size, self.pixel_size_angstrom = box_size, pixel_size_angstrom
+        self._geometries, self._codes = _geometries(table)
+        self._native = [box == box_size and abs(pixel - pixel_size_angstrom) <= 1e-4 * pixel_size_angstrom for box, pixel in self._geometries]
+        self.reader = ParticleImageReader(table, preload=preload and all(self._native))
+        self._images: np.ndarray | None = None
+        if preload and not all(self._native):
+            self._images = self.read(np.arange(len(table)))
+            self.reader.close()
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """``(B, n, n)`` float32 images of table ``rows`` on the common grid."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self._images is not None:
+            return self._images[rows]
+        if all(self._native):
+            return self.reader.read(rows)
+        images = np.empty((rows.size, self.box_size, self.box_size), dtype=np.float32)
+        codes = self._codes[rows]
+        for code in np.unique(codes):
+            positions = np.flatnonzero(codes == code)
+            group = self.reader.read(rows[positions])
+            if not self._native[code]:
+                _, pixel = self._geometries[code]
+                group = resample_to_grid(torch.from_numpy(group), pixel, self.pixel_size_angstrom, self.box_size, ndim=2)[0].numpy()
+            images[positions] = group
+        return images
+
+    def close(self) -> None:
+        """Close the open stacks (reopened on demand)."""
+        self.reader.close()
 
 
 def require_ctf(table: ParticleTable, source: str, ctf: bool) -> None:
@@ -144,17 +223,17 @@ def batch_size_for_budget(box_size: int, memory_budget_bytes: float, bytes_per_p
 
 def iterate_batches(
     table: ParticleTable,
-    reader: ParticleImageReader,
+    reader: CommonGridReader,
     rows: np.ndarray,
     batch_size: int,
     device: torch.device | str = "cpu",
 ) -> Iterator[ParticleBatch]:
-    """Stream ``rows`` of ``table`` in batches of at most ``batch_size`` particles."""
+    """Stream ``rows`` of ``table`` in batches of at most ``batch_size`` particles, on the
+    reader's grid (origins in its pixels)."""
     for start in range(0, len(rows), batch_size):
         chunk = np.asarray(rows[start : start + batch_size])
         images = torch.as_tensor(reader.read(chunk), device=device)
-        pixel = np.asarray(table.pixel_size_angstrom, dtype=np.float64)[chunk]
-        origin_px = torch.as_tensor(np.asarray(table.origin_angstrom)[chunk] / pixel[:, None], dtype=torch.float32, device=device)
+        origin_px = torch.as_tensor(np.asarray(table.origin_angstrom)[chunk] / reader.pixel_size_angstrom, dtype=torch.float32, device=device)
         euler = torch.as_tensor(np.asarray(table.euler_deg, dtype=np.float64)[chunk], device=device)
         yield ParticleBatch(
             rows=torch.as_tensor(chunk, device=device),

@@ -29,7 +29,7 @@ from cryotorch.conventions import (
     rfft2_centered,
     rfft3_centered,
 )
-from cryotorch.data.particles import ctf_parameters, half_set_labels, require_ctf, uniform_geometry
+from cryotorch.data.particles import CommonGridReader, common_geometry, ctf_parameters, half_set_labels, require_ctf
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, SliceTable, WeightedSlices, class_ess, expectation, global_search_batches
 from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
 from cryotorch.em.sampling import (
@@ -50,7 +50,6 @@ from cryotorch.io import (
     ModelSummary,
     OptimiserSummary,
     SamplingSummary,
-    ParticleImageReader,
     ParticleTable,
     atomic_output_path,
     read_mrc,
@@ -67,8 +66,8 @@ from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import PhaseTimer, log_central_slices, log_scalars, progress_bar
 from cryotorch.ops.backprojection import crop_size, self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
-from cryotorch.ops.filters import lowpass_filter_3d, resample_map, soft_disc_masks, soft_spherical_mask
-from cryotorch.ops.fourier import coloured_noise_2d, fourier_resample_3d, shell_index_2d, translate_2d_ft
+from cryotorch.ops.filters import lowpass_filter_3d, resample_to_grid, soft_disc_masks, soft_spherical_mask
+from cryotorch.ops.fourier import coloured_noise_2d, fourier_resample, shell_index_2d, translate_2d_ft
 from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes, rotation_chunk_size
 from cryotorch.ops.rotations import random_rotations
@@ -322,7 +321,7 @@ class Class3DJob:
     def set_up(self, context: RunContext, table: ParticleTable) -> None:
         """Geometry (the particles' box, or :meth:`working_box`), optics groups, the image
         reader and the masks."""
-        full_box, full_pixel = uniform_geometry(table, str(context.particles))
+        full_box, full_pixel = common_geometry(table, str(context.particles))
         self.full_box, self.full_pixel = full_box, full_pixel
         box_A = full_box * full_pixel
         if self.mask_diameter_A is not None and not 0 < self.mask_diameter_A <= box_A:
@@ -353,9 +352,10 @@ class Class3DJob:
         """Box the job works at, for particles of ``box`` pixels of ``pixel`` Å: their own."""
         return box
 
-    def image_reader(self, table: ParticleTable, preload: bool) -> ParticleImageReader:
-        """Reader of the particle images at the working box."""
-        return ParticleImageReader(table, preload=preload)
+    def image_reader(self, table: ParticleTable, preload: bool) -> CommonGridReader:
+        """Reader of the particle images at the working box (every optics group's on the
+        particles' common grid, :func:`common_geometry`)."""
+        return CommonGridReader(table, self.full_box, self.full_pixel, preload=preload)
 
     def finish(self, context: RunContext, state: ParticleState) -> None:
         """Work after the last iteration (none but a log line here)."""
@@ -371,14 +371,14 @@ class Class3DJob:
             raise InputError(f"{path}: mask values span [{float(values.min()):.3g}, {float(values.max()):.3g}]; a mask must lie in [0, 1]")
         values = self.fit_to_particles(values, volume.voxel_size_angstrom[0], path)
         if self.box != self.full_box:
-            values = fourier_resample_3d(values, self.box)
+            values = fourier_resample(values, self.box)
         return values.clamp(0, 1) if mask else values
 
     def fit_to_particles(self, values: torch.Tensor, voxel: float, path: str) -> torch.Tensor:
         """``values`` of a map whose voxel size (Å; 0 where its header holds none) may differ
         from the particles': the map itself where its box and voxel size (to 1 %) are theirs,
         else, with ``job.resize_reference``, the map resampled and windowed to them
-        (:func:`resample_map`, RELION's ``--trust_ref_size``); otherwise an error."""
+        (:func:`resample_to_grid`, RELION's ``--trust_ref_size``); otherwise an error."""
         box, pixel = self.full_box, self.full_pixel
         if values.ndim != 3 or len(set(values.shape)) != 1:
             raise InputError(f"{path}: map of shape {tuple(values.shape)} is not a cube; give a cubic map of the particles' box {box}")
@@ -394,7 +394,7 @@ class Class3DJob:
             )
         if voxel <= 0:
             raise InputError(f"{path}: its header holds no voxel size, so it cannot be resized to {pixel:.4g} Å; set it (relion_image_handler --force_header_angpix)")
-        resized, actual = resample_map(values.float(), voxel, pixel, box)
+        resized, actual = resample_to_grid(values.float(), voxel, pixel, box)
         log.warning("%s: resized from %s to the particles' %d px × %.4g Å (voxel size %.5g Å)", path, described, box, pixel, actual)
         return resized
 

@@ -31,18 +31,18 @@ import numpy as np
 import torch
 
 from cryotorch.conventions import euler_deg_to_matrix
-from cryotorch.data.particles import half_set_labels
+from cryotorch.data.particles import CommonGridReader, half_set_labels
 from cryotorch.em.estep import EStepSettings, PreparedBatch, WeightedSlices, expectation
 from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, update_noise_and_weights
 from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.errors import InputError
-from cryotorch.io import ParticleImageReader, ParticleTable, write_particles
+from cryotorch.io import ParticleTable, write_particles
 from cryotorch.jobs.class3d import Class3DJob, ParticleState
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import progress
 from cryotorch.monitor.plots import save_class_sizes_plot, save_histogram_plot
-from cryotorch.ops.fourier import fourier_crop_2d, squared_magnitude
+from cryotorch.ops.fourier import fourier_resample, squared_magnitude
 from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,9 @@ __all__ = ["OnlineClass3DJob", "FourierCroppedReader"]
 
 
 class FourierCroppedReader:
-    """A :class:`~cryotorch.io.ParticleImageReader` whose images are Fourier-cropped to ``box_size``."""
+    """A :class:`~cryotorch.data.particles.CommonGridReader` whose images are Fourier-cropped to ``box_size``."""
 
-    def __init__(self, reader: ParticleImageReader, box_size: int) -> None:
+    def __init__(self, reader: CommonGridReader, box_size: int) -> None:
         self.reader, self.box_size = reader, box_size
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -61,7 +61,7 @@ class FourierCroppedReader:
         images = self.reader.read(rows)
         if images.shape[-1] == self.box_size:
             return images
-        return fourier_crop_2d(torch.as_tensor(images), self.box_size).numpy()
+        return fourier_resample(torch.as_tensor(images), self.box_size, ndim=2).numpy()
 
 
 @dataclass

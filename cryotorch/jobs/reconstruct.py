@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 
 from cryotorch.conventions import fft_frequencies_2d, image_shift_from_origin, rfft2_centered, rfft3_centered
-from cryotorch.data.particles import ParticleBatch, batch_size_for_budget, half_set_labels, iterate_batches, require_ctf, uniform_geometry
+from cryotorch.data.particles import CommonGridReader, ParticleBatch, batch_size_for_budget, common_geometry, half_set_labels, iterate_batches, require_ctf
 from cryotorch.errors import InputError
-from cryotorch.io import ParticleImageReader, ParticleTable, read_particles, validate_particle_images, write_mrc, write_star
+from cryotorch.io import ParticleTable, read_particles, validate_particle_images, write_mrc, write_star
 from cryotorch.em.mstep import half_set_reconstruction
 from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.jobs.context import RunContext
@@ -95,7 +95,7 @@ class ReconstructJob:
             raise InputError(f"{context.particles}: no rlnAngleRot/Tilt/Psi columns; reconstruct needs particles with poses")
         require_ctf(table, str(context.particles), self.ctf)
         validate_particle_images(table)
-        box, pixel = uniform_geometry(table, str(context.particles))
+        box, pixel = common_geometry(table, str(context.particles))
         halves = half_set_labels(table, context.seed)
         sums = context.tree_sum(self.back_project(context, table, halves, box, pixel), context.memory_budget_bytes / 8)
         if context.is_main:
@@ -116,7 +116,7 @@ class ReconstructJob:
         symmetry = symmetry_matrices(context.symmetry, device=device, dtype=torch.float32)  # (G, 3, 3)
         batch_size = batch_size_for_budget(box, context.memory_budget_bytes / max(1, symmetry.shape[0]))
         leaves = context.tree_leaves(np.arange(len(table)), batch_size)
-        reader = ParticleImageReader(table, preload=context.preload)
+        reader = CommonGridReader(table, box, pixel, preload=context.preload)
         tree: SumTree[HalfSetSums] = SumTree()
         bar = progress_bar(sum(len(batches) for _, batches in leaves), "back-project", enabled=context.is_main, unit="batch")
         spare: list[HalfSetSums] = []

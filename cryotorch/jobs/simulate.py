@@ -29,7 +29,7 @@ from cryotorch.io import MrcStackWriter, ParticleTable, read_mrc, read_particles
 from cryotorch.jobs.context import RunContext
 from cryotorch.monitor import log_scalars, progress
 from cryotorch.ops.ctf import compute_ctf
-from cryotorch.ops.filters import crop_or_pad_3d
+from cryotorch.ops.filters import crop_or_pad
 from cryotorch.ops.fourier import radius_grid_2d, translate_2d_ft
 from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
 from cryotorch.ops.rotations import random_rotations
@@ -134,7 +134,7 @@ class SimulateJob:
             pixel = pixels[0]
         stacked = torch.stack(volumes)
         if self.box_size is not None:
-            stacked = crop_or_pad_3d(stacked, self.box_size)
+            stacked = crop_or_pad(stacked, self.box_size)
         return stacked.float(), float(pixel)
 
     def draw_classes(self, rng: np.random.Generator, n_classes: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from cryotorch.ops.fourier import fourier_resample_3d, radius_grid_3d
+from cryotorch.ops.fourier import fourier_resample, radius_grid_3d
 
 __all__ = [
     "real_space_radius",
@@ -17,8 +17,8 @@ __all__ = [
     "raised_cosine",
     "lowpass_filter_3d",
     "bfactor_filter_3d",
-    "crop_or_pad_3d",
-    "resample_map",
+    "crop_or_pad",
+    "resample_to_grid",
 ]
 
 
@@ -90,55 +90,56 @@ def bfactor_filter_3d(volume_ft: torch.Tensor, bfactor_angstrom2: float, pixel_s
     return volume_ft * torch.exp(-bfactor_angstrom2 / 4 * s**2)
 
 
-def crop_or_pad_3d(volume: torch.Tensor, box_size: int) -> torch.Tensor:
-    """Centred real-space crop or zero-pad of ``(..., N, N, N)`` to ``box_size`` (centre kept at N // 2)."""
-    size = volume.shape[-1]
+def crop_or_pad(values: torch.Tensor, box_size: int, ndim: int = 3) -> torch.Tensor:
+    """Centred real-space crop or zero-pad of ``(..., N, N[, N])`` images (``ndim`` 2) or
+    volumes (3) to ``box_size`` a side (centre kept at N // 2)."""
+    size = values.shape[-1]
     if size == box_size:
-        return volume
-    out = volume.new_zeros(*volume.shape[:-3], box_size, box_size, box_size)
+        return values
+    out = values.new_zeros(*values.shape[:-ndim], *[box_size] * ndim)
+    n = min(size, box_size)
     src_start = max(0, size // 2 - box_size // 2)
     dst_start = max(0, box_size // 2 - size // 2)
-    n = min(size, box_size)
-    src = slice(src_start, src_start + n)
-    dst = slice(dst_start, dst_start + n)
-    out[..., dst, dst, dst] = volume[..., src, src, src]
+    out[(..., *[slice(dst_start, dst_start + n)] * ndim)] = values[(..., *[slice(src_start, src_start + n)] * ndim)]
     return out
 
 
-def resample_map(
-    volume: torch.Tensor, voxel_size_angstrom: float, pixel_size_angstrom: float, box_size: int, max_padding: int = 64
+def resample_to_grid(
+    values: torch.Tensor, pixel_size_angstrom: float, new_pixel_size_angstrom: float, box_size: int, ndim: int = 3, max_padding: int = 64
 ) -> tuple[torch.Tensor, float]:
-    """A map brought to ``box_size`` voxels of (nearly) ``pixel_size_angstrom``, its centre
-    kept at the box centre: what RELION's ``--trust_ref_size`` does to a reference of another
-    box or pixel size.
+    """Images (``ndim`` 2) or maps (3) brought to ``box_size`` pixels a side of (nearly)
+    ``new_pixel_size_angstrom``, their centre kept at the box centre: what RELION's
+    ``--trust_ref_size`` does to a reference of another box or pixel size.
 
-    Fourier resampling (:func:`fourier_resample_3d`) scales the voxel size by the ratio of two
-    even box sizes, ``M / n``. The map is first windowed in real space to the extent the new
-    box needs (plus a voxel each side), then zero-padded by up to ``max_padding`` voxels to the
+    Fourier resampling (:func:`fourier_resample`) scales the pixel size by the ratio of two
+    even box sizes, ``M / n``. The input is first windowed in real space to the extent the new
+    box needs (plus a pixel each side), then zero-padded by up to ``max_padding`` pixels to the
     size ``M`` whose resampled size ``n`` comes nearest the asked ratio, and the result is
-    windowed to ``box_size``. The voxel size then misses the asked one by far less than with a
-    single rounding of the box (RELION's, up to one voxel in ``n``).
+    windowed to ``box_size``. The pixel size then misses the asked one by far less than with a
+    single rounding of the box (RELION's, up to one pixel in ``n``).
 
     Parameters
     ----------
-    volume
-        ``(N, N, N)`` map.
-    voxel_size_angstrom
-        Its voxel size (Å).
+    values
+        ``(..., N, N[, N])`` images or maps.
     pixel_size_angstrom
-        Voxel size wanted (Å).
+        Their pixel (voxel) size (Å).
+    new_pixel_size_angstrom
+        Pixel size wanted (Å).
     box_size
-        Box wanted (voxels).
+        Box wanted (pixels).
+    ndim
+        2 for images, 3 for maps.
     max_padding
-        Most voxels of zero padding tried for the best ratio.
+        Most pixels of zero padding tried for the best ratio.
 
     Returns
     -------
     tuple[torch.Tensor, float]
-        The ``(box_size,) * 3`` map and its voxel size (Å).
+        The ``(..., box_size, box_size[, box_size])`` resampled values and their pixel size (Å).
     """
-    ratio = voxel_size_angstrom / pixel_size_angstrom
-    needed = min(volume.shape[-1], 2 * math.ceil(box_size / ratio / 2) + 2)
+    ratio = pixel_size_angstrom / new_pixel_size_angstrom
+    needed = min(values.shape[-1], 2 * math.ceil(box_size / ratio / 2) + 2)
     needed += needed % 2
 
     def relative_error(size: int) -> float:
@@ -147,5 +148,5 @@ def resample_map(
 
     size = min(range(needed, needed + max_padding + 1, 2), key=relative_error)
     resampled_size = max(2, 2 * round(size * ratio / 2))
-    resampled = fourier_resample_3d(crop_or_pad_3d(volume, size), resampled_size)
-    return crop_or_pad_3d(resampled, box_size), voxel_size_angstrom * size / resampled_size
+    resampled = fourier_resample(crop_or_pad(values, size, ndim), resampled_size, ndim)
+    return crop_or_pad(resampled, box_size, ndim), pixel_size_angstrom * size / resampled_size

@@ -21,8 +21,7 @@ __all__ = [
     "radial_average",
     "shell_power_3d",
     "shells_to_padded_grid",
-    "fourier_crop_2d",
-    "fourier_resample_3d",
+    "fourier_resample",
 ]
 
 
@@ -183,45 +182,31 @@ def shells_to_padded_grid(values: torch.Tensor, n_padded_shells: int, box_size: 
     return values[lower] * (1 - fraction) + values[upper] * fraction
 
 
-def fourier_crop_2d(images: torch.Tensor, box_size: int) -> torch.Tensor:
-    """``(..., N, N)`` images resampled to ``(..., n, n)`` (``n = box_size`` ≤ N, even) by
-    keeping the Fourier components below the new Nyquist frequency.
+def fourier_resample(values: torch.Tensor, box_size: int, ndim: int = 3) -> torch.Tensor:
+    """``(..., N, N[, N])`` images (``ndim`` 2) or volumes (3) resampled to ``n = box_size``
+    (even) pixels a side in Fourier space, their values kept (a band-limited image on another
+    grid of the same extent): the pixel size becomes ``N/n`` times larger.
 
-    Values are kept (a band-limited image sampled on the coarser grid), so the pixel size
-    becomes ``N/n`` times larger.
+    A smaller box keeps the components below its Nyquist frequency; a larger one pads with
+    zeros, leaving out the Nyquist lines or planes of an even N, whose components stand for
+    both ``±N/2`` and have no single place on the finer grid.
     """
-    n_in = images.shape[-1]
-    if box_size > n_in or box_size % 2:
-        raise ValueError(f"Fourier crop needs an even box of at most {n_in}, got {box_size}")
-    start = n_in // 2 - box_size // 2
-    spectrum = rfft2_centered(images)[..., start : start + box_size, : box_size // 2 + 1]
-    return irfft2_centered(spectrum, box_size) * (box_size / n_in) ** 2
-
-
-def fourier_resample_3d(volumes: torch.Tensor, box_size: int) -> torch.Tensor:
-    """``(..., N, N, N)`` volumes resampled to ``(..., n, n, n)`` (``n = box_size``, even) in
-    Fourier space, their values kept (a band-limited map on another grid of the same extent):
-    the pixel size becomes ``N/n`` times larger.
-
-    A smaller box keeps the components below its Nyquist frequency (as
-    :func:`fourier_crop_2d`); a larger one pads with zeros, leaving out the Nyquist planes of
-    an even N, whose components stand for both ``±N/2`` and have no single place on the
-    finer grid.
-    """
-    n_in = volumes.shape[-1]
+    if ndim not in (2, 3):
+        raise ValueError(f"Fourier resampling is for images (ndim=2) or volumes (3), got ndim={ndim}")
+    forward, inverse = (rfft2_centered, irfft2_centered) if ndim == 2 else (rfft3_centered, irfft3_centered)
+    n_in = values.shape[-1]
     if box_size % 2 or box_size < 2:
         raise ValueError(f"Fourier resampling needs an even box, got {n_in} → {box_size}")
     if box_size == n_in:
-        return volumes
-    spectrum = rfft3_centered(volumes)
+        return values
+    spectrum = forward(values)
     if box_size < n_in:
         start = n_in // 2 - box_size // 2
-        window = slice(start, start + box_size)
-        resampled = spectrum[..., window, window, : box_size // 2 + 1]
+        resampled = spectrum[(..., *[slice(start, start + box_size)] * (ndim - 1), slice(0, box_size // 2 + 1))]
     else:
         nyquist = 1 - n_in % 2
         start = box_size // 2 - n_in // 2
-        inner, columns = slice(start + nyquist, start + n_in), n_in // 2 + 1 - nyquist
-        resampled = spectrum.new_zeros(*spectrum.shape[:-3], box_size, box_size, box_size // 2 + 1)
-        resampled[..., inner, inner, :columns] = spectrum[..., nyquist:, nyquist:, :columns]
-    return irfft3_centered(resampled, box_size) * (box_size / n_in) ** 3
+        columns = slice(0, n_in // 2 + 1 - nyquist)
+        resampled = spectrum.new_zeros(*spectrum.shape[:-ndim], *[box_size] * (ndim - 1), box_size // 2 + 1)
+        resampled[(..., *[slice(start + nyquist, start + n_in)] * (ndim - 1), columns)] = spectrum[(..., *[slice(nyquist, None)] * (ndim - 1), columns)]
+    return inverse(resampled, box_size) * (box_size / n_in) ** ndim
