@@ -106,8 +106,8 @@ def common_geometry(table: ParticleTable, source: str) -> tuple[int, float]:
     pixel = max(pixel for _, pixel in geometries)
     box = max(2, 2 * round(extent / pixel / 2))
     log.info(
-        "%s: optics groups of %s px × Å are resampled on reading to %d px × %.4g Å (the coarsest pixel size, the first group's extent)",
-        source, ", ".join(f"{b} × {p:.4g}" for b, p in geometries), box, pixel,
+        "%s: images of %s are resampled on reading to %d px × %.4g Å (the coarsest pixel size, in the first optics group's extent)",
+        source, ", ".join(f"{b} px × {p:.4g} Å" for b, p in geometries), box, pixel,
     )
     return box, pixel
 
