@@ -11,6 +11,7 @@ from cryotorch.conventions import fft_frequencies_2d, irfft2_centered, rfft2_cen
 from cryotorch.ops.filters import (
     bfactor_filter_3d,
     crop_or_pad,
+    distance_to_region,
     lowpass_filter_3d,
     resample_to_grid,
     soft_disc_masks,
@@ -127,9 +128,23 @@ def test_soft_edge_mask_extends_and_softens() -> None:
     volume[10:14, 10:14, 10:14] = 1
     mask = soft_edge_mask(volume, 0.5, extend_px=2, edge_width_px=3)
     assert float(mask[12, 12, 12]) == 1.0
-    assert float(mask[12, 12, 15]) == 1.0  # dilated by 2 voxels
-    assert 0 < float(mask[12, 12, 17]) < 1  # in the soft edge
-    assert float(mask[12, 12, 21]) == 0.0
+    assert float(mask[12, 12, 15]) == 1.0  # grown by 2 voxels
+    # the edge falls with the Euclidean distance d beyond: 0.5 + 0.5 cos(π d / 3)
+    assert float(mask[12, 12, 17]) == pytest.approx(0.25, abs=1e-6)
+    assert float(mask[15, 15, 15]) == pytest.approx(0.5 + 0.5 * math.cos(math.pi * (math.sqrt(12) - 2) / 3), abs=1e-6)
+    assert float(mask[12, 12, 21]) == 0.0 and float(mask.min()) == 0.0
+    # shrunk: only the voxels farther than one voxel from outside the cube stay
+    assert int(soft_edge_mask(volume, 0.5, extend_px=-1, edge_width_px=0).sum()) == 8
+
+
+def test_distance_to_region_is_the_euclidean_distance() -> None:
+    region = torch.rand(20, 21, 22, generator=torch.Generator().manual_seed(0)) > 0.995
+    distance = distance_to_region(region, 6.0)
+    points = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in region.shape], indexing="ij"), -1).reshape(-1, 3)
+    exact = torch.cdist(points, region.nonzero().float()).min(1).values.reshape(region.shape)
+    near = exact <= 6.0
+    torch.testing.assert_close(distance[near], exact[near], atol=1e-5, rtol=0)
+    assert bool((distance[~near] >= 6.0).all())
 
 
 def test_lowpass_and_bfactor_filters() -> None:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from cryotorch.conventions import rfft2_centered, rfft3_centered
+from cryotorch.conventions import irfft3_centered, rfft2_centered, rfft3_centered
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.io import ParticleImageReader, read_mrc, read_particles, read_star, write_mrc
-from cryotorch.ops.filters import crop_or_pad
+from cryotorch.ops.filters import crop_or_pad, distance_to_region, lowpass_filter_3d
 from cryotorch.jobs.simulate import coloured_noise_psd
 from cryotorch.ops.fourier import radial_average, shell_index_2d, shell_power_3d, squared_magnitude
 from cryotorch.ops.fsc import fourier_shell_correlation
@@ -307,6 +307,44 @@ def test_symmetry_and_multirun(tmp_path: Path) -> None:
     out = tmp_path / "rec"
     train("+job=reconstruct", f"data.particles={sweep / '1' / 'particles.star'}", "model.symmetry=C2", f"hydra.run.dir={out}")
     assert (out / "run_class001.mrc").is_file()
+
+
+def test_mask_create_makes_a_soft_mask_around_the_map(tmp_path: Path) -> None:
+    # a phantom at 4 Å: the mask covers it, grown by 3 voxels, and falls to 0 over 3 more
+    box, pixel = 40, 4.0
+    phantom = blob_phantom(box, pixel, seed=2)
+    map_path, no_pixel = tmp_path / "map.mrc", tmp_path / "no_pixel.mrc"
+    write_mrc(map_path, phantom, pixel)
+    write_mrc(no_pixel, phantom, 0.0)
+    common = ["+job=mask_create", f"job.map={map_path}"]
+    made, *bad = one_process_runs([
+        ([*common, "job.threshold=0.05"], tmp_path / "mask"),
+        ([*common, "job.threshold=5"], tmp_path / "b"),
+        (common, tmp_path / "c"),
+        (["+job=mask_create", f"job.map={no_pixel}", "job.threshold=0.05"], tmp_path / "d"),
+        (["+job=mask_create", f"job.map={tmp_path / 'nope.mrc'}", "job.threshold=0.05"], tmp_path / "e"),
+        ([*common, "job.threshold=0.05", "job.lowpass_A=5"], tmp_path / "f"),
+    ])
+    assert made is None
+    written = read_mrc(tmp_path / "mask" / "mask.mrc")
+    mask = torch.as_tensor(np.array(written.data))
+    assert written.voxel_size_angstrom[0] == pytest.approx(pixel) and mask.shape == (box,) * 3
+    assert float(mask.min()) == 0.0 and float(mask.max()) == 1.0
+    # every voxel of the particle's density (as low-passed for the threshold) is inside
+    smooth = irfft3_centered(lowpass_filter_3d(rfft3_centered(phantom), 15.0, pixel), box)
+    assert bool((mask[smooth >= 0.05] == 1).all())
+    # and nothing farther than extension + soft edge from it
+    distance = distance_to_region(smooth >= 0.05, 7.0)
+    assert bool((mask[distance >= 6.0] == 0).all()) and bool((mask[distance < 5.99] > 0).all())
+    phrases = [
+        "job.threshold=5 leaves no voxel on one side; the map's values span",
+        "mask_create needs a binarisation threshold: set job.threshold",
+        "its header holds no voxel size; set job.pixel_size_angstrom",
+        "nope.mrc",
+        "job.lowpass_A=5 Å is finer than the map's Nyquist (8 Å)",
+    ]
+    for message, phrase in zip(bad, phrases, strict=True):
+        assert message is not None and phrase in message, (phrase, message)
 
 
 def test_bad_input_fails_with_a_clear_message(tmp_path: Path) -> None:
