@@ -6,7 +6,7 @@ import os
 
 import torch
 
-__all__ = ["start_thread_pool", "use_deterministic_kernels", "memory_budget_bytes"]
+__all__ = ["start_thread_pool", "use_deterministic_kernels", "memory_budget_bytes", "device_memory_bytes"]
 
 #: working memory of a CPU process when ``compute.memory_budget_gb`` is not set
 CPU_MEMORY_BUDGET_BYTES = 2 * 2**30
@@ -76,3 +76,11 @@ def memory_budget_bytes(device: torch.device, budget_gb: float | None) -> float:
         _, total = torch.cuda.mem_get_info(device)
         return 0.25 * total
     return float(CPU_MEMORY_BUDGET_BYTES)
+
+
+def device_memory_bytes(device: torch.device) -> float:
+    """Total memory of the process's device in bytes: the GPU's on CUDA, the machine's
+    physical memory on a CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[1])
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

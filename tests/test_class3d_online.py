@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ import torch
 from cryotorch.data.particles import half_set_labels
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.em.estep import class_ess, class_temperature
+from cryotorch.errors import InputError
 from cryotorch.io import read_mrc, read_particles, write_mrc, write_particles
+from cryotorch.jobs import class3d_online
 from cryotorch.jobs.class3d_online import kmeans
 from cryotorch.ops.fourier import fourier_resample
 
@@ -176,10 +179,26 @@ def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: P
         ("job.pca_n_reconstructions=2", ["job.pca_n_reconstructions ≥ job.K"]),
         (f"data.particles={no_ctf}", [f"{no_ctf}: the particles have no CTF parameters", "set job.ctf=false"]),
         ("job.scale_range=[1.5,2]", ["job.scale_range must be [low, high] with 0 < low ≤ 1 ≤ high, got [1.5, 2]"]),
+        # sums that no machine holds are refused before anything is read
+        ("job.K=1000000000 job.pca_n_reconstructions=1000000000", ["class3d_online with job.K=1000000000 at a box of 32 keeps about", "use fewer classes"]),
     ]
-    messages = one_process_runs([(online_overrides(three_class_data, override), tmp_path / str(number)) for number, (override, _) in enumerate(cases)])
+    messages = one_process_runs([(online_overrides(three_class_data, *override.split()), tmp_path / str(number)) for number, (override, _) in enumerate(cases)])
     for (override, phrases), message in zip(cases, messages, strict=True):
         assert message is not None and all(phrase in message for phrase in phrases), override
+
+
+def test_sums_that_do_not_fit_name_a_target_resolution_that_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on a device of 1 GB, 3 classes fit at a box of 64 but not of 96 (480 Å): the resolution
+    # named gives a box whose sums fit
+    monkeypatch.setattr(class3d_online, "device_memory_bytes", lambda device: 1e9)
+    job = class3d_online.OnlineClass3DJob(name="class3d_online", K=3)
+    context = SimpleNamespace(padding_factor=2, device=torch.device("cpu"))
+    job.check_sums_fit(64, 320.0, context)
+    with pytest.raises(InputError, match=r"job.K=3 at a box of 96 keeps about 2 GB of sums, more than 80 % of this device's 1 GB; set job.target_resolution_A=13.4 or coarser") as error:
+        job.check_sums_fit(96, 480.0, context)
+    target = float(str(error.value).split("job.target_resolution_A=")[1].split()[0])
+    job.target_resolution_A = target
+    assert job.working_box(96, 5.0, context) == 72
 
 
 def test_class_temperature_reaches_the_target_ess() -> None:

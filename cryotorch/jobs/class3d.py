@@ -329,7 +329,7 @@ class Class3DJob:
                 f"{context.particles}: job.mask_diameter_A={self.mask_diameter_A} Å does not fit the particles' box of {full_box} px × "
                 f"{full_pixel:.4g} Å = {box_A:.4g} Å; give the particle's diameter (at most {box_A:.4g} Å), or null for 0.9 × the box"
             )
-        self.box = box = self.working_box(full_box, full_pixel)
+        self.box = box = self.working_box(full_box, full_pixel, context)
         self.table, self.pixel = table, full_pixel * full_box / box
         self.seed = context.seed
         self.device = context.device
@@ -348,7 +348,7 @@ class Class3DJob:
         self.self_kept, self.self_overlap = self.self_fit_geometry(self.padded)
         self.image_mask = soft_spherical_mask(box, self.mask_radius_px, 5.0, ndim=2, device=self.device)
 
-    def working_box(self, box: int, pixel: float) -> int:
+    def working_box(self, box: int, pixel: float, context: RunContext) -> int:
         """Box the job works at, for particles of ``box`` pixels of ``pixel`` Å: their own."""
         return box
 

@@ -43,11 +43,17 @@ from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import progress
 from cryotorch.monitor.plots import save_class_sizes_plot, save_histogram_plot
 from cryotorch.ops.fourier import fourier_resample, squared_magnitude
-from cryotorch.ops.projection import extract_slices, prepare_fourier_volumes
+from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
+from cryotorch.runtime import device_memory_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OnlineClass3DJob", "FourierCroppedReader"]
+__all__ = ["OnlineClass3DJob", "FourierCroppedReader", "SUMS_PER_CLASS"]
+
+#: whole padded grids of sums (12 bytes a voxel) held per class at the peak, with the default
+#: 8 leaves of the summation tree: 13.5 measured at a box of 64 (1.58 against 0.89 GB peak
+#: resident memory for K = 6 and 2)
+SUMS_PER_CLASS = 14
 
 
 class FourierCroppedReader:
@@ -178,13 +184,44 @@ class OnlineClass3DJob(Class3DJob):
         self.radius = self.box // 2 - 1
         log.info("class3d_online: %d particles, box %d → %d (%.3g Å/px), %d classes", len(table), self.full_box, self.box, self.pixel, self.n_classes)
 
-    def working_box(self, box: int, pixel: float) -> int:
-        """Box after the Fourier crop to the target resolution (its Nyquist), even, ≤ ``box``."""
-        if not self.target_resolution_A:
-            return box
-        if self.target_resolution_A < 2 * pixel:
-            raise InputError(f"job.target_resolution_A={self.target_resolution_A} is finer than the data's Nyquist ({2 * pixel:.3g} Å)")
-        return min(box - box % 2, 2 * math.ceil(box * pixel / self.target_resolution_A))
+    def working_box(self, box: int, pixel: float, context: RunContext) -> int:
+        """Box after the Fourier crop to the target resolution (its Nyquist), even, ≤ ``box``,
+        checked against the device's memory (:meth:`check_sums_fit`)."""
+        working = box
+        if self.target_resolution_A:
+            if self.target_resolution_A < 2 * pixel:
+                raise InputError(f"job.target_resolution_A={self.target_resolution_A} is finer than the data's Nyquist ({2 * pixel:.3g} Å)")
+            working = min(box - box % 2, 2 * math.ceil(box * pixel / self.target_resolution_A))
+        self.check_sums_fit(working, box * pixel, context)
+        return working
+
+    def check_sums_fit(self, box: int, extent_A: float, context: RunContext) -> None:
+        """The sums of every class on the whole padded grid, about :data:`SUMS_PER_CLASS` copies
+        of them (running, minibatch and total half-set sums, the summation tree's partial sums),
+        must fit in 80 % of the device's memory; otherwise a clear error names a target
+        resolution at which they fit, before anything is read. ``extent_A`` is the box's size
+        in Å."""
+        def sums_bytes(working: int) -> float:
+            padded = padded_box_size(working, context.padding_factor)
+            return SUMS_PER_CLASS * self.n_classes * padded * padded * (padded // 2 + 1) * 12.0
+
+        available = 0.8 * device_memory_bytes(context.device)
+        needed = sums_bytes(box)
+        log.info("class3d_online: the class sums take about %.1f GB at a box of %d", needed / 1e9, box)
+        if needed <= available:
+            return
+        fitting = box - box % 2
+        while fitting > 8 and sums_bytes(fitting) > available:
+            fitting -= 2
+        remedy = (
+            f"set job.target_resolution_A={math.ceil(20 * extent_A / fitting) / 10:g} or coarser (images and maps Fourier-cropped to it), or fewer classes"
+            if sums_bytes(fitting) <= available
+            else "use fewer classes"
+        )
+        raise InputError(
+            f"class3d_online with job.K={self.n_classes} at a box of {box} keeps about {needed / 1e9:.0f} GB of sums, more than 80 % of this "
+            f"device's {available / 0.8 / 1e9:.0f} GB; {remedy}"
+        )
 
     def image_reader(self, table: ParticleTable, preload: bool) -> FourierCroppedReader:
         """Reader of the images, Fourier-cropped to the working box."""
