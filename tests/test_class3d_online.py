@@ -192,13 +192,13 @@ def test_sums_that_do_not_fit_name_a_target_resolution_that_does(monkeypatch: py
     # named gives a box whose sums fit
     monkeypatch.setattr(class3d_online, "device_memory_bytes", lambda device: 1e9)
     job = class3d_online.OnlineClass3DJob(name="class3d_online", K=3)
-    context = SimpleNamespace(padding_factor=2, device=torch.device("cpu"))
+    context = SimpleNamespace(padding_factor=2, device=torch.device("cpu"), sum_tree_leaves=8)
     job.check_sums_fit(64, 320.0, context)
-    with pytest.raises(InputError, match=r"job.K=3 at a box of 96 keeps about 2 GB of sums, more than 80 % of this device's 1 GB; set job.target_resolution_A=13.4 or coarser") as error:
+    with pytest.raises(InputError, match=r"job.K=3 at a box of 96 keeps about 2 GB of sums, more than 80 % of this device's 1 GB; set job.target_resolution_A=13 or coarser") as error:
         job.check_sums_fit(96, 480.0, context)
     target = float(str(error.value).split("job.target_resolution_A=")[1].split()[0])
     job.target_resolution_A = target
-    assert job.working_box(96, 5.0, context) == 72
+    assert job.working_box(96, 5.0, context) == 74
 
 
 def test_class_temperature_reaches_the_target_ess() -> None:

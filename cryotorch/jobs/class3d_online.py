@@ -48,12 +48,14 @@ from cryotorch.runtime import device_memory_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OnlineClass3DJob", "FourierCroppedReader", "SUMS_PER_CLASS"]
+__all__ = ["OnlineClass3DJob", "FourierCroppedReader", "sums_per_class"]
 
-#: whole padded grids of sums (12 bytes a voxel) held per class at the peak, with the default
-#: 8 leaves of the summation tree: 13.5 measured at a box of 64 (1.58 against 0.89 GB peak
-#: resident memory for K = 6 and 2)
-SUMS_PER_CLASS = 14
+def sums_per_class(sum_tree_leaves: int) -> float:
+    """Whole padded grids of sums (12 bytes a voxel) held per class at the peak: the running,
+    total and minibatch half-set sums, and a pair of half sets for each level of the
+    summation tree of ``sum_tree_leaves`` leaves (measured at a box of 64 from the peak
+    resident memory for K = 6 and 2: 13.5 with 8 leaves, 6.7 with 1)."""
+    return 7.5 + 2 * math.log2(sum_tree_leaves)
 
 
 class FourierCroppedReader:
@@ -196,14 +198,13 @@ class OnlineClass3DJob(Class3DJob):
         return working
 
     def check_sums_fit(self, box: int, extent_A: float, context: RunContext) -> None:
-        """The sums of every class on the whole padded grid, about :data:`SUMS_PER_CLASS` copies
-        of them (running, minibatch and total half-set sums, the summation tree's partial sums),
-        must fit in 80 % of the device's memory; otherwise a clear error names a target
+        """The sums of every class on the whole padded grid, :func:`sums_per_class` copies of
+        them, must fit in 80 % of the device's memory; otherwise a clear error names a target
         resolution at which they fit, before anything is read. ``extent_A`` is the box's size
         in Å."""
         def sums_bytes(working: int) -> float:
             padded = padded_box_size(working, context.padding_factor)
-            return SUMS_PER_CLASS * self.n_classes * padded * padded * (padded // 2 + 1) * 12.0
+            return sums_per_class(context.sum_tree_leaves) * self.n_classes * padded * padded * (padded // 2 + 1) * 12.0
 
         available = 0.8 * device_memory_bytes(context.device)
         needed = sums_bytes(box)
