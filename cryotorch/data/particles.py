@@ -135,7 +135,12 @@ class CommonGridReader:
         self.reader = ParticleImageReader(table, preload=preload and all(self._native))
         self._images: np.ndarray | None = None
         if preload and not all(self._native):
-            self._images = self.read(np.arange(len(table)))
+            # resampled in chunks of about 2^24 pixels, so that the transforms' work arrays stay small
+            images = np.empty((len(table), box_size, box_size), dtype=np.float32)
+            chunk = max(1, 2**24 // box_size**2)
+            for start in range(0, len(table), chunk):
+                images[start : start + chunk] = self.read(np.arange(start, min(start + chunk, len(table))))
+            self._images = images
             self.reader.close()
 
     def read(self, rows: np.ndarray) -> np.ndarray:
