@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["OnlineClass3DJob", "FourierCroppedReader", "sums_per_class"]
 
+
 def sums_per_class(sum_tree_leaves: int) -> float:
     """Whole padded grids of sums (12 bytes a voxel) held per class at the peak: the running,
     total and minibatch half-set sums, and a pair of half sets for each level of the
@@ -200,8 +201,8 @@ class OnlineClass3DJob(Class3DJob):
     def check_sums_fit(self, box: int, extent_A: float, context: RunContext) -> None:
         """The sums of every class on the whole padded grid, :func:`sums_per_class` copies of
         them, must fit in 80 % of the device's memory; otherwise a clear error names a target
-        resolution at which they fit, before anything is read. ``extent_A`` is the box's size
-        in Å."""
+        resolution at which they fit, before any image or map is read. ``extent_A`` is the
+        box's size in Å."""
         def sums_bytes(working: int) -> float:
             padded = padded_box_size(working, context.padding_factor)
             return sums_per_class(context.sum_tree_leaves) * self.n_classes * padded * padded * (padded // 2 + 1) * 12.0
