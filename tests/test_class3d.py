@@ -339,12 +339,13 @@ def test_a_global_search_within_a_tiny_memory_budget_gives_the_same_result(two_c
     # within 1 MB the coarse projections of the 30° grid (576 orientations) are not kept:
     # each batch extracts them again, a piece at a time, and the fine pass, its tables and the
     # back-projection work in small chunks too. Only the order of sums differs: the maps agree
-    # to ~3e-5 of their maximum after one iteration; after two to ~2e-3, as samples at the
-    # edge of a particle's significant mass fall in or out
+    # to ~3e-5 of their maximum after one iteration; after two to ~5e-3, as samples at the
+    # edge of a particle's significant mass fall in or out, and with them the best samples at
+    # which the images' normalisation is measured
     settings = ("job.n_iterations=2", "sampling.angular_step_deg=15", "sampling.offset_range_px=2")
     runs = [(class3d_overrides(two_class_data, tmp_path / budget, *settings, f"compute.memory_budget_gb={budget}"), tmp_path / budget) for budget in ("null", "0.001")]
     assert one_process_runs(runs) == [None, None]
-    for iteration, tolerance in ((1, 1e-4), (2, 5e-3)):
+    for iteration, tolerance in ((1, 1e-4), (2, 1e-2)):
         roomy, tight = (read_particles(tmp_path / budget / f"run_it{iteration:03d}_data.star") for budget in ("null", "0.001"))
         np.testing.assert_array_equal(tight.class_number, roomy.class_number)
         errors = rotation_angle_deg(torch.as_tensor(roomy.euler_deg), torch.as_tensor(tight.euler_deg))
@@ -625,6 +626,35 @@ def test_class3d_and_reconstruct_take_optics_groups_of_other_pixel_sizes(two_cla
     assert np.linalg.norm(maps[0] - maps[1]) < 0.01 * np.linalg.norm(maps[1])
 
 
+def test_normalisation_correction_finds_images_on_another_scale(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # every fourth image twice as bright (signal and noise), as from a thicker-ice micrograph:
+    # the correction measures the factor, and the classes separate as for the unscaled set
+    table = read_particles(two_class_data["particles"])
+    images = ParticleImageReader(table).read(np.arange(len(table)))
+    brighter = np.arange(len(table)) % 4 == 0
+    images[brighter] *= 2.0
+    with MrcStackWriter(tmp_path / "scaled.mrcs", len(table), BOX, PIXEL) as writer:
+        writer.write(0, images)
+    scaled = table.select(np.arange(len(table)))
+    scaled.stack_paths = np.array([str(tmp_path / "scaled.mrcs")] * len(table), dtype=object)
+    scaled.stack_indices = np.arange(len(table))
+    write_particles(tmp_path / "scaled.star", scaled)
+    out = tmp_path / "norm"
+    common = ["+job=class3d", f"data.particles={tmp_path / 'scaled.star'}", f"job.reference={two_class_data['reference']}", "job.K=2", "job.ini_high_A=30", "sampling.align=false"]
+    assert one_process_runs([([*common, "job.n_iterations=6"], out)]) == [None]
+    data = read_star(out / "run_it006_data.star")["particles"]
+    norm = data["rlnNormCorrection"].to_numpy()
+    assert norm.mean() == pytest.approx(1.0)
+    assert norm[brighter].mean() / norm[~brighter].mean() == pytest.approx(2.0, rel=0.03)
+    assert accuracy(read_particles(two_class_data["truth"]).class_number, data["rlnClassNumber"].to_numpy()) >= 0.95
+    # a checkpoint written before the correction existed continues, every image at its own level
+    checkpoint = torch.load(out / "run_checkpoint.pt", weights_only=True)
+    del checkpoint["particles"]["norm_correction"]
+    torch.save(checkpoint, out / "run_checkpoint.pt")
+    assert one_process_runs([([*common, "job.n_iterations=7"], out)]) == [None]
+    assert (out / "run_it007_data.star").is_file()
+
+
 def test_reference_not_ctf_corrected_runs_without_ctfs_first(two_class_data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "uncorrected"
     classify(two_class_data, out, "job.n_iterations=2", "job.reference_ctf_corrected=false", "job.ignore_ctf_until_first_peak=true", "sampling.align=false")
@@ -646,7 +676,9 @@ def test_images_without_ctfs_are_classified_with_ctf_correction_off(two_class_da
 
 
 def test_optics_groups_get_their_own_noise_spectra_and_scales(two_class_data: dict[str, Path], tmp_path: Path) -> None:
-    # every other particle in optics group 2, its image (signal and noise) twice as strong
+    # every other particle in optics group 2, its image (signal and noise) twice as strong;
+    # without the per-image normalisation correction, which would take part of the factor
+    # (RELION's, measured on the absolute noise level, takes all of it)
     table = read_particles(two_class_data["particles"])
     n = len(table)
     second = np.arange(n) % 2 == 1
@@ -657,7 +689,7 @@ def test_optics_groups_get_their_own_noise_spectra_and_scales(two_class_data: di
                       optics_group=np.where(second, 2, 1), source_particles=None, source_optics=None)
     write_particles(tmp_path / "groups.star", grouped)
     out = tmp_path / "groups"
-    assert one_process_runs([(class3d_overrides({**two_class_data, "particles": tmp_path / "groups.star"}, out, "sampling.align=false", "job.n_iterations=5"), out)]) == [None]
+    assert one_process_runs([(class3d_overrides({**two_class_data, "particles": tmp_path / "groups.star"}, out, "sampling.align=false", "job.n_iterations=5", "job.norm_correction=false"), out)]) == [None]
     model = read_star(out / "run_it005_model.star")
     groups = model["model_groups"]
     assert groups["rlnGroupNrParticles"].tolist() == [n - int(second.sum()), int(second.sum())]

@@ -31,7 +31,7 @@ from cryotorch.conventions import (
 )
 from cryotorch.data.particles import CommonGridReader, common_geometry, ctf_parameters, half_set_labels, require_ctf
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, SliceTable, WeightedSlices, class_ess, expectation, global_search_batches
-from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
+from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization, particle_noise_ratio
 from cryotorch.em.sampling import (
     GridSamples,
     PoseGrid,
@@ -158,6 +158,7 @@ class ParticleState:
     angular_spread_deg: torch.Tensor  # (N,) float32
     class_ess: torch.Tensor  # (N,) float32, 1/Σ_k p_k²
     class_probability: torch.Tensor  # (N,) float32, p(best class | X)
+    norm_correction: torch.Tensor  # (N,) float32, each image's noise level over the mean (rlnNormCorrection)
 
     def store(self, index: torch.Tensor, result: EStepResult) -> None:
         """Record the E-step outcome of particles ``index``."""
@@ -203,6 +204,7 @@ class Class3DJob:
         update_references: bool = True,
         common_frame: bool | None = None,
         self_fit_discount: bool = True,
+        norm_correction: bool = True,
         continue_from: str | None = None,
     ) -> None:
         if K < 1:
@@ -247,6 +249,7 @@ class Class3DJob:
         self.scale_prior_sigma = scale_prior_sigma
         self.update_references = update_references
         self.discount_self_fit = self_fit_discount
+        self.norm_correction = norm_correction
         # automatic: classes grown from one reference share its frame; maps given one per
         # class keep the frames they were given
         self.common_frame = len(self.references) <= 1 if common_frame is None else common_frame
@@ -411,6 +414,7 @@ class Class3DJob:
             angular_spread_deg=torch.zeros(n, device=self.device),
             class_ess=torch.zeros(n, device=self.device),
             class_probability=torch.zeros(n, device=self.device),
+            norm_correction=torch.ones(n, device=self.device),
         )
 
     def initialise_model(self, context: RunContext, model: ClassModel, state: ParticleState) -> None:
@@ -504,6 +508,10 @@ class Class3DJob:
         if tuple(checkpoint["model"]["volumes"].shape) != tuple(model.volumes.shape):
             raise InputError(f"{path}: checkpoint holds {tuple(checkpoint['model']['volumes'].shape)} volumes, this run needs {tuple(model.volumes.shape)}; use the same K and particles")
         fields = set(ParticleState.__dataclass_fields__)
+        # checkpoints written before the normalisation correction: every image at its own level
+        particles = checkpoint["particles"]
+        if isinstance(particles, dict) and "norm_correction" not in particles and "class_number" in particles:
+            particles["norm_correction"] = torch.ones(particles["class_number"].shape[0])
         try:
             model.load_state_dict(checkpoint["model"])
             if set(checkpoint["particles"]) != fields:
@@ -664,6 +672,8 @@ class Class3DJob:
                 result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined, timer)
                 self.expand_symmetry(result.slices)
                 new_state.store(index, result)
+                if self.norm_correction:
+                    new_state.norm_correction[index] = state.norm_correction[index] * particle_noise_ratio(result, batch, frequencies, box).sqrt().float()
                 timer.lap("E-step")
                 stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4, self.padded)
                 timer.lap("back-projection")
@@ -687,6 +697,10 @@ class Class3DJob:
             timer.lap("back-projection")
         stats = sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
         new_state = self.gather_state(context, new_state, own_rows)
+        if self.norm_correction:
+            # relative to the mean of the particles seen (RELION's normcorr / avg_norm_correction)
+            seen = new_state.class_number > 0
+            new_state.norm_correction[seen] /= new_state.norm_correction[seen].mean()
         timer.lap("all-reduce")
         references = model.volumes.clone()
         empty = maximization(model, stats, self.tau2_fudge, radius, self.mask, self.common_frame, self.symmetry, self.tau2_estimate, sets[-1] if len(sets) > 1 else None, self.padded)
@@ -986,6 +1000,8 @@ class Class3DJob:
         device, box = self.device, self.box
         images = torch.as_tensor(self.reader.read(rows), device=device)
         index = torch.as_tensor(rows, device=device)
+        if self.norm_correction:
+            images = images / state.norm_correction[index][:, None, None]
         origin = state.origin_px[index]
         shift = image_shift_from_origin(origin)
         # the mask follows each particle's current centre, as RELION masks the image once
@@ -1152,7 +1168,7 @@ class Class3DJob:
                 "rlnMaxValueProbDistribution": state.max_posterior.cpu().numpy(),
                 "rlnNrOfSignificantSamples": state.n_significant.cpu().numpy(),
                 "rlnLogLikeliContribution": state.log_likelihood.cpu().numpy(),
-                "rlnNormCorrection": np.ones(len(table)),
+                "rlnNormCorrection": state.norm_correction.double().cpu().numpy(),
             },
         )
         sigma2 = model.sigma2_noise.cpu().numpy()
