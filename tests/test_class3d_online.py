@@ -199,6 +199,10 @@ def test_sums_that_do_not_fit_name_a_target_resolution_that_does(monkeypatch: py
     target = float(str(error.value).split("job.target_resolution_A=")[1].split()[0])
     job.target_resolution_A = target
     assert job.working_box(96, 5.0, context) == 74
+    # two processes on one CPU node each get half of it
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(InputError, match=r"at a box of 64 keeps about 1 GB of sums, more than 80 % of this device's 1 GB \(shared by 2 processes\)"):
+        job.check_sums_fit(64, 320.0, context)
 
 
 def test_class_temperature_reaches_the_target_ess() -> None:

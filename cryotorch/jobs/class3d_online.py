@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,14 +201,17 @@ class OnlineClass3DJob(Class3DJob):
 
     def check_sums_fit(self, box: int, extent_A: float, context: RunContext) -> None:
         """The sums of every class on the whole padded grid, :func:`sums_per_class` copies of
-        them, must fit in 80 % of the device's memory; otherwise a clear error names a target
+        them, must fit in 80 % of the device's memory (on a CPU, its share for each of the
+        node's processes); otherwise a clear error names a target
         resolution at which they fit, before any image or map is read. ``extent_A`` is the
         box's size in Å."""
         def sums_bytes(working: int) -> float:
             padded = padded_box_size(working, context.padding_factor)
             return sums_per_class(context.sum_tree_leaves) * self.n_classes * padded * padded * (padded // 2 + 1) * 12.0
 
-        available = 0.8 * device_memory_bytes(context.device)
+        # processes launched on one CPU node (torchrun's LOCAL_WORLD_SIZE) share its memory
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if context.device.type == "cpu" else 1
+        available = 0.8 * device_memory_bytes(context.device) / sharing
         needed = sums_bytes(box)
         log.info("class3d_online: the class sums take about %.1f GB at a box of %d", needed / 1e9, box)
         if needed <= available:
@@ -220,9 +224,10 @@ class OnlineClass3DJob(Class3DJob):
             if sums_bytes(fitting) <= available
             else "use fewer classes"
         )
+        share = f" (shared by {sharing} processes)" if sharing > 1 else ""
         raise InputError(
             f"class3d_online with job.K={self.n_classes} at a box of {box} keeps about {needed / 1e9:.0f} GB of sums, more than 80 % of this "
-            f"device's {available / 0.8 / 1e9:.0f} GB; {remedy}"
+            f"device's {available * sharing / 0.8 / 1e9:.0f} GB{share}; {remedy}"
         )
 
     def image_reader(self, table: ParticleTable, preload: bool) -> FourierCroppedReader:
