@@ -23,7 +23,7 @@ from cryotorch.ops.fourier import cached_radius_and_shell_3d, frequency_grid_3d,
 from cryotorch.ops.fsc import fourier_shell_correlation
 from cryotorch.ops.projection import gridding_kernel_3d, padded_box_size
 
-__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "map_signal_power", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction", "best_sample_fit", "particle_noise_ratio"]
+__all__ = ["TAU2_ESTIMATES", "SufficientStatistics", "HalfSetMaps", "maximization", "reconstruct_class", "map_signal_power", "expected_signal_power", "padded_shell_of_unpadded", "rigid_motion_basis", "remove_rigid_differences", "update_noise_and_weights", "fsc_regularisation", "half_map_fsc", "half_set_signal_power", "half_set_reconstruction"]
 
 #: ways to update the prior's signal power τ² (see :func:`maximization`)
 TAU2_ESTIMATES = ("map", "posterior", "fsc")
@@ -97,7 +97,7 @@ class SufficientStatistics(TensorSums):
         pixel_size_angstrom: float,
         memory_budget_bytes: float,
         padded_size: int | None = None,
-    ) -> None:
+    ) -> torch.Tensor:
         """Add one batch's E-step outcome.
 
         Parameters
@@ -108,11 +108,23 @@ class SufficientStatistics(TensorSums):
             ``(M,)`` shell index of each Fourier component used.
         padded_size
             Size of the padded grid that the sums crop (None: theirs).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` float64 each particle's residual power at its best sample over the power
+            its noise spectrum expects, ``mean |X − s·CTF·P|² / (2σ²)`` over its components: 1
+            for an image on its optics group's noise level. Its square root, times the
+            particle's last normalisation, is RELION's normalisation correction (``--norm``)
+            relative to the mean.
         """
         self.insert(result.slices, frequencies, box_size, memory_budget_bytes, padded_size)
         self.class_sum += result.class_posterior.double().sum(0)
-        # noise and scale at the best sample
-        centred, model = best_sample_fit(result, batch, frequencies, box_size)
+        # noise and scale at the best sample: the best origin relative to the prior one
+        offsets = result.best_origin_px - batch.prior_origin_px
+        ramps = torch.polar(torch.ones_like(offsets[:, :1]), -2.0 * torch.pi / box_size * (offsets @ frequencies.T))
+        centred = batch.spectra * ramps
+        model = batch.ctf * result.best_projections
         residual = (centred - batch.scale[:, None] * model).abs().double() ** 2
         n_shells = self.noise_power.shape[1]
         flat = groups[:, None] * n_shells + shells[None, :]
@@ -122,25 +134,7 @@ class SufficientStatistics(TensorSums):
         self.scale_power.index_add_(0, groups, (model.abs().double() ** 2).sum(-1))
         self.offset_power += (result.best_origin_px.double() ** 2).sum() * pixel_size_angstrom**2
         self.n_particles += result.best_class.shape[0]
-
-
-def best_sample_fit(result: EStepResult, batch: PreparedBatch, frequencies: torch.Tensor, box_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, M)`` image components centred on each particle's best origin (shifted from its
-    prior one), and ``(B, M)`` the CTF-weighted projection of its best class and orientation
-    (without the group scale)."""
-    offsets = result.best_origin_px - batch.prior_origin_px
-    ramps = torch.polar(torch.ones_like(offsets[:, :1]), -2.0 * torch.pi / box_size * (offsets @ frequencies.T))
-    return batch.spectra * ramps, batch.ctf * result.best_projections
-
-
-def particle_noise_ratio(result: EStepResult, batch: PreparedBatch, frequencies: torch.Tensor, box_size: int) -> torch.Tensor:
-    """``(B,)`` each particle's residual power at its best sample over the power its noise
-    spectrum expects, ``mean |X − s·CTF·P|² / (2σ²)`` over its components: 1 for an image on
-    its optics group's noise level. Its square root, times the particle's last normalisation,
-    is RELION's normalisation correction (``--norm``) relative to the mean."""
-    centred, model = best_sample_fit(result, batch, frequencies, box_size)
-    residual = (centred - batch.scale[:, None] * model).abs().double() ** 2
-    return (residual * batch.inv_sigma2.double()).mean(-1) / 2
+        return (residual * batch.inv_sigma2.double()).mean(-1) / 2
 
 
 def reconstruct_class(

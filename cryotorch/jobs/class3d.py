@@ -31,7 +31,7 @@ from cryotorch.conventions import (
 )
 from cryotorch.data.particles import CommonGridReader, common_geometry, ctf_parameters, half_set_labels, require_ctf
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, SliceTable, WeightedSlices, class_ess, expectation, global_search_batches
-from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization, particle_noise_ratio
+from cryotorch.em.mstep import TAU2_ESTIMATES, SufficientStatistics, map_signal_power, maximization
 from cryotorch.em.sampling import (
     GridSamples,
     PoseGrid,
@@ -672,10 +672,10 @@ class Class3DJob:
                 result = expectation(batch, volumes_ft, coarse, grid, fine, log_prior, float(model.offset_sigma_angstrom), settings, forced_chunk, class_offset, unrefined, timer)
                 self.expand_symmetry(result.slices)
                 new_state.store(index, result)
-                if self.norm_correction:
-                    new_state.norm_correction[index] = state.norm_correction[index] * particle_noise_ratio(result, batch, frequencies, box).sqrt().float()
                 timer.lap("E-step")
-                stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4, self.padded)
+                noise_ratio = stats.accumulate(result, batch, groups, shells, frequencies, box, pixel, budget / 4, self.padded)
+                if self.norm_correction:
+                    new_state.norm_correction[index] = state.norm_correction[index] * noise_ratio.sqrt().float()
                 timer.lap("back-projection")
             # the slice sums held by the caches belong to this leaf
             for cache in drained:
