@@ -73,8 +73,7 @@ def memory_budget_bytes(device: torch.device, budget_gb: float | None) -> float:
             raise ValueError(f"compute.memory_budget_gb={budget_gb} must be positive (GiB), or null for the device's default")
         return float(budget_gb) * 2**30
     if device.type == "cuda":
-        _, total = torch.cuda.mem_get_info(device)
-        return 0.25 * total
+        return 0.25 * device_memory_bytes(device)
     return float(CPU_MEMORY_BUDGET_BYTES)
 
 

@@ -170,11 +170,9 @@ def resample_to_grid(
     needed = min(values.shape[-1], 2 * math.ceil(box_size / ratio / 2) + 2)
     needed += needed % 2
 
-    def relative_error(size: int) -> float:
-        resampled = max(2, 2 * round(size * ratio / 2))
-        return abs(size * ratio / resampled - 1)
+    def resampled_size(size: int) -> int:
+        return max(2, 2 * round(size * ratio / 2))
 
-    size = min(range(needed, needed + max_padding + 1, 2), key=relative_error)
-    resampled_size = max(2, 2 * round(size * ratio / 2))
-    resampled = fourier_resample(crop_or_pad(values, size, ndim), resampled_size, ndim)
-    return crop_or_pad(resampled, box_size, ndim), pixel_size_angstrom * size / resampled_size
+    size = min(range(needed, needed + max_padding + 1, 2), key=lambda size: abs(size * ratio / resampled_size(size) - 1))
+    resampled = fourier_resample(crop_or_pad(values, size, ndim), resampled_size(size), ndim)
+    return crop_or_pad(resampled, box_size, ndim), pixel_size_angstrom * size / resampled_size(size)
