@@ -796,3 +796,43 @@ def test_slice_tables_go_up_the_tree_where_the_budget_holds_them() -> None:
     assert Class3DJob.carried_caches([fine, unrefined], 4, 3 * both, 2) == [unrefined]
     small = FinePassCache(volumes_ft, grid, frequencies, box, fine.slice_table_bytes / 2)
     assert Class3DJob.carried_caches([small], 1, 1e12) == []
+
+
+def test_resolution_is_capped_where_memory_would_not_hold_the_sums(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # on a device of 2 GB, 4 classes at a box of 128 fit only to a crop short of Nyquist: the
+    # largest radius whose crop fits is taken, a warning names the resolution and the remedies,
+    # and iterations whose rule asks for more are held to it
+    from types import SimpleNamespace
+
+    from cryotorch.errors import InputError
+    from cryotorch.jobs import class3d
+    from cryotorch.ops.backprojection import crop_size
+
+    monkeypatch.setattr(class3d, "device_memory_bytes", lambda device: 2e9)
+    job = class3d.Class3DJob(name="class3d", reference="ref.mrc", K=4)
+    job.box, job.padded, job.pixel = 128, 256, 2.0
+    context = SimpleNamespace(device=torch.device("cpu"), sum_tree_leaves=8)
+    with caplog.at_level("WARNING"):
+        radius = job.radius_in_memory(context)
+    available = 0.8 * 2e9
+    assert 3 < radius < 64
+    assert job.sums_bytes(crop_size(256, 128, radius), 8) <= available < job.sums_bytes(crop_size(256, 128, radius + 1), 8)
+    assert f"images and maps stop at {128 * 2.0 / radius:.3g} Å ({2 * radius} px)" in caplog.text
+    assert "use fewer classes, compute.sum_tree_leaves=1" in caplog.text
+    # one leaf holds fewer grids, so it reaches further
+    context.sum_tree_leaves = 1
+    assert job.radius_in_memory(context) > radius
+    # the cap holds in the iterations: a class at 4 Å would ask for Nyquist
+    job.memory_radius, job.ini_high_A = radius, None
+    model = SimpleNamespace(resolution_shells=lambda: torch.tensor([60, 10]))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert job.current_radius(model, 5) == radius
+    assert f"iteration 5: images of {2 * radius} px instead of 128" in caplog.text
+    # two processes on one CPU node share it, and a class count no memory holds is refused
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    context.sum_tree_leaves = 8
+    assert job.radius_in_memory(context) < radius
+    job.n_classes = 10**9
+    with pytest.raises(InputError, match=r"job.K=1000000000 needs about .* GB for its class maps and sums even at 3 shells, .*its share for each of 2 processes\); use fewer classes"):
+        job.radius_in_memory(context)

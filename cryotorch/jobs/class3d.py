@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,21 @@ from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_ang
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes, rotation_chunk_size
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
+from cryotorch.runtime import device_memory_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Class3DJob", "ParticleState"]
+__all__ = ["Class3DJob", "ParticleState", "memory_for_sums"]
 
 CHECKPOINT = "run_checkpoint.pt"
+
+
+def memory_for_sums(device: torch.device) -> tuple[float, int]:
+    """Bytes that a job's maps and sums may take: 80 % of the device's memory, on a CPU node
+    divided among the processes launched on it (torchrun's ``LOCAL_WORLD_SIZE``, which is
+    returned as the second value; 1 on a GPU, which each process has to itself)."""
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    return 0.8 * device_memory_bytes(device) / sharing, sharing
 _BACKGROUND_NOISE_STREAM = 0x6E6F6973  # keeps the background noise's draws apart from the run's other random streams
 
 
@@ -344,6 +354,7 @@ class Class3DJob:
         self.half_sets = half_set_labels(table, context.seed) if self.tau2_estimate == "fsc" else None
         self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
         self.padded = padded_box_size(box, context.padding_factor)
+        self.memory_radius = self.radius_in_memory(context)
         if self.reference_mask:
             self.mask = self.read_map(self.reference_mask, mask=True)
         else:
@@ -556,13 +567,64 @@ class Class3DJob:
     def current_radius(self, model: ClassModel, iteration: int) -> int:
         """Fourier radius (shells) used this iteration: RELION's rule, the best class
         resolution (``ini_high_A`` in the first iteration) plus ``increment_shells``, capped by
-        the iteration's E-step limit."""
+        the iteration's E-step limit and by the memory (:meth:`radius_in_memory`, with a
+        warning where that cap binds)."""
         shell = self.box * self.pixel / self.ini_high_A if (iteration == 1 and self.ini_high_A) else float(model.resolution_shells().max())
         radius = int(min(self.box // 2, math.ceil(shell) + self.increment_shells))
         limit = self.estep_limit_A(iteration)
         if limit:
             radius = min(radius, int(self.box * self.pixel / limit))
+        if radius > self.memory_radius:
+            log.warning(
+                "iteration %d: images of %d px instead of %d: memory holds the sums of %d classes up to %.3g Å (the warning at the start names what lifts it)",
+                iteration, 2 * self.memory_radius, 2 * radius, self.n_classes, self.box * self.pixel / self.memory_radius,
+            )
+            radius = self.memory_radius
         return max(radius, 3)
+
+    def grids_at_peak(self, sum_tree_leaves: int) -> float:
+        """Grids of the iteration's crop (12 bytes a voxel: a complex sum and a weight) alive
+        at the peak of an iteration: per class, its projector, the leaf's sums and a pending
+        sum for each level of the summation tree of ``sum_tree_leaves`` leaves; for all
+        classes together, the M-step's work on one class. Peak resident memory, with the
+        crop at Nyquist, grew by 2.2–3.0 grids a class with 1 leaf and 4.7–5.3 with 8 (boxes
+        of 96 and 128, K = 2 and 6, with and without alignment, τ² from the maps and from the
+        FSC), and held about 6 grids beside them; this is 0.5 grid a class above them."""
+        return 6 + self.n_classes * (3.5 + math.log2(sum_tree_leaves))
+
+    def sums_bytes(self, grid_size: int, sum_tree_leaves: int) -> float:
+        """Bytes of :meth:`grids_at_peak` on a ``(Q, Q, Q // 2 + 1)`` grid of ``grid_size`` Q."""
+        return self.grids_at_peak(sum_tree_leaves) * grid_size * grid_size * (grid_size // 2 + 1) * 12.0
+
+    def radius_in_memory(self, context: RunContext) -> int:
+        """The largest Fourier radius (shells, at most Nyquist) whose crop of the padded grid
+        holds :meth:`sums_bytes` in :func:`memory_for_sums`. Where it is short of Nyquist, a
+        warning names the resolution it allows and what lifts the cap; where not even 3
+        shells fit, an error asks for fewer classes."""
+        available, sharing = memory_for_sums(context.device)
+        leaves = context.sum_tree_leaves
+
+        def needed(radius: int) -> float:
+            return self.sums_bytes(crop_size(self.padded, self.box, radius), leaves)
+
+        nyquist = radius = self.box // 2
+        while radius > 3 and needed(radius) > available:
+            radius -= 1
+        share = f", its share for each of {sharing} processes" if sharing > 1 else ""
+        if needed(radius) > available:
+            raise InputError(
+                f"{self.name} with job.K={self.n_classes} needs about {needed(radius) / 1e9:.0f} GB for its class maps and sums even at 3 shells, "
+                f"more than the {available / 1e9:.3g} GB of this device's memory they may use (80 %{share}); use fewer classes"
+            )
+        if radius < nyquist:
+            log.warning(
+                "%s: the class maps and sums of %d classes at Nyquist (%.3g Å) take about %.3g GB, more than the %.3g GB of this device's memory they may "
+                "use (80 %%%s): images and maps stop at %.3g Å (%d px). For more, use fewer classes, compute.sum_tree_leaves=1 (%.3g GB at Nyquist; "
+                "the same bits then only on one process), or a device with more memory",
+                self.name, self.n_classes, 2 * self.pixel, needed(nyquist) / 1e9, available / 1e9, share, self.box * self.pixel / radius, 2 * radius,
+                self.sums_bytes(self.padded, 1) / 1e9,
+            )
+        return radius
 
     def active_rows(self, context: RunContext, iteration: int) -> np.ndarray:
         """Every rank's particles this iteration (RELION's fast subsets in the first iterations)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,26 +37,17 @@ from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, up
 from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleTable, write_particles
-from cryotorch.jobs.class3d import Class3DJob, ParticleState
+from cryotorch.jobs.class3d import Class3DJob, ParticleState, memory_for_sums
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import progress
 from cryotorch.monitor.plots import save_class_sizes_plot, save_histogram_plot
 from cryotorch.ops.fourier import fourier_resample, squared_magnitude
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
-from cryotorch.runtime import device_memory_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OnlineClass3DJob", "FourierCroppedReader", "sums_per_class"]
-
-
-def sums_per_class(sum_tree_leaves: int) -> float:
-    """Whole padded grids of sums (12 bytes a voxel) held per class at the peak: the running,
-    total and minibatch half-set sums, and a pair of half sets for each level of the
-    summation tree of ``sum_tree_leaves`` leaves (measured at a box of 64 from the peak
-    resident memory for K = 6 and 2: 13.5 with 8 leaves, 6.7 with 1)."""
-    return 7.5 + 2 * math.log2(sum_tree_leaves)
+__all__ = ["OnlineClass3DJob", "FourierCroppedReader"]
 
 
 class FourierCroppedReader:
@@ -199,19 +189,22 @@ class OnlineClass3DJob(Class3DJob):
         self.check_sums_fit(working, box * pixel, context)
         return working
 
-    def check_sums_fit(self, box: int, extent_A: float, context: RunContext) -> None:
-        """The sums of every class on the whole padded grid, :func:`sums_per_class` copies of
-        them, must fit in 80 % of the device's memory (on a CPU, its share for each of the
-        node's processes); otherwise a clear error names a target
-        resolution at which they fit, before any image or map is read. ``extent_A`` is the
-        box's size in Å."""
-        def sums_bytes(working: int) -> float:
-            padded = padded_box_size(working, context.padding_factor)
-            return sums_per_class(context.sum_tree_leaves) * self.n_classes * padded * padded * (padded // 2 + 1) * 12.0
+    def grids_at_peak(self, sum_tree_leaves: int) -> float:
+        """Whole padded grids of sums (12 bytes a voxel) held at the peak: per class, the
+        running, total and minibatch half-set sums, and a pair of half sets for each level of
+        the summation tree of ``sum_tree_leaves`` leaves (measured at a box of 64 from the peak
+        resident memory for K = 6 and 2: 13.5 a class with 8 leaves, 6.7 with 1)."""
+        return self.n_classes * (7.5 + 2 * math.log2(sum_tree_leaves))
 
-        # processes launched on one CPU node (torchrun's LOCAL_WORLD_SIZE) share its memory
-        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if context.device.type == "cpu" else 1
-        available = 0.8 * device_memory_bytes(context.device) / sharing
+    def check_sums_fit(self, box: int, extent_A: float, context: RunContext) -> None:
+        """The sums of every class on the whole padded grid (:meth:`grids_at_peak`) must fit
+        in :func:`~cryotorch.jobs.class3d.memory_for_sums`; otherwise a clear error names a
+        target resolution at which they fit, before any image or map is read. ``extent_A``
+        is the box's size in Å."""
+        def sums_bytes(working: int) -> float:
+            return self.sums_bytes(padded_box_size(working, context.padding_factor), context.sum_tree_leaves)
+
+        available, sharing = memory_for_sums(context.device)
         needed = sums_bytes(box)
         log.info("class3d_online: the class sums take about %.1f GB at a box of %d", needed / 1e9, box)
         if needed <= available:
