@@ -804,11 +804,12 @@ def test_resolution_is_capped_where_memory_would_not_hold_the_sums(monkeypatch: 
     # and iterations whose rule asks for more are held to it
     from types import SimpleNamespace
 
+    from cryotorch import runtime
     from cryotorch.errors import InputError
     from cryotorch.jobs import class3d
     from cryotorch.ops.backprojection import crop_size
 
-    monkeypatch.setattr(class3d, "device_memory_bytes", lambda device: 2e9)
+    monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 2e9)
     job = class3d.Class3DJob(name="class3d", reference="ref.mrc", K=4)
     job.box, job.padded, job.pixel = 128, 256, 2.0
     context = SimpleNamespace(device=torch.device("cpu"), sum_tree_leaves=8)

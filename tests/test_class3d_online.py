@@ -18,7 +18,8 @@ from cryotorch.data.phantom import blob_phantom
 from cryotorch.em.estep import class_ess, class_temperature
 from cryotorch.errors import InputError
 from cryotorch.io import read_mrc, read_particles, write_mrc, write_particles
-from cryotorch.jobs import class3d, class3d_online
+from cryotorch import runtime
+from cryotorch.jobs import class3d_online
 from cryotorch.jobs.class3d_online import kmeans
 from cryotorch.ops.fourier import fourier_resample
 
@@ -190,7 +191,7 @@ def test_bad_options_are_reported(three_class_data: dict[str, Path], tmp_path: P
 def test_sums_that_do_not_fit_name_a_target_resolution_that_does(monkeypatch: pytest.MonkeyPatch) -> None:
     # on a device of 1 GB, 3 classes fit at a box of 64 but not of 96 (480 Å): the resolution
     # named gives a box whose sums fit
-    monkeypatch.setattr(class3d, "device_memory_bytes", lambda device: 1e9)
+    monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 1e9)
     job = class3d_online.OnlineClass3DJob(name="class3d_online", K=3)
     context = SimpleNamespace(padding_factor=2, device=torch.device("cpu"), sum_tree_leaves=8)
     job.check_sums_fit(64, 320.0, context)

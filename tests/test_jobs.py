@@ -281,6 +281,30 @@ def test_resolution_improves_with_more_particles(shared_data: Path, tmp_path: Pa
     assert many < few - 2.0
 
 
+def test_reconstruction_too_large_for_memory_names_a_resolution_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on a device of 1 GB a 128-px box fits at 64 px but not at its Nyquist: the error comes
+    # before any image is read and names a resolution limit whose crop fits
+    from types import SimpleNamespace
+
+    from cryotorch import runtime
+    from cryotorch.errors import InputError
+    from cryotorch.jobs.reconstruct import ReconstructJob
+
+    monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 1e9)
+    context = SimpleNamespace(device=torch.device("cpu"), padding_factor=2, sum_tree_leaves=8, particles="particles.star")
+    job = ReconstructJob(name="reconstruct")
+    job.check_memory(context, 64, 2.0)
+    with pytest.raises(InputError, match=r"particles.star: reconstruct at a box of 128 px to 4 Å needs about 1.01 GB .* more than the 0.8 GB of this device's memory") as error:
+        job.check_memory(context, 128, 2.0)
+    limit = float(str(error.value).split("job.max_resolution_angstrom=")[1].split()[0])
+    assert 4 < limit < 8
+    job.max_resolution_angstrom = limit
+    job.check_memory(context, 128, 2.0)
+    job.max_resolution_angstrom = limit - 0.2
+    with pytest.raises(InputError):
+        job.check_memory(context, 128, 2.0)
+
+
 @pytest.mark.slow
 def test_three_processes_reconstruct_what_one_does(tmp_path: Path) -> None:
     # three ranks do not split the 8-leaf summation tree into subtrees: their sums are

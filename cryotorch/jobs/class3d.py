@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,21 +72,14 @@ from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_ang
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes, rotation_chunk_size
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
-from cryotorch.runtime import device_memory_bytes
+from cryotorch.runtime import memory_for_sums
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Class3DJob", "ParticleState", "memory_for_sums"]
+__all__ = ["Class3DJob", "ParticleState"]
 
 CHECKPOINT = "run_checkpoint.pt"
 
-
-def memory_for_sums(device: torch.device) -> tuple[float, int]:
-    """Bytes that a job's maps and sums may take: 80 % of the device's memory, on a CPU node
-    divided among the processes launched on it (torchrun's ``LOCAL_WORLD_SIZE``, which is
-    returned as the second value; 1 on a GPU, which each process has to itself)."""
-    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    return 0.8 * device_memory_bytes(device) / sharing, sharing
 _BACKGROUND_NOISE_STREAM = 0x6E6F6973  # keeps the background noise's draws apart from the run's other random streams
 
 
@@ -598,7 +590,7 @@ class Class3DJob:
 
     def radius_in_memory(self, context: RunContext) -> int:
         """The largest Fourier radius (shells, at most Nyquist) whose crop of the padded grid
-        holds :meth:`sums_bytes` in :func:`memory_for_sums`. Where it is short of Nyquist, a
+        holds :meth:`sums_bytes` in :func:`~cryotorch.runtime.memory_for_sums`. Where it is short of Nyquist, a
         warning names the resolution it allows and what lifts the cap; where not even 3
         shells fit, an error asks for fewer classes."""
         available, sharing = memory_for_sums(context.device)

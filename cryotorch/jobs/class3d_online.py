@@ -37,13 +37,14 @@ from cryotorch.em.mstep import SufficientStatistics, half_set_reconstruction, up
 from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.errors import InputError
 from cryotorch.io import ParticleTable, write_particles
-from cryotorch.jobs.class3d import Class3DJob, ParticleState, memory_for_sums
+from cryotorch.jobs.class3d import Class3DJob, ParticleState
 from cryotorch.jobs.context import RunContext
 from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import progress
 from cryotorch.monitor.plots import save_class_sizes_plot, save_histogram_plot
 from cryotorch.ops.fourier import fourier_resample, squared_magnitude
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
+from cryotorch.runtime import memory_for_sums
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class OnlineClass3DJob(Class3DJob):
 
     def check_sums_fit(self, box: int, extent_A: float, context: RunContext) -> None:
         """The sums of every class on the whole padded grid (:meth:`grids_at_peak`) must fit
-        in :func:`~cryotorch.jobs.class3d.memory_for_sums`; otherwise a clear error names a
+        in :func:`~cryotorch.runtime.memory_for_sums`; otherwise a clear error names a
         target resolution at which they fit, before any image or map is read. ``extent_A``
         is the box's size in Å."""
         def sums_bytes(working: int) -> float:

@@ -12,6 +12,7 @@ the full map, the FSC table (``run_fsc.star``, RELION postprocess-like) and ``ru
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ from cryotorch.ops.fourier import translate_2d_ft
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 from cryotorch.ops.projection import padded_box_size
 from cryotorch.ops.symmetry import symmetry_matrices
+from cryotorch.runtime import memory_for_sums
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +98,54 @@ class ReconstructJob:
         require_ctf(table, str(context.particles), self.ctf)
         validate_particle_images(table)
         box, pixel = common_geometry(table, str(context.particles))
+        self.check_memory(context, box, pixel)
         halves = half_set_labels(table, context.seed)
         sums = context.tree_sum(self.back_project(context, table, halves, box, pixel), context.memory_budget_bytes / 8)
         if context.is_main:
             self.reconstruct_and_write(context, sums.data, sums.weight, box, pixel, padded_box_size(box, context.padding_factor))
         context.fabric.barrier()
+
+    def radius_shells(self, box: int, pixel: float) -> float:
+        """Fourier radius (shells of the ``box``-px box of ``pixel`` Å) that the sums hold:
+        Nyquist, or ``max_resolution_angstrom``'s shell."""
+        return box // 2 if self.max_resolution_angstrom is None else min(box // 2, box * pixel / self.max_resolution_angstrom)
+
+    @staticmethod
+    def grids_at_peak(sum_tree_leaves: int) -> float:
+        """Crops of the padded grid (12 bytes a voxel) alive at the peak: about 9 while the
+        maps are reconstructed (the half sets' sums, their Hermitian-symmetrised copies and
+        the reconstructions' work arrays; measured from the peak resident memory at boxes of
+        96 and 128), 10 counted; while the summation tree adds, two (the half sets) for each
+        of its log2(L) + 1 levels."""
+        return max(10.0, 2 * (math.log2(sum_tree_leaves) + 1))
+
+    def check_memory(self, context: RunContext, box: int, pixel: float) -> None:
+        """Before any image is read: the sums and maps (:meth:`grids_at_peak`) must fit in
+        :func:`~cryotorch.runtime.memory_for_sums`, else an error names the
+        ``max_resolution_angstrom`` at which they do."""
+        available, sharing = memory_for_sums(context.device)
+        padded = padded_box_size(box, context.padding_factor)
+
+        def needed(radius: float) -> float:
+            size = crop_size(padded, box, radius)
+            return self.grids_at_peak(context.sum_tree_leaves) * size * size * (size // 2 + 1) * 12.0
+
+        radius = self.radius_shells(box, pixel)
+        if needed(radius) <= available:
+            return
+        fitting = int(radius)
+        while fitting > 3 and needed(fitting) > available:
+            fitting -= 1
+        remedy = (
+            f"set job.max_resolution_angstrom={math.ceil(10 * box * pixel / fitting) / 10:g} or coarser (the maps then stop there)"
+            if needed(fitting) <= available
+            else "run it on a machine with more memory"
+        )
+        share = f", its share for each of {sharing} processes" if sharing > 1 else ""
+        raise InputError(
+            f"{context.particles}: reconstruct at a box of {box} px to {box * pixel / radius:.3g} Å needs about {needed(radius) / 1e9:.3g} GB for its "
+            f"sums and maps, more than the {available / 1e9:.3g} GB of this device's memory it may use (80 %{share}); {remedy}"
+        )
 
     def back_project(
         self, context: RunContext, table: ParticleTable, halves: np.ndarray, box: int, pixel: float
@@ -109,7 +154,7 @@ class ReconstructJob:
         device = context.device
         padded = padded_box_size(box, context.padding_factor)
         frequencies = fft_frequencies_2d(box, device).reshape(-1, 2)
-        limit = box // 2 if self.max_resolution_angstrom is None else min(box // 2, box * pixel / self.max_resolution_angstrom)
+        limit = self.radius_shells(box, pixel)
         inside = frequencies.norm(dim=-1) <= limit
         grid_size = crop_size(padded, box, limit)
         frequencies = frequencies[inside]
