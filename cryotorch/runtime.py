@@ -6,7 +6,7 @@ import os
 
 import torch
 
-__all__ = ["start_thread_pool", "use_deterministic_kernels", "memory_budget_bytes", "device_memory_bytes", "memory_for_sums"]
+__all__ = ["start_thread_pool", "use_deterministic_kernels", "memory_budget_bytes", "device_memory_bytes", "usable_memory_bytes"]
 
 #: working memory of a CPU process when ``compute.memory_budget_gb`` is not set
 CPU_MEMORY_BUDGET_BYTES = 2 * 2**30
@@ -85,9 +85,10 @@ def device_memory_bytes(device: torch.device) -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def memory_for_sums(device: torch.device) -> tuple[float, int]:
-    """Bytes that a job's maps and sums may take: 80 % of the device's memory, on a CPU node
-    divided among the processes launched on it (torchrun's ``LOCAL_WORLD_SIZE``, which is
-    returned as the second value; 1 on a GPU, which each process has to itself)."""
+def usable_memory_bytes(device: torch.device) -> tuple[float, int]:
+    """Bytes that a job's maps, sums or preloaded images may take: 80 % of the device's
+    memory, on a CPU node divided among the processes launched on it (torchrun's
+    ``LOCAL_WORLD_SIZE``, which is returned as the second value; 1 on a GPU, which each
+    process has to itself)."""
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     return 0.8 * device_memory_bytes(device) / sharing, sharing

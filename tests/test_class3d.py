@@ -17,6 +17,7 @@ import torch
 
 from cryotorch.data.phantom import blob_phantom
 from cryotorch.data.particles import CommonGridReader, common_geometry
+from cryotorch.errors import InputError
 from cryotorch.io import MrcStackWriter, ParticleImageReader, read_mrc, read_particles, read_star, write_mrc, write_particles
 from cryotorch.ops.filters import crop_or_pad, resample_to_grid, soft_spherical_mask
 from cryotorch.ops.fourier import fourier_resample
@@ -586,7 +587,7 @@ def mixed_optics_groups(data: dict[str, Path], folder: Path) -> tuple[Path, np.n
     return folder / "mixed.star", second
 
 
-def test_optics_groups_of_other_pixel_and_box_sizes_are_read_on_one_grid(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+def test_optics_groups_of_other_pixel_and_box_sizes_are_read_on_one_grid(two_class_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path, second = mixed_optics_groups(two_class_data, tmp_path)
     table, original = read_particles(path), read_particles(two_class_data["particles"])
     assert sorted(set(zip(table.box_size_px.tolist(), table.pixel_size_angstrom.tolist()))) == [(32, 6.0), (44, 4.5)]
@@ -605,6 +606,13 @@ def test_optics_groups_of_other_pixel_and_box_sizes_are_read_on_one_grid(two_cla
     coarse = table.select(rows)
     coarse.pixel_size_angstrom = np.where(table.optics_group == 2, 7.5, PIXEL)
     assert common_geometry(coarse, "coarse") == (26, 7.5)
+    # images that would not fit in memory are not preloaded: the error comes before any is read
+    from cryotorch import runtime
+
+    monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: len(table) * BOX * BOX * 4 / 0.8 - 1)
+    with pytest.raises(InputError, match=rf"data.preload=true would hold {len(table)} images of {BOX}² px, .* set data.preload=false"):
+        CommonGridReader(table, BOX, PIXEL, preload=True)
+    CommonGridReader(table, BOX, PIXEL, preload=False)
 
 
 def test_class3d_and_reconstruct_take_optics_groups_of_other_pixel_sizes(two_class_data: dict[str, Path], tmp_path: Path) -> None:
@@ -805,7 +813,6 @@ def test_resolution_is_capped_where_memory_would_not_hold_the_sums(monkeypatch: 
     from types import SimpleNamespace
 
     from cryotorch import runtime
-    from cryotorch.errors import InputError
     from cryotorch.jobs import class3d
     from cryotorch.ops.backprojection import crop_size
 

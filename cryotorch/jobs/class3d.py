@@ -72,7 +72,7 @@ from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_ang
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes, rotation_chunk_size
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
-from cryotorch.runtime import memory_for_sums
+from cryotorch.runtime import usable_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -590,10 +590,10 @@ class Class3DJob:
 
     def radius_in_memory(self, context: RunContext) -> int:
         """The largest Fourier radius (shells, at most Nyquist) whose crop of the padded grid
-        holds :meth:`sums_bytes` in :func:`~cryotorch.runtime.memory_for_sums`. Where it is short of Nyquist, a
+        holds :meth:`sums_bytes` in :func:`~cryotorch.runtime.usable_memory_bytes`. Where it is short of Nyquist, a
         warning names the resolution it allows and what lifts the cap; where not even 3
         shells fit, an error asks for fewer classes."""
-        available, sharing = memory_for_sums(context.device)
+        available, sharing = usable_memory_bytes(context.device)
         leaves = context.sum_tree_leaves
 
         def needed(radius: int) -> float:

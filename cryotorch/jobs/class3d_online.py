@@ -44,7 +44,7 @@ from cryotorch.monitor import progress
 from cryotorch.monitor.plots import save_class_sizes_plot, save_histogram_plot
 from cryotorch.ops.fourier import fourier_resample, squared_magnitude
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
-from cryotorch.runtime import memory_for_sums
+from cryotorch.runtime import usable_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +199,13 @@ class OnlineClass3DJob(Class3DJob):
 
     def check_sums_fit(self, box: int, extent_A: float, context: RunContext) -> None:
         """The sums of every class on the whole padded grid (:meth:`grids_at_peak`) must fit
-        in :func:`~cryotorch.runtime.memory_for_sums`; otherwise a clear error names a
+        in :func:`~cryotorch.runtime.usable_memory_bytes`; otherwise a clear error names a
         target resolution at which they fit, before any image or map is read. ``extent_A``
         is the box's size in Å."""
         def sums_bytes(working: int) -> float:
             return self.sums_bytes(padded_box_size(working, context.padding_factor), context.sum_tree_leaves)
 
-        available, sharing = memory_for_sums(context.device)
+        available, sharing = usable_memory_bytes(context.device)
         needed = sums_bytes(box)
         log.info("class3d_online: the class sums take about %.1f GB at a box of %d", needed / 1e9, box)
         if needed <= available:

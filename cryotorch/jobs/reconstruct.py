@@ -35,7 +35,7 @@ from cryotorch.ops.fourier import translate_2d_ft
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 from cryotorch.ops.projection import padded_box_size
 from cryotorch.ops.symmetry import symmetry_matrices
-from cryotorch.runtime import memory_for_sums
+from cryotorch.runtime import usable_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,9 @@ class ReconstructJob:
 
     def check_memory(self, context: RunContext, box: int, pixel: float) -> None:
         """Before any image is read: the sums and maps (:meth:`grids_at_peak`) must fit in
-        :func:`~cryotorch.runtime.memory_for_sums`, else an error names the
+        :func:`~cryotorch.runtime.usable_memory_bytes`, else an error names the
         ``max_resolution_angstrom`` at which they do."""
-        available, sharing = memory_for_sums(context.device)
+        available, sharing = usable_memory_bytes(context.device)
         padded = padded_box_size(box, context.padding_factor)
 
         def needed(radius: float) -> float:
