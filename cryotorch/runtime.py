@@ -1,12 +1,14 @@
-"""Process-level set-up of PyTorch's CPU thread pool, done once before any real work."""
+"""Process-level set-up of PyTorch's CPU thread pool, done once before any real work, and the
+memory a process may use: its working budget and its share of the device."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["start_thread_pool", "use_deterministic_kernels", "memory_budget_bytes", "device_memory_bytes", "usable_memory_bytes"]
+__all__ = ["start_thread_pool", "use_deterministic_kernels", "memory_budget_bytes", "device_memory_bytes", "MemoryShare", "memory_share", "working_arrays_bytes"]
 
 #: working memory of a CPU process when ``compute.memory_budget_gb`` is not set
 CPU_MEMORY_BUDGET_BYTES = 2 * 2**30
@@ -85,10 +87,51 @@ def device_memory_bytes(device: torch.device) -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def usable_memory_bytes(device: torch.device) -> tuple[float, int]:
-    """Bytes that a job's maps, sums or preloaded images may take: 80 % of the device's
-    memory, on a CPU node divided among the processes launched on it (torchrun's
-    ``LOCAL_WORLD_SIZE``, which is returned as the second value; 1 on a GPU, which each
-    process has to itself)."""
+@dataclass(frozen=True)
+class MemoryShare:
+    """The memory a process may fill with a job's maps, sums or preloaded images: 80 % of its
+    device's, on a CPU node divided among the processes launched on it (torchrun's
+    ``LOCAL_WORLD_SIZE``; a GPU is each process's own), less ``reserved_bytes`` kept for
+    other work (the arrays sized from the memory budget).
+
+    Attributes
+    ----------
+    device_bytes
+        The device's total memory (bytes).
+    sharing
+        Processes that share it.
+    reserved_bytes
+        Bytes kept for other work.
+    """
+
+    device_bytes: float
+    sharing: int
+    reserved_bytes: float
+
+    @property
+    def available_bytes(self) -> float:
+        """Bytes left to the job's maps, sums or images."""
+        return 0.8 * self.device_bytes / self.sharing - self.reserved_bytes
+
+    def describe(self) -> str:
+        """The share in words, for error messages: ``the 9.1 GB this process may use (80 % of
+        this device's 16 GB, shared by 2 processes, less 2.7 GB for ...)``."""
+        parts = [f"80 % of this device's {self.device_bytes / 1e9:.3g} GB"]
+        if self.sharing > 1:
+            parts.append(f"shared by {self.sharing} processes")
+        if self.reserved_bytes > 0:
+            parts.append(f"less {self.reserved_bytes / 1e9:.3g} GB for the working arrays of compute.memory_budget_gb")
+        return f"the {max(0.0, self.available_bytes) / 1e9:.3g} GB this process may use ({', '.join(parts)})"
+
+
+def memory_share(device: torch.device, reserved_bytes: float = 0.0) -> MemoryShare:
+    """The :class:`MemoryShare` of this process on ``device``, ``reserved_bytes`` kept back."""
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    return 0.8 * device_memory_bytes(device) / sharing, sharing
+    return MemoryShare(device_memory_bytes(device), sharing, reserved_bytes)
+
+
+def working_arrays_bytes(memory_budget_bytes: float) -> float:
+    """Bytes that the arrays sized from the memory budget can fill at once: the tables of an
+    aligned iteration (a quarter of the budget each, those of the particles exempt from
+    oversampling an eighth each) and a batch's score matrices, about 1¼ budgets."""
+    return 1.25 * memory_budget_bytes

@@ -819,14 +819,14 @@ def test_resolution_is_capped_where_memory_would_not_hold_the_sums(monkeypatch: 
     monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 2e9)
     job = class3d.Class3DJob(name="class3d", reference="ref.mrc", K=4)
     job.box, job.padded, job.pixel = 128, 256, 2.0
-    context = SimpleNamespace(device=torch.device("cpu"), sum_tree_leaves=8)
+    context = SimpleNamespace(device=torch.device("cpu"), sum_tree_leaves=8, memory_budget_bytes=2**26)
     with caplog.at_level("WARNING"):
         radius = job.radius_in_memory(context)
-    available = 0.8 * 2e9
+    available = 0.8 * 2e9 - 1.25 * 2**26
     assert 3 < radius < 64
     assert job.sums_bytes(crop_size(256, 128, radius), 8) <= available < job.sums_bytes(crop_size(256, 128, radius + 1), 8)
     assert f"images and maps stop at {128 * 2.0 / radius:.3g} Å ({2 * radius} px)" in caplog.text
-    assert "use fewer classes, compute.sum_tree_leaves=1" in caplog.text
+    assert "use fewer classes, a smaller compute.memory_budget_gb, compute.sum_tree_leaves=1" in caplog.text
     # one leaf holds fewer grids, so it reaches further
     context.sum_tree_leaves = 1
     assert job.radius_in_memory(context) > radius
@@ -842,5 +842,5 @@ def test_resolution_is_capped_where_memory_would_not_hold_the_sums(monkeypatch: 
     context.sum_tree_leaves = 8
     assert job.radius_in_memory(context) < radius
     job.n_classes = 10**9
-    with pytest.raises(InputError, match=r"job.K=1000000000 needs about .* GB for its class maps and sums even at 3 shells, .*its share for each of 2 processes\); use fewer classes"):
+    with pytest.raises(InputError, match=r"job.K=1000000000 needs about .* GB for its class maps and sums even at 3 shells, more than the .* GB this process may use \(80 % of this device's 2 GB, shared by 2 processes, less .*\); use fewer classes"):
         job.radius_in_memory(context)

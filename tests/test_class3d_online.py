@@ -193,16 +193,25 @@ def test_sums_that_do_not_fit_name_a_target_resolution_that_does(monkeypatch: py
     # named gives a box whose sums fit
     monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 1e9)
     job = class3d_online.OnlineClass3DJob(name="class3d_online", K=3)
-    context = SimpleNamespace(padding_factor=2, device=torch.device("cpu"), sum_tree_leaves=8)
+    context = SimpleNamespace(padding_factor=2, device=torch.device("cpu"), sum_tree_leaves=8, memory_budget_bytes=2**24)
     job.check_sums_fit(64, 320.0, context)
-    with pytest.raises(InputError, match=r"job.K=3 at a box of 96 keeps about 2 GB of sums, more than 80 % of this device's 1 GB; set job.target_resolution_A=13 or coarser") as error:
+    with pytest.raises(
+        InputError,
+        match=r"job.K=3 at a box of 96 keeps about 1.74 GB of sums, more than the 0.779 GB this process may use \(80 % of this device's 1 GB, less 0.021 GB for "
+        r"the working arrays of compute.memory_budget_gb\); set job.target_resolution_A=13.4 or coarser",
+    ) as error:
         job.check_sums_fit(96, 480.0, context)
     target = float(str(error.value).split("job.target_resolution_A=")[1].split()[0])
     job.target_resolution_A = target
-    assert job.working_box(96, 5.0, context) == 74
+    assert job.working_box(96, 5.0, context) == 72
+    # the working arrays of a larger budget leave less
+    context.memory_budget_bytes = 2**28
+    with pytest.raises(InputError, match="at a box of 64 keeps about"):
+        job.check_sums_fit(64, 320.0, context)
     # two processes on one CPU node each get half of it
+    context.memory_budget_bytes = 2**24
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(InputError, match=r"at a box of 64 keeps about 1 GB of sums, more than 80 % of this device's 1 GB \(shared by 2 processes\)"):
+    with pytest.raises(InputError, match=r"at a box of 64 keeps about 0.518 GB of sums, more than the 0.379 GB this process may use \(80 % of this device's 1 GB, shared by 2 processes"):
         job.check_sums_fit(64, 320.0, context)
 
 

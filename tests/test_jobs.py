@@ -291,10 +291,10 @@ def test_reconstruction_too_large_for_memory_names_a_resolution_that_fits(monkey
     from cryotorch.jobs.reconstruct import ReconstructJob
 
     monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 1e9)
-    context = SimpleNamespace(device=torch.device("cpu"), padding_factor=2, sum_tree_leaves=8, particles="particles.star")
+    context = SimpleNamespace(device=torch.device("cpu"), padding_factor=2, sum_tree_leaves=8, particles="particles.star", memory_budget_bytes=2**24)
     job = ReconstructJob(name="reconstruct")
     job.check_memory(context, 64, 2.0)
-    with pytest.raises(InputError, match=r"particles.star: reconstruct at a box of 128 px to 4 Å needs about 1.01 GB .* more than the 0.8 GB of this device's memory") as error:
+    with pytest.raises(InputError, match=r"particles.star: reconstruct at a box of 128 px to 4 Å needs about 1.01 GB for its sums and maps, more than the 0.779 GB this process may use \(80 % of this device's 1 GB, less") as error:
         job.check_memory(context, 128, 2.0)
     limit = float(str(error.value).split("job.max_resolution_angstrom=")[1].split()[0])
     assert 4 < limit < 8

@@ -14,7 +14,7 @@ from cryotorch.errors import InputError
 from cryotorch.io import ParticleImageReader, ParticleTable
 from cryotorch.ops.ctf import CtfParameters
 from cryotorch.ops.filters import resample_to_grid
-from cryotorch.runtime import usable_memory_bytes
+from cryotorch.runtime import memory_share
 
 log = logging.getLogger(__name__)
 
@@ -127,20 +127,18 @@ class CommonGridReader:
         The grid of the images returned (px, Å).
     preload
         Read (and resample) every image into memory now; an error, before any is read,
-        where they would take more than :func:`~cryotorch.runtime.usable_memory_bytes` of
-        the machine's memory.
+        where they would take more than this process's
+        :func:`~cryotorch.runtime.memory_share` of the machine's memory.
     """
 
     def __init__(self, table: ParticleTable, box_size: int, pixel_size_angstrom: float, preload: bool = False) -> None:
         if preload:
             needed = 4.0 * len(table) * box_size * box_size
-            available, sharing = usable_memory_bytes(torch.device("cpu"))
-            if needed > available:
-                share = f", its share for each of {sharing} processes on this node" if sharing > 1 else ""
+            share = memory_share(torch.device("cpu"))
+            if needed > share.available_bytes:
                 raise InputError(
-                    f"data.preload=true would hold {len(table)} images of {box_size}² px, {needed / 1e9:.3g} GB, in memory: more than the "
-                    f"{available / 1e9:.3g} GB this process may use (80 % of the machine's{share}); set data.preload=false to read them "
-                    "from their memory-mapped stacks as they are needed"
+                    f"data.preload=true would hold {len(table)} images of {box_size}² px, {needed / 1e9:.3g} GB, in memory: more than "
+                    f"{share.describe()}; set data.preload=false to read them from their memory-mapped stacks as they are needed"
                 )
         self.box_size, self.pixel_size_angstrom = box_size, pixel_size_angstrom
         self._geometries, self._codes = _geometries(table)

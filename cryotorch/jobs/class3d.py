@@ -72,7 +72,7 @@ from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_ang
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes, rotation_chunk_size
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
-from cryotorch.runtime import usable_memory_bytes
+from cryotorch.runtime import memory_share, working_arrays_bytes
 
 log = logging.getLogger(__name__)
 
@@ -590,30 +590,30 @@ class Class3DJob:
 
     def radius_in_memory(self, context: RunContext) -> int:
         """The largest Fourier radius (shells, at most Nyquist) whose crop of the padded grid
-        holds :meth:`sums_bytes` in :func:`~cryotorch.runtime.usable_memory_bytes`. Where it is short of Nyquist, a
+        holds :meth:`sums_bytes` in this process's :func:`~cryotorch.runtime.memory_share`,
+        beside the arrays sized from the memory budget. Where it is short of Nyquist, a
         warning names the resolution it allows and what lifts the cap; where not even 3
         shells fit, an error asks for fewer classes."""
-        available, sharing = usable_memory_bytes(context.device)
+        share = memory_share(context.device, working_arrays_bytes(context.memory_budget_bytes))
         leaves = context.sum_tree_leaves
 
         def needed(radius: int) -> float:
             return self.sums_bytes(crop_size(self.padded, self.box, radius), leaves)
 
         nyquist = radius = self.box // 2
-        while radius > 3 and needed(radius) > available:
+        while radius > 3 and needed(radius) > share.available_bytes:
             radius -= 1
-        share = f", its share for each of {sharing} processes" if sharing > 1 else ""
-        if needed(radius) > available:
+        if needed(radius) > share.available_bytes:
             raise InputError(
-                f"{self.name} with job.K={self.n_classes} needs about {needed(radius) / 1e9:.0f} GB for its class maps and sums even at 3 shells, "
-                f"more than the {available / 1e9:.3g} GB of this device's memory they may use (80 %{share}); use fewer classes"
+                f"{self.name} with job.K={self.n_classes} needs about {needed(radius) / 1e9:.3g} GB for its class maps and sums even at 3 shells, "
+                f"more than {share.describe()}; use fewer classes"
             )
         if radius < nyquist:
             log.warning(
-                "%s: the class maps and sums of %d classes at Nyquist (%.3g Å) take about %.3g GB, more than the %.3g GB of this device's memory they may "
-                "use (80 %%%s): images and maps stop at %.3g Å (%d px). For more, use fewer classes, compute.sum_tree_leaves=1 (%.3g GB at Nyquist; "
-                "the same bits then only on one process), or a device with more memory",
-                self.name, self.n_classes, 2 * self.pixel, needed(nyquist) / 1e9, available / 1e9, share, self.box * self.pixel / radius, 2 * radius,
+                "%s: the class maps and sums of %d classes at Nyquist (%.3g Å) take about %.3g GB, more than %s: images and maps stop at %.3g Å "
+                "(%d px). For more, use fewer classes, a smaller compute.memory_budget_gb, compute.sum_tree_leaves=1 (%.3g GB at Nyquist; the same bits "
+                "then only on one process), or a device with more memory",
+                self.name, self.n_classes, 2 * self.pixel, needed(nyquist) / 1e9, share.describe(), self.box * self.pixel / radius, 2 * radius,
                 self.sums_bytes(self.padded, 1) / 1e9,
             )
         return radius

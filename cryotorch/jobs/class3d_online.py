@@ -44,7 +44,7 @@ from cryotorch.monitor import progress
 from cryotorch.monitor.plots import save_class_sizes_plot, save_histogram_plot
 from cryotorch.ops.fourier import fourier_resample, squared_magnitude
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
-from cryotorch.runtime import usable_memory_bytes
+from cryotorch.runtime import memory_share, working_arrays_bytes
 
 log = logging.getLogger(__name__)
 
@@ -199,30 +199,26 @@ class OnlineClass3DJob(Class3DJob):
 
     def check_sums_fit(self, box: int, extent_A: float, context: RunContext) -> None:
         """The sums of every class on the whole padded grid (:meth:`grids_at_peak`) must fit
-        in :func:`~cryotorch.runtime.usable_memory_bytes`; otherwise a clear error names a
-        target resolution at which they fit, before any image or map is read. ``extent_A``
-        is the box's size in Å."""
+        in this process's :func:`~cryotorch.runtime.memory_share`, beside the arrays sized
+        from the memory budget; otherwise a clear error names a target resolution at which
+        they fit, before any image or map is read. ``extent_A`` is the box's size in Å."""
         def sums_bytes(working: int) -> float:
             return self.sums_bytes(padded_box_size(working, context.padding_factor), context.sum_tree_leaves)
 
-        available, sharing = usable_memory_bytes(context.device)
+        share = memory_share(context.device, working_arrays_bytes(context.memory_budget_bytes))
         needed = sums_bytes(box)
         log.info("class3d_online: the class sums take about %.1f GB at a box of %d", needed / 1e9, box)
-        if needed <= available:
+        if needed <= share.available_bytes:
             return
         fitting = box - box % 2
-        while fitting > 8 and sums_bytes(fitting) > available:
+        while fitting > 8 and sums_bytes(fitting) > share.available_bytes:
             fitting -= 2
         remedy = (
             f"set job.target_resolution_A={math.ceil(20 * extent_A / fitting) / 10:g} or coarser (images and maps Fourier-cropped to it), or fewer classes"
-            if sums_bytes(fitting) <= available
+            if sums_bytes(fitting) <= share.available_bytes
             else "use fewer classes"
         )
-        share = f" (shared by {sharing} processes)" if sharing > 1 else ""
-        raise InputError(
-            f"class3d_online with job.K={self.n_classes} at a box of {box} keeps about {needed / 1e9:.0f} GB of sums, more than 80 % of this "
-            f"device's {available * sharing / 0.8 / 1e9:.0f} GB{share}; {remedy}"
-        )
+        raise InputError(f"class3d_online with job.K={self.n_classes} at a box of {box} keeps about {needed / 1e9:.3g} GB of sums, more than {share.describe()}; {remedy}")
 
     def image_reader(self, table: ParticleTable, preload: bool) -> FourierCroppedReader:
         """Reader of the images, Fourier-cropped to the working box."""

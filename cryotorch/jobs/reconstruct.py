@@ -35,7 +35,7 @@ from cryotorch.ops.fourier import translate_2d_ft
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 from cryotorch.ops.projection import padded_box_size
 from cryotorch.ops.symmetry import symmetry_matrices
-from cryotorch.runtime import usable_memory_bytes
+from cryotorch.runtime import memory_share, working_arrays_bytes
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,9 @@ class ReconstructJob:
 
     def check_memory(self, context: RunContext, box: int, pixel: float) -> None:
         """Before any image is read: the sums and maps (:meth:`grids_at_peak`) must fit in
-        :func:`~cryotorch.runtime.usable_memory_bytes`, else an error names the
-        ``max_resolution_angstrom`` at which they do."""
-        available, sharing = usable_memory_bytes(context.device)
+        this process's :func:`~cryotorch.runtime.memory_share`, beside the arrays sized from
+        the memory budget, else an error names the ``max_resolution_angstrom`` at which they do."""
+        share = memory_share(context.device, working_arrays_bytes(context.memory_budget_bytes))
         padded = padded_box_size(box, context.padding_factor)
 
         def needed(radius: float) -> float:
@@ -131,20 +131,19 @@ class ReconstructJob:
             return self.grids_at_peak(context.sum_tree_leaves) * size * size * (size // 2 + 1) * 12.0
 
         radius = self.radius_shells(box, pixel)
-        if needed(radius) <= available:
+        if needed(radius) <= share.available_bytes:
             return
         fitting = int(radius)
-        while fitting > 3 and needed(fitting) > available:
+        while fitting > 3 and needed(fitting) > share.available_bytes:
             fitting -= 1
         remedy = (
             f"set job.max_resolution_angstrom={math.ceil(10 * box * pixel / fitting) / 10:g} or coarser (the maps then stop there)"
-            if needed(fitting) <= available
+            if needed(fitting) <= share.available_bytes
             else "run it on a machine with more memory"
         )
-        share = f", its share for each of {sharing} processes" if sharing > 1 else ""
         raise InputError(
             f"{context.particles}: reconstruct at a box of {box} px to {box * pixel / radius:.3g} Å needs about {needed(radius) / 1e9:.3g} GB for its "
-            f"sums and maps, more than the {available / 1e9:.3g} GB of this device's memory it may use (80 %{share}); {remedy}"
+            f"sums and maps, more than {share.describe()}; {remedy}"
         )
 
     def back_project(
