@@ -606,7 +606,7 @@ class Class3DJob:
         if needed(radius) > share.available_bytes:
             raise InputError(
                 f"{self.name} with job.K={self.n_classes} needs about {needed(radius) / 1e9:.3g} GB for its class maps and sums even at 3 shells, "
-                f"more than {share.describe()}; use fewer classes"
+                f"more than {share.describe()}; use fewer classes or a smaller compute.memory_budget_gb"
             )
         if radius < nyquist:
             log.warning(

@@ -214,9 +214,10 @@ class OnlineClass3DJob(Class3DJob):
         while fitting > 8 and sums_bytes(fitting) > share.available_bytes:
             fitting -= 2
         remedy = (
-            f"set job.target_resolution_A={math.ceil(20 * extent_A / fitting) / 10:g} or coarser (images and maps Fourier-cropped to it), or fewer classes"
+            f"set job.target_resolution_A={math.ceil(20 * extent_A / fitting) / 10:g} or coarser (images and maps Fourier-cropped to it), fewer classes "
+            "or a smaller compute.memory_budget_gb"
             if sums_bytes(fitting) <= share.available_bytes
-            else "use fewer classes"
+            else "use fewer classes or a smaller compute.memory_budget_gb"
         )
         raise InputError(f"class3d_online with job.K={self.n_classes} at a box of {box} keeps about {needed / 1e9:.3g} GB of sums, more than {share.describe()}; {remedy}")
 

@@ -139,7 +139,7 @@ class ReconstructJob:
         remedy = (
             f"set job.max_resolution_angstrom={math.ceil(10 * box * pixel / fitting) / 10:g} or coarser (the maps then stop there)"
             if needed(fitting) <= share.available_bytes
-            else "run it on a machine with more memory"
+            else "set a smaller compute.memory_budget_gb, or run it on a machine with more memory"
         )
         raise InputError(
             f"{context.particles}: reconstruct at a box of {box} px to {box * pixel / radius:.3g} Å needs about {needed(radius) / 1e9:.3g} GB for its "
