@@ -79,7 +79,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Class3DJob", "ParticleState"]
 
 CHECKPOINT = "run_checkpoint.pt"
-
 _BACKGROUND_NOISE_STREAM = 0x6E6F6973  # keeps the background noise's draws apart from the run's other random streams
 
 
