@@ -124,10 +124,11 @@ def test_missing_pixel_size(tmp_path: Path) -> None:
         read_particles(star)
 
 
-def test_non_numeric_value_names_column_and_row(tmp_path: Path) -> None:
+@pytest.mark.parametrize("value", ["oops", "inf", "nan"])
+def test_non_numeric_value_names_column_and_row(tmp_path: Path, value: str) -> None:
     star = _dataset(tmp_path)
-    _edit_star(star, "000004@stack.mrcs 1 0.0 0.0 10000.0", "000004@stack.mrcs 1 0.0 0.0 oops")
-    with pytest.raises(InputError, match=r"particles\.star: column rlnDefocusU of data_particles has the value 'oops' in row 4"):
+    _edit_star(star, "000004@stack.mrcs 1 0.0 0.0 10000.0", f"000004@stack.mrcs 1 0.0 0.0 {value}")
+    with pytest.raises(InputError, match=rf"particles\.star: column rlnDefocusU of data_particles has the value '{value}' in row 4, which is not a finite number"):
         read_particles(star)
 
 

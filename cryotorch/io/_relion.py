@@ -135,7 +135,7 @@ class _ParticleColumns:
         if bad.size:
             row = int(bad[0])
             raise InputError(
-                f"{self.path}: column {column} of {source} has the value {values.iloc[row]!r} in row {row + 1}, "
+                f"{self.path}: column {column} of {source} has the value '{values.iloc[row]}' in row {row + 1}, "
                 "which is not a finite number; fix or remove that row"
             )
         return numeric if where is None else numeric[where]
