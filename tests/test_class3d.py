@@ -524,6 +524,7 @@ def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path
         ([reference, "sampling.significance=0"], "sampling.significance=0 must lie in (0, 1]"),
         ([reference, f"data.particles={no_ctf}"], f"{no_ctf}: the particles have no CTF parameters (rlnDefocusU/V, or ctf/df1_A in a .cs file); set job.ctf=false"),
         ([f"job.reference={coarse}"], f"{coarse}: map of 32 px × 7 Å does not match the particles' 32 px × 6 Å; resample it"),
+        ([reference, f"job.reference_mask={empty}"], f"{empty}: the mask is zero everywhere; give a mask that is 1 over the particle"),
         ([reference, f"job.continue_from={tmp_path}"], f"{tmp_path}: no run_checkpoint.pt to continue from"),
         # a checkpoint in the run's own folder, which the run would resume from
         ([reference], "not a readable class3d checkpoint"),

@@ -369,7 +369,8 @@ class Class3DJob:
     def read_map(self, path: str, mask: bool = False) -> torch.Tensor:
         """A map at the working box: checked against the particles' box and pixel size (or
         resized to them, with ``job.resize_reference``), Fourier-cropped to the working box.
-        A ``mask`` must hold values in [0, 1], and is kept there after resampling."""
+        A ``mask`` must hold values in [0, 1], not all zero, and is kept in [0, 1] after
+        resampling."""
         volume = read_mrc(path)
         values = torch.as_tensor(np.array(volume.data), device=self.device)
         if mask and (float(values.min()) < -1e-3 or float(values.max()) > 1 + 1e-3):
@@ -377,7 +378,12 @@ class Class3DJob:
         values = self.fit_to_particles(values, volume.voxel_size_angstrom[0], path)
         if self.box != self.full_box:
             values = fourier_resample(values, self.box)
-        return values.clamp(0, 1) if mask else values
+        if not mask:
+            return values
+        values = values.clamp(0, 1)
+        if not float(values.max()) > 0:
+            raise InputError(f"{path}: the mask is zero everywhere; give a mask that is 1 over the particle (+job=mask_create makes one from a map)")
+        return values
 
     def fit_to_particles(self, values: torch.Tensor, voxel: float, path: str) -> torch.Tensor:
         """``values`` of a map whose voxel size (Å; 0 where its header holds none) may differ
