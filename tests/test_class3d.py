@@ -393,21 +393,27 @@ def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path]
             torch.save(checkpoint, folder / "run_checkpoint.pt")
         else:
             (folder / "run_checkpoint.pt").write_bytes(content)
-    continued = tmp_path / "continued"
-    # continued into another folder; then the same command again, which resumes in its folder
+    continued, relion_style = tmp_path / "continued", tmp_path / "relion_style"
+    # continued into another folder; then the same command again, which resumes in its folder;
+    # from the last optimiser STAR (RELION's --continue) one iteration more, and from an
+    # earlier one an error that names the iteration the checkpoint holds
     messages = one_process_runs([
         (class3d_overrides(two_class_data, continued, "job.n_iterations=3", "sampling.align=false", f"job.continue_from={killed}"), continued),
         (overrides, killed),
+        (class3d_overrides(two_class_data, relion_style, "job.n_iterations=5", "sampling.align=false", f"job.continue_from={whole / 'run_it004_optimiser.star'}"), relion_style),
+        (class3d_overrides(two_class_data, tmp_path / "stale", "job.n_iterations=5", "sampling.align=false", f"job.continue_from={whole / 'run_it002_optimiser.star'}"), tmp_path / "stale"),
         *[(class3d_overrides(two_class_data, tmp_path / f"{name}_run", "sampling.align=false", f"job.continue_from={tmp_path / name}"), tmp_path / f"{name}_run") for name in damaged],
     ])
-    assert messages[:2] == [None, None]
+    assert messages[:3] == [None, None, None]
     assert (continued / "run_it003_data.star").is_file() and not (continued / "run_it001_data.star").exists()
+    assert (relion_style / "run_it005_data.star").is_file() and not (relion_style / "run_it004_data.star").exists()
+    assert messages[3] is not None and "holds iteration 4, not 2" in messages[3] and f"job.continue_from={whole}" in messages[3]
     # resumed, not started again: its first iteration is the one written before the kill
     assert (killed / "run_it001_data.star").stat().st_mtime_ns == first_written
     np.testing.assert_array_equal(final_classes(killed, 4), final_classes(whole, 4))
     for k in (1, 2):
         np.testing.assert_array_equal(read_mrc(killed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data)
-    for name, message in zip(damaged, messages[2:], strict=True):
+    for name, message in zip(damaged, messages[4:], strict=True):
         assert message is not None and f"{tmp_path / name / 'run_checkpoint.pt'}" in message and "start the run in a new folder" in message, message
 
 

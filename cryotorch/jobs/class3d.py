@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -498,9 +499,15 @@ class Class3DJob:
 
     # ------------------------------------------------------------------ resume
     def resume(self, context: RunContext, model: ClassModel) -> tuple[ParticleState | None, int]:
-        """Load the last completed iteration from ``continue_from`` or this run's folder."""
+        """Load the last completed iteration from ``continue_from`` or this run's folder.
+        ``continue_from`` is a run's folder, its checkpoint, or, as RELION's ``--continue``
+        takes it, one of its ``run_itNNN_*.star`` files: the run then continues from its
+        folder's checkpoint, which must be of iteration NNN."""
         source = Path(self.continue_from) if self.continue_from else context.output_dir
         path = source / CHECKPOINT if source.is_dir() else source
+        named = re.fullmatch(r".*_it(\d+)_(?:optimiser|data|model|sampling)\.star", path.name)
+        if named and path.is_file():
+            path = path.parent / CHECKPOINT
         if not path.is_file():
             if self.continue_from:
                 raise InputError(f"{self.continue_from}: no {CHECKPOINT} to continue from; point job.continue_from at a class3d output folder")
@@ -529,6 +536,11 @@ class Class3DJob:
         state = ParticleState(**{k: v.to(self.device) for k, v in checkpoint["particles"].items()})
         self.load_extra_state({k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in checkpoint.get("extra", {}).items()})
         iteration = int(checkpoint["iteration"])
+        if named and int(named.group(1)) != iteration:
+            raise InputError(
+                f"{self.continue_from}: the run's checkpoint ({path}) holds iteration {iteration}, not {int(named.group(1))}; a run continues "
+                f"from its last iteration: set job.continue_from={path.parent} (or its run_it{iteration:03d}_optimiser.star)"
+            )
         log.info("continuing from iteration %d (%s)", iteration, path)
         return state, iteration + 1
 
