@@ -472,21 +472,40 @@ def test_select_writes_the_chosen_classes(two_class_data: dict[str, Path], tmp_p
     out = tmp_path / "noalign"
     selected = tmp_path / "select"
     select = ["+job=select", f"data.particles={out / 'run_it002_data.star'}"]
-    # the second selection with an output name whose folders it makes
-    classified, one, both, empty, none = one_process_runs([
+    # the second selection with an output name whose folders it makes; then by a metadata
+    # range (RELION's "Select based on metadata values"), within a class and over all, and
+    # by a column of the optics table
+    probability = ["job.metadata_label=rlnMaxValueProbDistribution", "job.metadata_min=0.9"]
+    classified, one, both, confident, confident_all, by_optics, empty, none, no_column, no_range, inverted = one_process_runs([
         (class3d_overrides(two_class_data, out, "job.n_iterations=2", "sampling.align=false"), out),
         ([*select, "job.classes=[2]"], selected),
         ([*select, "job.classes=[1,2]", "job.output_name=subsets/both.star"], selected),
+        ([*select, "job.classes=[2]", *probability, "job.output_name=confident.star"], selected),
+        ([*select, *probability, "job.output_name=confident_all.star"], selected),
+        ([*select, "job.metadata_label=_rlnVoltage", "job.metadata_max=300", "job.output_name=optics.star"], selected),
         ([*select, "job.classes=[]"], tmp_path / "bad"),
         ([*select, "job.classes=[5]"], tmp_path / "none"),
+        ([*select, "job.metadata_label=rlnNoSuchLabel", "job.metadata_min=0"], tmp_path / "no_column"),
+        ([*select, "job.metadata_label=rlnMaxValueProbDistribution"], tmp_path / "no_range"),
+        ([*select, "job.metadata_label=rlnMaxValueProbDistribution", "job.metadata_min=1", "job.metadata_max=0.5"], tmp_path / "inverted"),
     ])
-    assert classified is None and one is None and both is None
+    assert classified is None and one is None and both is None and confident is None and confident_all is None and by_optics is None
     classes = final_classes(out, 2)
     subset = read_particles(selected / "particles.star")
     assert len(subset) == int((classes == 2).sum()) and (subset.class_number == 2).all()
     assert len(read_particles(selected / "subsets" / "both.star")) == len(classes)
-    assert empty is not None and "job.classes" in empty
+    written = read_star(out / "run_it002_data.star")["particles"]
+    high = written["rlnMaxValueProbDistribution"].astype(float).to_numpy() >= 0.9
+    assert 0 < high.sum() < len(high)
+    kept = read_star(selected / "confident.star")["particles"]
+    assert len(kept) == int((high & (classes == 2)).sum()) and (kept["rlnMaxValueProbDistribution"].astype(float) >= 0.9).all()
+    assert len(read_particles(selected / "confident_all.star")) == int(high.sum())
+    assert len(read_particles(selected / "optics.star")) == len(classes)
+    assert empty is not None and "job.classes is empty and no job.metadata_label is set" in empty
     assert none is not None and "job.classes=[5] select no particle" in none
+    assert no_column is not None and "no column rlnNoSuchLabel; it holds" in no_column and "rlnMaxValueProbDistribution" in no_column
+    assert no_range is not None and "needs job.metadata_min, job.metadata_max or both" in no_range
+    assert inverted is not None and "job.metadata_min=1 is above job.metadata_max=0.5" in inverted
 
 
 def test_class3d_bad_input_is_reported(two_class_data: dict[str, Path], tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from cryotorch.errors import InputError
+
 __all__ = ["ParticleTable"]
 
 # Per-particle array fields with their dtype and trailing shape; everything else is metadata.
@@ -144,6 +146,34 @@ class ParticleTable:
         source = None if self.source_particles is None else self.source_particles.iloc[indices].reset_index(drop=True)
         scale = None if self.intensity_scale is None else self.intensity_scale[indices]
         return replace(self, **subset, intensity_scale=scale, source_particles=source)
+
+    def metadata(self, label: str) -> np.ndarray:
+        """``(N,)`` float64 values of the STAR column ``label`` (e.g. ``rlnMaxValueProbDistribution``;
+        a leading ``_`` is ignored) as read: the particle's own, else its optics group's.
+
+        Raises
+        ------
+        InputError
+            If the table was not read from a STAR file, holds no such column (the error lists
+            those it holds), or a value is not a finite number (the error names the row).
+        """
+        name = label.removeprefix("_")
+        where = self.source_path or "the particle table"
+        if self.source_particles is None:
+            raise InputError(f"{where}: no STAR columns to select on; read the particles from a STAR file")
+        if name in self.source_particles:
+            values = self.source_particles[name]
+        elif self.source_optics is not None and name in self.source_optics and "rlnOpticsGroup" in self.source_optics:
+            by_group = dict(zip(self.source_optics["rlnOpticsGroup"].astype(int), self.source_optics[name]))
+            values = pd.Series([by_group[int(group)] for group in self.optics_group])
+        else:
+            held = sorted(set(self.source_particles.columns) | set(() if self.source_optics is None else self.source_optics.columns))
+            raise InputError(f"{where}: no column {name}; it holds {', '.join(held)}")
+        numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(numeric))
+        if bad.size:
+            raise InputError(f"{where}: column {name} has the value '{values.iloc[int(bad[0])]}' in particle row {int(bad[0]) + 1}, which is not a finite number")
+        return numeric
 
     @classmethod
     def from_arrays(
