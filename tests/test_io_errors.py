@@ -189,3 +189,16 @@ def test_malformed_relion_tables(tmp_path: Path, text: str, message: str) -> Non
     star.write_text(text)
     with pytest.raises(InputError, match=message):
         read_particles(star)
+
+
+def test_metadata_column_is_read_or_named_missing_or_non_finite(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    table = read_particles(_dataset(tmp_path))
+    np.testing.assert_array_equal(table.metadata("rlnDefocusU"), np.full(N_IMAGES, 1e4))
+    np.testing.assert_array_equal(table.metadata("_rlnImagePixelSize"), np.full(N_IMAGES, PIXEL_A))  # from the optics table
+    with pytest.raises(InputError, match=r"particles\.star: no column rlnNoSuchLabel; it holds .*rlnDefocusU"):
+        table.metadata("rlnNoSuchLabel")
+    scores = table.source_particles.assign(rlnMaxValueProbDistribution=[0.5, "nan", 0.2, 0.9])
+    with pytest.raises(InputError, match=r"column rlnMaxValueProbDistribution has the value 'nan' in particle row 2, which is not a finite number"):
+        replace(table, source_particles=scores).metadata("rlnMaxValueProbDistribution")
