@@ -92,7 +92,9 @@ class MemoryShare:
     """The memory a process may fill with a job's maps, sums or preloaded images: 80 % of its
     device's, on a CPU node divided among the processes launched on it (torchrun's
     ``LOCAL_WORLD_SIZE``; a GPU is each process's own), less ``reserved_bytes`` kept for
-    other work (the arrays sized from the memory budget).
+    other work (the arrays sized from the memory budget), but at most half of it: a budget
+    too large for the machine (the CPU's default 2 GiB on a small node shared by several
+    processes) then leaves the maps and sums half the share rather than nothing.
 
     Attributes
     ----------
@@ -109,9 +111,19 @@ class MemoryShare:
     reserved_bytes: float
 
     @property
+    def share_bytes(self) -> float:
+        """80 % of the device's memory over the processes that share it."""
+        return 0.8 * self.device_bytes / self.sharing
+
+    @property
+    def kept_bytes(self) -> float:
+        """Bytes kept for other work: ``reserved_bytes``, at most half the share."""
+        return min(self.reserved_bytes, 0.5 * self.share_bytes)
+
+    @property
     def available_bytes(self) -> float:
         """Bytes left to the job's maps, sums or images."""
-        return 0.8 * self.device_bytes / self.sharing - self.reserved_bytes
+        return self.share_bytes - self.kept_bytes
 
     def describe(self) -> str:
         """The share in words, for error messages: ``the 9.1 GB this process may use (80 % of
@@ -119,9 +131,9 @@ class MemoryShare:
         parts = [f"80 % of this device's {self.device_bytes / 1e9:.3g} GB"]
         if self.sharing > 1:
             parts.append(f"shared by {self.sharing} processes")
-        if self.reserved_bytes > 0:
-            parts.append(f"less {self.reserved_bytes / 1e9:.3g} GB for the working arrays of compute.memory_budget_gb")
-        return f"the {max(0.0, self.available_bytes) / 1e9:.3g} GB this process may use ({', '.join(parts)})"
+        if self.kept_bytes > 0:
+            parts.append(f"less {self.kept_bytes / 1e9:.3g} GB for the working arrays of compute.memory_budget_gb")
+        return f"the {self.available_bytes / 1e9:.3g} GB this process may use ({', '.join(parts)})"
 
 
 def memory_share(device: torch.device, reserved_bytes: float = 0.0) -> MemoryShare:

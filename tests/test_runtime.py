@@ -106,3 +106,18 @@ def test_benchmarks_name_the_machine_they_ran_on(device: str) -> None:
     assert text.startswith(f"{device} (") and text.endswith(f"), torch {torch.__version__}")
     name = text[len(device) + 2 : text.rindex("), torch")]  # CPU model names hold brackets too: "Intel(R) Xeon(R) ..."
     assert name == torch.cuda.get_device_name() if device == "cuda" else name.endswith(f", {torch.get_num_threads()} threads")
+
+
+def test_memory_share_keeps_the_budget_and_at_least_half_for_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryotorch import runtime
+
+    monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 10e9)
+    cpu = torch.device("cpu")
+    alone = runtime.memory_share(cpu, 1e9)
+    assert alone.available_bytes == pytest.approx(7e9)
+    assert alone.describe() == "the 7 GB this process may use (80 % of this device's 10 GB, less 1 GB for the working arrays of compute.memory_budget_gb)"
+    # four processes on the node: 2 GB each, of which a budget of 2.7 GB may keep only half
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    shared = runtime.memory_share(cpu, runtime.working_arrays_bytes(runtime.CPU_MEMORY_BUDGET_BYTES))
+    assert shared.available_bytes == pytest.approx(1e9)
+    assert "shared by 4 processes, less 1 GB for the working arrays" in shared.describe()
