@@ -55,9 +55,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryotorch.conventions import irfft3_centered, rfft3_centered
+from cryotorch.conventions import rfft3_centered
 from cryotorch.io import read_mrc, read_particles, write_mrc
-from cryotorch.ops.filters import crop_or_pad, lowpass_filter_3d
+from cryotorch.ops.filters import crop_or_pad, lowpass_map
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 from cryotorch.monitor.timing import device_description
 from cryotorch.ops.healpix import rotation_angle_deg
@@ -248,7 +248,7 @@ def main() -> None:
         train("+job=reconstruct", f"data.particles={particles}", f"hydra.run.dir={folder / 'consensus'}")
         consensus = torch.as_tensor(np.array(read_mrc(folder / "consensus" / "run_class001.mrc").data))
         reference = folder / "reference40.mrc"
-        write_mrc(reference, irfft3_centered(lowpass_filter_3d(rfft3_centered(consensus), 40.0, PIXEL), BOX), PIXEL)
+        write_mrc(reference, lowpass_map(consensus, 40.0, PIXEL), PIXEL)
         oracle = oracle_classes(particles, [class_a, class_b, junk], folder)
         print(f"SNR {snr}: oracle accuracy {matched_accuracy(truth, oracle):.3f} (ARI {adjusted_rand_index(truth, oracle):.3f})")
         for mode in args.modes:

@@ -35,7 +35,7 @@ from cryotorch.errors import InputError
 from cryotorch.io._mrc import read_mrc_header_summary
 from cryotorch.io._paths import resolve_stack_path
 from cryotorch.io._star import read_star, write_star
-from cryotorch.io._table import ParticleTable
+from cryotorch.io._table import ParticleTable, finite_floats
 
 __all__ = ["read_relion_particles", "write_particles"]
 
@@ -130,14 +130,7 @@ class _ParticleColumns:
                 f"{self.path}: required column {column} is missing from data_{self.block_name}"
                 f"{' and data_optics' if self.optics is not None else ''}; add it"
             )
-        numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(numeric))
-        if bad.size:
-            row = int(bad[0])
-            raise InputError(
-                f"{self.path}: column {column} of {source} has the value '{values.iloc[row]}' in row {row + 1}, "
-                "which is not a finite number; fix or remove that row"
-            )
+        numeric = finite_floats(values, f"{self.path}: column {column} of {source}")
         return numeric if where is None else numeric[where]
 
     def integers(self, column: str, default: int | None = None) -> np.ndarray:

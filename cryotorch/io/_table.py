@@ -9,7 +9,19 @@ import pandas as pd
 
 from cryotorch.errors import InputError
 
-__all__ = ["ParticleTable"]
+__all__ = ["ParticleTable", "finite_floats"]
+
+
+def finite_floats(values: pd.Series, subject: str, rows: str = "row") -> np.ndarray:
+    """``(N,)`` float64 ``values`` of a STAR column, or an InputError naming the first that is
+    not a finite number: ``{subject} has the value '…' in {rows} n, …`` (``subject`` e.g.
+    ``particles.star: column rlnDefocusU of data_particles``, n from 1)."""
+    numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(numeric))
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(f"{subject} has the value '{values.iloc[row]}' in {rows} {row + 1}, which is not a finite number; fix or remove that row")
+    return numeric
 
 # Per-particle array fields with their dtype and trailing shape; everything else is metadata.
 _ARRAY_FIELDS: dict[str, tuple[type, tuple[int, ...]]] = {
@@ -169,11 +181,7 @@ class ParticleTable:
         else:
             held = sorted(set(self.source_particles.columns) | set(() if self.source_optics is None else self.source_optics.columns))
             raise InputError(f"{where}: no column {name}; it holds {', '.join(held)}")
-        numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(numeric))
-        if bad.size:
-            raise InputError(f"{where}: column {name} has the value '{values.iloc[int(bad[0])]}' in particle row {int(bad[0]) + 1}, which is not a finite number")
-        return numeric
+        return finite_floats(values, f"{where}: column {name}", "particle row")
 
     @classmethod
     def from_arrays(

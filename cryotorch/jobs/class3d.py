@@ -26,9 +26,7 @@ from cryotorch.conventions import (
     fft_frequencies_2d,
     image_shift_from_origin,
     irfft2_centered,
-    irfft3_centered,
     rfft2_centered,
-    rfft3_centered,
 )
 from cryotorch.data.particles import CommonGridReader, common_geometry, ctf_parameters, half_set_labels, require_ctf
 from cryotorch.em.estep import CoarseProjections, EStepResult, EStepSettings, FinePassCache, PassOffsets, PreparedBatch, SliceTable, WeightedSlices, class_ess, expectation, global_search_batches
@@ -67,7 +65,7 @@ from cryotorch.model.class_model import ClassModel
 from cryotorch.monitor import PhaseTimer, log_central_slices, log_scalars, progress_bar
 from cryotorch.ops.backprojection import crop_size, self_overlap_sum
 from cryotorch.ops.ctf import compute_ctf
-from cryotorch.ops.filters import lowpass_filter_3d, resample_to_grid, soft_disc_masks, soft_spherical_mask
+from cryotorch.ops.filters import lowpass_map, resample_to_grid, soft_disc_masks, soft_spherical_mask
 from cryotorch.ops.fourier import coloured_noise_2d, fourier_resample, shell_index_2d, translate_2d_ft
 from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_angular_step, rotation_angle_deg
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes, rotation_chunk_size
@@ -429,7 +427,7 @@ class Class3DJob:
     def initialise_model(self, context: RunContext, model: ClassModel, state: ParticleState) -> None:
         """Reference (low-passed, grey-scale corrected), noise spectra and priors (``state``,
         the particles' initial state, is not needed here)."""
-        box, pixel = self.box, self.pixel
+        pixel = self.pixel
         volumes = torch.stack([self.read_map(path) for path in self.references])
         unfiltered = volumes * self.mask
         if not bool((unfiltered != 0).any()):
@@ -439,7 +437,7 @@ class Class3DJob:
                 "give a map that holds the particle (e.g. an initial model)"
             )
         if self.ini_high_A:
-            volumes = irfft3_centered(lowpass_filter_3d(rfft3_centered(volumes), self.ini_high_A, pixel), box)
+            volumes = lowpass_map(volumes, self.ini_high_A, pixel)
         volumes = volumes * self.mask
         power, counts, signal_var, noise_var = self.data_statistics(context)
         # an empty reference (e.g. a class for junk) must not dilute the grey-scale estimate

@@ -13,12 +13,11 @@ import logging
 import numpy as np
 import torch
 
-from cryotorch.conventions import irfft3_centered, rfft3_centered
 from cryotorch.errors import InputError
 from cryotorch.io import read_mrc, write_mrc
 from cryotorch.jobs.context import RunContext
 from cryotorch.monitor import log_central_slices, log_scalars
-from cryotorch.ops.filters import lowpass_filter_3d, soft_edge_mask
+from cryotorch.ops.filters import lowpass_map, soft_edge_mask
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ class MaskCreateJob:
             if self.lowpass_A > 0:
                 if self.lowpass_A < 2 * pixel:
                     raise InputError(f"job.lowpass_A={self.lowpass_A:g} Å is finer than the map's Nyquist ({2 * pixel:.4g} Å); give a coarser resolution, or 0 for none")
-                values = irfft3_centered(lowpass_filter_3d(rfft3_centered(values), self.lowpass_A, pixel), shape[0])
+                values = lowpass_map(values, self.lowpass_A, pixel)
             low, high = float(values.min()), float(values.max())
             if not low < self.threshold <= high:
                 raise InputError(

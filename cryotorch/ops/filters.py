@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from cryotorch.conventions import irfft3_centered, rfft3_centered
 from cryotorch.ops.fourier import fourier_resample, radius_grid_3d
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "distance_to_region",
     "raised_cosine",
     "lowpass_filter_3d",
+    "lowpass_map",
     "bfactor_filter_3d",
     "crop_or_pad",
     "resample_to_grid",
@@ -109,6 +111,12 @@ def lowpass_filter_3d(volume_ft: torch.Tensor, resolution_angstrom: float, pixel
     cutoff_shell = box_size * pixel_size_angstrom / resolution_angstrom
     radius = radius_grid_3d(box_size, volume_ft.device)
     return volume_ft * raised_cosine(radius, cutoff_shell - edge_width_shells / 2, edge_width_shells)
+
+
+def lowpass_map(volume: torch.Tensor, resolution_angstrom: float, pixel_size_angstrom: float) -> torch.Tensor:
+    """``(..., N, N, N)`` real-space maps low-passed to ``resolution_angstrom``
+    (:func:`lowpass_filter_3d` on their centred rfft)."""
+    return irfft3_centered(lowpass_filter_3d(rfft3_centered(volume), resolution_angstrom, pixel_size_angstrom), volume.shape[-1])
 
 
 def bfactor_filter_3d(volume_ft: torch.Tensor, bfactor_angstrom2: float, pixel_size_angstrom: float) -> torch.Tensor:
