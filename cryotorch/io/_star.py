@@ -208,12 +208,18 @@ def _format_value(value: object) -> str:
     return text
 
 
+#: text that :func:`_format_value` would quote: empty, with white space, or read as a STAR keyword
+_NEEDS_QUOTES = re.compile(r"\A\Z|\s|\A(?:#|_|data_|loop_)")
+
+
 def _format_column(column: pd.Series) -> list[str]:
     if pd.api.types.is_float_dtype(column.dtype):
         return [repr(value) for value in column.astype(np.float64).tolist()]
     if pd.api.types.is_integer_dtype(column.dtype):
         return [str(value) for value in column.tolist()]
-    return [_format_value(value) for value in column.tolist()]
+    # plain strings (image names: one per particle) as they are, the rest value by value
+    needs_quotes = _NEEDS_QUOTES.search
+    return [value if type(value) is str and not needs_quotes(value) else _format_value(value) for value in column.tolist()]
 
 
 def write_star(
