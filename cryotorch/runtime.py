@@ -91,10 +91,12 @@ def device_memory_bytes(device: torch.device) -> float:
 class MemoryShare:
     """The memory a process may fill with a job's maps, sums or preloaded images: 80 % of its
     device's, on a CPU node divided among the processes launched on it (torchrun's
-    ``LOCAL_WORLD_SIZE``; a GPU is each process's own), less ``reserved_bytes`` kept for
-    other work (the arrays sized from the memory budget), but at most half of it: a budget
-    too large for the machine (the CPU's default 2 GiB on a small node shared by several
-    processes) then leaves the maps and sums half the share rather than nothing.
+    ``LOCAL_WORLD_SIZE``; a GPU is each process's own), less ``held_bytes`` that the job's
+    data already fills in the same memory (images preloaded into a CPU's), less
+    ``reserved_bytes`` kept for other work (the arrays sized from the memory budget), but at
+    most half of what is left: a budget too large for the machine (the CPU's default 2 GiB on
+    a small node shared by several processes) then leaves the maps and sums half the share
+    rather than nothing.
 
     Attributes
     ----------
@@ -104,11 +106,14 @@ class MemoryShare:
         Processes that share it.
     reserved_bytes
         Bytes kept for other work.
+    held_bytes
+        Bytes the job's data holds in the same memory (preloaded images).
     """
 
     device_bytes: float
     sharing: int
     reserved_bytes: float
+    held_bytes: float = 0.0
 
     @property
     def share_bytes(self) -> float:
@@ -117,13 +122,15 @@ class MemoryShare:
 
     @property
     def kept_bytes(self) -> float:
-        """Bytes kept for other work: ``reserved_bytes``, at most half the share."""
-        return min(self.reserved_bytes, 0.5 * self.share_bytes)
+        """Bytes kept for other work: ``reserved_bytes``, at most half of the share that the
+        held data leaves."""
+        return min(self.reserved_bytes, 0.5 * max(0.0, self.share_bytes - self.held_bytes))
 
     @property
     def available_bytes(self) -> float:
-        """Bytes left to the job's maps, sums or images."""
-        return self.share_bytes - self.kept_bytes
+        """Bytes left to the job's maps, sums or images (negative where the held data alone
+        fills more than the share)."""
+        return self.share_bytes - self.held_bytes - self.kept_bytes
 
     def describe(self) -> str:
         """The share in words, for error messages: ``the 9.1 GB this process may use (80 % of
@@ -131,15 +138,18 @@ class MemoryShare:
         parts = [f"80 % of this device's {self.device_bytes / 1e9:.3g} GB"]
         if self.sharing > 1:
             parts.append(f"shared by {self.sharing} processes")
+        if self.held_bytes > 0:
+            parts.append(f"less {self.held_bytes / 1e9:.3g} GB of images held by data.preload=true")
         if self.kept_bytes > 0:
             parts.append(f"less {self.kept_bytes / 1e9:.3g} GB for the working arrays of compute.memory_budget_gb")
         return f"the {self.available_bytes / 1e9:.3g} GB this process may use ({', '.join(parts)})"
 
 
-def memory_share(device: torch.device, reserved_bytes: float = 0.0) -> MemoryShare:
-    """The :class:`MemoryShare` of this process on ``device``, ``reserved_bytes`` kept back."""
+def memory_share(device: torch.device, reserved_bytes: float = 0.0, held_bytes: float = 0.0) -> MemoryShare:
+    """The :class:`MemoryShare` of this process on ``device``, ``reserved_bytes`` kept back
+    and ``held_bytes`` already filled."""
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    return MemoryShare(device_memory_bytes(device), sharing, reserved_bytes)
+    return MemoryShare(device_memory_bytes(device), sharing, reserved_bytes, held_bytes)
 
 
 def working_arrays_bytes(memory_budget_bytes: float) -> float:

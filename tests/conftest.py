@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import MethodType, SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
+from cryotorch.jobs.context import RunContext
 from cryotorch.runtime import start_thread_pool
 
 # devices every device-aware test runs on; the CUDA cases carry the `gpu` mark, so the
@@ -48,3 +51,11 @@ def c4_average(volume: torch.Tensor) -> torch.Tensor:
         turned = quarter_turn(turned)
         total += turned
     return total / 4
+
+
+def memory_context(**fields: Any) -> SimpleNamespace:
+    """A stand-in for a job's RunContext with only ``fields`` (device, memory budget, ...;
+    ``preload`` False unless given) and its ``maps_memory_share``, for the jobs' memory checks."""
+    context = SimpleNamespace(**{"preload": False, **fields})
+    context.maps_memory_share = MethodType(RunContext.maps_memory_share, context)
+    return context

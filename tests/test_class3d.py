@@ -23,7 +23,7 @@ from cryotorch.ops.filters import crop_or_pad, resample_to_grid, soft_spherical_
 from cryotorch.ops.fourier import fourier_resample
 from cryotorch.ops.healpix import rotation_angle_deg
 
-from conftest import c4_average, quarter_turn
+from conftest import c4_average, memory_context, quarter_turn
 from test_jobs import REPO, one_process_runs, torchrun, train
 
 BOX, PIXEL = 32, 6.0
@@ -845,7 +845,8 @@ def test_resolution_is_capped_where_memory_would_not_hold_the_sums(monkeypatch: 
     monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 2e9)
     job = class3d.Class3DJob(name="class3d", reference="ref.mrc", K=4)
     job.box, job.padded, job.pixel = 128, 256, 2.0
-    context = SimpleNamespace(device=torch.device("cpu"), sum_tree_leaves=8, memory_budget_bytes=2**26)
+    job.table, job.full_box = np.zeros(4000), 128
+    context = memory_context(device=torch.device("cpu"), sum_tree_leaves=8, memory_budget_bytes=2**26)
     with caplog.at_level("WARNING"):
         radius = job.radius_in_memory(context)
     available = 0.8 * 2e9 - 1.25 * 2**26
@@ -856,6 +857,13 @@ def test_resolution_is_capped_where_memory_would_not_hold_the_sums(monkeypatch: 
     # one leaf holds fewer grids, so it reaches further
     context.sum_tree_leaves = 1
     assert job.radius_in_memory(context) > radius
+    # images preloaded into the same memory (4,000 of 128² px: 0.26 GB) leave less
+    context.sum_tree_leaves, context.preload = 8, True
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert job.radius_in_memory(context) < radius
+    assert "less 0.262 GB of images held by data.preload=true" in caplog.text
+    context.preload = False
     # the cap holds in the iterations: a class at 4 Å would ask for Nyquist
     job.memory_radius, job.ini_high_A = radius, None
     model = SimpleNamespace(resolution_shells=lambda: torch.tensor([60, 10]))

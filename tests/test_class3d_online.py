@@ -7,7 +7,6 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from cryotorch.jobs import class3d_online
 from cryotorch.jobs.class3d_online import kmeans
 from cryotorch.ops.fourier import fourier_resample
 
+from conftest import memory_context
 from test_class3d import accuracy
 from test_jobs import REPO, one_process_runs, torchrun, train
 
@@ -193,7 +193,8 @@ def test_sums_that_do_not_fit_name_a_target_resolution_that_does(monkeypatch: py
     # named gives a box whose sums fit
     monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 1e9)
     job = class3d_online.OnlineClass3DJob(name="class3d_online", K=3)
-    context = SimpleNamespace(padding_factor=2, device=torch.device("cpu"), sum_tree_leaves=8, memory_budget_bytes=2**24)
+    job.table, job.full_box = np.zeros(1000), 96
+    context = memory_context(padding_factor=2, device=torch.device("cpu"), sum_tree_leaves=8, memory_budget_bytes=2**24)
     job.check_sums_fit(64, 320.0, context)
     with pytest.raises(
         InputError,

@@ -284,25 +284,30 @@ def test_resolution_improves_with_more_particles(shared_data: Path, tmp_path: Pa
 def test_reconstruction_too_large_for_memory_names_a_resolution_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     # on a device of 1 GB a 128-px box fits at 64 px but not at its Nyquist: the error comes
     # before any image is read and names a resolution limit whose crop fits
-    from types import SimpleNamespace
-
     from cryotorch import runtime
     from cryotorch.errors import InputError
     from cryotorch.jobs.reconstruct import ReconstructJob
 
+    from conftest import memory_context
+
     monkeypatch.setattr(runtime, "device_memory_bytes", lambda device: 1e9)
-    context = SimpleNamespace(device=torch.device("cpu"), padding_factor=2, sum_tree_leaves=8, particles="particles.star", memory_budget_bytes=2**24)
+    context = memory_context(device=torch.device("cpu"), padding_factor=2, sum_tree_leaves=8, particles="particles.star", memory_budget_bytes=2**24)
     job = ReconstructJob(name="reconstruct")
-    job.check_memory(context, 64, 2.0)
+    job.check_memory(context, 1000, 64, 2.0)
     with pytest.raises(InputError, match=r"particles.star: reconstruct at a box of 128 px to 4 Å needs about 1.01 GB for its sums and maps, more than the 0.779 GB this process may use \(80 % of this device's 1 GB, less") as error:
-        job.check_memory(context, 128, 2.0)
+        job.check_memory(context, 1000, 128, 2.0)
     limit = float(str(error.value).split("job.max_resolution_angstrom=")[1].split()[0])
     assert 4 < limit < 8
     job.max_resolution_angstrom = limit
-    job.check_memory(context, 128, 2.0)
+    job.check_memory(context, 1000, 128, 2.0)
     job.max_resolution_angstrom = limit - 0.2
     with pytest.raises(InputError):
-        job.check_memory(context, 128, 2.0)
+        job.check_memory(context, 1000, 128, 2.0)
+    # 10,000 preloaded images of 128² px (0.66 GB) leave that limit too little room
+    job.max_resolution_angstrom = limit
+    context.preload = True
+    with pytest.raises(InputError, match=r"less 0.655 GB of images held by data.preload=true"):
+        job.check_memory(context, 10_000, 128, 2.0)
 
 
 @pytest.mark.slow

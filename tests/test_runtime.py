@@ -121,3 +121,9 @@ def test_memory_share_keeps_the_budget_and_at_least_half_for_maps(monkeypatch: p
     shared = runtime.memory_share(cpu, runtime.working_arrays_bytes(runtime.CPU_MEMORY_BUDGET_BYTES))
     assert shared.available_bytes == pytest.approx(1e9)
     assert "shared by 4 processes, less 1 GB for the working arrays" in shared.describe()
+    # images preloaded into the same memory come off first; the budget keeps half of the rest
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    preloaded = runtime.memory_share(cpu, 4e9, 3e9)
+    assert (preloaded.kept_bytes, preloaded.available_bytes) == (pytest.approx(2.5e9), pytest.approx(2.5e9))
+    assert "less 3 GB of images held by data.preload=true, less 2.5 GB for the working arrays" in preloaded.describe()
+    assert runtime.memory_share(cpu, 1e9, 9e9).available_bytes < 0

@@ -28,6 +28,7 @@ __all__ = [
     "batch_size_for_budget",
     "common_geometry",
     "CommonGridReader",
+    "preload_bytes",
     "require_ctf",
 ]
 
@@ -113,6 +114,12 @@ def common_geometry(table: ParticleTable, source: str) -> tuple[int, float]:
     return box, pixel
 
 
+def preload_bytes(n_images: int, box_size: int) -> float:
+    """Bytes that ``data.preload=true`` holds in memory: ``n_images`` float32 images of
+    ``box_size``² px (on the common grid)."""
+    return 4.0 * n_images * box_size * box_size
+
+
 class CommonGridReader:
     """Particle images on one grid: those of a :class:`~cryotorch.io.ParticleImageReader`,
     with the images of optics groups of another box or pixel size resampled on reading
@@ -133,7 +140,7 @@ class CommonGridReader:
 
     def __init__(self, table: ParticleTable, box_size: int, pixel_size_angstrom: float, preload: bool = False) -> None:
         if preload:
-            needed = 4.0 * len(table) * box_size * box_size
+            needed = preload_bytes(len(table), box_size)
             share = memory_share(torch.device("cpu"))
             if needed > share.available_bytes:
                 raise InputError(

@@ -71,7 +71,6 @@ from cryotorch.ops.healpix import ang2pix_nest, angular_step_deg, order_from_ang
 from cryotorch.ops.projection import extract_slices, gridding_kernel_3d, padded_box_size, prepare_fourier_volumes, rotation_chunk_size
 from cryotorch.ops.rotations import random_rotations
 from cryotorch.ops.symmetry import symmetry_matrices
-from cryotorch.runtime import memory_share, working_arrays_bytes
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +324,7 @@ class Class3DJob:
         """Geometry (the particles' box, or :meth:`working_box`), optics groups, the image
         reader and the masks."""
         full_box, full_pixel = common_geometry(table, str(context.particles))
-        self.full_box, self.full_pixel = full_box, full_pixel
+        self.table, self.full_box, self.full_pixel = table, full_box, full_pixel
         box_A = full_box * full_pixel
         if self.mask_diameter_A is not None and not 0 < self.mask_diameter_A <= box_A:
             raise InputError(
@@ -333,7 +332,7 @@ class Class3DJob:
                 f"{full_pixel:.4g} Å = {box_A:.4g} Å; give the particle's diameter (at most {box_A:.4g} Å), or null for 0.9 × the box"
             )
         self.box = box = self.working_box(full_box, full_pixel, context)
-        self.table, self.pixel = table, full_pixel * full_box / box
+        self.pixel = full_pixel * full_box / box
         self.seed = context.seed
         self.device = context.device
         self.diameter_A = self.mask_diameter_A or 0.9 * full_box * full_pixel
@@ -609,7 +608,7 @@ class Class3DJob:
         beside the arrays sized from the memory budget. Where it is short of Nyquist, a
         warning names the resolution it allows and what lifts the cap; where not even 3
         shells fit, an error asks for fewer classes."""
-        share = memory_share(context.device, working_arrays_bytes(context.memory_budget_bytes))
+        share = context.maps_memory_share(len(self.table), self.full_box)
         leaves = context.sum_tree_leaves
 
         def needed(radius: int) -> float:

@@ -44,7 +44,6 @@ from cryotorch.monitor import progress
 from cryotorch.monitor.plots import save_class_sizes_plot, save_histogram_plot
 from cryotorch.ops.fourier import fourier_resample, squared_magnitude
 from cryotorch.ops.projection import extract_slices, padded_box_size, prepare_fourier_volumes
-from cryotorch.runtime import memory_share, working_arrays_bytes
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +204,7 @@ class OnlineClass3DJob(Class3DJob):
         def sums_bytes(working: int) -> float:
             return self.sums_bytes(padded_box_size(working, context.padding_factor), context.sum_tree_leaves)
 
-        share = memory_share(context.device, working_arrays_bytes(context.memory_budget_bytes))
+        share = context.maps_memory_share(len(self.table), self.full_box)
         needed = sums_bytes(box)
         log.info("class3d_online: the class sums take about %.1f GB at a box of %d", needed / 1e9, box)
         if needed <= share.available_bytes:

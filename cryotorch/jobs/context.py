@@ -11,8 +11,9 @@ import torch
 from lightning_fabric import Fabric
 from torch.utils.tensorboard import SummaryWriter
 
-from cryotorch.data.particles import exact_tree_sum, tree_leaves
+from cryotorch.data.particles import exact_tree_sum, preload_bytes, tree_leaves
 from cryotorch.em.sums import TensorSums
+from cryotorch.runtime import MemoryShare, memory_share, working_arrays_bytes
 
 __all__ = ["RunContext"]
 
@@ -72,6 +73,13 @@ class RunContext:
     def is_main(self) -> bool:
         """True on global rank 0, which writes files and logs."""
         return self.fabric.global_rank == 0
+
+    def maps_memory_share(self, n_images: int, box_size: int) -> MemoryShare:
+        """This process's :func:`~cryotorch.runtime.memory_share` for a job's maps and sums:
+        the arrays sized from the memory budget kept back, and on a CPU the ``n_images``
+        images of ``box_size``² px that ``data.preload=true`` holds in the same memory."""
+        held = preload_bytes(n_images, box_size) if self.preload and self.device.type == "cpu" else 0.0
+        return memory_share(self.device, working_arrays_bytes(self.memory_budget_bytes), held)
 
     def gather_rows(self, rows: torch.Tensor, values: torch.Tensor, n_total: int) -> torch.Tensor:
         """Assemble per-particle ``values`` ``(n_local, ...)`` of this rank's ``rows`` into ``(n_total, ...)`` on every rank."""

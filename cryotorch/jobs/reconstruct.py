@@ -35,7 +35,6 @@ from cryotorch.ops.fourier import translate_2d_ft
 from cryotorch.ops.fsc import fourier_shell_correlation, resolution_at_threshold
 from cryotorch.ops.projection import padded_box_size
 from cryotorch.ops.symmetry import symmetry_matrices
-from cryotorch.runtime import memory_share, working_arrays_bytes
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ class ReconstructJob:
         require_ctf(table, str(context.particles), self.ctf)
         validate_particle_images(table)
         box, pixel = common_geometry(table, str(context.particles))
-        self.check_memory(context, box, pixel)
+        self.check_memory(context, len(table), box, pixel)
         halves = half_set_labels(table, context.seed)
         sums = context.tree_sum(self.back_project(context, table, halves, box, pixel), context.memory_budget_bytes / 8)
         if context.is_main:
@@ -119,11 +118,11 @@ class ReconstructJob:
         of its log2(L) + 1 levels."""
         return max(10.0, 2 * (math.log2(sum_tree_leaves) + 1))
 
-    def check_memory(self, context: RunContext, box: int, pixel: float) -> None:
+    def check_memory(self, context: RunContext, n_images: int, box: int, pixel: float) -> None:
         """Before any image is read: the sums and maps (:meth:`grids_at_peak`) must fit in
         this process's :func:`~cryotorch.runtime.memory_share`, beside the arrays sized from
         the memory budget, else an error names the ``max_resolution_angstrom`` at which they do."""
-        share = memory_share(context.device, working_arrays_bytes(context.memory_budget_bytes))
+        share = context.maps_memory_share(n_images, box)
         padded = padded_box_size(box, context.padding_factor)
 
         def needed(radius: float) -> float:
