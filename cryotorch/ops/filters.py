@@ -36,8 +36,9 @@ def raised_cosine(distance: torch.Tensor, edge_start: float, edge_width: float) 
     """1 below ``edge_start``, 0 beyond ``edge_start + edge_width``, a cosine ramp between."""
     if edge_width <= 0:
         return (distance <= edge_start).to(distance.dtype)
-    ramp = ((distance - edge_start) / edge_width).clamp(0, 1)
-    return 0.5 * (1 + torch.cos(torch.pi * ramp))
+    # one new array, the rest in place: fresh arrays of a batch of masks each cost page faults
+    ramp = (distance - edge_start).div_(edge_width).clamp_(0, 1)
+    return ramp.mul_(torch.pi).cos_().add_(1).mul_(0.5)
 
 
 def soft_spherical_mask(
@@ -54,7 +55,7 @@ def soft_disc_masks(box_size: int, radius_px: float, edge_width_px: float, centr
     coordinate = torch.arange(box_size, device=centres_px.device, dtype=torch.float32) - box_size // 2
     dx = coordinate[None, None, :] - centres_px[:, 0, None, None].float()
     dy = coordinate[None, :, None] - centres_px[:, 1, None, None].float()
-    return raised_cosine(torch.sqrt(dx**2 + dy**2), radius_px, edge_width_px)
+    return raised_cosine(dx.square().add(dy.square()).sqrt_(), radius_px, edge_width_px)
 
 
 def distance_to_region(region: torch.Tensor, max_distance_px: float) -> torch.Tensor:
