@@ -205,6 +205,7 @@ def test_sums_that_do_not_fit_name_a_target_resolution_that_does(monkeypatch: py
     target = float(str(error.value).split("job.target_resolution_A=")[1].split()[0])
     job.target_resolution_A = target
     assert job.working_box(96, 5.0, context) == 72
+    job.check_sums_fit(72, 480.0, context)
     # the working arrays of a larger budget leave less
     context.memory_budget_bytes = 2**28
     with pytest.raises(InputError, match="at a box of 64 keeps about"):

@@ -339,11 +339,11 @@ class Class3DJob:
         self.mask_radius_px = self.diameter_A / (2 * self.pixel)
         group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)
         self.group_names = [f"opticsGroup{g}" for g in group_ids]
+        self.padded = padded_box_size(box, context.padding_factor)
+        self.fit_in_memory(context)
         self.reader = self.image_reader(table, context.preload)
         self.half_sets = half_set_labels(table, context.seed) if self.tau2_estimate == "fsc" else None
         self.symmetry = symmetry_matrices(context.symmetry, device=self.device, dtype=torch.float32)
-        self.padded = padded_box_size(box, context.padding_factor)
-        self.memory_radius = self.radius_in_memory(context)
         if self.reference_mask:
             self.mask = self.read_map(self.reference_mask, mask=True)
         else:
@@ -354,6 +354,11 @@ class Class3DJob:
     def working_box(self, box: int, pixel: float, context: RunContext) -> int:
         """Box the job works at, for particles of ``box`` pixels of ``pixel`` Å: their own."""
         return box
+
+    def fit_in_memory(self, context: RunContext) -> None:
+        """Before any image is read: the largest current image size whose maps and sums
+        memory holds (:meth:`radius_in_memory`), a cap for :meth:`current_radius`."""
+        self.memory_radius = self.radius_in_memory(context)
 
     def image_reader(self, table: ParticleTable, preload: bool) -> CommonGridReader:
         """Reader of the particle images at the working box (every optics group's on the

@@ -179,15 +179,18 @@ class OnlineClass3DJob(Class3DJob):
         log.info("class3d_online: %d particles, box %d → %d (%.3g Å/px), %d classes", len(table), self.full_box, self.box, self.pixel, self.n_classes)
 
     def working_box(self, box: int, pixel: float, context: RunContext) -> int:
-        """Box after the Fourier crop to the target resolution (its Nyquist), even, ≤ ``box``,
-        checked against the device's memory (:meth:`check_sums_fit`)."""
+        """Box after the Fourier crop to the target resolution (its Nyquist), even, ≤ ``box``."""
         working = box
         if self.target_resolution_A:
             if self.target_resolution_A < 2 * pixel:
                 raise InputError(f"job.target_resolution_A={self.target_resolution_A} is finer than the data's Nyquist ({2 * pixel:.3g} Å)")
             working = min(box - box % 2, 2 * math.ceil(box * pixel / self.target_resolution_A))
-        self.check_sums_fit(working, box * pixel, context)
         return working
+
+    def fit_in_memory(self, context: RunContext) -> None:
+        """Before any image is read: the sums at the working box, which does not grow, must
+        fit (:meth:`check_sums_fit`)."""
+        self.check_sums_fit(self.box, self.full_box * self.full_pixel, context)
 
     def grids_at_peak(self, sum_tree_leaves: int) -> float:
         """Whole padded grids of sums (12 bytes a voxel) held at the peak: per class, the
