@@ -863,7 +863,11 @@ def test_resolution_is_capped_where_memory_would_not_hold_the_sums(monkeypatch: 
     with caplog.at_level("WARNING"):
         assert job.radius_in_memory(context) < radius
     assert "less 0.262 GB of images held by data.preload=true" in caplog.text
-    context.preload = False
+    # images that the share cannot hold at all are refused as such, not as maps that do not fit
+    job.table = np.zeros(40_000)
+    with pytest.raises(InputError, match=r"data.preload=true would hold 40000 images of 128² px, 2.62 GB, in memory: more than .*; set data.preload=false"):
+        job.radius_in_memory(context)
+    job.table, context.preload = np.zeros(4000), False
     # the cap holds in the iterations: a class at 4 Å would ask for Nyquist
     job.memory_radius, job.ini_high_A = radius, None
     model = SimpleNamespace(resolution_shells=lambda: torch.tensor([60, 10]))

@@ -116,8 +116,17 @@ def common_geometry(table: ParticleTable, source: str) -> tuple[int, float]:
 
 def preload_bytes(n_images: int, box_size: int) -> float:
     """Bytes that ``data.preload=true`` holds in memory: ``n_images`` float32 images of
-    ``box_size``² px (on the common grid)."""
-    return 4.0 * n_images * box_size * box_size
+    ``box_size``² px (on the common grid). An error, before any image is read, where they
+    would take more than this process's :func:`~cryotorch.runtime.memory_share` of the
+    machine's memory."""
+    needed = 4.0 * n_images * box_size * box_size
+    share = memory_share(torch.device("cpu"))
+    if needed > share.available_bytes:
+        raise InputError(
+            f"data.preload=true would hold {n_images} images of {box_size}² px, {needed / 1e9:.3g} GB, in memory: more than "
+            f"{share.describe()}; set data.preload=false to read them from their memory-mapped stacks as they are needed"
+        )
+    return needed
 
 
 class CommonGridReader:
@@ -140,13 +149,7 @@ class CommonGridReader:
 
     def __init__(self, table: ParticleTable, box_size: int, pixel_size_angstrom: float, preload: bool = False) -> None:
         if preload:
-            needed = preload_bytes(len(table), box_size)
-            share = memory_share(torch.device("cpu"))
-            if needed > share.available_bytes:
-                raise InputError(
-                    f"data.preload=true would hold {len(table)} images of {box_size}² px, {needed / 1e9:.3g} GB, in memory: more than "
-                    f"{share.describe()}; set data.preload=false to read them from their memory-mapped stacks as they are needed"
-                )
+            preload_bytes(len(table), box_size)
         self.box_size, self.pixel_size_angstrom = box_size, pixel_size_angstrom
         self._geometries, self._codes = _geometries(table)
         self._native = [box == box_size and abs(pixel - pixel_size_angstrom) <= 1e-4 * pixel_size_angstrom for box, pixel in self._geometries]

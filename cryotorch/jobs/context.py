@@ -77,8 +77,10 @@ class RunContext:
     def maps_memory_share(self, n_images: int, box_size: int) -> MemoryShare:
         """This process's :func:`~cryotorch.runtime.memory_share` for a job's maps and sums:
         the arrays sized from the memory budget kept back, and on a CPU the ``n_images``
-        images of ``box_size``² px that ``data.preload=true`` holds in the same memory."""
-        held = preload_bytes(n_images, box_size) if self.preload and self.device.type == "cpu" else 0.0
+        images of ``box_size``² px that ``data.preload=true`` holds in the same memory
+        (images that memory cannot hold at all are refused here, with their own message)."""
+        preloaded = preload_bytes(n_images, box_size) if self.preload else 0.0
+        held = preloaded if self.device.type == "cpu" else 0.0
         return memory_share(self.device, working_arrays_bytes(self.memory_budget_bytes), held)
 
     def gather_rows(self, rows: torch.Tensor, values: torch.Tensor, n_total: int) -> torch.Tensor:
