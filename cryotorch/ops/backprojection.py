@@ -83,12 +83,17 @@ def self_overlap_sum(
         extracted_fraction = extracted - extracted_lower
 
     # per axis, for the lower and upper inserted corner: Σ_u t'_u·K(v − u) over the extraction's
-    # two corners; K(d) for d = −2 … 2 (0 beyond) looked up at d = offset − 1, offset, offset + 1
-    kernel = torch.tensor([0.0, neighbour_overlap, 1.0, neighbour_overlap, 0.0], dtype=coordinates.dtype, device=coordinates.device)
-    at = (lower - extracted_lower).long() + 2
-    below, level, above = (kernel[(at + step).clamp_(0, 4)] for step in (-1, 0, 1))
+    # two corners
     rest = 1 - extracted_fraction
-    reach = [rest * level + extracted_fraction * below, rest * above + extracted_fraction * level]
+    if extracted_rotations is None:
+        # the same corners: K(0) = 1 for a corner itself, the overlap for the other
+        reach = [rest + extracted_fraction * neighbour_overlap, rest * neighbour_overlap + extracted_fraction]
+    else:
+        # K(d) for d = −2 … 2 (0 beyond) looked up at d = offset − 1, offset, offset + 1
+        kernel = torch.tensor([0.0, neighbour_overlap, 1.0, neighbour_overlap, 0.0], dtype=coordinates.dtype, device=coordinates.device)
+        at = (lower - extracted_lower).long() + 2
+        below, level, above = (kernel[(at + step).clamp_(0, 4)] for step in (-1, 0, 1))
+        reach = [rest * level + extracted_fraction * below, rest * above + extracted_fraction * level]
     # per side and axis
     sides = [side.unbind(0) for side in ((1 - fraction) * reach[0], fraction * reach[1])]
     n_grids = 1 if grid_index is None else grid.shape[0]
