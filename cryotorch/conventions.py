@@ -137,15 +137,15 @@ def image_center_px(box_size: int) -> int:
 def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
     """``(..., N, N)`` real images → ``(..., N, N // 2 + 1)`` centred rfft."""
     centre = image_center_px(images.shape[-1])
-    spectrum = torch.fft.rfftn(torch.roll(images, shifts=(-centre, -centre), dims=(-2, -1)), dim=(-2, -1))
-    return torch.fft.fftshift(spectrum, dim=-2)
+    spectrum = torch.fft.rfftn(_roll(images, (-centre, -centre), (-2, -1)), dim=(-2, -1))
+    return _roll(spectrum, (images.shape[-2] // 2,), (-2,))
 
 
 def irfft2_centered(spectrum: torch.Tensor, box_size: int) -> torch.Tensor:
     """``(..., N, N // 2 + 1)`` centred rfft → ``(..., N, N)`` real images (``N = box_size``)."""
-    images = torch.fft.irfftn(torch.fft.ifftshift(spectrum, dim=-2), s=(box_size, box_size), dim=(-2, -1))
+    images = torch.fft.irfftn(_roll(spectrum, (-(box_size // 2),), (-2,)), s=(box_size, box_size), dim=(-2, -1))
     centre = image_center_px(box_size)
-    return torch.roll(images, shifts=(centre, centre), dims=(-2, -1))
+    return _roll(images, (centre, centre), (-2, -1))
 
 
 def _roll(values: torch.Tensor, shifts: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
