@@ -679,6 +679,35 @@ def phase_ramps(shifts_px: torch.Tensor, frequencies: torch.Tensor, box_size: in
     return torch.polar(torch.ones_like(phase), phase)
 
 
+class _ReusedGathers:
+    """Output arrays of large row gathers, reused from one call to the next.
+
+    The fine pass gathers tens of MB of operands per sub-batch. Into a new array each time, a
+    CPU spends most of the gather faulting the array's pages in (a 74 MB gather took 40 ms
+    into a new array and 4 ms into a reused one on the 2-core benchmark VM). An array here
+    grows to the largest gather asked of it and stays with its :class:`FinePassCache` for
+    the iteration: no more than the operands of one sub-batch, whose work arrays fit the
+    fine pass's budget (on a GPU, PyTorch's caching allocator keeps such blocks anyway). A
+    gather's result is valid until the next gather of the same name.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, torch.Tensor] = {}
+
+    def rows(self, name: str, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``source[index]``: rows of ``source`` along its first dimension for an integer
+        ``index`` of any shape, as ``index.shape + source.shape[1:]``."""
+        flat = index.reshape(-1)
+        shape = (flat.shape[0], *source.shape[1:])
+        numel = math.prod(shape)
+        array = self._arrays.get(name)
+        if array is None or array.numel() < numel or array.dtype != source.dtype or array.device != source.device:
+            array = self._arrays[name] = torch.empty(numel, dtype=source.dtype, device=source.device)
+        out = array[:numel].view(shape)
+        torch.index_select(source, 0, flat, out=out)
+        return out.view(*index.shape, *source.shape[1:])
+
+
 class FinePassCache:
     """The fine pass's state over one iteration: child projections, and slice sums.
 
@@ -734,6 +763,7 @@ class FinePassCache:
         self.sum_data = torch.empty(self.sum_capacity, n, dtype=torch.complex64, device=device)
         self.sum_weight = torch.empty(self.sum_capacity, n, device=device)
         self.sum_ids = torch.empty(self.sum_capacity, dtype=torch.long, device=device)
+        self.gathers = _ReusedGathers()
 
     def projections(self, classes: torch.Tensor, coarse_rotations: torch.Tensor) -> torch.Tensor:
         """``(U, F, M)`` child projections of the pairs ``(classes[u], coarse_rotations[u])``."""
@@ -1461,8 +1491,10 @@ def _own_samples_sub_batch(
     fine_shifts = grid.fine_shifts_px[shift_used]  # (Tu, S, 2)
     weighted, _, q = _score_operands(batch, phase_ramps(fine_shifts.reshape(-1, 2), frequencies, settings.box_size), n)
     # real and imaginary parts interleaved: Σ Re(conj(L)·P) is the dot product of the two
-    rows = torch.view_as_real(weighted).view(b, -1, n_sub_shift, 2 * n)[torch.arange(b, device=device)[:, None], shift_at]  # (b, c, S, 2n)
-    columns = torch.view_as_real(table).view(-1, n_sub_rot, 2 * n)[pair_at]  # (b, c, F, 2n)
+    n_shifts = shift_used.shape[0]
+    each_shift = torch.arange(b, device=device)[:, None] * n_shifts + shift_at  # (b, c) rows of (b·Tu, S, 2n)
+    rows = fine_projections.gathers.rows("rows", torch.view_as_real(weighted).view(b * n_shifts, n_sub_shift, 2 * n), each_shift)  # (b, c, S, 2n)
+    columns = fine_projections.gathers.rows("columns", torch.view_as_real(table).view(-1, n_sub_rot, 2 * n), pair_at)  # (b, c, F, 2n)
     cross = torch.matmul(rows, columns.transpose(-1, -2))  # (b, c, S, F)
     norm = (q @ squared_magnitude(table).reshape(-1, n).T).view(b, -1, n_sub_rot)  # (b, Uc, F)
     norm = norm.gather(1, pair_at[:, :, None].expand(-1, -1, n_sub_rot))[:, :, None, :]  # (b, c, 1, F)
@@ -1502,8 +1534,9 @@ def _own_samples_sub_batch(
     active_ids = largest > 1e-4
     entry_active = active_ids[id_of[held]].view(b, -1, n_sub_rot).any(-1) & present  # (b, c): entries with an active child
     chosen = entry_active.nonzero()
-    chosen_weights = posterior[chosen[:, 0], chosen[:, 1]].transpose(-1, -2)  # (E, F, S)
-    sums = torch.matmul(chosen_weights, rows[chosen[:, 0], chosen[:, 1]])  # (E, F, 2n)
+    chosen_entry = chosen[:, 0] * width + chosen[:, 1]  # (E,) rows of (b·c, ...)
+    chosen_weights = fine_projections.gathers.rows("chosen weights", posterior.view(b * width, n_sub_shift, n_sub_rot), chosen_entry).transpose(-1, -2)  # (E, F, S)
+    sums = torch.matmul(chosen_weights, fine_projections.gathers.rows("chosen rows", rows.view(b * width, n_sub_shift, 2 * n), chosen_entry))  # (E, F, 2n)
     two_q = batch.ctf_weight()  # (b, n)
     chosen_ids = entry_id[chosen[:, 0], chosen[:, 1]].reshape(-1)  # (E·F,)
     keep = active_ids[torch.searchsorted(ids, chosen_ids)]
