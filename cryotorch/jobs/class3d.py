@@ -321,8 +321,9 @@ class Class3DJob:
             raise InputError(f"sampling.max_significant_oversampled={unrefined} must be a number of coarse samples ≥ 1 (e.g. 64), or null to oversample every particle")
 
     def set_up(self, context: RunContext, table: ParticleTable) -> None:
-        """Geometry (the particles' box, or :meth:`working_box`), optics groups, the image
-        reader and the masks."""
+        """Geometry (the particles' box, or :meth:`working_box`), optics groups, the memory
+        check (:meth:`fit_in_memory`, before any image is read), the image reader and the
+        masks."""
         full_box, full_pixel = common_geometry(table, str(context.particles))
         self.table, self.full_box, self.full_pixel = table, full_box, full_pixel
         box_A = full_box * full_pixel
