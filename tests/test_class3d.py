@@ -767,6 +767,8 @@ def test_an_empty_class_is_reported(two_class_data: dict[str, Path], tmp_path: P
         "job.K=3", "job.ini_high_A=null", "job.update_references=false", "sampling.align=false", "job.n_iterations=2", f"hydra.run.dir={out}",
     )
     log = (out / "train.log").read_text()
+    # no mask given: the log names the default sphere and the keys that set a tighter one
+    assert f"masked by a soft sphere of {0.9 * BOX * PIXEL:.4g} Å, 0.9 × the box (job.mask_diameter_A and job.reference_mask not given)" in log
     assert re.search(r"WARNING\] - iteration 1: class 3 is (collapsing|empty) \(0\.00 % of particles\)", log)
     assert "iteration 2: class 3 is empty (0.00 % of particles); it is kept but holds no reliable structure" in log
     assert not re.search(r"class [12] is (collapsing|empty)", log)

@@ -89,6 +89,8 @@ def test_pca_seeds_hard_assignment_focus_mask_crop_and_noise_background(three_cl
     assert accuracy(truth, read_particles(out / f"run_it{last:03d}_data.star").class_number) >= 0.9
     volume = read_mrc(out / f"run_it{last:03d}_class001.mrc")
     assert volume.data.shape == (22, 22, 22)  # 2·⌈32·6/18⌉: Nyquist at 18 Å or finer
+    # the default particle mask is named with this job's keys
+    assert "(job.mask_diameter_A and job.solvent_mask not given)" in (out / "train.log").read_text()
     assert volume.voxel_size_angstrom[0] == pytest.approx(PIXEL * 32 / 22, rel=1e-3)
 
 

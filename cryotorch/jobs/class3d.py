@@ -178,6 +178,9 @@ class ParticleState:
 class Class3DJob:
     """3D classification; every parameter is a key of ``configs/job/class3d.yaml``."""
 
+    # the config key of the class maps' mask, as messages name it
+    map_mask_key = "job.reference_mask"
+
     def __init__(
         self,
         name: str,
@@ -337,11 +340,12 @@ class Class3DJob:
         self.seed = context.seed
         self.device = context.device
         self.diameter_A = self.mask_diameter_A or 0.9 * full_box * full_pixel
-        if self.mask_diameter_A is None:
+        if self.mask_diameter_A is None and not self.reference_mask:
             log.info(
-                "particle mask: a soft sphere of %.4g Å, 0.9 × the box (job.mask_diameter_A=null); the particle's own diameter "
-                "(RELION's 'Mask diameter') leaves less noise in the images (docs/benchmarks.md, 'The particle's diameter')",
-                self.diameter_A,
+                "images and class maps masked by a soft sphere of %.4g Å, 0.9 × the box (job.mask_diameter_A and %s not given); a "
+                "mask of the particle's size (%s, e.g. from +job=mask_create, or the particle's diameter, RELION's 'Mask diameter') "
+                "keeps solvent noise out of the class maps (docs/benchmarks.md, 'The particle's diameter')",
+                self.diameter_A, self.map_mask_key, self.map_mask_key,
             )
         self.mask_radius_px = self.diameter_A / (2 * self.pixel)
         group_ids, self.groups = np.unique(np.asarray(table.optics_group), return_inverse=True)

@@ -80,6 +80,8 @@ class OnlineClass3DJob(Class3DJob):
     """Online-EM classification without alignment; every parameter is a key of
     ``configs/job/class3d_online.yaml``."""
 
+    map_mask_key = "job.solvent_mask"
+
     def __init__(
         self,
         name: str,
