@@ -393,21 +393,21 @@ def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path]
             torch.save(checkpoint, folder / "run_checkpoint.pt")
         else:
             (folder / "run_checkpoint.pt").write_bytes(content)
-    continued, relion_style = tmp_path / "continued", tmp_path / "relion_style"
+    continued, relion_style, earlier = tmp_path / "continued", tmp_path / "relion_style", tmp_path / "earlier"
     # continued into another folder; then the same command again, which resumes in its folder;
     # from the last optimiser STAR (RELION's --continue) one iteration more, and from an
-    # earlier one an error that names the iteration the checkpoint holds
+    # earlier one, rebuilt from that iteration's files
     messages = one_process_runs([
         (class3d_overrides(two_class_data, continued, "job.n_iterations=3", "sampling.align=false", f"job.continue_from={killed}"), continued),
         (overrides, killed),
         (class3d_overrides(two_class_data, relion_style, "job.n_iterations=5", "sampling.align=false", f"job.continue_from={whole / 'run_it004_optimiser.star'}"), relion_style),
-        (class3d_overrides(two_class_data, tmp_path / "stale", "job.n_iterations=5", "sampling.align=false", f"job.continue_from={whole / 'run_it002_optimiser.star'}"), tmp_path / "stale"),
+        (class3d_overrides(two_class_data, earlier, "job.n_iterations=3", "sampling.align=false", f"job.continue_from={whole / 'run_it002_optimiser.star'}"), earlier),
         *[(class3d_overrides(two_class_data, tmp_path / f"{name}_run", "sampling.align=false", f"job.continue_from={tmp_path / name}"), tmp_path / f"{name}_run") for name in damaged],
     ])
-    assert messages[:3] == [None, None, None]
+    assert messages[:4] == [None, None, None, None]
     assert (continued / "run_it003_data.star").is_file() and not (continued / "run_it001_data.star").exists()
     assert (relion_style / "run_it005_data.star").is_file() and not (relion_style / "run_it004_data.star").exists()
-    assert messages[3] is not None and "holds iteration 4, not 2" in messages[3] and f"job.continue_from={whole}" in messages[3]
+    assert (earlier / "run_it003_data.star").is_file() and not (earlier / "run_it002_data.star").exists()
     # resumed, not started again: its first iteration is the one written before the kill
     assert (killed / "run_it001_data.star").stat().st_mtime_ns == first_written
     np.testing.assert_array_equal(final_classes(killed, 4), final_classes(whole, 4))
@@ -415,6 +415,35 @@ def test_a_killed_run_resumes_to_the_same_result(two_class_data: dict[str, Path]
         np.testing.assert_array_equal(read_mrc(killed / f"run_it004_class00{k}.mrc").data, read_mrc(whole / f"run_it004_class00{k}.mrc").data)
     for name, message in zip(damaged, messages[4:], strict=True):
         assert message is not None and f"{tmp_path / name / 'run_checkpoint.pt'}" in message and "start the run in a new folder" in message, message
+
+
+def test_a_run_continues_from_an_earlier_iteration_as_it_went_on(two_class_data: dict[str, Path], tmp_path: Path) -> None:
+    # RELION's --continue run_it002_optimiser.star after iteration 3: the state is rebuilt from
+    # iteration 2's files (the checkpoint holds iteration 3). Without the self-fit discount,
+    # whose reconstruction weights those files do not hold, the run goes on as it went: the
+    # same particles, poses and maps, bit for bit, with global and then local searches
+    settings = ("job.n_iterations=3", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.final_local_iterations=1", "job.self_fit_discount=false")
+    whole, earlier = tmp_path / "whole", tmp_path / "earlier"
+    classify(two_class_data, whole, *settings)
+    removed = tmp_path / "removed"
+    removed.mkdir()
+    for name in ("run_it002_optimiser.star", "run_it002_data.star", "run_it002_model.star"):
+        (removed / name).write_bytes((whole / name).read_bytes())
+    messages = one_process_runs([
+        (class3d_overrides(two_class_data, earlier, *settings, f"job.continue_from={whole / 'run_it002_optimiser.star'}"), earlier),
+        (class3d_overrides(two_class_data, tmp_path / "three", *settings, "job.K=3", f"job.continue_from={whole / 'run_it002_optimiser.star'}"), tmp_path / "three"),
+        (class3d_overrides(two_class_data, tmp_path / "no_maps", *settings, f"job.continue_from={removed / 'run_it002_optimiser.star'}"), tmp_path / "no_maps"),
+        (class3d_overrides(two_class_data, tmp_path / "absent", *settings, f"job.continue_from={whole / 'run_it009_optimiser.star'}"), tmp_path / "absent"),
+    ])
+    assert messages[0] is None
+    assert not (earlier / "run_it002_data.star").exists()
+    for name in ("run_it003_data.star", "run_it003_model.star", "run_it003_optimiser.star"):
+        assert (earlier / name).read_text().replace(str(earlier), str(whole)) == (whole / name).read_text(), name
+    for k in (1, 2):
+        np.testing.assert_array_equal(read_mrc(earlier / f"run_it003_class00{k}.mrc").data, read_mrc(whole / f"run_it003_class00{k}.mrc").data)
+    assert messages[1] is not None and "holds 2 classes; set job.K=2" in messages[1]
+    assert messages[2] is not None and f"{removed / 'run_it002_class001.mrc'}: not found" in messages[2]
+    assert messages[3] is not None and f"{whole / 'run_it009_optimiser.star'}: not found" in messages[3]
 
 
 @pytest.mark.parametrize(("tau2_estimate", "align"), [("map", "false"), ("fsc", "false"), ("map", "true")])

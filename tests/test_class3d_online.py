@@ -120,6 +120,10 @@ def test_a_killed_online_run_resumes_to_the_same_result(three_class_data: dict[s
     a, b = (read_particles(out / "run_it003_data.star").class_number for out in (uninterrupted, resumed))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(read_mrc(resumed / "run_it003_class002.mrc").data, read_mrc(uninterrupted / "run_it003_class002.mrc").data)
+    # its running sums are in its checkpoint only: an earlier iteration's files are not enough
+    earlier = tmp_path / "earlier"
+    [message] = one_process_runs([(online_overrides(three_class_data, *RESUMABLE, f"job.continue_from={uninterrupted / 'run_it001_data.star'}"), earlier)])
+    assert message is not None and "continues from its checkpoint only" in message and f"job.continue_from={uninterrupted} to go on from its iteration 3" in message
 
 
 def test_a_converged_run_goes_on_under_other_stopping_criteria(three_class_data: dict[str, Path], tmp_path: Path) -> None:

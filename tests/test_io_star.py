@@ -1,7 +1,9 @@
-"""STAR reading and writing: every shared STAR file, malformed input, round trips."""
+"""STAR reading and writing: every shared STAR file, malformed input, round trips (also of a
+classification's model STAR)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pandas as pd
 import pytest
 
 from cryotorch.errors import InputError
-from cryotorch.io import read_star, write_star
+from cryotorch.io import ClassSummary, ModelSummary, read_model_star, read_star, write_model_star, write_star
 
 MALFORMED = "metadata/aspire/sample.star"
 
@@ -106,3 +108,52 @@ def test_malformed_structures_name_the_line(tmp_path: Path, text: str, fragment:
 def test_missing_file_is_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="nothere.star"):
         read_star(tmp_path / "nothere.star")
+
+
+def test_a_model_star_reads_back_to_the_bit_and_names_what_it_lacks(tmp_path: Path) -> None:
+    # a class3d run continued from an earlier iteration rebuilds its model from this file
+    rng = np.random.default_rng(3)
+    box, n_shells = 12, 7
+
+    def spectrum() -> np.ndarray:
+        return np.exp(rng.normal(size=n_shells) * 20)
+
+    written = ModelSummary(
+        box_size=box, pixel_size_angstrom=4.2 + 1e-13, current_resolution_angstrom=16.8, current_image_size=10, padding_factor=2.0,
+        tau2_fudge=4.0, sigma_offsets_angstrom=float(rng.random()), log_likelihood=float(rng.normal() * 1e9), average_pmax=float(rng.random()),
+        classes=[
+            ClassSummary(f"run_it007_class00{k}.mrc", float(rng.random()), float(rng.random()), float(rng.random()), 16.8, spectrum(), spectrum(), spectrum())
+            for k in (1, 2, 3)
+        ],
+        group_names=["opticsGroup1", "opticsGroup4"], group_particle_counts=np.array([5, 9]), group_scales=rng.random(2),
+        group_sigma2_noise=np.stack([spectrum(), spectrum()]),
+    )
+    path = tmp_path / "run_it007_model.star"
+    write_model_star(path, written)
+    read = read_model_star(path)
+    for name in ("box_size", "pixel_size_angstrom", "current_resolution_angstrom", "current_image_size", "padding_factor", "tau2_fudge",
+                 "sigma_offsets_angstrom", "log_likelihood", "average_pmax", "group_names"):
+        assert getattr(read, name) == getattr(written, name), name
+    for name in ("group_particle_counts", "group_scales", "group_sigma2_noise"):
+        np.testing.assert_array_equal(getattr(read, name), getattr(written, name))
+    assert len(read.classes) == 3
+    for ours, theirs in zip(read.classes, written.classes, strict=True):
+        assert (ours.map_name, ours.distribution, ours.accuracy_rotations_deg, ours.resolution_angstrom) == (
+            theirs.map_name, theirs.distribution, theirs.accuracy_rotations_deg, theirs.resolution_angstrom)
+        for name in ("ssnr", "tau2", "sigma2"):
+            np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
+    blocks = read_star(path)
+    damaged = {
+        "no_tau2": ("model_class_2", lambda block: block.drop(columns="rlnReferenceTau2"), "data_model_class_2 has no column rlnReferenceTau2"),
+        "short": ("model_optics_group_2", lambda block: block.iloc[:-1], "data_model_optics_group_2 has 6 rows, its box of 12 px needs 7"),
+        "nan": ("model_classes", lambda block: block.assign(rlnClassDistribution=["0.1", "nan", "0.3"]), "rlnClassDistribution of data_model_classes has the value 'nan' in row 2"),
+    }
+    for name, (block_name, damage, fragment) in damaged.items():
+        broken = tmp_path / f"{name}.star"
+        write_star(broken, blocks | {block_name: damage(blocks[block_name])})
+        with pytest.raises(InputError, match=re.escape(f"{broken}: ") + ".*" + re.escape(fragment)):
+            read_model_star(broken)
+    without_groups = tmp_path / "without_groups.star"
+    write_star(without_groups, {name: block for name, block in blocks.items() if name != "model_groups"})
+    with pytest.raises(InputError, match=re.escape(f"{without_groups}: no loop block data_model_groups")):
+        read_model_star(without_groups)

@@ -1,4 +1,5 @@
-"""RELION ``run_itNNN_{model,optimiser,sampling}.star`` writers for classifications.
+"""RELION ``run_itNNN_{model,optimiser,sampling}.star`` writers for classifications, and the
+model STAR's reader.
 
 The job hands over typed summaries; this module alone knows RELION's block and column names
 (as written by RELION 3.1–5 for Class3D).
@@ -8,13 +9,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cryotorch.io._star import write_star
+from cryotorch.errors import InputError
+from cryotorch.io._star import read_star, write_star
+from cryotorch.io._table import finite_floats
 
-__all__ = ["ClassSummary", "ModelSummary", "OptimiserSummary", "SamplingSummary", "write_model_star", "write_optimiser_star", "write_sampling_star"]
+__all__ = [
+    "ClassSummary", "ModelSummary", "OptimiserSummary", "SamplingSummary",
+    "read_model_star", "write_model_star", "write_optimiser_star", "write_sampling_star",
+]
 
 
 @dataclass
@@ -182,6 +189,85 @@ def write_model_star(path: str | os.PathLike[str], model: ModelSummary) -> None:
         columns = _spectral_columns(model.box_size, model.pixel_size_angstrom, n_shells)
         blocks[f"model_optics_group_{index}"] = pd.DataFrame(columns | {"rlnSigma2Noise": sigma2})
     write_star(path, blocks)
+
+
+def read_model_star(path: str | os.PathLike[str]) -> ModelSummary:
+    """Read a model STAR file in the layout :func:`write_model_star` writes (RELION 3.1–5
+    Class3D: ``model_general``, ``model_classes``, ``model_class_N``, ``model_groups``,
+    ``model_optics_group_N``). Floats are read back to the bit.
+
+    Raises
+    ------
+    InputError
+        If the file is missing or malformed, or a block, key or column is missing, holds a
+        value that is not a finite number, or a spectrum has other than ``box // 2 + 1`` shells;
+        the message names the file and the block.
+    """
+    path = Path(path)
+    blocks = read_star(path)
+
+    def block(name: str, loop: bool) -> pd.DataFrame | dict[str, object]:
+        found = blocks.get(name)
+        if found is None or isinstance(found, pd.DataFrame) != loop:
+            raise InputError(f"{path}: no {'loop' if loop else 'key-value'} block data_{name}; give the run_itNNN_model.star a classification wrote")
+        return found
+
+    def number(name: str) -> float:
+        general = block("model_general", loop=False)
+        assert isinstance(general, dict)
+        if name not in general:
+            raise InputError(f"{path}: data_model_general holds no _{name}; give the run_itNNN_model.star a classification wrote")
+        return float(finite_floats(pd.Series([general[name]]), f"{path}: data_model_general _{name}", "value")[0])
+
+    def values(name: str, label: str) -> pd.Series:
+        frame = block(name, loop=True)
+        assert isinstance(frame, pd.DataFrame)
+        if label not in frame:
+            raise InputError(f"{path}: data_{name} has no column {label}; it holds {', '.join(frame.columns)}")
+        return frame[label]
+
+    def column(name: str, label: str, rows: int | None = None) -> np.ndarray:
+        series = values(name, label)
+        if rows is not None and len(series) != rows:
+            raise InputError(f"{path}: data_{name} has {len(series)} rows, its box of {box_size} px needs {rows} (box // 2 + 1 shells)")
+        return finite_floats(series, f"{path}: column {label} of data_{name}")
+
+    box_size = int(number("rlnOriginalImageSize"))
+    n_shells = box_size // 2 + 1
+    per_class = {label: column("model_classes", label) for label in
+                 ("rlnClassDistribution", "rlnAccuracyRotations", "rlnAccuracyTranslationsAngst", "rlnEstimatedResolution")}
+    classes = [
+        ClassSummary(
+            map_name=str(name),
+            distribution=float(per_class["rlnClassDistribution"][index]),
+            accuracy_rotations_deg=float(per_class["rlnAccuracyRotations"][index]),
+            accuracy_translations_angstrom=float(per_class["rlnAccuracyTranslationsAngst"][index]),
+            resolution_angstrom=float(per_class["rlnEstimatedResolution"][index]),
+            ssnr=column(f"model_class_{index + 1}", "rlnSsnrMap", n_shells),
+            tau2=column(f"model_class_{index + 1}", "rlnReferenceTau2", n_shells),
+            sigma2=column(f"model_class_{index + 1}", "rlnReferenceSigma2", n_shells),
+        )
+        for index, name in enumerate(values("model_classes", "rlnReferenceImage"))
+    ]
+    n_optics = int(number("rlnNrOpticsGroups"))
+    return ModelSummary(
+        box_size=box_size,
+        pixel_size_angstrom=number("rlnPixelSize"),
+        current_resolution_angstrom=number("rlnCurrentResolution"),
+        current_image_size=int(number("rlnCurrentImageSize")),
+        padding_factor=number("rlnPaddingFactor"),
+        tau2_fudge=number("rlnTau2FudgeFactor"),
+        sigma_offsets_angstrom=number("rlnSigmaOffsetsAngst"),
+        log_likelihood=number("rlnLogLikelihood"),
+        average_pmax=number("rlnAveragePmax"),
+        classes=classes,
+        group_names=[str(name) for name in values("model_groups", "rlnGroupName")],
+        group_particle_counts=column("model_groups", "rlnGroupNrParticles").astype(np.int64),
+        group_scales=column("model_groups", "rlnGroupScaleCorrection"),
+        group_sigma2_noise=np.stack([column(f"model_optics_group_{index}", "rlnSigma2Noise", n_shells) for index in range(1, n_optics + 1)])
+        if n_optics
+        else np.zeros((0, n_shells)),
+    )
 
 
 def write_optimiser_star(path: str | os.PathLike[str], optimiser: OptimiserSummary) -> None:

@@ -6,7 +6,8 @@ translations (or classes only, ``sampling.align=false``), as batched matrix prod
 (:mod:`cryotorch.em.mstep`). Particles are sharded across processes and the M-step sums
 all-reduced; every iteration writes RELION's ``run_itNNN_{data,model,optimiser,sampling}.star`` and
 ``run_itNNN_classNNN.mrc``, TensorBoard summaries and a checkpoint from which a killed run
-resumes (``job.continue_from`` or automatically in the same output folder).
+resumes (``job.continue_from`` or automatically in the same output folder); a run also
+continues from an earlier iteration's files (``job.continue_from=run_itNNN_optimiser.star``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from cryotorch.io import (
     SamplingSummary,
     ParticleTable,
     atomic_output_path,
+    read_model_star,
     read_mrc,
     read_particles,
     validate_particle_images,
@@ -512,15 +514,23 @@ class Class3DJob:
 
     # ------------------------------------------------------------------ resume
     def resume(self, context: RunContext, model: ClassModel) -> tuple[ParticleState | None, int]:
-        """Load the last completed iteration from ``continue_from`` or this run's folder.
-        ``continue_from`` is a run's folder, its checkpoint, or, as RELION's ``--continue``
-        takes it, one of its ``run_itNNN_*.star`` files: the run then continues from its
-        folder's checkpoint, which must be of iteration NNN."""
+        """Load a completed iteration, or return ``(None, 1)`` for a new run.
+
+        ``continue_from`` (else this run's folder) is a run's folder or its checkpoint: the run
+        goes on from the checkpoint's iteration, its last. Or, as RELION's ``--continue``
+        takes it, one of its ``run_itNNN_*.star`` files: the run goes on from iteration NNN,
+        from the checkpoint where that holds iteration NNN (bit for bit as the run went on),
+        else rebuilt from the iteration's files (:meth:`rebuild`).
+        """
         source = Path(self.continue_from) if self.continue_from else context.output_dir
         path = source / CHECKPOINT if source.is_dir() else source
-        named = re.fullmatch(r".*_it(\d+)_(?:optimiser|data|model|sampling)\.star", path.name)
-        if named and path.is_file():
-            path = path.parent / CHECKPOINT
+        named = re.fullmatch(r"(.*)_it(\d+)_(?:optimiser|data|model|sampling)\.star", path.name)
+        if named:
+            if not path.is_file():
+                raise InputError(f"{path}: not found; point job.continue_from at a run's folder or one of its run_itNNN_optimiser.star files")
+            root, wanted, path = path.parent / named.group(1), int(named.group(2)), path.parent / CHECKPOINT
+            if not path.is_file():
+                return self.rebuild(context, model, root, wanted, None), wanted + 1
         if not path.is_file():
             if self.continue_from:
                 raise InputError(f"{self.continue_from}: no {CHECKPOINT} to continue from; point job.continue_from at a class3d output folder")
@@ -533,6 +543,9 @@ class Class3DJob:
         missing = [key for key in ("iteration", "model", "particles") if not isinstance(checkpoint, dict) or key not in checkpoint]
         if missing:
             raise InputError(f"{path}: not a class3d checkpoint (no {', '.join(missing)}); {fix}")
+        iteration = int(checkpoint["iteration"])
+        if named and wanted != iteration:
+            return self.rebuild(context, model, root, wanted, iteration), wanted + 1
         if tuple(checkpoint["model"]["volumes"].shape) != tuple(model.volumes.shape):
             raise InputError(f"{path}: checkpoint holds {tuple(checkpoint['model']['volumes'].shape)} volumes, this run needs {tuple(model.volumes.shape)}; use the same K and particles")
         fields = set(ParticleState.__dataclass_fields__)
@@ -548,14 +561,83 @@ class Class3DJob:
             raise InputError(f"{path}: checkpoint written by another version of cryotorch ({error}); {fix}") from error
         state = ParticleState(**{k: v.to(self.device) for k, v in checkpoint["particles"].items()})
         self.load_extra_state({k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in checkpoint.get("extra", {}).items()})
-        iteration = int(checkpoint["iteration"])
-        if named and int(named.group(1)) != iteration:
-            raise InputError(
-                f"{self.continue_from}: the run's checkpoint ({path}) holds iteration {iteration}, not {int(named.group(1))}; a run continues "
-                f"from its last iteration: set job.continue_from={path.parent} (or its run_it{iteration:03d}_optimiser.star)"
-            )
         log.info("continuing from iteration %d (%s)", iteration, path)
         return state, iteration + 1
+
+    def rebuild(self, context: RunContext, model: ClassModel, root: Path, iteration: int, held: int | None) -> ParticleState:
+        """The state after ``iteration`` of the run whose files begin with ``root``
+        (``<root>_itNNN_model.star``, the class maps it names and ``<root>_itNNN_data.star``),
+        whose checkpoint holds another iteration (``held``) or is absent.
+
+        The maps, noise spectra, τ², SSNR, class weights, group scales and offset prior come
+        from the model STAR and its maps, and each particle's class, angles, origin,
+        normalisation, max posterior, significant samples and log-likelihood from the data
+        STAR, all as they were (floats are written to the bit). Not in these files: each
+        class map's last reconstruction weights, which the self-fit discount needs, so the
+        first iteration after goes without the discount, as a run's first does; and each
+        particle's angular spread and class ESS, which its next E-step computes again.
+        """
+        folder, stem = root.parent, f"{root.name}_it{iteration:03d}"
+        model_path, data_path = folder / f"{stem}_model.star", folder / f"{stem}_data.star"
+        held_text = f"its checkpoint holds iteration {held}" if held is not None else f"it has no {CHECKPOINT}"
+        for needed in (model_path, data_path):
+            if not needed.is_file():
+                raise InputError(f"{needed}: not found; continuing from iteration {iteration} of {folder} ({held_text}) needs its model and data STAR files and class maps")
+        summary = read_model_star(model_path)
+        if summary.box_size != self.box or abs(summary.pixel_size_angstrom - self.pixel) > 1e-6 * self.pixel:
+            raise InputError(
+                f"{model_path}: written for maps of {summary.box_size} px × {summary.pixel_size_angstrom:.6g} Å, this run's particles are "
+                f"{self.box} px × {self.pixel:.6g} Å; continue with the particles that run classified"
+            )
+        if len(summary.classes) != self.n_classes:
+            raise InputError(f"{model_path}: holds {len(summary.classes)} classes; set job.K={len(summary.classes)} to continue that run")
+        if summary.group_names != self.group_names:
+            raise InputError(f"{model_path}: holds the optics groups {summary.group_names}, this run's particles {self.group_names}; continue with the particles that run classified")
+        volumes = []
+        for k, entry in enumerate(summary.classes):
+            map_path = folder / Path(entry.map_name).name
+            if not map_path.is_file():
+                raise InputError(f"{map_path}: not found; {model_path} names it as the map of class {k + 1}")
+            volume = torch.as_tensor(np.array(read_mrc(map_path).data), dtype=torch.float32, device=self.device)
+            if tuple(volume.shape) != (self.box,) * 3:
+                raise InputError(f"{map_path}: a map of shape {tuple(volume.shape)}, where {model_path} is of {self.box}³; give the files of one run")
+            volumes.append(volume)
+        as_float64 = dict(dtype=torch.float64, device=self.device)
+        model.volumes.copy_(torch.stack(volumes))
+        model.class_weights.copy_(torch.tensor([entry.distribution for entry in summary.classes], **as_float64))
+        model.tau2.copy_(torch.tensor(np.stack([entry.tau2 for entry in summary.classes]), **as_float64))
+        model.ssnr.copy_(torch.tensor(np.stack([entry.ssnr for entry in summary.classes]), **as_float64))
+        model.sigma2_noise.copy_(torch.tensor(summary.group_sigma2_noise, **as_float64))
+        model.group_scale.copy_(torch.tensor(summary.group_scales, **as_float64))
+        model.offset_sigma_angstrom.fill_(summary.sigma_offsets_angstrom)
+        table = read_particles(data_path, context.project_dir)
+        same = len(table) == len(self.table) and bool(np.array_equal(table.stack_indices, self.table.stack_indices)) and all(
+            Path(ours).resolve() == Path(theirs).resolve() for ours, theirs in zip(table.stack_paths, self.table.stack_paths)
+        )
+        if not same:
+            raise InputError(f"{data_path}: holds other particles than {context.particles} ({len(table)} against {len(self.table)} rows); continue with the particles that run classified")
+        n = len(table)
+
+        def column(label: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(table.metadata(label), device=self.device).to(dtype)
+
+        state = ParticleState(
+            class_number=torch.tensor(table.class_number, device=self.device),
+            euler_deg=torch.tensor(table.euler_deg, **as_float64),
+            origin_px=torch.tensor(table.origin_angstrom / self.pixel, dtype=torch.float32, device=self.device),
+            max_posterior=column("rlnMaxValueProbDistribution", torch.float32),
+            n_significant=column("rlnNrOfSignificantSamples", torch.int64),
+            log_likelihood=column("rlnLogLikeliContribution", torch.float64),
+            angular_spread_deg=torch.zeros(n, device=self.device),
+            class_ess=torch.zeros(n, device=self.device),
+            class_probability=torch.zeros(n, device=self.device),
+            norm_correction=column("rlnNormCorrection", torch.float32),
+        )
+        log.info(
+            "continuing from iteration %d, rebuilt from %s, %s and its class maps (%s): its first iteration goes without the self-fit discount",
+            iteration, data_path, model_path, held_text,
+        )
+        return state
 
     def save_checkpoint(self, context: RunContext, model: ClassModel, state: ParticleState, iteration: int) -> None:
         """Atomically replace the run's checkpoint with this iteration's state."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -529,6 +530,14 @@ class OnlineClass3DJob(Class3DJob):
             rows = np.nonzero(classes == k)[0]
             subset: ParticleTable = self.table.select(rows)
             write_particles(context.output_dir / f"run_class{k:03d}_particles.star", subset, {"rlnClassNumber": classes[rows]})
+
+    def rebuild(self, context: RunContext, model: ClassModel, root: Path, iteration: int, held: int | None) -> ParticleState:
+        """Refused: an online run's state holds its running sums and optimiser step, which its
+        iteration files do not, so it continues from its checkpoint only."""
+        fix = f"set job.continue_from={root.parent} to go on from its iteration {held}" if held is not None else f"{root.parent} holds no checkpoint: start the run again"
+        raise InputError(
+            f"{self.continue_from}: class3d_online continues from its checkpoint only, as its running sums are not in the iteration's files; {fix}"
+        )
 
     def extra_state(self) -> dict[str, Any]:
         assert self.running is not None and self.consensus is not None and self.particle_scale is not None
