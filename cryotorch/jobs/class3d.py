@@ -592,7 +592,10 @@ class Class3DJob:
         if len(summary.classes) != self.n_classes:
             raise InputError(f"{model_path}: holds {len(summary.classes)} classes; set job.K={len(summary.classes)} to continue that run")
         if summary.group_names != self.group_names:
-            raise InputError(f"{model_path}: holds the optics groups {summary.group_names}, this run's particles {self.group_names}; continue with the particles that run classified")
+            raise InputError(
+                f"{model_path}: holds the groups {summary.group_names}, where this run's particles form {self.group_names}; continue a class3d run "
+                "of these particles (a run of another program groups its particles its own way)"
+            )
         volumes = []
         for k, entry in enumerate(summary.classes):
             map_path = folder / Path(entry.map_name).name
