@@ -425,22 +425,25 @@ def test_a_run_continues_from_an_earlier_iteration_as_it_went_on(two_class_data:
     settings = ("job.n_iterations=3", "sampling.angular_step_deg=15", "sampling.offset_range_px=2", "sampling.final_local_iterations=1", "job.self_fit_discount=false")
     whole, earlier = tmp_path / "whole", tmp_path / "earlier"
     classify(two_class_data, whole, *settings)
-    removed, regrouped = tmp_path / "removed", tmp_path / "regrouped"
-    for folder in (removed, regrouped):
+    removed, regrouped, fewer = tmp_path / "removed", tmp_path / "regrouped", tmp_path / "fewer"
+    for folder in (removed, regrouped, fewer):
         folder.mkdir()
         for name in ("run_it002_optimiser.star", "run_it002_data.star", "run_it002_model.star"):
             (folder / name).write_bytes((whole / name).read_bytes())
-    for k in (1, 2):
-        (regrouped / f"run_it002_class00{k}.mrc").write_bytes((whole / f"run_it002_class00{k}.mrc").read_bytes())
-    # as RELION names its groups
+    for folder, k in itertools.product((regrouped, fewer), (1, 2)):
+        (folder / f"run_it002_class00{k}.mrc").write_bytes((whole / f"run_it002_class00{k}.mrc").read_bytes())
+    # groups named as RELION names them; a particle short
     blocks = read_star(regrouped / "run_it002_model.star")
     write_star(regrouped / "run_it002_model.star", blocks | {"model_groups": blocks["model_groups"].assign(rlnGroupName=["group_1"])})
+    blocks = read_star(fewer / "run_it002_data.star")
+    write_star(fewer / "run_it002_data.star", blocks | {"particles": blocks["particles"].iloc[:-1]})
     messages = one_process_runs([
         (class3d_overrides(two_class_data, earlier, *settings, f"job.continue_from={whole / 'run_it002_optimiser.star'}"), earlier),
         (class3d_overrides(two_class_data, tmp_path / "three", *settings, "job.K=3", f"job.continue_from={whole / 'run_it002_optimiser.star'}"), tmp_path / "three"),
         (class3d_overrides(two_class_data, tmp_path / "no_maps", *settings, f"job.continue_from={removed / 'run_it002_optimiser.star'}"), tmp_path / "no_maps"),
         (class3d_overrides(two_class_data, tmp_path / "absent", *settings, f"job.continue_from={whole / 'run_it009_optimiser.star'}"), tmp_path / "absent"),
         (class3d_overrides(two_class_data, tmp_path / "other", *settings, f"job.continue_from={regrouped / 'run_it002_optimiser.star'}"), tmp_path / "other"),
+        (class3d_overrides(two_class_data, tmp_path / "short", *settings, f"job.continue_from={fewer / 'run_it002_optimiser.star'}"), tmp_path / "short"),
     ])
     assert messages[0] is None
     assert not (earlier / "run_it002_data.star").exists()
@@ -452,6 +455,7 @@ def test_a_run_continues_from_an_earlier_iteration_as_it_went_on(two_class_data:
     assert messages[2] is not None and f"{removed / 'run_it002_class001.mrc'}: not found" in messages[2]
     assert messages[3] is not None and f"{whole / 'run_it009_optimiser.star'}: not found" in messages[3]
     assert messages[4] is not None and "holds the groups ['group_1'], where this run's particles form ['opticsGroup1']" in messages[4]
+    assert messages[5] is not None and f"{fewer / 'run_it002_data.star'}: holds other particles than" in messages[5]
 
 
 @pytest.mark.parametrize(("tau2_estimate", "align"), [("map", "false"), ("fsc", "false"), ("map", "true")])

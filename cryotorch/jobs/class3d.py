@@ -614,8 +614,9 @@ class Class3DJob:
         model.group_scale.copy_(torch.tensor(summary.group_scales, **as_float64))
         model.offset_sigma_angstrom.fill_(summary.sigma_offsets_angstrom)
         table = read_particles(data_path, context.project_dir)
+        # the same stacks, maybe named by other paths (one pair per stack to resolve)
         same = len(table) == len(self.table) and bool(np.array_equal(table.stack_indices, self.table.stack_indices)) and all(
-            Path(ours).resolve() == Path(theirs).resolve() for ours, theirs in zip(table.stack_paths, self.table.stack_paths)
+            Path(ours).resolve() == Path(theirs).resolve() for ours, theirs in set(zip(table.stack_paths, self.table.stack_paths))
         )
         if not same:
             raise InputError(f"{data_path}: holds other particles than {context.particles} ({len(table)} against {len(self.table)} rows); continue with the particles that run classified")
