@@ -787,7 +787,7 @@ def test_fixed_references_classify_against_known_maps(two_class_data: dict[str, 
         ([*fixed, f"job.reference=[{folder / 'map0.mrc'},{folder / 'map1.mrc'}]", "job.n_iterations=2", "data.preload=true"], preloaded),
     ]) == [None, None, None]
     for name in ("run_it002_model.star", "run_it002_data.star"):
-        assert (out / name).read_text() == (preloaded / name).read_text(), name
+        assert (out / name).read_text().replace(str(out), str(preloaded)) == (preloaded / name).read_text(), name
     np.testing.assert_array_equal(read_mrc(out / "run_it002_class002.mrc").data, read_mrc(preloaded / "run_it002_class002.mrc").data)
     np.testing.assert_array_equal(read_mrc(out / "run_it001_class001.mrc").data, read_mrc(out / "run_it002_class001.mrc").data)
     truth = read_particles(two_class_data["truth"]).class_number

@@ -163,17 +163,24 @@ def test_round_trip_of_cryosparc_and_extra_columns(shared_data: Path, tmp_path: 
     assert back.source_particles is not None and (back.source_particles["rlnLogLikeliContribution"] == 1.0).all()
 
 
-def test_written_image_paths_are_relative_inside_the_star_folder(tmp_path: Path) -> None:
-    (tmp_path / "Extract").mkdir()
-    stack = tmp_path / "Extract" / "a.mrcs"
+def test_written_image_paths_are_named_as_relion_names_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # relative to the working directory (RELION's project folder) wherever the STAR file lies,
+    # absolute for a stack outside it; read back from the STAR file's folder or the folders above
+    (tmp_path / "project" / "Extract").mkdir(parents=True)
+    stack = tmp_path / "project" / "Extract" / "a.mrcs"
     write_mrc(stack, np.zeros((3, 4, 4)), voxel_size_angstrom=2.0)
     table = ParticleTable.from_arrays(stack_paths=[str(stack)] * 3, stack_indices=[2, 0, 1], pixel_size_angstrom=2.0, box_size_px=4)
-    write_particles(tmp_path / "particles.star", table)
-    names = read_star(tmp_path / "particles.star")["particles"]["rlnImageName"].tolist()
-    assert names == ["000003@Extract/a.mrcs", "000001@Extract/a.mrcs", "000002@Extract/a.mrcs"]
-    (tmp_path / "job").mkdir()
-    write_particles(tmp_path / "job" / "particles.star", table)
-    assert read_star(tmp_path / "job" / "particles.star")["particles"]["rlnImageName"][0] == f"000003@{stack}"
+    monkeypatch.chdir(tmp_path / "project")
+    (tmp_path / "project" / "Select" / "job009").mkdir(parents=True)
+    for star in (Path("particles.star"), Path("Select/job009/particles.star")):
+        write_particles(star, table)
+        names = read_star(star)["particles"]["rlnImageName"].tolist()
+        assert names == ["000003@Extract/a.mrcs", "000001@Extract/a.mrcs", "000002@Extract/a.mrcs"]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert read_particles(tmp_path / "project" / "Select" / "job009" / "particles.star").stack_paths.tolist() == [str(stack)] * 3
+    write_particles(tmp_path / "project" / "outside.star", table.select(np.arange(1)))
+    assert read_star(tmp_path / "project" / "outside.star")["particles"]["rlnImageName"][0] == f"000003@{stack}"
 
 
 def test_project_dir_resolution(tmp_path: Path) -> None:
@@ -181,15 +188,16 @@ def test_project_dir_resolution(tmp_path: Path) -> None:
     (tmp_path / "Refine3D").mkdir()
     write_mrc(tmp_path / "Extract" / "a.mrcs", np.zeros((2, 4, 4)), voxel_size_angstrom=2.0)
     star = tmp_path / "Refine3D" / "run_data.star"
-    star.write_text(
-        "data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n_rlnImageSize\n1 2.0 4\n"
-        "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n000002@Extract/a.mrcs 1\n"
-    )
+    header = "data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n_rlnImageSize\n1 2.0 4\ndata_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n"
+    star.write_text(header + "000002@Extract/a.mrcs 1\n")
     with_project = read_particles(star, project_dir=tmp_path)
     assert with_project.stack_paths[0] == str(tmp_path / "Extract" / "a.mrcs")
     validate_particle_images(with_project)
-    without = read_particles(star)  # falls back to the STAR folder, which validation reports
-    assert without.stack_paths[0] == str(tmp_path / "Refine3D" / "Extract" / "a.mrcs")
+    # without it, found in the folder above the STAR file's, as RELION's job folders sit in their project
+    assert read_particles(star).stack_paths[0] == str(tmp_path / "Extract" / "a.mrcs")
+    star.write_text(header + "000002@Extract/b.mrcs 1\n")
+    without = read_particles(star)  # found nowhere: the STAR folder, which validation reports
+    assert without.stack_paths[0] == str(tmp_path / "Refine3D" / "Extract" / "b.mrcs")
 
 
 def test_select_subsets_source_rows(shared_data: Path) -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from cryotorch.errors import InputError
-from cryotorch.io import ClassSummary, ModelSummary, read_model_star, read_star, write_model_star, write_star
+from cryotorch.io import ClassSummary, ModelSummary, OptimiserSummary, read_model_star, read_star, write_model_star, write_optimiser_star, write_star
 
 MALFORMED = "metadata/aspire/sample.star"
 
@@ -157,3 +157,28 @@ def test_a_model_star_reads_back_to_the_bit_and_names_what_it_lacks(tmp_path: Pa
     write_star(without_groups, {name: block for name, block in blocks.items() if name != "model_groups"})
     with pytest.raises(InputError, match=re.escape(f"{without_groups}: no loop block data_model_groups")):
         read_model_star(without_groups)
+
+
+def test_a_run_names_its_files_as_relion_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # RELION's Subset selection opens rlnModelStarFile, and the class images it names, from
+    # the project folder: paths relative to the working directory, absolute outside it
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "Class3D" / "run1"
+    run.mkdir(parents=True)
+    files = {name: str(run / f"run_it025_{name}.star") for name in ("model", "data", "sampling")}
+    settings = dict.fromkeys(("oversampling_order", "random_seed", "increment_shells", "iteration", "n_iterations"), 1)
+    flags = dict.fromkeys(("zero_mask", "solvent_flattening", "fast_subsets", "skip_align", "correct_ctf", "ignore_ctf_until_first_peak", "references_ctf_corrected"), False)
+    figures = dict.fromkeys(("oversampling_fraction", "particle_diameter_angstrom", "highres_limit_estep_angstrom", "changes_orientations_deg",
+                             "changes_offsets_angstrom", "changes_classes", "overall_accuracy_rotations_deg", "overall_accuracy_translations_angstrom"), 1.0)
+    write_optimiser_star(run / "run_it025_optimiser.star", OptimiserSummary(
+        output_root=str(run / "run"), model_star=files["model"], data_star=files["data"], sampling_star=files["sampling"], solvent_mask="None",
+        **settings, **flags, **figures))
+    general = read_star(run / "run_it025_optimiser.star")["optimiser_general"]
+    assert isinstance(general, dict)
+    assert (general["rlnOutputRootName"], general["rlnModelStarFile"], general["rlnExperimentalDataStarFile"]) == (
+        "Class3D/run1/run", "Class3D/run1/run_it025_model.star", "Class3D/run1/run_it025_data.star")
+    spectrum = np.ones(3)
+    model = ModelSummary(4, 2.0, 8.0, 4, 2.0, 4.0, 1.0, 0.0, 0.5, [ClassSummary(str(run / "run_it025_class001.mrc"), 1.0, 1.0, 1.0, 8.0, spectrum, spectrum, spectrum),
+                         ClassSummary("/elsewhere/map.mrc", 0.0, 1.0, 1.0, 8.0, spectrum, spectrum, spectrum)], ["opticsGroup1"], np.array([3]), np.ones(1), spectrum[None])
+    write_model_star(run / "run_it025_model.star", model)
+    assert [entry.map_name for entry in read_model_star(run / "run_it025_model.star").classes] == ["Class3D/run1/run_it025_class001.mrc", "/elsewhere/map.mrc"]

@@ -8,6 +8,7 @@ from cryotorch.io._atomic import atomic_output_path
 from cryotorch.io._images import ParticleImageReader, validate_particle_images
 from cryotorch.io._mrc import ImageStack, MrcStackWriter, MrcVolume, read_mrc, write_mrc
 from cryotorch.io._particles import read_particles
+from cryotorch.io._paths import project_path
 from cryotorch.io._relion import write_particles
 from cryotorch.io._relion_model import (
     ClassSummary,
@@ -28,6 +29,7 @@ __all__ = [
     "read_star",
     "write_star",
     "read_particles",
+    "project_path",
     "write_particles",
     "ClassSummary",
     "ModelSummary",

@@ -1,4 +1,10 @@
-"""Resolution of the stack paths written inside metadata files."""
+"""Paths written inside metadata files: how they are resolved, and how they are written.
+
+RELION's programs run in the project directory and name every file relative to it
+(``Extract/job007/Movies/a.mrcs``, ``Class3D/job012/run_it025_model.star``); cryotorch writes
+paths the same way, relative to the working directory where the file lies inside it
+(:func:`project_path`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["resolve_stack_path"]
+__all__ = ["project_path", "project_search_folders", "resolve_stack_path"]
 
 
 def resolve_stack_path(name: str, search_folders: Sequence[Path], fallback_folder: Path, *, by_basename_in: Path | None = None) -> str:
@@ -38,3 +44,21 @@ def resolve_stack_path(name: str, search_folders: Sequence[Path], fallback_folde
         candidates.append(by_basename_in / relative.name)
     chosen = next((candidate for candidate in candidates if candidate.exists()), fallback_folder / relative)
     return os.path.abspath(chosen)
+
+
+def project_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a metadata file names it: relative to the working directory (RELION's
+    project directory, from which its programs run) where it lies inside it, else absolute."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute, os.getcwd())
+    return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
+def project_search_folders(metadata_folder: Path, project_dir: Path | None) -> list[Path]:
+    """Folders in which a relative path written in a metadata file in ``metadata_folder`` is
+    looked for, in order: that folder, ``project_dir`` where given, the folder's ancestors
+    (a RELION job folder such as ``Refine3D/job012/`` lies inside its project, to which its
+    paths are relative), then the working directory."""
+    folder = Path(os.path.abspath(metadata_folder))
+    folders = [folder, *([] if project_dir is None else [Path(os.path.abspath(project_dir))]), *folder.parents, Path.cwd()]
+    return list(dict.fromkeys(folders))

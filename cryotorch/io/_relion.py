@@ -12,14 +12,15 @@ Reading
     Absent CTF columns take RELION's defaults (200 kV, Cs 0, amplitude contrast 0, ...).
 Image paths
     ``N@path`` is 1-based image ``N`` of ``path``. A relative path is looked up relative to the
-    STAR file's folder first, then relative to ``project_dir`` (RELION writes paths relative
-    to the project folder, so a STAR file inside ``Refine3D/job012/`` needs ``project_dir``).
-    If it exists in neither place, ``project_dir`` (when given, else the STAR folder) is used
-    so that validation names the path most likely meant.
+    STAR file's folder first, then to ``project_dir`` where given, then to each folder above
+    the STAR file's (RELION writes paths relative to the project folder, which holds job
+    folders such as ``Refine3D/job012/``), then to the working directory. If it exists in
+    none, ``project_dir`` (when given, else the STAR folder) is used so that validation names
+    the path most likely meant.
 Writing
     RELION 3.1/4 layout (``# version 30001``, ``data_optics`` + ``data_particles``), origins
-    in Å, image paths relative to the STAR file's folder when the stack lies inside it
-    (absolute otherwise, so that moving the STAR file alone does not break them).
+    in Å, image paths as RELION names them: relative to the working directory (the project
+    folder RELION's programs run in) where the stack lies inside it, else absolute.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import pandas as pd
 
 from cryotorch.errors import InputError
 from cryotorch.io._mrc import read_mrc_header_summary
-from cryotorch.io._paths import resolve_stack_path
+from cryotorch.io._paths import project_path, project_search_folders, resolve_stack_path
 from cryotorch.io._star import read_star, write_star
 from cryotorch.io._table import ParticleTable, finite_floats
 
@@ -289,7 +290,7 @@ def read_relion_particles(path: str | os.PathLike[str], project_dir: str | os.Pa
 def _resolve_stack_paths(stack_names: np.ndarray, star_folder: Path, project_dir: Path | None) -> np.ndarray:
     """``(N,)`` absolute stack paths, resolving each distinct name once."""
     codes, unique_names = pd.factorize(stack_names)
-    search = [star_folder] if project_dir is None else [star_folder, project_dir]
+    search = project_search_folders(star_folder, project_dir)
     fallback = star_folder if project_dir is None else project_dir
     resolved = np.array([resolve_stack_path(name, search, fallback) for name in unique_names], dtype=object)
     return resolved[codes] if len(codes) else np.array([], dtype=object)
@@ -305,14 +306,11 @@ def _box_sizes_from_headers(stack_paths: np.ndarray) -> np.ndarray:
     return sizes[codes] if len(codes) else np.array([], dtype=np.int64)
 
 
-def _relative_image_paths(stack_paths: np.ndarray, star_folder: str) -> np.ndarray:
-    """Stack paths relative to ``star_folder`` when inside it, else absolute; ``(N,)`` object."""
+def _project_image_paths(stack_paths: np.ndarray) -> np.ndarray:
+    """``(N,)`` object stack paths as written (:func:`project_path`), each distinct one computed once."""
     codes, unique_paths = pd.factorize(stack_paths)
-    written = []
-    for stack in unique_paths:
-        relative = os.path.relpath(stack, star_folder)
-        written.append(stack if relative.startswith(os.pardir) else relative)
-    return np.asarray(written, dtype=object)[codes] if len(codes) else np.array([], dtype=object)
+    written = np.asarray([project_path(stack) for stack in unique_paths], dtype=object)
+    return written[codes] if len(codes) else np.array([], dtype=object)
 
 
 def _optics_and_particle_levels(table: ParticleTable) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -363,8 +361,8 @@ def write_particles(
     Parameters
     ----------
     path
-        Destination STAR file; image paths are written relative to its folder where the
-        stacks lie inside it.
+        Destination STAR file; image paths are written relative to the working directory
+        (RELION's project folder) where the stacks lie inside it, else absolute.
     table
         Particles to write. Columns of ``table.source_particles`` that the table does not
         model (coordinates, micrograph names, ...) are carried through unchanged.
@@ -375,7 +373,7 @@ def write_particles(
     path = Path(path)
     n_rows = len(table)
     optics_level, particle_level = _optics_and_particle_levels(table)
-    image_paths = _relative_image_paths(table.stack_paths, os.path.abspath(path.parent))
+    image_paths = _project_image_paths(table.stack_paths)
     image_names = [f"{index + 1:06d}@{stack}" for index, stack in zip(table.stack_indices.tolist(), image_paths)]
 
     particles: dict[str, np.ndarray | list[str]] = {_IMAGE_NAME: image_names, _OPTICS_GROUP: table.optics_group}

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cryotorch.errors import InputError
+from cryotorch.io._paths import project_path
 from cryotorch.io._star import read_star, write_star
 from cryotorch.io._table import finite_floats
 
@@ -28,7 +29,7 @@ __all__ = [
 class ClassSummary:
     """One class of a model: its map file and per-shell spectra (``n_shells`` values each)."""
 
-    map_name: str
+    map_name: str  # the map's path (written as RELION names it, :func:`~cryotorch.io._paths.project_path`)
     distribution: float
     accuracy_rotations_deg: float
     accuracy_translations_angstrom: float
@@ -62,6 +63,7 @@ class ModelSummary:
 class OptimiserSummary:
     """What ``run_itNNN_optimiser.star`` records about the run's settings and progress."""
 
+    # paths of the run's root and files (written as RELION names them, :func:`~cryotorch.io._paths.project_path`)
     output_root: str
     model_star: str
     data_star: str
@@ -160,7 +162,7 @@ def write_model_star(path: str | os.PathLike[str], model: ModelSummary) -> None:
         },
         "model_classes": pd.DataFrame(
             {
-                "rlnReferenceImage": [c.map_name for c in model.classes],
+                "rlnReferenceImage": [project_path(c.map_name) for c in model.classes],
                 "rlnClassDistribution": [c.distribution for c in model.classes],
                 "rlnAccuracyRotations": [c.accuracy_rotations_deg for c in model.classes],
                 "rlnAccuracyTranslationsAngst": [c.accuracy_translations_angstrom for c in model.classes],
@@ -277,10 +279,10 @@ def write_optimiser_star(path: str | os.PathLike[str], optimiser: OptimiserSumma
         path,
         {
             "optimiser_general": {
-                "rlnOutputRootName": o.output_root,
-                "rlnModelStarFile": o.model_star,
-                "rlnExperimentalDataStarFile": o.data_star,
-                "rlnOrientSamplingStarFile": o.sampling_star,
+                "rlnOutputRootName": project_path(o.output_root),
+                "rlnModelStarFile": project_path(o.model_star),
+                "rlnExperimentalDataStarFile": project_path(o.data_star),
+                "rlnOrientSamplingStarFile": project_path(o.sampling_star),
                 "rlnCurrentIteration": o.iteration,
                 "rlnNumberOfIterations": o.n_iterations,
                 "rlnDoSplitRandomHalves": 0,

@@ -1321,11 +1321,11 @@ class Class3DJob:
         out = context.output_dir
         root = f"run_it{iteration:03d}"
         pixel = self.pixel
-        class_names = []
+        class_paths = []
         for k in range(self.n_classes):
-            name = f"{root}_class{k + 1:03d}.mrc"
-            write_mrc(out / name, model.volumes[k].cpu(), pixel)
-            class_names.append(name)
+            path = out / f"{root}_class{k + 1:03d}.mrc"
+            write_mrc(path, model.volumes[k].cpu(), pixel)
+            class_paths.append(str(path))
         table = self.table.select(np.arange(len(self.table)))
         table.euler_deg = state.euler_deg.cpu().numpy()
         table.origin_angstrom = state.origin_px.double().cpu().numpy() * pixel
@@ -1357,7 +1357,7 @@ class Class3DJob:
                 average_pmax=float(state.max_posterior.mean()),
                 classes=[
                     ClassSummary(
-                        map_name=class_names[k],
+                        map_name=class_paths[k],
                         distribution=float(distribution[k]),
                         accuracy_rotations_deg=float(accuracy[k]),
                         accuracy_translations_angstrom=offsets_accuracy,
@@ -1393,9 +1393,9 @@ class Class3DJob:
             out / f"{root}_optimiser.star",
             OptimiserSummary(
                 output_root=str(out / "run"),
-                model_star=f"{root}_model.star",
-                data_star=f"{root}_data.star",
-                sampling_star=f"{root}_sampling.star",
+                model_star=str(out / f"{root}_model.star"),
+                data_star=str(out / f"{root}_data.star"),
+                sampling_star=str(out / f"{root}_sampling.star"),
                 iteration=iteration,
                 n_iterations=self.n_iterations,
                 oversampling_order=int(sampling["oversampling"]),

@@ -22,7 +22,7 @@ import torch
 from cryotorch.conventions import fft_frequencies_2d, image_shift_from_origin, rfft2_centered, rfft3_centered
 from cryotorch.data.particles import CommonGridReader, ParticleBatch, batch_size_for_budget, common_geometry, half_set_labels, iterate_batches, require_ctf
 from cryotorch.errors import InputError
-from cryotorch.io import ParticleTable, read_particles, validate_particle_images, write_mrc, write_star
+from cryotorch.io import ParticleTable, project_path, read_particles, validate_particle_images, write_mrc, write_star
 from cryotorch.em.mstep import half_set_reconstruction
 from cryotorch.em.sums import SumTree, TensorSums
 from cryotorch.jobs.context import RunContext
@@ -255,8 +255,8 @@ class ReconstructJob:
                 "general": {
                     "rlnFinalResolution": resolution,
                     "rlnResolutionAtFsc05": resolution_half,
-                    "rlnUnfilteredMapHalf1": "run_half1_class001_unfil.mrc",
-                    "rlnUnfilteredMapHalf2": "run_half2_class001_unfil.mrc",
+                    "rlnUnfilteredMapHalf1": project_path(out / "run_half1_class001_unfil.mrc"),
+                    "rlnUnfilteredMapHalf2": project_path(out / "run_half2_class001_unfil.mrc"),
                     "rlnFscThreshold": self.fsc_threshold,
                 },
                 "fsc": pd.DataFrame(fsc_table),

@@ -4,7 +4,8 @@ Reads a classification's ``run_itNNN_data.star`` (``data.particles``), keeps the
 ``rlnClassNumber`` is in ``job.classes`` and, where ``job.metadata_label`` is set, whose value
 of that column lies in ``[job.metadata_min, job.metadata_max]`` (RELION's "Select based on
 metadata values", e.g. ``rlnMaxValueProbDistribution`` ≥ 0.5), and writes them with every
-column to ``particles.star`` in the run folder, image paths rewritten relative to it.
+column to ``particles.star`` in the run folder, image paths named as RELION names them (relative
+to the working directory, its project folder, where the stacks lie inside it).
 """
 
 from __future__ import annotations
