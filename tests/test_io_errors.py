@@ -20,6 +20,13 @@ from cryotorch.io import (
 N_IMAGES, BOX_PX, PIXEL_A = 4, 8, 2.0
 
 
+@pytest.fixture(autouse=True)
+def _in_the_project_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's folder is the working directory, as a RELION project folder is for its
+    programs: the STAR files written there name their stack ``stack.mrcs``."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _dataset(folder: Path, n_rows: int = N_IMAGES) -> Path:
     """A 4-image stack and a particle STAR file whose rows reference images 1..n_rows."""
     with MrcStackWriter(folder / "stack.mrcs", N_IMAGES, BOX_PX, PIXEL_A) as writer:
