@@ -30,7 +30,9 @@ class ClassModel(nn.Module):
         ``(K,)`` float64 prior class probabilities (RELION's rlnClassDistribution).
     sigma2_noise
         ``(G, N // 2 + 1)`` float64 noise variance per optics group and Fourier shell, in units
-        of |image DFT|² per real and imaginary part (RELION's rlnSigma2Noise convention).
+        of |image DFT|² per real and imaginary part, as RELION's rlnSigma2Noise is per part;
+        RELION's forward transform is divided by the N² pixels, so its values are N⁴ times
+        smaller (model STAR files carry these, unconverted: docs/conventions.md).
     group_scale
         ``(G,)`` float64 intensity scale per optics group (rlnGroupScaleCorrection).
     tau2
