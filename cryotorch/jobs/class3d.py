@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -620,21 +620,18 @@ class Class3DJob:
         )
         if not same:
             raise InputError(f"{data_path}: holds other particles than {context.particles} ({len(table)} against {len(self.table)} rows); continue with the particles that run classified")
-        n = len(table)
 
         def column(label: str, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(table.metadata(label), device=self.device).to(dtype)
 
-        state = ParticleState(
+        # the iteration's angles and origins as a new run takes them from its table; the
+        # angular spread and class ESS stay zero until the next E-step
+        state = replace(
+            self.initial_state(table),
             class_number=torch.tensor(table.class_number, device=self.device),
-            euler_deg=torch.tensor(table.euler_deg, **as_float64),
-            origin_px=torch.tensor(table.origin_angstrom / self.pixel, dtype=torch.float32, device=self.device),
             max_posterior=column("rlnMaxValueProbDistribution", torch.float32),
             n_significant=column("rlnNrOfSignificantSamples", torch.int64),
             log_likelihood=column("rlnLogLikeliContribution", torch.float64),
-            angular_spread_deg=torch.zeros(n, device=self.device),
-            class_ess=torch.zeros(n, device=self.device),
-            class_probability=torch.zeros(n, device=self.device),
             norm_correction=column("rlnNormCorrection", torch.float32),
         )
         log.info(
